@@ -1,0 +1,34 @@
+//! Command-line interface: clap structs that hold what the user typed, and one `run` per
+//! subcommand that resolves them (files found, configs read, combinations checked) before any work.
+
+pub mod schedule;
+mod schedule_flags;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+pub use schedule_flags::ScheduleFlags;
+
+/// Stable Diffusion 2.x with the fixes of "Common Diffusion Noise Schedules and Sample Steps are
+/// Flawed" (Lin et al., WACV 2024): zero terminal SNR, v-prediction, trailing timesteps and
+/// rescaled classifier-free guidance.
+#[derive(Debug, Parser)]
+#[command(name = "sdfix", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a noise schedule: terminal SNR with and without the zero-SNR rescale, and the
+    /// sampled timesteps with their alpha_bar and SNR.
+    Schedule(schedule::ScheduleArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Schedule(args) => schedule::run(&args),
+    }
+}

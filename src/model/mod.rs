@@ -1,0 +1,3 @@
+//! Model files and (later) the candle modules built from them.
+
+pub mod files;
