@@ -1,9 +1,12 @@
 //! Serde mirrors of the diffusers JSON config files. Field names are the JSON keys; defaults are
-//! those of the diffusers constructors (not Stable Diffusion's values), and unknown keys are
-//! tolerated, as diffusers' `ConfigMixin` does. Resolution into validated types happens in the
-//! consumers (`schedule`, `model`).
+//! those of the diffusers/transformers constructors (not Stable Diffusion's values), and unknown
+//! keys are tolerated, as diffusers' `ConfigMixin` does. Each mirror validates itself (or resolves
+//! into a validated spec) so that a value we cannot honour is an error naming its key.
 
+pub mod clip;
 pub mod scheduler;
+pub mod unet;
+pub mod vae;
 
 use std::path::Path;
 

@@ -1,3 +1,58 @@
-//! Model files and (later) the candle modules built from them.
+//! Models: finding their files, reading their configs, building candle modules.
+//!
+//! - [`files`]: a local diffusers-layout folder or a Hugging Face repo.
+//! - [`weights`]: safetensors / PyTorch `.bin` loading with every tensor name and shape checked.
+//! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
+//! - [`vae`]: candle-transformers' AutoEncoderKL, configured from vae/config.json.
+//! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
+//! - [`attention`]: the one attention function all of them use.
 
+pub mod attention;
+pub mod clip;
 pub mod files;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use crate::config::clip::ClipTextConfig;
+use crate::config::read_json;
+use crate::config::unet::UNetConfig;
+use crate::config::vae::VaeConfig;
+
+use self::clip::ClipTextTransformer;
+use self::unet::UNet2DConditionModel;
+use self::vae::Vae;
+use self::weights::Weights;
+
+/// Builds the UNet from its config.json and weights file.
+pub fn load_unet(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
+    let spec = read_json::<UNetConfig>(config)?
+        .resolve()
+        .with_context(|| format!("{}", config.display()))?;
+    Weights::open(weights, dtype, device)?.build(|vb| Ok(UNet2DConditionModel::new(vb, &spec)?))
+}
+
+/// Builds the CLIP text transformer from its config.json and weights file.
+pub fn load_text_encoder(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<ClipTextTransformer> {
+    let config_values: ClipTextConfig = read_json(config)?;
+    config_values
+        .validate()
+        .with_context(|| format!("{}", config.display()))?;
+    Weights::open(weights, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, &config_values))
+}
+
+/// Builds the VAE from its config.json and weights file. Only the decoder is used for sampling,
+/// but the encoder's weights are loaded too so a mismatched file is caught.
+pub fn load_vae(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
+    let config_values: VaeConfig = read_json(config)?;
+    config_values
+        .validate()
+        .with_context(|| format!("{}", config.display()))?;
+    Weights::open(weights, dtype, device)?.build(|vb| Ok(Vae::new(vb, &config_values)?))
+}

@@ -1,0 +1,107 @@
+//! `vae/config.json`, as diffusers' `AutoencoderKL.__init__` reads it (its defaults).
+
+use anyhow::{ensure, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub act_fn: String,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub sample_size: usize,
+    /// Latents are divided by this before decoding (0.18215 for SD 1.x/2.x).
+    pub scaling_factor: f64,
+    pub shift_factor: Option<Value>,
+    pub latents_mean: Option<Value>,
+    pub latents_std: Option<Value>,
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
+    pub mid_block_add_attention: bool,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
+            up_block_types: vec!["UpDecoderBlock2D".into()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".into(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            sample_size: 32,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            latents_mean: None,
+            latents_std: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+}
+
+impl VaeConfig {
+    /// The factor between image and latent size: 2 per down block but the last (8 for SD).
+    pub fn downscale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Rejects what candle-transformers' `AutoEncoderKL` (which we build on) does not implement.
+    pub fn validate(&self) -> Result<()> {
+        let blocks = self.block_out_channels.len();
+        ensure!(blocks > 0, "block_out_channels is empty");
+        ensure!(
+            self.down_block_types.len() == blocks && self.down_block_types.iter().all(|t| t == "DownEncoderBlock2D"),
+            "down_block_types must be {blocks} x DownEncoderBlock2D, got {:?}",
+            self.down_block_types
+        );
+        ensure!(
+            self.up_block_types.len() == blocks && self.up_block_types.iter().all(|t| t == "UpDecoderBlock2D"),
+            "up_block_types must be {blocks} x UpDecoderBlock2D, got {:?}",
+            self.up_block_types
+        );
+        ensure!(
+            self.act_fn == "silu",
+            "act_fn {:?} is not supported (silu)",
+            self.act_fn
+        );
+        ensure!(
+            self.mid_block_add_attention,
+            "mid_block_add_attention = false is not supported"
+        );
+        for (key, value) in [
+            ("shift_factor", &self.shift_factor),
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
+            ensure!(
+                value.as_ref().is_none_or(Value::is_null),
+                "{key} is not supported (SD 1.x/2.x VAEs leave it null)"
+            );
+        }
+        ensure!(
+            self.scaling_factor > 0.0,
+            "scaling_factor must be positive, got {}",
+            self.scaling_factor
+        );
+        for &c in &self.block_out_channels {
+            ensure!(
+                self.norm_num_groups > 0 && c.is_multiple_of(self.norm_num_groups),
+                "block_out_channels {c} is not divisible by norm_num_groups {}",
+                self.norm_num_groups
+            );
+        }
+        Ok(())
+    }
+}

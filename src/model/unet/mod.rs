@@ -1,0 +1,151 @@
+//! Our UNet2DConditionModel: diffusers' architecture, built from a resolved `unet/config.json`
+//! (`config::unet::UNetSpec`), on candle-nn layers. Module fields mirror the weight keys
+//! (`down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight`), so no renaming is needed.
+
+mod blocks;
+pub mod embeddings;
+mod resnet;
+mod transformer;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+
+use self::blocks::{BlockContext, DownBlock, MidBlock, UpBlock, UpBlockChannels};
+use self::embeddings::{timestep_embedding, TimestepEmbedding};
+use self::resnet::NormSpec;
+use crate::config::unet::UNetSpec;
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    spec: UNetSpec,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+fn same_size_conv(vb: VarBuilder, in_channels: usize, out_channels: usize, kernel: usize) -> Result<Conv2d> {
+    conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        Conv2dConfig {
+            padding: kernel / 2,
+            ..Default::default()
+        },
+        vb,
+    )
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, spec: &UNetSpec) -> Result<Self> {
+        let channels = &spec.block_out_channels;
+        let ctx = BlockContext {
+            temb_channels: spec.time_embed_dim,
+            norm: NormSpec {
+                groups: spec.norm_num_groups,
+                eps: spec.norm_eps,
+            },
+            use_linear_projection: spec.use_linear_projection,
+            resnet_out_scale_factor: spec.resnet_out_scale_factor,
+        };
+        let blocks = spec.down_blocks.len();
+
+        let mut down_blocks = Vec::with_capacity(blocks);
+        let mut in_channels = channels[0];
+        for (i, block) in spec.down_blocks.iter().enumerate() {
+            let add_downsample = i + 1 < blocks;
+            let vb = vb.pp("down_blocks").pp(i);
+            down_blocks.push(DownBlock::new(
+                vb,
+                block,
+                in_channels,
+                add_downsample,
+                spec.downsample_padding,
+                &ctx,
+            )?);
+            in_channels = block.out_channels;
+        }
+        let last = channels[blocks - 1];
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            last,
+            &spec.mid_transformer,
+            spec.mid_block_scale_factor,
+            &ctx,
+        )?;
+
+        let mut up_blocks = Vec::with_capacity(blocks);
+        let mut prev_output = last;
+        for (i, block) in spec.up_blocks.iter().enumerate() {
+            // The skips of up block i come from the down block at the mirrored level; its input
+            // had the channels of the level below it (conv_in's for the top level).
+            let level = blocks - 1 - i;
+            let input = channels[level.saturating_sub(1)];
+            let io = UpBlockChannels { prev_output, input };
+            up_blocks.push(UpBlock::new(vb.pp("up_blocks").pp(i), block, io, i + 1 < blocks, &ctx)?);
+            prev_output = block.out_channels;
+        }
+
+        Ok(Self {
+            spec: spec.clone(),
+            conv_in: same_size_conv(vb.pp("conv_in"), spec.in_channels, channels[0], spec.conv_in_kernel)?,
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], spec.time_embed_dim)?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(spec.norm_num_groups, channels[0], spec.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: same_size_conv(vb.pp("conv_out"), channels[0], spec.out_channels, spec.conv_out_kernel)?,
+        })
+    }
+
+    pub fn spec(&self) -> &UNetSpec {
+        &self.spec
+    }
+
+    /// The model output (epsilon, v or x0, per the scheduler's `prediction_type`) for `sample`
+    /// (b, in_channels, h, w) at `timestep`, conditioned on `context` (b, tokens, cross_dim).
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let sample = if self.spec.center_input_sample {
+            sample.affine(2.0, -1.0)?
+        } else {
+            sample.clone()
+        };
+        let channels0 = self.spec.block_out_channels[0];
+        let t_emb = timestep_embedding(
+            &vec![timestep; batch],
+            channels0,
+            self.spec.flip_sin_to_cos,
+            self.spec.freq_shift,
+            sample.device(),
+        )?
+        .to_dtype(sample.dtype())?;
+        // (b, time_embed_dim)
+        let temb = self.time_embedding.forward(&t_emb)?;
+
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, states) = block.forward(&xs, &temb, context)?;
+            xs = out;
+            skips.extend(states);
+        }
+        xs = self.mid_block.forward(&xs, &temb, context)?;
+        for block in &self.up_blocks {
+            let block_skips = skips.split_off(skips.len().saturating_sub(block.skips()));
+            let upsample_size = match skips.last() {
+                Some(next) => {
+                    let (_, _, h, w) = next.dims4()?;
+                    Some((h, w))
+                }
+                None => None,
+            };
+            xs = block.forward(&xs, block_skips, &temb, context, upsample_size)?;
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+    }
+}
