@@ -66,16 +66,21 @@ fn clip_matches_transformers_for_a_batch_of_two() {
     assert_matches(&out, &refs["clip.last_hidden_state"], "clip (gelu, batch 2)");
 }
 
+/// The fixture was saved by transformers 5, which writes no `text_model.` prefix; real SD
+/// checkpoints (transformers 4) have it, along with the `position_ids` buffer.
 #[test]
-fn clip_loads_weights_without_the_text_model_prefix_and_quick_gelu() {
+fn clip_loads_weights_with_the_text_model_prefix_and_quick_gelu() {
     let refs = refs();
     let tensors =
         candle_core::safetensors::load(fixture("tiny-sd/text_encoder/model.safetensors"), &Device::Cpu).unwrap();
-    let stripped: HashMap<String, Tensor> = tensors
+    assert!(tensors.keys().all(|k| !k.starts_with("text_model.")));
+    let mut prefixed: HashMap<String, Tensor> = tensors
         .into_iter()
-        .map(|(k, v)| (k.trim_start_matches("text_model.").to_string(), v))
+        .map(|(k, v)| (format!("text_model.{k}"), v))
         .collect();
-    let weights = Weights::from_tensors(stripped, "stripped", DType::F32, &Device::Cpu);
+    let position_ids = Tensor::arange(0i64, 77, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    prefixed.insert("text_model.embeddings.position_ids".into(), position_ids);
+    let weights = Weights::from_tensors(prefixed, "prefixed", DType::F32, &Device::Cpu);
     let config: ClipTextConfig = read_json(&fixture("tiny-unet-sd1/text_encoder_config.json")).unwrap();
     assert_eq!(config.hidden_act, "quick_gelu");
     let clip = weights.build(|vb| ClipTextTransformer::new(vb, &config)).unwrap();
@@ -83,7 +88,7 @@ fn clip_loads_weights_without_the_text_model_prefix_and_quick_gelu() {
     assert_matches(
         &out,
         &refs["clip_quick_gelu.last_hidden_state"],
-        "clip (quick_gelu, no prefix)",
+        "clip (quick_gelu, text_model. prefix)",
     );
 }
 
