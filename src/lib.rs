@@ -11,5 +11,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod device;
+pub mod guidance;
 pub mod model;
+pub mod noise;
+pub mod output;
+pub mod pipeline;
+pub mod sampler;
 pub mod schedule;

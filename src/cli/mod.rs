@@ -1,6 +1,7 @@
 //! Command-line interface: clap structs that hold what the user typed, and one `run` per
 //! subcommand that resolves them (files found, configs read, combinations checked) before any work.
 
+pub mod generate;
 pub mod schedule;
 mod schedule_flags;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
+    Generate(Box<generate::GenerateArgs>),
     /// Print a noise schedule: terminal SNR with and without the zero-SNR rescale, and the
     /// sampled timesteps with their alpha_bar and SNR.
     Schedule(schedule::ScheduleArgs),
@@ -29,6 +32,7 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Generate(args) => generate::run(&args),
         Command::Schedule(args) => schedule::run(&args),
     }
 }

@@ -28,6 +28,7 @@ pub struct SchedulerConfig {
     pub timestep_spacing: String,
     pub rescale_betas_zero_snr: bool,
     pub clip_sample: bool,
+    pub clip_sample_range: f64,
     pub thresholding: bool,
 }
 
@@ -46,6 +47,7 @@ impl Default for SchedulerConfig {
             timestep_spacing: "leading".into(),
             rescale_betas_zero_snr: false,
             clip_sample: true,
+            clip_sample_range: 1.0,
             thresholding: false,
         }
     }

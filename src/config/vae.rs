@@ -25,6 +25,8 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// Decode in f32 when the model runs in f16 (diffusers' pipelines honour it).
+    pub force_upcast: bool,
 }
 
 impl Default for VaeConfig {
@@ -47,6 +49,7 @@ impl Default for VaeConfig {
             use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
+            force_upcast: true,
         }
     }
 }

@@ -65,6 +65,8 @@ impl ModelLocation {
 pub struct ModelFiles {
     location: ModelLocation,
     store: Store,
+    /// The hub repo's file list, fetched at most once, when a choice needs it.
+    hub_listing: std::sync::OnceLock<Vec<String>>,
 }
 
 enum Store {
@@ -102,7 +104,11 @@ impl ModelFiles {
                 Store::Hub { cache, api }
             }
         };
-        Ok(Self { location, store })
+        Ok(Self {
+            location,
+            store,
+            hub_listing: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn location(&self) -> &ModelLocation {
@@ -134,6 +140,42 @@ impl ModelFiles {
                     .with_context(|| format!("cannot download {relative} from Hugging Face repo {}", self.location))
             }
         }
+    }
+
+    /// Whether the model has `relative`: on disk for folders; in the cache, or else in the repo's
+    /// file list (one request), for the hub.
+    pub fn has(&self, relative: &str) -> Result<bool> {
+        match &self.store {
+            Store::Folder(folder) => Ok(folder.join(relative).is_file()),
+            Store::Hub { cache, api } => {
+                if cache.get(relative).is_some() {
+                    return Ok(true);
+                }
+                let Some(api) = api else { return Ok(false) };
+                if self.hub_listing.get().is_none() {
+                    let info = api
+                        .info()
+                        .with_context(|| format!("cannot list the files of {}", self.location))?;
+                    let _ = self
+                        .hub_listing
+                        .set(info.siblings.into_iter().map(|s| s.rfilename).collect());
+                }
+                Ok(self
+                    .hub_listing
+                    .get()
+                    .is_some_and(|files| files.iter().any(|f| f == relative)))
+            }
+        }
+    }
+
+    /// The first of `candidates` the model has, fetched; an error listing them all otherwise.
+    pub fn first_present(&self, candidates: &[String]) -> Result<PathBuf> {
+        for candidate in candidates {
+            if self.has(candidate)? {
+                return self.get(candidate);
+            }
+        }
+        bail!("{} has none of {}", self.location, candidates.join(", "))
     }
 }
 

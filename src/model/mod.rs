@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod clip;
 pub mod files;
+pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

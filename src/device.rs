@@ -1,0 +1,92 @@
+//! Choosing the device and the dtype models run in.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+/// What `--device` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA if built with it and a GPU is present, else Metal likewise, else CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            "metal" => Ok(Self::Metal),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Self::Cuda(ordinal)),
+                _ => Err(format!(
+                    "unknown device {other:?}; expected auto, cpu, cuda, cuda:N or metal"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+            Self::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+/// Opens the device; a GPU the binary was not built for is a clear error.
+pub fn open(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0)?),
+        DeviceChoice::Auto if candle_core::utils::metal_is_available() => Ok(Device::new_metal(0)?),
+        DeviceChoice::Auto => Ok(Device::Cpu),
+        DeviceChoice::Cuda(ordinal) => Device::new_cuda(ordinal).with_context(|| {
+            format!(
+                "--device cuda:{ordinal}: no usable CUDA device (build with `--features cuda` and check the driver)"
+            )
+        }),
+        DeviceChoice::Metal => Device::new_metal(0)
+            .context("--device metal: no usable Metal device (build with `--features metal` on macOS)"),
+    }
+}
+
+/// Describes a device for messages and metadata.
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// `--dtype` values.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype {other:?}; expected f32, f16 or bf16")),
+    }
+}
+
+/// f16 on a GPU (half the memory, tensor cores), f32 on the CPU (where f16 is slow and emulated).
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}

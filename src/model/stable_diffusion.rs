@@ -1,0 +1,146 @@
+//! A whole Stable Diffusion model in the diffusers layout: tokenizer, text encoder, UNet, VAE and
+//! scheduler config, loaded from a local folder or a hub repo.
+//!
+//! Weights: with f16/bf16, `*.fp16.safetensors` is preferred when the model ships it (half the
+//! download); then `*.safetensors` (memory-mapped), then pickled `*.bin` (the paper's ByteDance
+//! checkpoints ship only those).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use super::clip::ClipTextTransformer;
+use super::files::{ModelFiles, ModelLocation};
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet2DConditionModel;
+use super::vae::Vae;
+use super::weights::Weights;
+use crate::config::clip::ClipTextConfig;
+use crate::config::read_json;
+use crate::config::scheduler::SchedulerConfig;
+use crate::config::unet::{UNetConfig, UNetSpec};
+use crate::config::vae::VaeConfig;
+
+/// Where each part lives in the diffusers layout.
+pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
+
+/// Weight file names to try, in order of preference, for a component.
+fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let full = [
+        format!("{component}/{stem}.safetensors"),
+        format!("{component}/{stem}.bin"),
+    ];
+    let fp16 = [
+        format!("{component}/{stem}.fp16.safetensors"),
+        format!("{component}/{stem}.fp16.bin"),
+    ];
+    if half {
+        [fp16[0].clone(), full[0].clone(), fp16[1].clone(), full[1].clone()].into()
+    } else {
+        [full[0].clone(), full[1].clone(), fp16[0].clone(), fp16[1].clone()].into()
+    }
+}
+
+/// Everything needed to turn a prompt into an image.
+pub struct StableDiffusion {
+    pub location: ModelLocation,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextTransformer,
+    pub unet: UNet2DConditionModel,
+    pub unet_spec: UNetSpec,
+    pub vae: Vae,
+    pub scheduler: SchedulerConfig,
+    /// The dtype of the text encoder and UNet.
+    pub dtype: DType,
+    /// The VAE's: f32 when its config says `force_upcast` and the model runs in f16 (SD's VAE
+    /// overflows in f16), as diffusers does.
+    pub vae_dtype: DType,
+    pub device: Device,
+    /// The weight files loaded, for the record.
+    pub weight_files: Vec<PathBuf>,
+}
+
+/// Reads the scheduler config of a model: cheap, so settings can be checked before loading weights.
+pub fn read_scheduler_config(files: &ModelFiles) -> Result<SchedulerConfig> {
+    let path = files.get(SCHEDULER_CONFIG)?;
+    SchedulerConfig::from_file(&path)
+}
+
+/// Reads and resolves a model's UNet config.
+pub fn read_unet_spec(files: &ModelFiles) -> Result<UNetSpec> {
+    let path = files.get("unet/config.json")?;
+    read_json::<UNetConfig>(&path)?
+        .resolve()
+        .with_context(|| format!("{}", path.display()))
+}
+
+/// Reads and validates a model's VAE config.
+pub fn read_vae_config(files: &ModelFiles) -> Result<VaeConfig> {
+    let path = files.get("vae/config.json")?;
+    let config: VaeConfig = read_json(&path)?;
+    config.validate().with_context(|| format!("{}", path.display()))?;
+    Ok(config)
+}
+
+impl StableDiffusion {
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let scheduler = read_scheduler_config(files)?;
+        let tokenizer = Self::load_tokenizer(files)?;
+
+        let clip_config_path = files.get("text_encoder/config.json")?;
+        let clip_config: ClipTextConfig = read_json(&clip_config_path)?;
+        clip_config
+            .validate()
+            .with_context(|| format!("{}", clip_config_path.display()))?;
+        let clip_file = files.first_present(&weight_candidates("text_encoder", "model", dtype))?;
+        let text_encoder =
+            Weights::open(&clip_file, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, &clip_config))?;
+
+        let unet_spec = read_unet_spec(files)?;
+        let unet_file = files.first_present(&weight_candidates("unet", "diffusion_pytorch_model", dtype))?;
+        let unet =
+            Weights::open(&unet_file, dtype, device)?.build(|vb| Ok(UNet2DConditionModel::new(vb, &unet_spec)?))?;
+
+        let vae_config = read_vae_config(files)?;
+        let vae_dtype = if vae_config.force_upcast && dtype == DType::F16 {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae_file = files.first_present(&weight_candidates("vae", "diffusion_pytorch_model", vae_dtype))?;
+        let vae = Weights::open(&vae_file, vae_dtype, device)?.build(|vb| Ok(Vae::new(vb, &vae_config)?))?;
+
+        Ok(Self {
+            location: files.location().clone(),
+            tokenizer,
+            text_encoder,
+            unet,
+            unet_spec,
+            vae,
+            scheduler,
+            dtype,
+            vae_dtype,
+            device: device.clone(),
+            weight_files: vec![clip_file, unet_file, vae_file],
+        })
+    }
+
+    /// The tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the optional
+    /// special-token files fetched beside them.
+    fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+        let main = files.first_present(&["tokenizer/tokenizer.json".into(), "tokenizer/vocab.json".into()])?;
+        for optional in [
+            "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json",
+            "tokenizer/tokenizer_config.json",
+        ] {
+            if files.has(optional)? {
+                files.get(optional)?;
+            }
+        }
+        let folder = main.parent().context("tokenizer file has no folder")?;
+        ClipTokenizer::from_folder(folder)
+    }
+}

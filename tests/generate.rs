@@ -1,0 +1,327 @@
+//! `sdfix generate` end to end on the tiny fixture model, against diffusers'
+//! StableDiffusionPipeline given the same initial latents (tests/fixtures/refs/pipeline.*, from
+//! `scripts/make_pipeline_refs.py`), plus determinism and bad-input checks. Black-box: the binary.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+
+const REGENERATE: &str = "regenerate with: python scripts/make_pipeline_refs.py";
+/// The bars: final latents within 2e-3 max abs, PNG within 2/255.
+const LATENT_TOLERANCE: f32 = 2e-3;
+const PIXEL_TOLERANCE: u8 = 2;
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+}
+
+fn sdfix(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(args)
+        .output()
+        .expect("sdfix runs")
+}
+
+fn refs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture("refs/pipeline.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn case_args(name: &str) -> Vec<String> {
+    let cases: HashMap<String, Vec<String>> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("refs/pipeline.json")).unwrap()).unwrap();
+    cases[name].clone()
+}
+
+fn pngs(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Runs one reference case through the binary; returns (our final latents, our images) per image.
+fn run_case(name: &str, extra: &[&str]) -> (Vec<Tensor>, Vec<image::RgbImage>) {
+    let refs = refs();
+    let dir = tempfile::tempdir().unwrap();
+    let latents_file = dir.path().join("initial.safetensors");
+    let initial = HashMap::from([("latents".to_string(), refs[&format!("{name}.initial")].clone())]);
+    candle_core::safetensors::save(&initial, &latents_file).unwrap();
+    let out_dir = dir.path().join("out");
+    let mut args: Vec<String> = vec![
+        "generate".into(),
+        "--model".into(),
+        fixture("tiny-sd").to_string_lossy().into_owned(),
+        "--latents".into(),
+        latents_file.to_string_lossy().into_owned(),
+        "--save-latents".into(),
+        "--seed".into(),
+        "0".into(),
+        "--out-dir".into(),
+        out_dir.to_string_lossy().into_owned(),
+    ];
+    args.extend(case_args(name));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = sdfix(&arg_refs);
+    assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    let images: Vec<PathBuf> = pngs(&out_dir);
+    let latents = images
+        .iter()
+        .map(|p| {
+            let mut t = candle_core::safetensors::load(p.with_extension("latents.safetensors"), &Device::Cpu).unwrap();
+            t.remove("latents").unwrap()
+        })
+        .collect();
+    let pictures = images.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect();
+    (latents, pictures)
+}
+
+fn assert_case_matches_diffusers(name: &str) {
+    let refs = refs();
+    let (latents, images) = run_case(name, &[]);
+    let reference_latents = &refs[&format!("{name}.final")];
+    let reference_images = refs[&format!("{name}.image")]
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    assert_eq!(latents.len(), reference_latents.dim(0).unwrap(), "{name}: image count");
+    for (k, (ours, picture)) in latents.iter().zip(&images).enumerate() {
+        let diff = max_abs(ours, &reference_latents.get(k).unwrap());
+        assert!(
+            diff <= LATENT_TOLERANCE,
+            "{name} image {k}: final latents differ by {diff:e}; {REGENERATE}"
+        );
+        let expected = reference_images
+            .get(k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let (h, w, _) = reference_images.get(k).unwrap().dims3().unwrap();
+        assert_eq!(
+            (picture.height() as usize, picture.width() as usize),
+            (h, w),
+            "{name}: image size"
+        );
+        let worst = picture
+            .as_raw()
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(
+            worst <= PIXEL_TOLERANCE,
+            "{name} image {k}: a pixel differs by {worst}/255; {REGENERATE}"
+        );
+        eprintln!("{name} image {k}: latents {diff:e}, pixels {worst}/255");
+    }
+}
+
+#[test]
+fn all_fixes_on_matches_diffusers_for_a_batch_of_two() {
+    assert_case_matches_diffusers("all_fixes");
+}
+
+#[test]
+fn baseline_matches_diffusers_leading_without_fixes() {
+    assert_case_matches_diffusers("baseline");
+}
+
+#[test]
+fn without_cfg_matches_diffusers() {
+    assert_case_matches_diffusers("no_cfg");
+}
+
+#[test]
+fn non_square_with_negative_prompt_matches_diffusers() {
+    assert_case_matches_diffusers("non_square_negative");
+}
+
+#[test]
+fn epsilon_model_without_zero_snr_matches_diffusers() {
+    assert_case_matches_diffusers("epsilon_no_zero_snr");
+}
+
+/// 7 trailing steps do not divide T: we step to alpha_bar of the next listed timestep (matching a
+/// reference loop built from diffusers' parts), where diffusers steps to t - T // n.
+#[test]
+fn seven_steps_use_the_next_timestep_not_t_minus_t_over_n() {
+    assert_case_matches_diffusers("next_timestep_n7");
+    let refs = refs();
+    let (latents, _) = run_case("next_timestep_n7", &[]);
+    let gap = max_abs(&latents[0], &refs["next_timestep_n7.diffusers_final"].get(0).unwrap());
+    assert!(
+        gap > LATENT_TOLERANCE,
+        "expected to differ from diffusers' t - T//n rule, gap {gap:e}"
+    );
+}
+
+fn generate_bytes(out_dir: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
+    let mut args = vec!["generate", "--model"];
+    let model = fixture("tiny-sd");
+    let model = model.to_str().unwrap();
+    args.push(model);
+    args.extend([
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "8",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    args.extend(extra);
+    let out = sdfix(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    pngs(out_dir).iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn a_seed_gives_the_same_image_whatever_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let together = generate_bytes(
+        &dir.path().join("a"),
+        &["--seed", "7", "--num-images", "3", "--batch-size", "2"],
+    );
+    let alone = generate_bytes(&dir.path().join("b"), &["--seed", "8"]);
+    assert_eq!(together.len(), 3);
+    assert_eq!(together[1], alone[0], "image 1 of seed 7 is seed 8's image");
+    assert_ne!(together[0], together[1]);
+}
+
+#[test]
+fn eta_adds_seeded_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = generate_bytes(&dir.path().join("a"), &["--seed", "3", "--eta", "1"]);
+    let again = generate_bytes(&dir.path().join("b"), &["--seed", "3", "--eta", "1"]);
+    let deterministic = generate_bytes(&dir.path().join("c"), &["--seed", "3"]);
+    assert_eq!(first, again);
+    assert_ne!(first, deterministic);
+}
+
+/// Exit code 2, no panic, one `error:` line naming `needle`, and no image written.
+fn assert_refused(extra: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let model = fixture("tiny-sd");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let out = sdfix(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(line.contains(needle), "{extra:?}: expected {needle:?} in {stderr}");
+    assert!(
+        !out_dir.exists() || pngs(&out_dir).is_empty(),
+        "{extra:?} wrote an image"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_the_flag_named() {
+    assert_refused(&["--zero-snr", "--prediction", "epsilon"], "--no-zero-snr");
+    assert_refused(&["--width", "20"], "--width 20");
+    assert_refused(&["--height", "0"], "--height 0");
+    assert_refused(&["--steps", "1001"], "--steps 1001");
+    assert_refused(&["--guidance-rescale", "1.5"], "--guidance-rescale");
+    assert_refused(&["--eta", "-1"], "--eta");
+    assert_refused(&["--baseline", "--spacing", "trailing"], "--baseline");
+    assert_refused(&["--device", "tpu"], "--device");
+    assert_refused(&["--dtype", "f8"], "--dtype");
+    assert_refused(&["--latents", "/no/such/file.safetensors"], "--latents");
+    let out = sdfix(&["generate", "--model", "no-such-model", "--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --model no-such-model"));
+}
+
+#[test]
+fn bad_latents_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong_name = dir.path().join("wrong-name.safetensors");
+    let tensors = HashMap::from([(
+        "noise".to_string(),
+        Tensor::zeros((4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    candle_core::safetensors::save(&tensors, &wrong_name).unwrap();
+    assert_refused(
+        &["--latents", wrong_name.to_str().unwrap()],
+        "no tensor named \"latents\"",
+    );
+
+    let wrong_channels = dir.path().join("wrong-channels.safetensors");
+    let tensors = HashMap::from([(
+        "latents".to_string(),
+        Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    candle_core::safetensors::save(&tensors, &wrong_channels).unwrap();
+    assert_refused(&["--latents", wrong_channels.to_str().unwrap()], "3 channels");
+
+    let three_d = dir.path().join("three-d.safetensors");
+    let tensors = HashMap::from([(
+        "latents".to_string(),
+        Tensor::zeros((4, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+    )]);
+    candle_core::safetensors::save(&tensors, &three_d).unwrap();
+    assert_refused(
+        &["--latents", three_d.to_str().unwrap(), "--num-images", "2"],
+        "--num-images 2",
+    );
+}
+
+#[test]
+fn existing_images_are_not_overwritten_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let first = generate_bytes(&out, &["--seed", "5"]);
+    let model = fixture("tiny-sd");
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "8",
+        "--seed",
+        "5",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ];
+    let again = sdfix(&args);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+    let mut with_overwrite = args.to_vec();
+    with_overwrite.push("--overwrite");
+    assert!(sdfix(&with_overwrite).status.success());
+    assert_eq!(
+        pngs(&out).iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>(),
+        first
+    );
+}
