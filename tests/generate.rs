@@ -255,6 +255,7 @@ fn bad_input_is_refused_with_the_flag_named() {
     assert_refused(&["--baseline", "--spacing", "trailing"], "--baseline");
     assert_refused(&["--device", "tpu"], "--device");
     assert_refused(&["--dtype", "f8"], "--dtype");
+    assert_refused(&["--dtype", "bf16", "--device", "cpu"], "--dtype bf16");
     assert_refused(&["--latents", "/no/such/file.safetensors"], "--latents");
     let out = sdfix(&["generate", "--model", "no-such-model", "--prompt", "x"]);
     assert_eq!(out.status.code(), Some(2));
@@ -323,5 +324,76 @@ fn existing_images_are_not_overwritten_silently() {
     assert_eq!(
         pngs(&out).iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>(),
         first
+    );
+}
+
+/// Lays `tests/fixtures/tiny-sd` out as hf-hub's cache does:
+/// `<HF_HOME>/hub/models--<owner>--<name>/{refs/main, snapshots/<commit>/...}`.
+fn fake_hub_cache(home: &Path, repo: &str) {
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    let repo_dir = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), COMMIT).unwrap();
+    let snapshot = repo_dir.join("snapshots").join(COMMIT);
+    let source = fixture("tiny-sd");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        let target = snapshot.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            for file in std::fs::read_dir(entry.path()).unwrap() {
+                let file = file.unwrap();
+                std::os::unix::fs::symlink(file.path(), target.join(file.file_name())).unwrap();
+            }
+        } else {
+            std::os::unix::fs::symlink(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_hub_repo_in_the_cache_runs_without_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf");
+    fake_hub_cache(&home, "sdfix-test/tiny-sd");
+    let out_dir = dir.path().join("out");
+    let run = |offline: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sdfix"));
+        command
+            .args([
+                "generate",
+                "--model",
+                "sdfix-test/tiny-sd",
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "8",
+            ])
+            .args(["--seed", "1", "--overwrite", "--out-dir", out_dir.to_str().unwrap()])
+            .env("HF_HOME", &home)
+            // Any request would go to a closed local port and fail.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9");
+        if offline {
+            command.env("HF_HUB_OFFLINE", "1");
+        } else {
+            command.env_remove("HF_HUB_OFFLINE");
+        }
+        command.output().unwrap()
+    };
+    for offline in [true, false] {
+        let out = run(offline);
+        assert!(
+            out.status.success(),
+            "offline={offline}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let local = generate_bytes(&dir.path().join("local"), &["--seed", "1"]);
+    assert_eq!(
+        pngs(&out_dir)
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect::<Vec<_>>(),
+        local
     );
 }

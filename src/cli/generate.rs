@@ -15,7 +15,9 @@ use super::schedule_flags::{at_least_one, ScheduleFlags};
 use crate::config::scheduler::SchedulerConfig;
 use crate::device::{self, DeviceChoice};
 use crate::model::files::{ModelFiles, ModelLocation};
-use crate::model::stable_diffusion::{read_scheduler_config, read_unet_spec, read_vae_config, StableDiffusion};
+use crate::model::stable_diffusion::{
+    read_scheduler_config, read_unet_spec, read_vae_config, StableDiffusion, SCHEDULER_CONFIG,
+};
 use crate::noise::ImageNoise;
 use crate::output;
 use crate::pipeline::{self, SamplingSettings};
@@ -183,7 +185,7 @@ fn resolve(args: &GenerateArgs) -> Result<Plan> {
     let location = ModelLocation::parse(&args.model, args.revision.as_deref())?;
     let files = ModelFiles::new(location)?;
     let scheduler = read_scheduler_config(&files).with_context(|| format!("--model {}", args.model))?;
-    let config_path = format!("{}/scheduler/scheduler_config.json", files.location());
+    let config_path = format!("{}/{SCHEDULER_CONFIG}", files.location());
     ensure!(!scheduler.thresholding, "{config_path}: thresholding is not supported");
     let (prediction, zero_terminal_snr) = resolve_prediction(args, &scheduler, &config_path)?;
 
@@ -306,6 +308,10 @@ fn resolve(args: &GenerateArgs) -> Result<Plan> {
 
     let device = device::open(args.device)?;
     let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
+    ensure!(
+        !(device.is_cpu() && dtype == DType::BF16),
+        "--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32 or f16"
+    );
     Ok(Plan {
         files,
         settings,

@@ -7,14 +7,11 @@ use clap::Args;
 use serde_json::json;
 
 use super::ScheduleFlags;
-use crate::config::scheduler::SchedulerConfig;
 use crate::model::files::{ModelFiles, ModelLocation};
+use crate::model::stable_diffusion::{read_scheduler_config, SCHEDULER_CONFIG};
 use crate::schedule::{
     snr, stable_diffusion, BetaSchedule, BetaSource, NoiseSchedule, Schedule, ScheduleSpec, TimestepSpacing,
 };
-
-/// Where a model keeps its scheduler config, in the diffusers layout.
-pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 
 #[derive(Debug, Args)]
 pub struct ScheduleArgs {
@@ -64,18 +61,13 @@ fn resolve(args: &ScheduleArgs) -> Result<Resolved> {
     let (betas, zero_terminal_snr, steps_offset, set_alpha_to_one, source) = match &args.model {
         Some(model) => {
             let files = ModelFiles::new(ModelLocation::parse(model, args.revision.as_deref())?)?;
-            let path = files
-                .get(SCHEDULER_CONFIG)
-                .with_context(|| format!("--model {model}"))?;
-            let config = SchedulerConfig::from_file(&path)?;
-            let betas = config.beta_source()?;
-            betas.betas().with_context(|| format!("{}", path.display()))?;
+            let config = read_scheduler_config(&files).with_context(|| format!("--model {model}"))?;
             (
-                betas,
+                config.beta_source()?,
                 flags.zero_snr().unwrap_or(config.rescale_betas_zero_snr),
                 flags.steps_offset.unwrap_or(config.steps_offset),
                 config.set_alpha_to_one,
-                format!("{} ({})", files.location(), path.display()),
+                format!("{} ({SCHEDULER_CONFIG})", files.location()),
             )
         }
         None => {

@@ -59,6 +59,7 @@ impl SchedulerConfig {
         let config: Self = super::read_json(path)?;
         config
             .beta_source()
+            .and_then(|source| source.betas())
             .with_context(|| format!("{}: bad beta schedule", path.display()))?;
         config
             .spacing()

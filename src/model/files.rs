@@ -169,7 +169,15 @@ impl ModelFiles {
     }
 
     /// The first of `candidates` the model has, fetched; an error listing them all otherwise.
+    ///
+    /// For a hub repo, files already in the cache win (in the order given) without any request,
+    /// so a cached model works offline; only when none is cached is the repo's file list fetched.
     pub fn first_present(&self, candidates: &[String]) -> Result<PathBuf> {
+        if let Store::Hub { cache, .. } = &self.store {
+            if let Some(path) = candidates.iter().find_map(|c| cache.get(c)) {
+                return Ok(path);
+            }
+        }
         for candidate in candidates {
             if self.has(candidate)? {
                 return self.get(candidate);
