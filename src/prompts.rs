@@ -1,0 +1,176 @@
+//! Prompt files for batch runs.
+//!
+//! - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
+//! - `.jsonl`: one JSON object per line with `prompt` (required) and any of `negative_prompt`,
+//!   `seed`, `steps`, `guidance`, `guidance_rescale`, `spacing`, `zero_snr`, `width`, `height`,
+//!   `num_images`, overriding the command line for that line. Blank and `#` lines are skipped too.
+//! - `-`: standard input, as `.txt` unless its first entry starts with `{`.
+//!
+//! A bad line is an error for that line only (with its file:line), so a run can go on with the
+//! others. Entries are numbered in file order (bad ones included), which `--shard` uses.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::schedule::TimestepSpacing;
+
+/// What one line may override; `None` keeps the command line's value.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineOverrides {
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub guidance_rescale: Option<f64>,
+    #[serde(default, deserialize_with = "spacing")]
+    pub spacing: Option<TimestepSpacing>,
+    pub zero_snr: Option<bool>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub num_images: Option<usize>,
+}
+
+fn spacing<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<TimestepSpacing>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLine {
+    prompt: String,
+    #[serde(flatten)]
+    overrides: LineOverrides,
+}
+
+/// One prompt of a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptEntry {
+    /// 1-based line number in the file (0 for `--prompt`).
+    pub line: usize,
+    /// Position among the file's entries, from 0 (what `--shard` divides).
+    pub index: usize,
+    pub prompt: String,
+    pub overrides: LineOverrides,
+}
+
+/// A line that could not be used, with its place in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineError {
+    pub line: usize,
+    pub index: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    Jsonl,
+}
+
+/// Reads `path` (or stdin for `-`) into entries and per-line errors, in file order.
+pub fn read_prompt_file(path: &Path) -> Result<(String, Vec<Result<PromptEntry, LineError>>)> {
+    let (label, text, format) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("--prompts -: cannot read standard input")?;
+        let json = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .is_some_and(|l| l.starts_with('{'));
+        (
+            "<stdin>".to_string(),
+            text,
+            if json { Format::Jsonl } else { Format::Text },
+        )
+    } else {
+        let format = match path.extension().and_then(|e| e.to_str()) {
+            Some("txt") => Format::Text,
+            Some("jsonl") => Format::Jsonl,
+            _ => anyhow::bail!(
+                "--prompts {}: expected a .txt or .jsonl file (or - for stdin)",
+                path.display()
+            ),
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("--prompts {}: cannot read it", path.display()))?;
+        (path.display().to_string(), text, format)
+    };
+    Ok((label, parse(&text, format)))
+}
+
+fn parse(text: &str, format: Format) -> Vec<Result<PromptEntry, LineError>> {
+    let mut entries = Vec::new();
+    for (number, raw) in text.lines().enumerate() {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let (line, index) = (number + 1, entries.len());
+        let parsed = match format {
+            Format::Text => Ok((trimmed.to_string(), LineOverrides::default())),
+            Format::Jsonl => serde_json::from_str::<JsonLine>(trimmed)
+                .map(|j| (j.prompt, j.overrides))
+                .map_err(|e| e.to_string()),
+        };
+        entries.push(match parsed {
+            Ok((prompt, _)) if prompt.trim().is_empty() => Err(LineError {
+                line,
+                index,
+                message: "empty prompt".into(),
+            }),
+            Ok((prompt, overrides)) => Ok(PromptEntry {
+                line,
+                index,
+                prompt,
+                overrides,
+            }),
+            Err(message) => Err(LineError { line, index, message }),
+        });
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_skips_blanks_and_comments() {
+        let entries = parse(
+            "# brightness\n\nsolid black background\n  a white background  \n",
+            Format::Text,
+        );
+        let prompts: Vec<_> = entries.iter().map(|e| e.as_ref().unwrap().prompt.as_str()).collect();
+        assert_eq!(prompts, ["solid black background", "a white background"]);
+        assert_eq!(entries[0].as_ref().unwrap().line, 3);
+        assert_eq!(entries[1].as_ref().unwrap().index, 1);
+    }
+
+    #[test]
+    fn jsonl_overrides_and_bad_lines() {
+        let text = r#"{"prompt": "a red circle", "seed": 7, "spacing": "leading", "zero_snr": false}
+{"prompt": "x", "colour": "red"}
+{"prompt": ""}
+not json
+{"prompt": "a square", "spacing": "sideways"}
+{"prompt": "ok", "steps": 10}"#;
+        let entries = parse(text, Format::Jsonl);
+        let first = entries[0].as_ref().unwrap();
+        assert_eq!(first.overrides.seed, Some(7));
+        assert_eq!(first.overrides.spacing, Some(TimestepSpacing::Leading));
+        assert_eq!(first.overrides.zero_snr, Some(false));
+        let errors: Vec<_> = entries.iter().filter_map(|e| e.as_ref().err()).collect();
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), [2, 3, 4, 5]);
+        assert!(errors[0].message.contains("colour"), "{}", errors[0].message);
+        assert!(errors[3].message.contains("sideways"), "{}", errors[3].message);
+        assert_eq!(entries[5].as_ref().unwrap().overrides.steps, Some(10));
+    }
+}
