@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod device;
+pub mod grid;
 pub mod guidance;
 pub mod metadata;
 pub mod model;
@@ -22,3 +23,4 @@ pub mod progress;
 pub mod prompts;
 pub mod sampler;
 pub mod schedule;
+pub mod stats;

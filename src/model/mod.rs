@@ -1,6 +1,7 @@
 //! Models: finding their files, reading their configs, building candle modules.
 //!
 //! - [`files`]: a local diffusers-layout folder or a Hugging Face repo.
+//! - [`demo`]: the two tiny demo models built into the binary.
 //! - [`weights`]: safetensors / PyTorch `.bin` loading with every tensor name and shape checked.
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
 //! - [`vae`]: candle-transformers' AutoEncoderKL, configured from vae/config.json.
@@ -9,6 +10,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod demo;
 pub mod files;
 pub mod stable_diffusion;
 pub mod tokenizer;

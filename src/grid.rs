@@ -1,0 +1,203 @@
+//! Labelled image grids (like AUTOMATIC1111's X/Y plot): a header row of column labels, a first
+//! column of row labels, and each cell's mean luminance printed under it. Text uses an 8x8 bitmap
+//! font compiled into the binary (font8x8, public domain), so no system fonts are needed.
+
+use font8x8::legacy::BASIC_LEGACY;
+
+/// Glyph size in font pixels, and the scale they are drawn at.
+const GLYPH: usize = 8;
+const TEXT_SCALE: usize = 2;
+const LINE_HEIGHT: usize = GLYPH * TEXT_SCALE + 4;
+const PADDING: usize = 8;
+/// Small images (the demo's 32 px) are enlarged to at least this many pixels a side.
+const MIN_CELL_SIDE: usize = 192;
+const WHITE: [u8; 3] = [255, 255, 255];
+const BLACK: [u8; 3] = [0, 0, 0];
+const GREY: [u8; 3] = [200, 200, 200];
+
+/// An RGB canvas.
+pub struct Canvas {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+impl Canvas {
+    fn new(width: usize, height: usize, colour: [u8; 3]) -> Self {
+        Self {
+            width,
+            height,
+            rgb: colour.iter().copied().cycle().take(width * height * 3).collect(),
+        }
+    }
+
+    fn fill(&mut self, x: usize, y: usize, w: usize, h: usize, colour: [u8; 3]) {
+        for row in y..(y + h).min(self.height) {
+            for col in x..(x + w).min(self.width) {
+                let i = (row * self.width + col) * 3;
+                self.rgb[i..i + 3].copy_from_slice(&colour);
+            }
+        }
+    }
+
+    /// Draws `text` (ASCII; anything else as `?`) with its top-left at (x, y), clipped to
+    /// `max_width` pixels.
+    fn text(&mut self, x: usize, y: usize, text: &str, max_width: usize) {
+        let advance = GLYPH * TEXT_SCALE;
+        for (i, c) in text.chars().enumerate() {
+            let left = x + i * advance;
+            if left + advance > x + max_width {
+                break;
+            }
+            let glyph = BASIC_LEGACY[if c.is_ascii() { c as usize } else { '?' as usize }];
+            for (gy, bits) in glyph.iter().enumerate() {
+                for gx in 0..GLYPH {
+                    if bits & (1 << gx) != 0 {
+                        self.fill(
+                            left + gx * TEXT_SCALE,
+                            y + gy * TEXT_SCALE,
+                            TEXT_SCALE,
+                            TEXT_SCALE,
+                            BLACK,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `rgb` (w x h) scaled up by `scale` (nearest neighbour) to (x, y).
+    fn blit(&mut self, x: usize, y: usize, rgb: &[u8], w: usize, h: usize, scale: usize) {
+        for row in 0..h * scale {
+            for col in 0..w * scale {
+                let src = ((row / scale) * w + col / scale) * 3;
+                let dst = ((y + row) * self.width + x + col) * 3;
+                self.rgb[dst..dst + 3].copy_from_slice(&rgb[src..src + 3]);
+            }
+        }
+    }
+}
+
+/// Splits `text` into lines of at most `chars` characters, at spaces where possible.
+fn wrap(text: &str, chars: usize) -> Vec<String> {
+    let chars = chars.max(1);
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        let mut word = word.to_string();
+        while word.chars().count() > chars {
+            let head: String = word.chars().take(chars).collect();
+            word = word.chars().skip(chars).collect();
+            if !line.is_empty() {
+                lines.push(std::mem::take(&mut line));
+            }
+            lines.push(head);
+        }
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > chars {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// One cell: an image, or why there is none.
+pub enum Cell {
+    Image { rgb: Vec<u8>, luminance: f64 },
+    Missing(String),
+}
+
+/// Lays out `cells` (row-major, rows x columns) of `w` x `h` images with labels.
+pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w: usize, h: usize) -> Canvas {
+    let scale = MIN_CELL_SIDE.div_ceil(w.max(h)).max(1);
+    let (cell_w, cell_h) = (w * scale, h * scale);
+    let chars_per_cell = cell_w / (GLYPH * TEXT_SCALE);
+    let header_lines = column_labels
+        .iter()
+        .map(|l| wrap(l, chars_per_cell).len())
+        .max()
+        .unwrap_or(1);
+    let header_h = header_lines * LINE_HEIGHT + PADDING;
+    let label_chars = row_labels
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(4, 24);
+    let label_w = label_chars * GLYPH * TEXT_SCALE + 2 * PADDING;
+    let caption_h = LINE_HEIGHT + PADDING;
+    let (columns, rows) = (column_labels.len(), row_labels.len());
+    let width = label_w + columns * (cell_w + PADDING) + PADDING;
+    let height = header_h + rows * (cell_h + caption_h) + PADDING;
+    let mut canvas = Canvas::new(width, height, WHITE);
+    for (c, label) in column_labels.iter().enumerate() {
+        let x = label_w + c * (cell_w + PADDING);
+        for (i, line) in wrap(label, chars_per_cell).iter().enumerate() {
+            canvas.text(x, PADDING / 2 + i * LINE_HEIGHT, line, cell_w);
+        }
+    }
+    for (r, label) in row_labels.iter().enumerate() {
+        let y = header_h + r * (cell_h + caption_h);
+        for (i, line) in wrap(label, label_chars).iter().take(cell_h / LINE_HEIGHT).enumerate() {
+            canvas.text(PADDING, y + i * LINE_HEIGHT, line, label_w - PADDING);
+        }
+        for c in 0..columns {
+            let x = label_w + c * (cell_w + PADDING);
+            match &cells[r * columns + c] {
+                Cell::Image { rgb, luminance } => {
+                    canvas.blit(x, y, rgb, w, h, scale);
+                    canvas.text(x, y + cell_h + 4, &format!("L={luminance:.3}"), cell_w);
+                }
+                Cell::Missing(why) => {
+                    canvas.fill(x, y, cell_w, cell_h, GREY);
+                    for (i, line) in wrap(why, chars_per_cell).iter().take(cell_h / LINE_HEIGHT).enumerate() {
+                        canvas.text(x, y + i * LINE_HEIGHT, line, cell_w);
+                    }
+                    canvas.text(x, y + cell_h + 4, "n/a", cell_w);
+                }
+            }
+        }
+    }
+    canvas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapping_keeps_words_and_splits_long_ones() {
+        assert_eq!(wrap("+rescaled CFG", 9), ["+rescaled", "CFG"]);
+        assert_eq!(wrap("a b c", 3), ["a b", "c"]);
+        assert_eq!(wrap("abcdefgh", 3), ["abc", "def", "gh"]);
+    }
+
+    #[test]
+    fn text_marks_pixels_and_cells_keep_their_colours() {
+        let cells = vec![
+            Cell::Image {
+                rgb: vec![10; 4 * 4 * 3],
+                luminance: 0.04,
+            },
+            Cell::Missing("epsilon".into()),
+        ];
+        let canvas = render(
+            &["baseline".into(), "+zero-SNR".into()],
+            &["seed 1".into()],
+            &cells,
+            4,
+            4,
+        );
+        assert_eq!(canvas.rgb.len(), canvas.width * canvas.height * 3);
+        let dark = canvas.rgb.chunks(3).filter(|p| p == &[0, 0, 0]).count();
+        assert!(dark > 100, "labels drew {dark} black pixels");
+        assert!(canvas.rgb.chunks(3).any(|p| p == [10, 10, 10]));
+        assert!(canvas.rgb.chunks(3).any(|p| p == GREY));
+    }
+}
