@@ -306,8 +306,22 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=20000)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "models")
     parser.add_argument("--variants", nargs="+", default=["demo", "demo-flawed"])
+    parser.add_argument(
+        "--dump-training-images", type=pathlib.Path, metavar="DIR",
+        help="write the first --examples training images as PNGs (for the brightness study) and exit",
+    )
     args = parser.parse_args()
     torch.manual_seed(SEED)
+
+    if args.dump_training_images:
+        from PIL import Image
+
+        pixels, captions = make_dataset(args.examples, SEED)
+        args.dump_training_images.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(((pixels + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)):
+            Image.fromarray(image.numpy()).save(args.dump_training_images / f"{i:05}.png")
+        print(f"wrote {len(pixels)} training images to {args.dump_training_images}")
+        return
 
     pixels, captions = make_dataset(args.examples, SEED)
     print(f"{len(captions)} examples, e.g. {captions[:6]}", flush=True)

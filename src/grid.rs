@@ -167,6 +167,43 @@ pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w
     canvas
 }
 
+/// Histogram height in pixels, and the number of bins over 0..1.
+const HISTOGRAM_HEIGHT: usize = 200;
+pub const HISTOGRAM_BINS: usize = 20;
+const BAR_WIDTH: usize = 16;
+const BAR: [u8; 3] = [60, 90, 160];
+
+/// A bar chart of `values` (each in 0..1) over [`HISTOGRAM_BINS`] equal bins, titled, with the
+/// axis ends labelled.
+pub fn histogram(values: &[f64], title: &str) -> Canvas {
+    let mut counts = [0usize; HISTOGRAM_BINS];
+    for v in values {
+        let bin = ((v.clamp(0.0, 1.0) * HISTOGRAM_BINS as f64) as usize).min(HISTOGRAM_BINS - 1);
+        counts[bin] += 1;
+    }
+    let peak = counts.iter().copied().max().unwrap_or(0).max(1);
+    let plot_w = HISTOGRAM_BINS * BAR_WIDTH;
+    let width = plot_w + 2 * PADDING;
+    let top = LINE_HEIGHT * 2 + PADDING;
+    let height = top + HISTOGRAM_HEIGHT + LINE_HEIGHT + 2 * PADDING;
+    let mut canvas = Canvas::new(width, height, WHITE);
+    let chars = plot_w / (GLYPH * TEXT_SCALE);
+    for (i, line) in wrap(title, chars).iter().take(2).enumerate() {
+        canvas.text(PADDING, PADDING / 2 + i * LINE_HEIGHT, line, plot_w);
+    }
+    for (bin, &count) in counts.iter().enumerate() {
+        let bar_h = count * HISTOGRAM_HEIGHT / peak;
+        let x = PADDING + bin * BAR_WIDTH;
+        canvas.fill(x + 1, top + HISTOGRAM_HEIGHT - bar_h, BAR_WIDTH - 2, bar_h, BAR);
+    }
+    canvas.fill(PADDING, top + HISTOGRAM_HEIGHT, plot_w, 1, BLACK);
+    let axis_y = top + HISTOGRAM_HEIGHT + 4;
+    canvas.text(PADDING, axis_y, "0", plot_w);
+    canvas.text(PADDING + plot_w / 2 - GLYPH * TEXT_SCALE, axis_y, "0.5", plot_w / 2);
+    canvas.text(PADDING + plot_w - GLYPH * TEXT_SCALE, axis_y, "1", GLYPH * TEXT_SCALE);
+    canvas
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +213,20 @@ mod tests {
         assert_eq!(wrap("+rescaled CFG", 9), ["+rescaled", "CFG"]);
         assert_eq!(wrap("a b c", 3), ["a b", "c"]);
         assert_eq!(wrap("abcdefgh", 3), ["abc", "def", "gh"]);
+    }
+
+    #[test]
+    fn histogram_bars_follow_the_counts() {
+        let canvas = histogram(&[0.01, 0.02, 0.03, 0.99], "two clusters");
+        let column_has_bar = |bin: usize| {
+            let x = PADDING + bin * BAR_WIDTH + BAR_WIDTH / 2;
+            (0..canvas.height)
+                .filter(|&y| canvas.rgb[(y * canvas.width + x) * 3..][..3] == BAR)
+                .count()
+        };
+        assert_eq!(column_has_bar(0), HISTOGRAM_HEIGHT);
+        assert_eq!(column_has_bar(HISTOGRAM_BINS - 1), HISTOGRAM_HEIGHT / 3);
+        assert_eq!(column_has_bar(10), 0);
     }
 
     #[test]

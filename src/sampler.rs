@@ -103,6 +103,12 @@ pub fn ddim_step(
     params: &DdimParams,
     noise: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if index >= schedule.timesteps.len() {
+        candle_core::bail!(
+            "DDIM step {index} is past the schedule's {} steps",
+            schedule.timesteps.len()
+        );
+    }
     let alpha = schedule.alpha_cumprod(index);
     let alpha_prev = schedule.prev_alpha_cumprod(index);
     let (mut x0, eps) = x0_and_eps(sample, model_output, params.prediction, alpha)?;

@@ -2,6 +2,7 @@
 //! subcommand that resolves them (files found, configs read, combinations checked) before any work.
 
 pub mod ablate;
+pub mod bench;
 pub mod generate;
 pub mod info;
 pub mod schedule;
@@ -28,6 +29,8 @@ pub enum Command {
     /// The paper's ablation as one labelled grid: baseline -> +zero-SNR -> +trailing ->
     /// +rescaled CFG (or all 8 combinations, or --sweep axes), rows of seeds.
     Ablate(Box<ablate::AblateArgs>),
+    /// Time the pipeline's stages on a real SD architecture with random weights (no download).
+    Bench(bench::BenchArgs),
     /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
@@ -44,6 +47,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ablate(args) => ablate::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Schedule(args) => schedule::run(&args),

@@ -20,6 +20,14 @@ pub struct StatsArgs {
     /// Print one JSON object: per-image luminance, summary, noise correlation.
     #[arg(long)]
     pub json: bool,
+
+    /// Also draw a histogram of the luminances (20 bins over 0..1) to this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    pub histogram: Option<PathBuf>,
+
+    /// Title of the histogram.
+    #[arg(long, default_value = "mean luminance")]
+    pub title: String,
 }
 
 /// Initial-noise means by file name, from each folder's manifest.jsonl.
@@ -72,6 +80,10 @@ pub fn run(args: &StatsArgs) -> Result<()> {
     }
     let values: Vec<f64> = rows.iter().map(|(_, l)| *l).collect();
     let summary = summarize(&values);
+    if let Some(path) = &args.histogram {
+        let canvas = crate::grid::histogram(&values, &args.title);
+        crate::output::write_png(path, &canvas.rgb, canvas.width as u32, canvas.height as u32, &[])?;
+    }
     let paired: Vec<(f64, f64)> = rows
         .iter()
         .filter_map(|(p, l)| noise.get(*p).map(|n| (*n, *l)))

@@ -1,0 +1,269 @@
+//! `sdfix bench`: how fast the pipeline's stages run on the real SD architectures, with random
+//! weights (no download). Same fields as `scripts/bench_diffusers.py`, so
+//! `scripts/bench_compare.sh` can put the two side by side.
+//!
+//! Each stage gets one untimed warm-up run, then: text encoding (prompt + negative prompt, one
+//! batch) and the VAE decode `--repeat` times; the UNet with CFG (batch 2 x --batch-size) `--steps`
+//! times; the guidance + DDIM arithmetic `--steps` times. Median and minimum are reported;
+//! `total_s` is text + steps x (UNet + DDIM) + VAE from the medians. Peak memory is the process's
+//! peak RSS (VmHWM); device memory is not measured here.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Args;
+use serde_json::json;
+
+use super::schedule_flags::at_least_one;
+use crate::config::clip::ClipTextConfig;
+use crate::config::unet::{UNetConfig, UNetSpec};
+use crate::config::vae::VaeConfig;
+use crate::device::{self, DeviceChoice};
+use crate::guidance;
+use crate::model::clip::ClipTextTransformer;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::Vae;
+use crate::sampler::{ddim_step, DdimParams, Prediction};
+use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
+
+/// The public configs of the architectures `--arch` names, compiled in (models/arch).
+const ARCHS: &[(&str, [&str; 3])] = &[
+    (
+        "sd1.5",
+        [
+            include_str!("../../models/arch/sd1.5/unet/config.json"),
+            include_str!("../../models/arch/sd1.5/text_encoder/config.json"),
+            include_str!("../../models/arch/sd1.5/vae/config.json"),
+        ],
+    ),
+    (
+        "sd2.1-base",
+        [
+            include_str!("../../models/arch/sd2.1-base/unet/config.json"),
+            include_str!("../../models/arch/sd2.1-base/text_encoder/config.json"),
+            include_str!("../../models/arch/sd2.1-base/vae/config.json"),
+        ],
+    ),
+    (
+        "sd2.1",
+        [
+            include_str!("../../models/arch/sd2.1/unet/config.json"),
+            include_str!("../../models/arch/sd2.1/text_encoder/config.json"),
+            include_str!("../../models/arch/sd2.1/vae/config.json"),
+        ],
+    ),
+];
+
+const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// sd2.1-base, sd2.1, sd1.5, tiny (the built-in demo model's shapes), or a diffusers-layout
+    /// folder whose configs to use.
+    #[arg(long, default_value = "sd2.1-base")]
+    pub arch: String,
+
+    /// Image width [default: the UNet's sample_size x the VAE factor].
+    #[arg(long)]
+    pub width: Option<usize>,
+
+    /// Image height [default: the UNet's sample_size x the VAE factor].
+    #[arg(long)]
+    pub height: Option<usize>,
+
+    /// Timed UNet steps (after one warm-up).
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
+    pub steps: usize,
+
+    /// Images per batch (the UNet sees twice as many with CFG).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub batch_size: usize,
+
+    /// Timed runs of the text encoder and the VAE (after one warm-up).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    pub repeat: usize,
+
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+
+    #[arg(long, value_parser = device::parse_dtype)]
+    pub dtype: Option<DType>,
+
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Median and minimum of timings, in milliseconds.
+fn summary(ms: &mut [f64]) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    json!({"median": ms[ms.len() / 2], "min": ms[0]})
+}
+
+fn median(ms: &[f64]) -> f64 {
+    let mut sorted = ms.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// Runs `f` once untimed, then `times` times; returns the timings in ms, synchronising the
+/// device around each run so asynchronous GPU work is counted.
+fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    f()?;
+    device.synchronize()?;
+    let mut ms = Vec::with_capacity(times);
+    for _ in 0..times {
+        let started = Instant::now();
+        f()?;
+        device.synchronize()?;
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(ms)
+}
+
+/// The process's peak resident memory, in MB (Linux), or `None`.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The three configs of `arch`: compiled in, the demo model's, or a folder's.
+fn configs(arch: &str) -> Result<(UNetSpec, ClipTextConfig, VaeConfig, String)> {
+    let texts: [String; 3] = if let Some((_, texts)) = ARCHS.iter().find(|(name, _)| *name == arch) {
+        texts.map(str::to_string)
+    } else {
+        let folder: PathBuf = match arch {
+            "tiny" => crate::model::demo::folder("demo")?.context("the built-in demo model is missing")?,
+            path if Path::new(path).is_dir() => PathBuf::from(path),
+            other => bail!("--arch {other}: expected sd2.1-base, sd2.1, sd1.5, tiny or a model folder"),
+        };
+        let read = |part: &str| {
+            let path = folder.join(part).join("config.json");
+            std::fs::read_to_string(&path).with_context(|| format!("--arch {arch}: cannot read {}", path.display()))
+        };
+        [read("unet")?, read("text_encoder")?, read("vae")?]
+    };
+    let unet = serde_json::from_str::<UNetConfig>(&texts[0])?
+        .resolve()
+        .context("unet config")?;
+    let clip: ClipTextConfig = serde_json::from_str(&texts[1]).context("text_encoder config")?;
+    let vae: VaeConfig = serde_json::from_str(&texts[2]).context("vae config")?;
+    vae.validate()?;
+    Ok((unet, clip, vae, arch.to_string()))
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let (unet_spec, clip_config, vae_config, arch) = configs(&args.arch)?;
+    let device = device::open(args.device)?;
+    let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
+    let factor = vae_config.downscale_factor();
+    let multiple = factor << unet_spec.downsamples();
+    let default_size = unet_spec.sample_size.unwrap_or(64) * factor;
+    let (width, height) = (args.width.unwrap_or(default_size), args.height.unwrap_or(default_size));
+    for (flag, value) in [("--width", width), ("--height", height)] {
+        if value == 0 || !value.is_multiple_of(multiple) {
+            bail!("{flag} {value} must be a positive multiple of {multiple}");
+        }
+    }
+
+    // Random weights (candle-nn's initialisers): the shapes are what matter for timing.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &device);
+    let started = Instant::now();
+    let text_encoder = ClipTextTransformer::new(vb.pp("text_encoder"), &clip_config)?;
+    let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_spec)?;
+    let vae = Vae::new(vb.pp("vae"), &vae_config)?;
+    let build_s = started.elapsed().as_secs_f64();
+    let tokenizer_folder = crate::model::demo::folder("demo")?.context("the built-in demo model is missing")?;
+    let tokenizer = ClipTokenizer::from_folder(&tokenizer_folder.join("tokenizer"))?;
+
+    let b = args.batch_size;
+    let (h, w) = (height / factor, width / factor);
+    let channels = unet_spec.in_channels;
+    let mut ids = Vec::new();
+    for prompt in std::iter::repeat_n("", b).chain(std::iter::repeat_n(PROMPT, b)) {
+        ids.extend(tokenizer.encode(prompt)?);
+    }
+    let ids = Tensor::from_vec(ids, (2 * b, tokenizer.max_length()), &device)?;
+    let mut context = None;
+    let mut text_ms = time(&device, args.repeat, || {
+        context = Some(text_encoder.forward(&ids)?);
+        Ok(())
+    })?;
+    let context = context.context("text encoder produced nothing")?;
+
+    let latents = Tensor::randn(0f32, 1f32, (b, channels, h, w), &device)?;
+    let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dtype)?;
+    let mut output = None;
+    let mut unet_ms = time(&device, args.steps, || {
+        output = Some(unet.forward(&input, 999.0, &context)?);
+        Ok(())
+    })?;
+    let output = output.context("unet produced nothing")?.to_dtype(DType::F32)?;
+
+    let schedule = Schedule::new(&ScheduleSpec {
+        betas: BetaSource::STABLE_DIFFUSION,
+        zero_terminal_snr: true,
+        spacing: TimestepSpacing::Trailing,
+        steps: args.steps,
+        steps_offset: 1,
+        set_alpha_to_one: false,
+    })?;
+    let params = DdimParams {
+        prediction: Prediction::VPrediction,
+        eta: 0.0,
+        clip_sample_range: None,
+    };
+    let mut ddim_ms = time(&device, args.steps, || {
+        let parts = output.chunk(2, 0)?;
+        let guided = guidance::rescale(&guidance::cfg(&parts[0], &parts[1], 7.5)?, &parts[1], 0.7)?;
+        ddim_step(&schedule, 0, &latents, &guided, &params, None)?;
+        Ok(())
+    })?;
+
+    let vae_input = latents.to_dtype(if vae_config.force_upcast && dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    })?;
+    let mut vae_ms = time(&device, args.repeat, || {
+        vae.decode(&vae_input)?;
+        Ok(())
+    })?;
+
+    let total_s =
+        (median(&text_ms) + args.steps as f64 * (median(&unet_ms) + median(&ddim_ms)) + median(&vae_ms)) / 1000.0;
+    let report = json!({
+        "tool": "sdfix",
+        "arch": arch,
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "batch_size": b,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "device": device::describe(&device),
+        "threads": std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        "build_s": build_s,
+        "text_encode_ms": summary(&mut text_ms),
+        "unet_step_ms": summary(&mut unet_ms),
+        "ddim_guidance_ms": summary(&mut ddim_ms),
+        "vae_decode_ms": summary(&mut vae_ms),
+        "total_s": total_s,
+        "peak_memory_mb": peak_rss_mb(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
