@@ -44,11 +44,14 @@ for model in demo demo-flawed; do
         --num-images "$SEEDS" --batch-size "$SEEDS" $f --out-dir "$dir" --quiet
       "$sdfix" stats --json "$dir" >"$dir.json"
     done
-    dir="$work/$model/$setting/unconditional"
-    # shellcheck disable=SC2086
-    "$sdfix" generate --model "$model" --prompt "" --guidance 1 --seed 1000 \
-      --num-images "$UNCOND" --batch-size 32 $f --out-dir "$dir" --quiet
-    "$sdfix" stats --json "$dir" >"$dir.json"
+    # The unconditional distribution at the two ends of the progression.
+    if [ "$setting" = baseline ] || [ "$setting" = all-fixes ]; then
+      dir="$work/$model/$setting/unconditional"
+      # shellcheck disable=SC2086
+      "$sdfix" generate --model "$model" --prompt "" --guidance 1 --seed 1000 \
+        --num-images "$UNCOND" --batch-size 32 $f --out-dir "$dir" --quiet
+      "$sdfix" stats --json "$dir" >"$dir.json"
+    fi
     echo "$model $setting done"
   done
   "$sdfix" stats "$work/$model/baseline/unconditional" --histogram "$docs/histogram-$model-baseline.png" \
@@ -69,20 +72,21 @@ import json, sys, pathlib
 work, docs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 def load(p):
     return json.loads(p.read_text()) if p.exists() else None
-rows = ["| model | sampler | black: mean (min..max) | white: mean (min..max) | unconditional: mean, std | noise-mean corr. (uncond.) |",
-        "| --- | --- | --- | --- | --- | --- |"]
+rows = ["| model | sampler | black: mean (min..max) | white: mean (min..max) | corr(noise, lum.): black, white | unconditional: mean, std | corr(noise, lum.): unconditional |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
 for model in ("demo", "demo-flawed"):
     for setting in ("baseline", "zero-snr", "trailing", "all-fixes"):
         b, w, u = (load(work / model / setting / f"{k}.json") for k in ("black", "white", "unconditional"))
         if b is None:
-            rows.append(f"| {model} | {setting} | n/a (epsilon model) | | | |")
+            rows.append(f"| {model} | {setting} | n/a (epsilon model) | | | | |")
             continue
         fmt = lambda s: f"{s['mean']:.3f} ({s['min']:.3f}..{s['max']:.3f})"
-        corr = u["noise_correlation"]
-        rows.append(f"| {model} | {setting} | {fmt(b['summary'])} | {fmt(w['summary'])} | "
-                    f"{u['summary']['mean']:.3f}, {u['summary']['std']:.3f} | {corr:.2f} |")
+        uncond = f"{u['summary']['mean']:.3f}, {u['summary']['std']:.3f}" if u else ""
+        corr = f"{u['noise_correlation']:.2f}" if u and u["noise_correlation"] is not None else ""
+        c = lambda r: f"{r['noise_correlation']:.2f}" if r["noise_correlation"] is not None else "-"
+        rows.append(f"| {model} | {setting} | {fmt(b['summary'])} | {fmt(w['summary'])} | {c(b)}, {c(w)} | {uncond} | {corr} |")
 t = json.loads((work / "training.json").read_text())["summary"]
-rows.append(f"| training set | (512 images) | | | {t['mean']:.3f}, {t['std']:.3f} | |")
+rows.append(f"| training set | (512 images) | | | | {t['mean']:.3f}, {t['std']:.3f} | |")
 (docs / "results.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 PY
