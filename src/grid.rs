@@ -156,7 +156,13 @@ pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w
                 }
                 Cell::Missing(why) => {
                     canvas.fill(x, y, cell_w, cell_h, GREY);
-                    for (i, line) in wrap(why, chars_per_cell).iter().take(cell_h / LINE_HEIGHT).enumerate() {
+                    // The reason's first clause; grid.json keeps the whole message.
+                    let short = why.split(':').next().unwrap_or(why);
+                    for (i, line) in wrap(short, chars_per_cell)
+                        .iter()
+                        .take(cell_h / LINE_HEIGHT)
+                        .enumerate()
+                    {
                         canvas.text(x, y + i * LINE_HEIGHT, line, cell_w);
                     }
                     canvas.text(x, y + cell_h + 4, "n/a", cell_w);
@@ -172,6 +178,7 @@ const HISTOGRAM_HEIGHT: usize = 200;
 pub const HISTOGRAM_BINS: usize = 20;
 const BAR_WIDTH: usize = 16;
 const BAR: [u8; 3] = [60, 90, 160];
+const TITLE_LINES: usize = 3;
 
 /// A bar chart of `values` (each in 0..1) over [`HISTOGRAM_BINS`] equal bins, titled, with the
 /// axis ends labelled.
@@ -184,11 +191,11 @@ pub fn histogram(values: &[f64], title: &str) -> Canvas {
     let peak = counts.iter().copied().max().unwrap_or(0).max(1);
     let plot_w = HISTOGRAM_BINS * BAR_WIDTH;
     let width = plot_w + 2 * PADDING;
-    let top = LINE_HEIGHT * 2 + PADDING;
+    let top = LINE_HEIGHT * TITLE_LINES + PADDING;
     let height = top + HISTOGRAM_HEIGHT + LINE_HEIGHT + 2 * PADDING;
     let mut canvas = Canvas::new(width, height, WHITE);
     let chars = plot_w / (GLYPH * TEXT_SCALE);
-    for (i, line) in wrap(title, chars).iter().take(2).enumerate() {
+    for (i, line) in wrap(title, chars).iter().take(TITLE_LINES).enumerate() {
         canvas.text(PADDING, PADDING / 2 + i * LINE_HEIGHT, line, plot_w);
     }
     for (bin, &count) in counts.iter().enumerate() {
