@@ -25,17 +25,17 @@ Every parameter is perturbed with seeded noise so that no layer is an identity (
 biases, unit norms) and a wrong layer shows up in the outputs.
 """
 
-import gzip
 import json
 import pathlib
 
 import diffusers
-import open_clip
 import safetensors.torch
 import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from clip_bpe import write_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -84,29 +84,6 @@ def perturb(module: torch.nn.Module, generator: torch.Generator) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * PERTURBATION)
-
-
-def write_tokenizer(folder: pathlib.Path) -> None:
-    """CLIP's vocabulary and merges, in the layout of SD 2.x's tokenizer folder."""
-    bpe_path = pathlib.Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    byte_tokens = list(open_clip.tokenizer.bytes_to_unicode().values())
-    vocab = byte_tokens + [t + "</w>" for t in byte_tokens]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "!",  # SD 2.x pads with "!" (id 0); SD 1.x with <|endoftext|>
-    }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    config = dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def sd2_unet() -> UNet2DConditionModel:

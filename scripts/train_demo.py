@@ -28,20 +28,19 @@ What it does, all seeded:
 
 import argparse
 import copy
-import gzip
-import json
 import math
 import pathlib
 import random
 import time
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from clip_bpe import write_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 32
@@ -122,23 +121,6 @@ def make_dataset(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     # (n, 3, 32, 32) in [-1, 1], as SD's VAE sees images
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) * 2 - 1
     return pixels, list(captions)
-
-
-def write_tokenizer(folder: pathlib.Path) -> None:
-    """CLIP's vocabulary and merges from open-clip-torch's bpe file, in SD 2.x's layout."""
-    bpe_path = pathlib.Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    byte_tokens = list(open_clip.tokenizer.bytes_to_unicode().values())
-    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="!")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    config = dict(special, model_max_length=77, do_lower_case=True, tokenizer_class="CLIPTokenizer")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def make_vae() -> AutoencoderKL:

@@ -1,19 +1,12 @@
 //! `sdfix ablate` on the tiny fixture model: cell count and order, identical noise across a row,
 //! the baseline column equal to `generate --baseline`, labels drawn, grid.json true to the files.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
-}
+use common::{fixture, sdfix};
 
-fn sdfix(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdfix"))
-        .args(args)
-        .output()
-        .expect("sdfix runs")
-}
+use std::path::Path;
+use std::process::Output;
 
 fn ablate(out: &Path, extra: &[&str]) -> Output {
     let model = fixture("tiny-sd");

@@ -1,19 +1,12 @@
 //! Batch runs of `sdfix generate` on the tiny fixture model: prompt files, output names, the
 //! manifest, resuming, sharding, PNG metadata, --from-image, and killed runs. Black-box.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, sdfix};
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
-}
-
-fn sdfix(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdfix"))
-        .args(args)
-        .output()
-        .expect("sdfix runs")
-}
 
 /// `generate` on the tiny model with a few steps and fixed seed, plus `extra`.
 fn generate(out_dir: &Path, extra: &[&str]) -> Output {

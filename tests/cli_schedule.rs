@@ -1,14 +1,10 @@
 //! `sdfix schedule`, run as a user runs it: the binary, its stdout, stderr and exit code.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn sdfix(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdfix"))
-        .args(args)
-        .output()
-        .expect("sdfix runs")
-}
+use common::sdfix;
+
+use std::path::Path;
 
 fn json(args: &[&str]) -> serde_json::Value {
     let out = sdfix(args);

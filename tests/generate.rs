@@ -2,9 +2,13 @@
 //! StableDiffusionPipeline given the same initial latents (tests/fixtures/refs/pipeline.*, from
 //! `scripts/make_pipeline_refs.py`), plus determinism and bad-input checks. Black-box: the binary.
 
+mod common;
+
+use common::{fixture, sdfix};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -12,17 +16,6 @@ const REGENERATE: &str = "regenerate with: python scripts/make_pipeline_refs.py"
 /// The bars: final latents within 2e-3 max abs, PNG within 2/255.
 const LATENT_TOLERANCE: f32 = 2e-3;
 const PIXEL_TOLERANCE: u8 = 2;
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
-}
-
-fn sdfix(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdfix"))
-        .args(args)
-        .output()
-        .expect("sdfix runs")
-}
 
 fn refs() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("refs/pipeline.safetensors"), &Device::Cpu).unwrap()

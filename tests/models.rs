@@ -1,8 +1,11 @@
 //! Golden tests: our UNet, CLIP text encoder, VAE and tokenizer against diffusers/transformers on
 //! the tiny fixture models (tests/fixtures, written by `scripts/make_fixtures.py`).
 
+mod common;
+
+use common::fixture;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdfix::config::clip::ClipTextConfig;
@@ -15,10 +18,6 @@ use sdfix::model::{load_text_encoder, load_unet, load_vae};
 const REGENERATE: &str = "regenerate with: python scripts/make_fixtures.py";
 /// The bar: max |ours - reference| / max |reference| in f32.
 const RELATIVE_TOLERANCE: f32 = 1e-4;
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
-}
 
 fn refs() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture("refs/models.safetensors"), &Device::Cpu).expect("reference file loads")
