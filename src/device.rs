@@ -46,13 +46,27 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
-/// Opens the device; a GPU the binary was not built for is a clear error.
+/// Opens the device; a GPU asked for by name that cannot be used is a clear error.
+///
+/// `auto` tries CUDA, then Metal, and falls back to the CPU when neither opens:
+/// `cuda_is_available()` only says the binary was built with CUDA, not that a driver and a GPU
+/// are there (a CUDA build on a CPU-only machine must still run).
 pub fn open(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0)?),
-        DeviceChoice::Auto if candle_core::utils::metal_is_available() => Ok(Device::new_metal(0)?),
-        DeviceChoice::Auto => Ok(Device::Cpu),
+        DeviceChoice::Auto => {
+            if candle_core::utils::cuda_is_available() {
+                if let Ok(device) = Device::new_cuda(0) {
+                    return Ok(device);
+                }
+            }
+            if candle_core::utils::metal_is_available() {
+                if let Ok(device) = Device::new_metal(0) {
+                    return Ok(device);
+                }
+            }
+            Ok(Device::Cpu)
+        }
         DeviceChoice::Cuda(ordinal) => Device::new_cuda(ordinal).with_context(|| {
             format!(
                 "--device cuda:{ordinal}: no usable CUDA device (build with `--features cuda` and check the driver)"
