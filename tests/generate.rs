@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, sdfix};
+use common::{fixture, max_abs_diff, sdfix};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,17 +35,6 @@ fn pngs(dir: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Runs one reference case through the binary; returns (our final latents, our images) per image.
@@ -96,7 +85,7 @@ fn assert_case_matches_diffusers(name: &str) {
         .unwrap();
     assert_eq!(latents.len(), reference_latents.dim(0).unwrap(), "{name}: image count");
     for (k, (ours, picture)) in latents.iter().zip(&images).enumerate() {
-        let diff = max_abs(ours, &reference_latents.get(k).unwrap());
+        let diff = max_abs_diff(ours, &reference_latents.get(k).unwrap());
         assert!(
             diff <= LATENT_TOLERANCE,
             "{name} image {k}: final latents differ by {diff:e}; {REGENERATE}"
@@ -161,7 +150,7 @@ fn seven_steps_use_the_next_timestep_not_t_minus_t_over_n() {
     assert_case_matches_diffusers("next_timestep_n7");
     let refs = refs();
     let (latents, _) = run_case("next_timestep_n7", &[]);
-    let gap = max_abs(&latents[0], &refs["next_timestep_n7.diffusers_final"].get(0).unwrap());
+    let gap = max_abs_diff(&latents[0], &refs["next_timestep_n7.diffusers_final"].get(0).unwrap());
     assert!(
         gap > LATENT_TOLERANCE,
         "expected to differ from diffusers' t - T//n rule, gap {gap:e}"

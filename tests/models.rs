@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, max_abs_diff};
 
 use std::collections::HashMap;
 
@@ -26,14 +26,7 @@ fn refs() -> HashMap<String, Tensor> {
 /// max |a - b| / max |b|.
 fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shape");
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(ours, reference);
     let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     diff / scale
 }

@@ -16,3 +16,15 @@ pub fn sdfix(args: &[&str]) -> Output {
         .output()
         .expect("sdfix runs")
 }
+
+/// max |a - b| over all elements, as f32.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
