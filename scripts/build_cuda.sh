@@ -46,7 +46,15 @@ export CUDA_HOME=$cuda CUDA_PATH=$cuda CUDA_ROOT=$cuda PATH=$cuda/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000 CUDAFORGE_THREADS=$(nproc)
 export LIBRARY_PATH=$stubs:$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L $stubs -L $cuda/lib"
-[ "$features" = cudnn ] && export CUDNN_LIB=$site/nvidia/cudnn/lib
+if [ "$features" = cudnn ]; then
+  # The cuDNN wheel ships libcudnn.so.9 only: the linker wants libcudnn.so.
+  export CUDNN_LIB=$site/nvidia/cudnn/lib
+  for lib in "$CUDNN_LIB"/lib*.so.*; do
+    base=${lib%%.so.*}.so
+    [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
+  done
+  export LIBRARY_PATH=$CUDNN_LIB:$LIBRARY_PATH
+fi
 nvcc --version | tail -n 2
 CARGO_TARGET_DIR=$target cargo build --release --features "$features"
 ls -la "$target/release/sdfix"

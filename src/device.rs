@@ -104,3 +104,54 @@ pub fn default_dtype(device: &Device) -> DType {
         DType::F16
     }
 }
+
+/// The peak of the device memory in use while it runs, sampled every millisecond by a thread
+/// (CUDA: `cuMemGetInfo`, total - free, less what was in use when the watch started; so the
+/// CUDA context itself is not counted, but cuBLAS/cuDNN workspaces and memory-pool caches are).
+/// `None` on the CPU and Metal, where peak RSS is the measure.
+pub struct MemoryWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<Option<f64>>,
+}
+
+impl MemoryWatch {
+    pub fn start(device: &Device) -> Option<Self> {
+        let used_bytes = used_memory_sampler(device)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let baseline = used_bytes()?;
+            let mut peak = baseline;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(used_bytes()?);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak = peak.max(used_bytes()?);
+            Some((peak - baseline) as f64 / (1024.0 * 1024.0))
+        });
+        Some(Self { stop, sampler })
+    }
+
+    /// Stops sampling; the peak in MB above the starting level.
+    pub fn finish(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.sampler.join().ok().flatten()
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn used_memory_sampler(device: &Device) -> Option<impl Fn() -> Option<usize> + Send + 'static> {
+    let Device::Cuda(cuda) = device else {
+        return None;
+    };
+    let context = cuda.cuda_stream().context().clone();
+    Some(move || {
+        let (free, total) = context.mem_get_info().ok()?;
+        Some(total - free)
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn used_memory_sampler(_: &Device) -> Option<fn() -> Option<usize>> {
+    None
+}

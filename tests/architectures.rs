@@ -115,7 +115,18 @@ fn check_arch(arch: &str) {
     let ours = requested(&expected["vae"], |vb| {
         sdfix::model::vae::Vae::new(vb, &vae_config).unwrap();
     });
-    assert_same(&ours, &expected["vae"], &format!("{arch} vae"));
+    // Sampling builds the decoder alone: the encoder's tensors are deliberately not read.
+    let decoder: Shapes = expected["vae"]
+        .iter()
+        .filter(|(name, _)| {
+            !sdfix::model::vae::Vae::UNREAD_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+        .map(|(name, shape)| (name.clone(), shape.clone()))
+        .collect();
+    assert!(decoder.len() > 100 && decoder.len() < expected["vae"].len());
+    assert_same(&ours, &decoder, &format!("{arch} vae decoder"));
 }
 
 #[test]

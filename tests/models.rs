@@ -137,6 +137,49 @@ fn vae_decode_of_a_batch_of_two_matches_diffusers() {
     assert_matches(&out, &refs["vae.decoded"], "vae decode");
 }
 
+/// Checkpoints saved before diffusers 0.15 name the VAE attention query / key / value /
+/// proj_attn and store them as 1x1 convolutions; they decode the same.
+#[test]
+fn vae_with_legacy_attention_names_decodes_the_same() {
+    let refs = refs();
+    let path = fixture("tiny-sd/vae/diffusion_pytorch_model.safetensors");
+    let legacy: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(name, tensor)| {
+            let renamed = [
+                ("to_q", "query"),
+                ("to_k", "key"),
+                ("to_v", "value"),
+                ("to_out.0", "proj_attn"),
+            ]
+            .iter()
+            .find_map(|(new, old)| {
+                let marker = format!(".attentions.0.{new}.");
+                name.contains(&marker)
+                    .then(|| name.replace(&marker, &format!(".attentions.0.{old}.")))
+            });
+            match renamed {
+                Some(old) if tensor.rank() == 2 => {
+                    let (o, i) = tensor.dims2().unwrap();
+                    (old, tensor.reshape((o, i, 1, 1)).unwrap())
+                }
+                Some(old) => (old, tensor),
+                None => (name, tensor),
+            }
+        })
+        .collect();
+    assert!(legacy.keys().any(|k| k.ends_with("attentions.0.proj_attn.weight")));
+    let config: sdfix::config::vae::VaeConfig = read_json(&fixture("tiny-sd/vae/config.json")).unwrap();
+    let vae = Weights::from_tensors(legacy, "legacy vae", DType::F32, &Device::Cpu)
+        .build_part(sdfix::model::vae::Vae::UNREAD_PREFIXES, |vb| {
+            Ok(sdfix::model::vae::Vae::new(vb, &config)?)
+        })
+        .unwrap();
+    let out = vae.decode(&refs["vae.latents"]).unwrap();
+    assert_matches(&out, &refs["vae.decoded"], "legacy-named vae decode");
+}
+
 #[derive(serde::Deserialize)]
 struct TokenizerRefs {
     cases: Vec<TokenizerCase>,

@@ -60,7 +60,7 @@ impl VaeConfig {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
 
-    /// Rejects what candle-transformers' `AutoEncoderKL` (which we build on) does not implement.
+    /// Rejects what our decoder (src/model/vae.rs) does not implement.
     pub fn validate(&self) -> Result<()> {
         let blocks = self.block_out_channels.len();
         ensure!(blocks > 0, "block_out_channels is empty");

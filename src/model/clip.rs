@@ -7,7 +7,9 @@
 //! without the `text_model.` prefix.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+
+use crate::model::linear::{linear, Linear};
 
 use crate::config::clip::{ClipActivation, ClipTextConfig};
 use crate::model::attention::{causal_mask, scaled_dot_product_attention};

@@ -4,14 +4,22 @@
 //! - [`demo`]: the two tiny demo models built into the binary.
 //! - [`weights`]: safetensors / PyTorch `.bin` loading with every tensor name and shape checked.
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
-//! - [`vae`]: candle-transformers' AutoEncoderKL, configured from vae/config.json.
+//! - [`vae`]: the VAE decoder, configured from vae/config.json.
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
 //! - [`attention`]: the one attention function all of them use.
+//! - [`conv`], [`norm`], [`linear`]: convolution, group norm and linear layers (our CPU kernels,
+//!   candle's elsewhere); [`cpu_math`]: the vectorised exp/erf they use.
+//! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 
 pub mod attention;
 pub mod clip;
+pub mod conv;
+pub mod cpu_math;
 pub mod demo;
 pub mod files;
+pub mod linear;
+pub mod norm;
+pub mod resnet;
 pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet;
@@ -50,12 +58,12 @@ pub fn load_text_encoder(config: &Path, weights: &Path, dtype: DType, device: &D
     Weights::open(weights, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, &config_values))
 }
 
-/// Builds the VAE from its config.json and weights file. Only the decoder is used for sampling,
-/// but the encoder's weights are loaded too so a mismatched file is caught.
+/// Builds the VAE decoder from its config.json and weights file (the encoder's tensors are not
+/// read).
 pub fn load_vae(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
     let config_values: VaeConfig = read_json(config)?;
     config_values
         .validate()
         .with_context(|| format!("{}", config.display()))?;
-    Weights::open(weights, dtype, device)?.build(|vb| Ok(Vae::new(vb, &config_values)?))
+    Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &config_values)?))
 }

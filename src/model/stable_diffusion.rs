@@ -110,7 +110,8 @@ impl StableDiffusion {
             dtype
         };
         let vae_file = files.first_present(&weight_candidates("vae", "diffusion_pytorch_model", vae_dtype))?;
-        let vae = Weights::open(&vae_file, vae_dtype, device)?.build(|vb| Ok(Vae::new(vb, &vae_config)?))?;
+        let vae = Weights::open(&vae_file, vae_dtype, device)?
+            .build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &vae_config)?))?;
 
         Ok(Self {
             location: files.location().clone(),

@@ -1,32 +1,173 @@
-//! The VAE: candle-transformers' `AutoEncoderKL` (it matches diffusers to 3e-6), built from
-//! `vae/config.json`; we add the config reading and the `scaling_factor` the pipeline applies.
+//! The VAE decoder of diffusers' `AutoencoderKL` (`post_quant_conv`, then `Decoder`: conv_in, a
+//! mid block of resnet / attention / resnet, one `UpDecoderBlock2D` per entry of
+//! `block_out_channels` in reverse, group norm + SiLU + conv_out), built from `vae/config.json`.
+//!
+//! Our own code on the same convolution, group norm and attention as the UNet: candle-
+//! transformers' `AutoEncoderKL` decodes 3.8x slower than PyTorch on the CPU (its convolutions and
+//! group norms; docs/performance.md), builds the encoder sampling never uses, and feeds its
+//! attention a layout candle 0.11.1 multiplies wrongly for batches > 1 (huggingface/candle#3744).
+//! The encoder's and `quant_conv`'s tensors are not read ([`Vae::UNREAD_PREFIXES`]).
 
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_nn::{Module, VarBuilder};
 
 use crate::config::vae::VaeConfig;
+use crate::model::attention::scaled_dot_product_attention;
+use crate::model::conv::{conv2d, Conv2d};
+use crate::model::linear::Linear;
+use crate::model::norm::{group_norm, GroupNorm};
+use crate::model::resnet::{NormSpec, ResnetBlock2D, Upsample2D};
+
+/// diffusers' `Decoder` hard-codes this epsilon for every group norm.
+const VAE_NORM_EPS: f64 = 1e-6;
+
+/// The mid block's single-head self-attention over pixels (diffusers' `Attention` with
+/// `residual_connection`, heads = channels / `attention_head_dim` = 1 as the decoder builds it).
+#[derive(Debug)]
+struct PixelAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+/// A `Linear` stored as (out, in) or, in checkpoints converted from the original LDM code, as a
+/// (out, in, 1, 1) convolution.
+fn linear_or_1x1(channels: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = match vb.get_with_hints((channels, channels), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL) {
+        Ok(weight) => weight,
+        Err(_) => vb
+            .get((channels, channels, 1, 1), "weight")?
+            .reshape((channels, channels))?,
+    };
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Linear::new(weight, Some(bias))
+}
+
+impl PixelAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        // diffusers < 0.15 saved these as query / key / value / proj_attn; it renames them when
+        // loading, so do we.
+        let names = if vb.contains_tensor("query.weight") {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, VAE_NORM_EPS, vb.pp("group_norm"))?,
+            to_q: linear_or_1x1(channels, vb.pp(names[0]))?,
+            to_k: linear_or_1x1(channels, vb.pp(names[1]))?,
+            to_v: linear_or_1x1(channels, vb.pp(names[2]))?,
+            to_out: linear_or_1x1(channels, vb.pp(names[3]))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = xs.dims4()?;
+        // (b, c, h, w) -> (b, h*w, c)
+        let tokens = self
+            .group_norm
+            .forward(xs)?
+            .reshape((batch, channels, height * width))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        let attended = scaled_dot_product_attention(&q, &k, &v, 1, None)?;
+        let out = self
+            .to_out
+            .forward(&attended)?
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
+        out + xs
+    }
+}
+
+#[derive(Debug)]
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Upsample2D>,
+}
 
 pub struct Vae {
-    model: AutoEncoderKL,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Option<PixelAttention>,
+    up_blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
     scaling_factor: f64,
     downscale_factor: usize,
 }
 
 impl Vae {
+    /// Weight-name prefixes sampling never reads (the encoder half).
+    pub const UNREAD_PREFIXES: &'static [&'static str] = &["encoder.", "quant_conv."];
+
     /// `config` must have passed [`VaeConfig::validate`].
     pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
-        let kl_config = AutoEncoderKLConfig {
-            block_out_channels: config.block_out_channels.clone(),
-            layers_per_block: config.layers_per_block,
-            latent_channels: config.latent_channels,
-            norm_num_groups: config.norm_num_groups,
-            use_quant_conv: config.use_quant_conv,
-            use_post_quant_conv: config.use_post_quant_conv,
+        let channels = &config.block_out_channels;
+        let Some(&deepest) = channels.last() else {
+            candle_core::bail!("vae: block_out_channels is empty")
         };
-        let model = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, kl_config)?;
+        let norm = NormSpec {
+            groups: config.norm_num_groups,
+            eps: VAE_NORM_EPS,
+        };
+        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize| ResnetBlock2D::new(vb, c_in, c_out, None, norm, 1.0);
+        let post_quant_conv = if config.use_post_quant_conv {
+            let c = config.latent_channels;
+            Some(conv2d(c, c, 1, 0, 1, vb.pp("post_quant_conv"))?)
+        } else {
+            None
+        };
+        let vb = vb.pp("decoder");
+        let mid = vb.pp("mid_block");
+        let mid_resnets = [
+            resnet(mid.pp("resnets").pp(0), deepest, deepest)?,
+            resnet(mid.pp("resnets").pp(1), deepest, deepest)?,
+        ];
+        let mid_attention = if config.mid_block_add_attention {
+            Some(PixelAttention::new(
+                mid.pp("attentions").pp(0),
+                deepest,
+                config.norm_num_groups,
+            )?)
+        } else {
+            None
+        };
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut previous = deepest;
+        for (index, &out) in reversed.iter().enumerate() {
+            let block = vb.pp("up_blocks").pp(index);
+            let resnets = (0..config.layers_per_block + 1)
+                .map(|j| resnet(block.pp("resnets").pp(j), if j == 0 { previous } else { out }, out))
+                .collect::<Result<_>>()?;
+            let upsampler = if index + 1 < reversed.len() {
+                Some(Upsample2D::new(block.pp("upsamplers").pp(0), out)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpDecoderBlock { resnets, upsampler });
+            previous = out;
+        }
         Ok(Self {
-            model,
+            post_quant_conv,
+            conv_in: conv2d(config.latent_channels, deepest, 3, 1, 1, vb.pp("conv_in"))?,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            conv_norm_out: group_norm(
+                config.norm_num_groups,
+                channels[0],
+                VAE_NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv2d(channels[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             scaling_factor: config.scaling_factor,
             downscale_factor: config.downscale_factor(),
         })
@@ -39,16 +180,26 @@ impl Vae {
 
     /// Decodes sampler latents (b, c, h, w), dividing by `scaling_factor` first as diffusers'
     /// pipeline does. Returns images in [-1, 1] (unclamped), (b, 3, h * f, w * f).
-    ///
-    /// One sample at a time: candle 0.11.1's CPU matmul is wrong for a batched, transposed lhs
-    /// times a broadcast rhs (huggingface/candle#3744, fix pending in #3758), which is what its VAE
-    /// attention feeds a `Linear`; batch 2 came out 5% off diffusers, each sample alone within
-    /// 1.3e-6. Pinned by `tests/models.rs::vae_decode_of_a_batch_of_two_matches_diffusers`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let scaled = (latents / self.scaling_factor)?;
-        let images = (0..scaled.dim(0)?)
-            .map(|i| self.model.decode(&scaled.narrow(0, i, 1)?))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&images, 0)
+        let mut xs = (latents / self.scaling_factor)?;
+        if let Some(conv) = &self.post_quant_conv {
+            xs = conv.forward(&xs)?;
+        }
+        xs = self.conv_in.forward(&xs)?;
+        xs = self.mid_resnets[0].forward(&xs, None)?;
+        if let Some(attention) = &self.mid_attention {
+            xs = attention.forward(&xs)?;
+        }
+        xs = self.mid_resnets[1].forward(&xs, None)?;
+        for block in &self.up_blocks {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(upsampler) = &block.upsampler {
+                let (_, _, h, w) = xs.dims4()?;
+                xs = upsampler.forward(&xs, (2 * h, 2 * w))?;
+            }
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }

@@ -123,12 +123,23 @@ impl Weights {
     /// Builds a module from these weights; errors name the file, and tensors the module did not
     /// read are an error too.
     pub fn build<T>(&self, build: impl FnOnce(VarBuilder<'static>) -> Result<T>) -> Result<T> {
+        self.build_part(&[], build)
+    }
+
+    /// [`Weights::build`] for a module that uses part of the file on purpose: tensors whose names
+    /// start with one of `unread_prefixes` (the VAE's encoder, say) are not reported.
+    pub fn build_part<T>(
+        &self,
+        unread_prefixes: &[&str],
+        build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+    ) -> Result<T> {
         let module = build(self.var_builder.clone()).with_context(|| format!("loading {}", self.label))?;
         let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
         let unused: Vec<&String> = self
             .names
             .iter()
             .filter(|name| !used.contains(*name) && !IGNORED_TENSORS.contains(&name.as_str()))
+            .filter(|name| !unread_prefixes.iter().any(|prefix| name.starts_with(prefix)))
             .collect();
         if let Some(first) = unused.first() {
             bail!(

@@ -5,9 +5,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::resnet::{Downsample2D, NormSpec, ResnetBlock2D, Upsample2D};
 use super::transformer::Transformer2DModel;
 use crate::config::unet::{BlockSpec, TransformerSpec};
+use crate::model::resnet::{Downsample2D, NormSpec, ResnetBlock2D, Upsample2D};
 
 /// What every block needs besides its own spec.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +61,7 @@ impl DownBlock {
                     vb.pp("resnets").pp(j),
                     input,
                     out,
-                    ctx.temb_channels,
+                    Some(ctx.temb_channels),
                     ctx.norm,
                     ctx.resnet_out_scale_factor,
                 )
@@ -86,7 +86,7 @@ impl DownBlock {
         let mut xs = xs.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, temb)?;
+            xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attention) = self.attentions.get(j) {
                 xs = attention.forward(&xs, context)?;
             }
@@ -121,7 +121,7 @@ impl MidBlock {
                     vb.pp("resnets").pp(j),
                     channels,
                     channels,
-                    ctx.temb_channels,
+                    Some(ctx.temb_channels),
                     ctx.norm,
                     output_scale_factor,
                 )
@@ -132,9 +132,9 @@ impl MidBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut xs = self.resnets[0].forward(xs, temb)?;
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = resnet.forward(&attention.forward(&xs, context)?, temb)?;
+            xs = resnet.forward(&attention.forward(&xs, context)?, Some(temb))?;
         }
         Ok(xs)
     }
@@ -173,7 +173,7 @@ impl UpBlock {
                     vb.pp("resnets").pp(j),
                     below + skip,
                     out,
-                    ctx.temb_channels,
+                    Some(ctx.temb_channels),
                     ctx.norm,
                     ctx.resnet_out_scale_factor,
                 )
@@ -212,7 +212,7 @@ impl UpBlock {
             let Some(skip) = skips.pop() else {
                 candle_core::bail!("up block is missing a skip connection");
             };
-            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attention) = self.attentions.get(j) {
                 xs = attention.forward(&xs, context)?;
             }

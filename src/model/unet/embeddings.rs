@@ -1,7 +1,9 @@
 //! Sinusoidal timestep embeddings and their MLP (diffusers' `Timesteps`, `TimestepEmbedding`).
 
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::model::linear::{linear, Linear};
 
 /// The largest period of the sinusoids (DDPM, as in the Transformer's positional encoding).
 const MAX_PERIOD: f64 = 10_000.0;

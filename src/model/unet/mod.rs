@@ -4,16 +4,18 @@
 
 mod blocks;
 pub mod embeddings;
-mod resnet;
 mod transformer;
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::model::conv::{conv2d, Conv2d};
+use crate::model::norm::{group_norm, GroupNorm};
 
 use self::blocks::{BlockContext, DownBlock, MidBlock, UpBlock, UpBlockChannels};
 use self::embeddings::{timestep_embedding, TimestepEmbedding};
-use self::resnet::NormSpec;
 use crate::config::unet::UNetSpec;
+use crate::model::resnet::NormSpec;
 
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
@@ -28,16 +30,7 @@ pub struct UNet2DConditionModel {
 }
 
 fn same_size_conv(vb: VarBuilder, in_channels: usize, out_channels: usize, kernel: usize) -> Result<Conv2d> {
-    conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        Conv2dConfig {
-            padding: kernel / 2,
-            ..Default::default()
-        },
-        vb,
-    )
+    conv2d(in_channels, out_channels, kernel, kernel / 2, 1, vb)
 }
 
 impl UNet2DConditionModel {
@@ -146,6 +139,6 @@ impl UNet2DConditionModel {
             };
             xs = block.forward(&xs, block_skips, &temb, context, upsample_size)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }

@@ -1,21 +1,17 @@
-//! diffusers' `ResnetBlock2D` (time-conditioned, `time_embedding_norm = "default"`),
+//! diffusers' `ResnetBlock2D` (time-conditioned in the UNet, `time_embedding_norm = "default"`;
+//! without a time embedding in the VAE),
 //! `Downsample2D` and `Upsample2D` (both with their 3x3 conv).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::model::conv::{conv2d, Conv2d};
+use crate::model::linear::{linear, Linear};
+use crate::model::norm::{group_norm, GroupNorm};
 
 /// A 3x3 convolution that keeps the spatial size.
 pub fn conv3x3(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Conv2d> {
-    conv2d(
-        in_channels,
-        out_channels,
-        3,
-        Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        },
-        vb,
-    )
+    conv2d(in_channels, out_channels, 3, 1, 1, vb)
 }
 
 /// Group-norm settings shared by every resnet of a UNet.
@@ -29,7 +25,8 @@ pub struct NormSpec {
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    /// Absent in the VAE's resnets, which have no time embedding.
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     /// A 1x1 conv when the channel count changes.
@@ -42,25 +39,21 @@ impl ResnetBlock2D {
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
-        temb_channels: usize,
+        temb_channels: Option<usize>,
         norm: NormSpec,
         output_scale_factor: f64,
     ) -> Result<Self> {
         let conv_shortcut = if in_channels != out_channels {
-            Some(conv2d(
-                in_channels,
-                out_channels,
-                1,
-                Default::default(),
-                vb.pp("conv_shortcut"),
-            )?)
+            Some(conv2d(in_channels, out_channels, 1, 0, 1, vb.pp("conv_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
             norm1: group_norm(norm.groups, in_channels, norm.eps, vb.pp("norm1"))?,
             conv1: conv3x3(vb.pp("conv1"), in_channels, out_channels)?,
-            time_emb_proj: linear(temb_channels, out_channels, vb.pp("time_emb_proj"))?,
+            time_emb_proj: temb_channels
+                .map(|t| linear(t, out_channels, vb.pp("time_emb_proj")))
+                .transpose()?,
             norm2: group_norm(norm.groups, out_channels, norm.eps, vb.pp("norm2"))?,
             conv2: conv3x3(vb.pp("conv2"), out_channels, out_channels)?,
             conv_shortcut,
@@ -69,12 +62,14 @@ impl ResnetBlock2D {
     }
 
     /// `xs` (b, c_in, h, w), `temb` (b, temb_channels) -> (b, c_out, h, w).
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        // (b, c_out) -> (b, c_out, 1, 1)
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            // (b, c_out) -> (b, c_out, 1, 1)
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -97,13 +92,8 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let config = Conv2dConfig {
-            padding,
-            stride: 2,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: conv2d(channels, channels, 3, config, vb.pp("conv"))?,
+            conv: conv2d(channels, channels, 3, padding, 2, vb.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
     }

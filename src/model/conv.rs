@@ -1,0 +1,423 @@
+//! 2-D convolution for the UNet and the VAE.
+//!
+//! On the CPU in f32 we run our own kernel; candle 0.11.1's CPU conv2d rebuilds an im2col tile
+//! element by element and reshuffles the weights on every call, which made it the largest single
+//! cost of a UNet step (see docs/performance.md). Ours needs no im2col at all: with the input
+//! zero-padded to (c_in, h + 2p, w + 2p) and flattened, the input pixels tap (ky, kx) reads for
+//! output pixel (oy, ox) sit at `s * (oy * wp + ox) + ky * wp + kx`: one strided matrix view per
+//! tap. The convolution is then kh x kw accumulating matrix products
+//! `out[c_out, j] += W[ky, kx][c_out, c_in] @ P[c_in, s * j + ky * wp + kx]` over an output grid
+//! `wp` pixels wide, whose `wp - ow` extra columns per row are computed and dropped. The output is
+//! tiled by rows so each tile stays in cache across the taps; tiles run in parallel.
+//!
+//! Elsewhere (CUDA, Metal, other dtypes) candle's conv2d runs: cuDNN when built with `cudnn`.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+/// A convolution with square kernels, equal padding on all sides, dilation 1, one group: what
+/// SD's UNet and VAE use.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// (c_out, c_in, k, k) as stored; (k, k, c_out, c_in) ("tap-major") when `tap_major`.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    spec: ConvSpec,
+    tap_major: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConvSpec {
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+}
+
+/// Loads `weight` (c_out, c_in, k, k) and `bias` (c_out) from `vb`, with candle-nn's
+/// initialisation when `vb` creates them (random-weight benchmarks).
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let weight = vb.get_with_hints(
+        (out_channels, in_channels, kernel, kernel),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let bound = 1. / ((in_channels * kernel * kernel) as f64).sqrt();
+    let bias = vb.get_with_hints(out_channels, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+    let spec = ConvSpec {
+        in_channels,
+        out_channels,
+        kernel,
+        padding,
+        stride,
+    };
+    Conv2d::new(weight, Some(bias), spec)
+}
+
+impl Conv2d {
+    fn new(weight: Tensor, bias: Option<Tensor>, spec: ConvSpec) -> Result<Self> {
+        let tap_major = matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32;
+        let weight = if tap_major {
+            // Each tap's (c_out, c_in) matrix contiguous, prepared once at load.
+            weight.permute((2, 3, 0, 1))?.contiguous()?
+        } else {
+            weight
+        };
+        Ok(Self {
+            weight,
+            bias,
+            spec,
+            tap_major,
+        })
+    }
+
+    /// `xs` (b, c_in, h, w) -> (b, c_out, oh, ow).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.tap_major && xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) {
+            let xs = xs.contiguous()?;
+            let op = CpuConv(self.spec);
+            return match &self.bias {
+                Some(bias) => xs.apply_op3_no_bwd(&self.weight, bias, &op),
+                None => xs.apply_op2_no_bwd(&self.weight, &op),
+            };
+        }
+        let weight = if self.tap_major {
+            &self.weight.permute((2, 3, 0, 1))?
+        } else {
+            &self.weight
+        };
+        let ys = xs.conv2d(weight, self.spec.padding, self.spec.stride, 1, 1)?;
+        match &self.bias {
+            Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+}
+
+impl candle_core::Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Conv2d::forward(self, xs)
+    }
+}
+
+/// The CPU kernel as a candle op: input (b, c_in, h, w) contiguous f32, tap-major weights,
+/// optional bias.
+struct CpuConv(ConvSpec);
+
+/// A raw output pointer shared by the tiles, which write disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every tile writes a distinct set of output elements (its own rows of each channel),
+// and the buffer outlives the parallel loop.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// By method, so closures capture the whole (Send) wrapper, not the raw pointer field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl CpuConv {
+    fn run(
+        &self,
+        input: (&CpuStorage, &Layout),
+        weight: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let spec = self.0;
+        let (batch, in_channels, height, width) = input.1.shape().dims4()?;
+        if in_channels != spec.in_channels {
+            candle_core::bail!(
+                "conv2d: input has {in_channels} channels, the weights expect {}",
+                spec.in_channels
+            )
+        }
+        let expected = [spec.kernel, spec.kernel, spec.out_channels, spec.in_channels];
+        if weight.1.shape().dims() != expected {
+            candle_core::bail!(
+                "conv2d: tap-major weights {:?}, expected {expected:?}",
+                weight.1.shape()
+            )
+        }
+        let x = f32_slice(input, "input")?;
+        let taps = f32_slice(weight, "weight")?;
+        let bias = bias.map(|b| f32_slice(b, "bias")).transpose()?;
+        let geometry = Geometry::new(spec, height, width)?;
+        let out = conv_f32(spec, &geometry, batch, x, taps, bias);
+        let shape = Shape::from((batch, spec.out_channels, geometry.out_h, geometry.out_w));
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+impl CustomOp2 for CpuConv {
+    fn name(&self) -> &'static str {
+        "sdfix-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for CpuConv {
+    fn name(&self) -> &'static str {
+        "sdfix-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// The f32 elements of a contiguous tensor.
+fn f32_slice<'a>((storage, layout): (&'a CpuStorage, &Layout), what: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("conv2d: the {what} must be contiguous"),
+    }
+}
+
+/// Sizes of the padded input and of the output grid.
+#[derive(Debug)]
+struct Geometry {
+    /// Padded input width: the output grid's row pitch.
+    padded_w: usize,
+    /// Elements per padded input channel, plus the slack the last channel's dropped columns read.
+    channel_len: usize,
+    out_h: usize,
+    out_w: usize,
+    padding: usize,
+    height: usize,
+    width: usize,
+}
+
+impl Geometry {
+    fn new(spec: ConvSpec, height: usize, width: usize) -> Result<Self> {
+        let (padded_h, padded_w) = (height + 2 * spec.padding, width + 2 * spec.padding);
+        if padded_h < spec.kernel || padded_w < spec.kernel || spec.stride == 0 {
+            candle_core::bail!(
+                "conv2d: a {height}x{width} input is smaller than the {0}x{0} kernel",
+                spec.kernel
+            )
+        }
+        let out_h = (padded_h - spec.kernel) / spec.stride + 1;
+        let out_w = (padded_w - spec.kernel) / spec.stride + 1;
+        // The furthest element any tap reads, counted from its channel's start.
+        let last_read = (out_h * padded_w - 1) * spec.stride + (spec.kernel - 1) * (padded_w + 1);
+        let channel_len = (padded_h * padded_w).max(last_read + 1);
+        Ok(Self {
+            padded_w,
+            channel_len,
+            out_h,
+            out_w,
+            padding: spec.padding,
+            height,
+            width,
+        })
+    }
+
+    /// One sample's channels zero-padded into `dst` (c_in x channel_len).
+    fn pad(&self, src: &[f32], dst: &mut [f32]) {
+        let (h, w, p, wp) = (self.height, self.width, self.padding, self.padded_w);
+        dst.par_chunks_mut(self.channel_len)
+            .zip(src.par_chunks(h * w))
+            .for_each(|(dst, src)| {
+                dst[..p * wp].fill(0.0);
+                for (y, row) in src.chunks(w).enumerate() {
+                    let start = (y + p) * wp;
+                    dst[start..start + p].fill(0.0);
+                    dst[start + p..start + p + w].copy_from_slice(row);
+                    dst[start + p + w..start + wp].fill(0.0);
+                }
+                dst[(h + p) * wp..].fill(0.0);
+            });
+    }
+}
+
+/// Outputs per tile: 1 MB of f32, half this machine's 2 MB L2 per core.
+const TILE_OUTPUTS: usize = 262_144;
+
+fn conv_f32(spec: ConvSpec, g: &Geometry, batch: usize, x: &[f32], taps: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (c_in, c_out, k, s) = (spec.in_channels, spec.out_channels, spec.kernel, spec.stride);
+    let wp = g.padded_w;
+    // Padding copies the input; a 1x1, unpadded, stride-1 conv reads it in place.
+    let in_place = spec.padding == 0 && g.channel_len == g.height * g.width;
+    let padded: Vec<f32> = if in_place {
+        Vec::new()
+    } else {
+        let mut padded = vec![0f32; batch * c_in * g.channel_len];
+        for (src, dst) in x
+            .chunks(c_in * g.height * g.width)
+            .zip(padded.chunks_mut(c_in * g.channel_len))
+        {
+            g.pad(src, dst);
+        }
+        padded
+    };
+    let source = if in_place { x } else { &padded[..] };
+
+    // Rows per tile: about TILE_OUTPUTS f32 outputs (c_out x columns), so a tile's accumulator
+    // stays in L2 across the taps; then evened out.
+    let target_columns = (TILE_OUTPUTS / c_out).max(512);
+    let rows = (target_columns / wp).clamp(1, g.out_h);
+    let tiles_per_sample = g.out_h.div_ceil(rows);
+    let rows = g.out_h.div_ceil(tiles_per_sample);
+    let items = batch * tiles_per_sample;
+    let threads = rayon::current_num_threads();
+    // Enough tiles: one thread per tile; too few: each product uses every thread.
+    let (tile_parallel, gemm_parallelism) = if items >= 2 * threads || items.is_multiple_of(threads) {
+        (true, gemm::Parallelism::None)
+    } else {
+        (false, gemm::Parallelism::Rayon(threads))
+    };
+
+    let plane_out = g.out_h * g.out_w;
+    let mut out = vec![0f32; batch * c_out * plane_out];
+    let shared = SharedOut(out.as_mut_ptr());
+    let run_tile = |item: usize| {
+        let (b, tile) = (item / tiles_per_sample, item % tiles_per_sample);
+        let y0 = tile * rows;
+        let y1 = (y0 + rows).min(g.out_h);
+        let columns = (y1 - y0) * wp;
+        let mut acc = vec![0f32; c_out * columns];
+        let sample = &source[b * c_in * g.channel_len..];
+        for ky in 0..k {
+            for kx in 0..k {
+                let tap = ky * k + kx;
+                let offset = s * y0 * wp + ky * wp + kx;
+                // SAFETY: lhs is the tap's (c_out, c_in) matrix inside `taps`; rhs reads, for
+                // c_in rows `channel_len` apart, columns offset + s * j for j < columns, whose
+                // furthest element is within the channel's `channel_len` (Geometry::new);
+                // acc is (c_out, columns) row-major.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        columns,
+                        c_in,
+                        acc.as_mut_ptr(),
+                        1,
+                        columns as isize,
+                        tap > 0,
+                        taps.as_ptr().add(tap * c_out * c_in),
+                        1,
+                        c_in as isize,
+                        sample.as_ptr().add(offset),
+                        s as isize,
+                        g.channel_len as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm_parallelism,
+                    );
+                }
+            }
+        }
+        // Keep the first out_w columns of each grid row, add the bias.
+        for c in 0..c_out {
+            let add = bias.map_or(0.0, |b| b[c]);
+            for y in y0..y1 {
+                let src = &acc[c * columns + (y - y0) * wp..][..g.out_w];
+                let start = (b * c_out + c) * plane_out + y * g.out_w;
+                // SAFETY: (b, c, y) rows belong to this tile alone; in bounds of `out`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(shared.ptr().add(start), g.out_w) };
+                for (d, v) in dst.iter_mut().zip(src) {
+                    *d = v + add;
+                }
+            }
+        }
+    };
+    if tile_parallel {
+        (0..items).into_par_iter().for_each(run_tile);
+    } else {
+        (0..items).for_each(run_tile);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ours against candle's conv2d (im2col), for the shapes SD uses and odd ones.
+    #[test]
+    fn matches_candles_convolution() {
+        let dev = Device::Cpu;
+        for &(b, c_in, c_out, h, w, k, p, s) in &[
+            (2, 4, 8, 9, 7, 3, 1, 1),
+            (1, 3, 5, 8, 8, 3, 1, 2),
+            (2, 6, 4, 9, 10, 3, 0, 2),
+            (1, 8, 16, 5, 6, 1, 0, 1),
+            (2, 5, 3, 4, 4, 3, 1, 1),
+            (1, 16, 700, 3, 2, 3, 1, 1),
+            (1, 2, 3, 40, 90, 3, 1, 1),
+        ] {
+            let xs = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
+            let expected = xs
+                .conv2d(&weight, p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            let spec = ConvSpec {
+                in_channels: c_in,
+                out_channels: c_out,
+                kernel: k,
+                padding: p,
+                stride: s,
+            };
+            let conv = Conv2d::new(weight, Some(bias), spec).unwrap();
+            assert!(conv.tap_major);
+            let ours = conv.forward(&xs).unwrap();
+            assert_eq!(ours.dims(), expected.dims(), "{b} {c_in} {c_out} {h} {w} {k} {p} {s}");
+            let diff = (ours - &expected).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap() / scale;
+            assert!(diff < 1e-5, "{b} {c_in} {c_out} {h} {w} {k} {p} {s}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_non_contiguous_input_is_made_contiguous() {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1., (1, 5, 6, 3), &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let weight = Tensor::randn(0f32, 1., (2, 3, 3, 3), &dev).unwrap();
+        let spec = ConvSpec {
+            in_channels: 3,
+            out_channels: 2,
+            kernel: 3,
+            padding: 1,
+            stride: 1,
+        };
+        let xs = xs.transpose(1, 2).unwrap().narrow(1, 0, 3).unwrap();
+        let expected = xs.conv2d(&weight, 1, 1, 1, 1).unwrap();
+        let ours = Conv2d::new(weight, None, spec).unwrap().forward(&xs).unwrap();
+        let diff = (ours - expected).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+}
