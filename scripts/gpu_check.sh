@@ -95,7 +95,8 @@ bench() { # name dtype width steps
 
 echo "== 3. benchmark: sd2.1-base 512x512, 20 steps, f16 (then bf16)"
 bench f16-512 f16 512 20
-[ "$SECONDS" -lt 330 ] && bench bf16-512 bf16 512 20
+# bf16 too when time allows (BF16_BEFORE_S: seconds into the script).
+[ "$SECONDS" -lt "${BF16_BEFORE_S:-330}" ] && bench bf16-512 bf16 512 20
 
 echo "== 4. table"
 "$PYTHON" - "$out" "${binaries[@]}" <<'PY'

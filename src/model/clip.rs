@@ -12,6 +12,7 @@ use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use crate::model::linear::{linear, Linear};
 
 use crate::config::clip::{ClipActivation, ClipTextConfig};
+use crate::model::activation;
 use crate::model::attention::{causal_mask, scaled_dot_product_attention};
 
 /// `quick_gelu`'s constant: x * sigmoid(1.702 x) approximates GELU (OpenAI CLIP).
@@ -23,7 +24,7 @@ pub const TEXT_MODEL_PREFIX: &str = "text_model";
 fn activate(xs: &Tensor, activation: ClipActivation) -> Result<Tensor> {
     match activation {
         ClipActivation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * QUICK_GELU_SCALE)?)?,
-        ClipActivation::Gelu => xs.gelu_erf(),
+        ClipActivation::Gelu => activation::gelu_erf(xs),
         ClipActivation::GeluTanh => xs.gelu(),
     }
 }

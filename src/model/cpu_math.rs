@@ -95,17 +95,48 @@ macro_rules! dispatch {
     };
 }
 
+/// Lanes of the explicit accumulators below: FP reductions only vectorise when written as
+/// independent lanes (the compiler may not reorder a single running sum).
+const LANES: usize = 16;
+
+/// The largest element (a NaN-free row), lane-wise.
+#[inline(always)]
+fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let mut max = tail.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for m in lanes {
+        max = if m > max { m } else { max };
+    }
+    max
+}
+
 dispatch! {
     /// Softmax of each `row_len`-long row of `rows`, in place.
     pub fn softmax_rows(rows: &mut [f32], row_len: usize) {
         for row in rows.chunks_mut(row_len) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            // A row of -inf (fully masked) would give NaN: leave it to the caller's mask rules.
+            let max = max_of(row);
+            let mut lanes = [0f32; LANES];
+            let split = row.len() / LANES * LANES;
+            let (body, tail) = row.split_at_mut(split);
+            for chunk in body.chunks_exact_mut(LANES) {
+                for (s, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                    *x = exp(*x - max);
+                    *s += *x;
+                }
+            }
             let mut sum = 0.0;
-            for x in row.iter_mut() {
+            for x in tail.iter_mut() {
                 *x = exp(*x - max);
                 sum += *x;
             }
+            let sum = sum + lanes.iter().sum::<f32>();
             let inv = 1.0 / sum;
             for x in row.iter_mut() {
                 *x *= inv;
@@ -139,18 +170,36 @@ dispatch! {
 }
 
 dispatch! {
-    /// Sum and sum of squares of `xs - pivot`, f32 over runs of 256, f64 across them.
+    /// `dst[i] = gelu_erf(src[i])`.
+    pub fn gelu_slice(dst: &mut [f32], src: &[f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = gelu_erf(x);
+        }
+    }
+}
+
+dispatch! {
+    /// Sum and sum of squares of `xs - pivot`: f32 lanes over runs of 1024, f64 across runs.
     pub fn shifted_sums(xs: &[f32], pivot: f32, out: &mut [f64; 2]) {
         let (mut sum, mut sum_sq) = (0f64, 0f64);
-        for run in xs.chunks(256) {
-            let (mut s, mut q) = (0f32, 0f32);
-            for &x in run {
-                let d = x - pivot;
-                s += d;
-                q += d * d;
+        for run in xs.chunks(1024) {
+            let (mut s, mut q) = ([0f32; LANES], [0f32; LANES]);
+            let chunks = run.chunks_exact(LANES);
+            let tail = chunks.remainder();
+            for chunk in chunks {
+                for ((s, q), &x) in s.iter_mut().zip(q.iter_mut()).zip(chunk) {
+                    let d = x - pivot;
+                    *s += d;
+                    *q += d * d;
+                }
             }
-            sum += s as f64;
-            sum_sq += q as f64;
+            for &x in tail {
+                let d = x - pivot;
+                s[0] += d;
+                q[0] += d * d;
+            }
+            sum += s.iter().map(|&v| v as f64).sum::<f64>();
+            sum_sq += q.iter().map(|&v| v as f64).sum::<f64>();
         }
         *out = [sum, sum_sq];
     }
@@ -188,6 +237,31 @@ mod tests {
             );
             x += 0.0071;
         }
+    }
+
+    #[test]
+    fn long_rows_and_sums_use_every_lane() {
+        let mut rows: Vec<f32> = (0..2 * 1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
+        let expected: Vec<f64> = rows
+            .chunks(1000)
+            .flat_map(|row| {
+                let max = row.iter().fold(f32::MIN, |m, &x| m.max(x)) as f64;
+                let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                row.iter()
+                    .map(move |&x| (x as f64 - max).exp() / sum)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        softmax_rows(&mut rows, 1000);
+        for (got, want) in rows.iter().zip(&expected) {
+            assert!((*got as f64 - want).abs() < 1e-7 + 1e-5 * want);
+        }
+        let xs: Vec<f32> = (0..3001).map(|i| (i % 7) as f32 + 100.0).collect();
+        let mut sums = [0f64; 2];
+        shifted_sums(&xs, 100.0, &mut sums);
+        let exact: f64 = xs.iter().map(|&x| x as f64 - 100.0).sum();
+        let exact_sq: f64 = xs.iter().map(|&x| (x as f64 - 100.0).powi(2)).sum();
+        assert!((sums[0] - exact).abs() < 1e-6 && (sums[1] - exact_sq).abs() < 1e-6);
     }
 
     #[test]

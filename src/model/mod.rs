@@ -8,9 +8,11 @@
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
 //! - [`attention`]: the one attention function all of them use.
 //! - [`conv`], [`norm`], [`linear`]: convolution, group norm and linear layers (our CPU kernels,
-//!   candle's elsewhere); [`cpu_math`]: the vectorised exp/erf they use.
+//!   candle's elsewhere); [`activation`]: GELU/GEGLU; [`cpu_math`]: the vectorised exp/erf they
+//!   use.
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 
+pub mod activation;
 pub mod attention;
 pub mod clip;
 pub mod conv;

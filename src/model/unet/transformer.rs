@@ -2,13 +2,13 @@
 //! self-attention, cross-attention to the text, and a GEGLU feed-forward, each pre-normed with a
 //! residual.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::config::unet::TransformerSpec;
+use crate::model::activation;
 use crate::model::attention::scaled_dot_product_attention;
 use crate::model::conv::{conv2d, Conv2d};
-use crate::model::cpu_math;
 use crate::model::linear::{linear, linear_no_bias, Linear};
 use crate::model::norm::{group_norm, GroupNorm};
 
@@ -72,44 +72,7 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
-        let gated = if projected.dtype() == DType::F32 && matches!(projected.device(), Device::Cpu) {
-            projected.contiguous()?.apply_op1_no_bwd(&CpuGeglu)?
-        } else {
-            let chunks = projected.chunk(2, candle_core::D::Minus1)?;
-            (&chunks[0] * chunks[1].gelu_erf()?)?
-        };
-        self.out.forward(&gated)
-    }
-}
-
-/// `value * gelu_erf(gate)` over the two halves of the last dimension, in one pass on the CPU
-/// (the chunk-copy-GELU-multiply of the generic path is four).
-struct CpuGeglu;
-
-impl CustomOp1 for CpuGeglu {
-    fn name(&self) -> &'static str {
-        "sdfix-geglu"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("geglu: input must be contiguous")
-        };
-        let xs = &storage.as_slice::<f32>()?[start..end];
-        let mut dims = layout.shape().dims().to_vec();
-        let Some(last) = dims.last_mut() else {
-            candle_core::bail!("geglu: scalar input")
-        };
-        let hidden = *last / 2;
-        *last = hidden;
-        let mut out = vec![0f32; xs.len() / 2];
-        if hidden > 0 {
-            use rayon::prelude::*;
-            out.par_chunks_mut(hidden)
-                .zip(xs.par_chunks(2 * hidden))
-                .for_each(|(dst, src)| cpu_math::geglu(dst, &src[..hidden], &src[hidden..]));
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        self.out.forward(&activation::geglu(&projected)?)
     }
 }
 

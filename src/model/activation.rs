@@ -1,0 +1,115 @@
+//! The GELU activations of the UNet's feed-forward (GEGLU) and of CLIP, as one fused pass of our
+//! vectorised math on the CPU in f32 (candle's `gelu_erf` calls libm's scalar `erff` per
+//! element), candle ops elsewhere.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::model::cpu_math;
+
+fn cpu_f32(xs: &Tensor) -> bool {
+    xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu)
+}
+
+/// The exact (erf) GELU.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if cpu_f32(xs) {
+        xs.contiguous()?.apply_op1_no_bwd(&CpuGelu)
+    } else {
+        xs.gelu_erf()
+    }
+}
+
+/// diffusers' GEGLU: the last dimension halves into value and gate, `value * gelu_erf(gate)`.
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    if cpu_f32(projected) {
+        projected.contiguous()?.apply_op1_no_bwd(&CpuGeglu)
+    } else {
+        let chunks = projected.chunk(2, candle_core::D::Minus1)?;
+        &chunks[0] * chunks[1].gelu_erf()?
+    }
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("activation: input must be contiguous"),
+    }
+}
+
+/// Elements per parallel task.
+const CHUNK: usize = 16_384;
+
+struct CpuGelu;
+
+impl CustomOp1 for CpuGelu {
+    fn name(&self) -> &'static str {
+        "sdfix-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(storage, layout)?;
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(|(dst, src)| cpu_math::gelu_slice(dst, src));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// One pass over value and gate (the generic path is a chunk copy, a GELU and a product).
+struct CpuGeglu;
+
+impl CustomOp1 for CpuGeglu {
+    fn name(&self) -> &'static str {
+        "sdfix-geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let xs = contiguous_f32(storage, layout)?;
+        let mut dims = layout.shape().dims().to_vec();
+        let Some(last) = dims.last_mut() else {
+            candle_core::bail!("geglu: scalar input")
+        };
+        if *last % 2 != 0 {
+            candle_core::bail!("geglu: the last dimension ({last}) must be even")
+        }
+        let hidden = *last / 2;
+        *last = hidden;
+        let mut out = vec![0f32; xs.len() / 2];
+        if hidden > 0 {
+            out.par_chunks_mut(hidden)
+                .zip(xs.par_chunks(2 * hidden))
+                .for_each(|(dst, src)| cpu_math::geglu(dst, &src[..hidden], &src[hidden..]));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_paths_match_candle() {
+        let dev = Device::Cpu;
+        let xs = (Tensor::randn(0f32, 2., (3, 5, 40), &dev).unwrap())
+            .contiguous()
+            .unwrap();
+        let diff = |a: Tensor, b: Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(diff(gelu_erf(&xs).unwrap(), xs.gelu_erf().unwrap()) < 1e-5);
+        let chunks = xs.chunk(2, 2).unwrap();
+        let expected = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
+        assert!(diff(geglu(&xs).unwrap(), expected) < 1e-5);
+        assert!(geglu(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap()).is_err());
+    }
+}
