@@ -2,9 +2,10 @@
 //!
 //! On the CPU in f32 we split the product ourselves: each of the pool's threads runs one
 //! single-threaded matrix product on its share of the rows (or of the output features, when
-//! there are fewer rows than features, so each thread packs only its part of the weights). The
-//! gemm crate's own threading scaled 1.4-1.6x on two cores where one product per thread scales
-//! ~2x (docs/performance.md). The bias is added in the same pass. Elsewhere: candle-nn's Linear.
+//! there are fewer rows than features, so each thread packs only its part of the weights). On the
+//! UNet's large products the gemm crate's own threading gave 1.55x on two cores
+//! (`scripts/gemm_compare.sh`); one product per thread keeps the threads independent. The bias is
+//! added in the same pass. Elsewhere: candle-nn's Linear.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
