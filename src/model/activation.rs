@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use crate::model::cpu_math;
+use crate::model::cpu_op::contiguous_f32;
 
 fn cpu_f32(xs: &Tensor) -> bool {
     xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu)
@@ -30,13 +31,6 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
-        None => candle_core::bail!("activation: input must be contiguous"),
-    }
-}
-
 /// Elements per parallel task.
 const CHUNK: usize = 16_384;
 
@@ -48,7 +42,7 @@ impl CustomOp1 for CpuGelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous_f32(storage, layout)?;
+        let xs = contiguous_f32(storage, layout, "activation")?;
         let mut out = vec![0f32; xs.len()];
         out.par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
@@ -66,7 +60,7 @@ impl CustomOp1 for CpuGeglu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous_f32(storage, layout)?;
+        let xs = contiguous_f32(storage, layout, "activation")?;
         let mut dims = layout.shape().dims().to_vec();
         let Some(last) = dims.last_mut() else {
             candle_core::bail!("geglu: scalar input")

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::model::cpu_math;
+use crate::model::cpu_op::{contiguous_f32, SharedOut};
 
 /// Multi-head attention of `query` (b, n, h*d) over `key`/`value` (b, m, h*d), `heads` heads,
 /// scores scaled by 1/sqrt(d), plus `mask` (broadcastable to (b, h, n, m), f32) when given.
@@ -92,29 +93,6 @@ struct CpuAttention {
     scale: f32,
 }
 
-/// A raw output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: each task writes its own (sample, query rows, head columns) block; the buffer outlives
-// the parallel loop.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// By method, so closures capture the whole (Send) wrapper, not the raw pointer field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("attention: tensors must be contiguous"),
-    }
-}
-
 impl candle_core::CustomOp3 for CpuAttention {
     fn name(&self) -> &'static str {
         "sdfix-attention"
@@ -130,9 +108,9 @@ impl candle_core::CustomOp3 for CpuAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (
-            contiguous_f32(s1, l1)?,
-            contiguous_f32(s2, l2)?,
-            contiguous_f32(s3, l3)?,
+            contiguous_f32(s1, l1, "attention")?,
+            contiguous_f32(s2, l2, "attention")?,
+            contiguous_f32(s3, l3, "attention")?,
         );
         let (batch, queries, inner) = l1.shape().dims3()?;
         let keys = l2.shape().dims()[1];
@@ -142,7 +120,7 @@ impl candle_core::CustomOp3 for CpuAttention {
         let block = (1_048_576 / keys.max(1)).max(16).min(queries.max(1));
         let blocks = queries.div_ceil(block);
         let mut out = vec![0f32; batch * queries * inner];
-        let shared = SharedOut(out.as_mut_ptr());
+        let shared = SharedOut::new(&mut out);
         let ld = inner as isize;
         (0..batch * self.heads * blocks).into_par_iter().for_each(|task| {
             let (b, rest) = (task / (self.heads * blocks), task % (self.heads * blocks));

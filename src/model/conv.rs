@@ -16,6 +16,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Resul
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::model::cpu_op::{contiguous_f32, SharedOut};
+
 /// A convolution with square kernels, equal padding on all sides, dilation 1, one group: what
 /// SD's UNet and VAE use.
 #[derive(Debug, Clone)]
@@ -113,21 +115,6 @@ impl candle_core::Module for Conv2d {
 /// optional bias.
 struct CpuConv(ConvSpec);
 
-/// A raw output pointer shared by the tiles, which write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every tile writes a distinct set of output elements (its own rows of each channel),
-// and the buffer outlives the parallel loop.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// By method, so closures capture the whole (Send) wrapper, not the raw pointer field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl CpuConv {
     fn run(
         &self,
@@ -150,9 +137,9 @@ impl CpuConv {
                 weight.1.shape()
             )
         }
-        let x = f32_slice(input, "input")?;
-        let taps = f32_slice(weight, "weight")?;
-        let bias = bias.map(|b| f32_slice(b, "bias")).transpose()?;
+        let x = contiguous_f32(input.0, input.1, "conv2d input")?;
+        let taps = contiguous_f32(weight.0, weight.1, "conv2d weight")?;
+        let bias = bias.map(|(s, l)| contiguous_f32(s, l, "conv2d bias")).transpose()?;
         let geometry = Geometry::new(spec, height, width)?;
         let out = conv_f32(spec, &geometry, batch, x, taps, bias);
         let shape = Shape::from((batch, spec.out_channels, geometry.out_h, geometry.out_w));
@@ -185,15 +172,6 @@ impl CustomOp3 for CpuConv {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-}
-
-/// The f32 elements of a contiguous tensor.
-fn f32_slice<'a>((storage, layout): (&'a CpuStorage, &Layout), what: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("conv2d: the {what} must be contiguous"),
     }
 }
 
@@ -293,7 +271,7 @@ fn conv_f32(spec: ConvSpec, g: &Geometry, batch: usize, x: &[f32], taps: &[f32],
 
     let plane_out = g.out_h * g.out_w;
     let mut out = vec![0f32; batch * c_out * plane_out];
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedOut::new(&mut out);
     let run_tile = |item: usize| {
         let (b, tile) = (item / tiles_per_sample, item % tiles_per_sample);
         let y0 = tile * rows;

@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Modul
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::model::cpu_op::{contiguous_f32, SharedOut};
+
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// CPU, f32: the weight transposed once at load to (in, out), so the products read it with
@@ -66,28 +68,6 @@ impl Module for Linear {
 
 struct CpuLinear;
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("linear: tensors must be contiguous"),
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: each task writes its own rows or columns only; the buffer outlives the loop.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// By method, so closures capture the whole (Send) wrapper, not the raw pointer field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl CpuLinear {
     fn run(
         &self,
@@ -100,8 +80,8 @@ impl CpuLinear {
         if dims.last() != Some(&in_dim) {
             candle_core::bail!("linear: input {:?} does not end in {in_dim}", dims)
         }
-        let (x, w) = (contiguous_f32(xs, xs_l)?, contiguous_f32(w, w_l)?);
-        let bias = bias.map(|(b, l)| contiguous_f32(b, l)).transpose()?;
+        let (x, w) = (contiguous_f32(xs, xs_l, "linear")?, contiguous_f32(w, w_l, "linear")?);
+        let bias = bias.map(|(b, l)| contiguous_f32(b, l, "linear")).transpose()?;
         let rows = x.len() / in_dim.max(1);
         let out = matmul(x, w, bias, rows, in_dim, out_dim);
         let mut shape = dims.to_vec();
@@ -122,7 +102,7 @@ fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: 
     let (len, min_chunk) = if split_rows { (rows, 16) } else { (n, 64) };
     let chunks = threads.min(len.div_ceil(min_chunk)).max(1);
     let chunk = len.div_ceil(chunks);
-    let shared = SharedOut(out.as_mut_ptr());
+    let shared = SharedOut::new(&mut out);
     (0..chunks).into_par_iter().for_each(|index| {
         let start = index * chunk;
         let end = (start + chunk).min(len);

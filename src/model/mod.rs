@@ -9,7 +9,7 @@
 //! - [`attention`]: the one attention function all of them use.
 //! - [`conv`], [`norm`], [`linear`]: convolution, group norm and linear layers (our CPU kernels,
 //!   candle's elsewhere); [`activation`]: GELU/GEGLU; [`cpu_math`]: the vectorised exp/erf they
-//!   use.
+//!   use; [`cpu_op`]: their shared plumbing.
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 
 pub mod activation;
@@ -17,6 +17,7 @@ pub mod attention;
 pub mod clip;
 pub mod conv;
 pub mod cpu_math;
+pub mod cpu_op;
 pub mod demo;
 pub mod files;
 pub mod linear;

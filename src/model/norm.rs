@@ -12,6 +12,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::model::cpu_math;
+use crate::model::cpu_op::contiguous_f32;
 
 /// diffusers' / PyTorch's `GroupNorm(num_groups, num_channels, eps, affine=True)`.
 #[derive(Debug, Clone)]
@@ -96,14 +97,6 @@ struct CpuGroupNorm {
     silu: bool,
 }
 
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("group norm: tensors must be contiguous"),
-    }
-}
-
 impl CustomOp3 for CpuGroupNorm {
     fn name(&self) -> &'static str {
         "sdfix-group-norm"
@@ -118,8 +111,11 @@ impl CustomOp3 for CpuGroupNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = contiguous_f32(s1, l1)?;
-        let (weight, bias) = (contiguous_f32(s2, l2)?, contiguous_f32(s3, l3)?);
+        let xs = contiguous_f32(s1, l1, "group norm")?;
+        let (weight, bias) = (
+            contiguous_f32(s2, l2, "group norm")?,
+            contiguous_f32(s3, l3, "group norm")?,
+        );
         let dims = l1.shape().dims();
         if dims.len() < 2 {
             candle_core::bail!("group norm: expected (batch, channels, ...), got {:?}", dims)
