@@ -198,19 +198,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // Random weights (candle-nn's initialisers): the shapes are what matter for timing.
     let memory_watch = device::MemoryWatch::start(&device);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-    // The VAE decodes in f32 under f16 when its config asks (as the pipeline does).
-    let vae_dtype = if vae_config.force_upcast && dtype == DType::F16 {
-        DType::F32
-    } else {
-        dtype
-    };
+    let vae_dtype = Vae::decode_dtype(&vae_config, dtype);
     let started = Instant::now();
     let text_encoder = ClipTextTransformer::new(vb.pp("text_encoder"), &clip_config)?;
     let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_spec)?;
-    let vae = Vae::new(
-        VarBuilder::from_backend(Box::new(RandomWeights), vae_dtype, device.clone()).pp("vae"),
-        &vae_config,
-    )?;
+    let vae = Vae::new(vb.pp("vae").to_dtype(vae_dtype), &vae_config)?;
     let build_s = started.elapsed().as_secs_f64();
     let tokenizer_folder = crate::model::demo::folder("demo")?.context("the built-in demo model is missing")?;
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_folder.join("tokenizer"))?;

@@ -83,6 +83,7 @@ impl CustomOp1 for CpuGeglu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_op::max_abs_diff;
 
     #[test]
     fn fused_paths_match_candle() {
@@ -90,20 +91,10 @@ mod tests {
         let xs = (Tensor::randn(0f32, 2., (3, 5, 40), &dev).unwrap())
             .contiguous()
             .unwrap();
-        let diff = |a: Tensor, b: Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        assert!(diff(gelu_erf(&xs).unwrap(), xs.gelu_erf().unwrap()) < 1e-5);
+        assert!(max_abs_diff(&gelu_erf(&xs).unwrap(), &xs.gelu_erf().unwrap()) < 1e-5);
         let chunks = xs.chunk(2, 2).unwrap();
         let expected = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
-        assert!(diff(geglu(&xs).unwrap(), expected) < 1e-5);
+        assert!(max_abs_diff(&geglu(&xs).unwrap(), &expected) < 1e-5);
         assert!(geglu(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap()).is_err());
     }
 }

@@ -204,6 +204,7 @@ pub fn causal_mask(tokens: usize, device: &candle_core::Device) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_op::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -214,15 +215,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1., (2, 1, 8), &dev).unwrap();
         let out = scaled_dot_product_attention(&q, &k, &v, 2, None).unwrap();
         let expected = v.broadcast_as((2, 3, 8)).unwrap();
-        let diff = (out - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-6);
+        assert!(max_abs_diff(&out, &expected) < 1e-6);
     }
 
     /// The CPU kernel against the composite candle-op path (forced through f64 inputs cast
@@ -242,8 +235,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{b} {n} {m} {heads} {d}");
+            assert!(max_abs_diff(&ours, &reference) < 1e-5, "{b} {n} {m} {heads} {d}");
         }
     }
 

@@ -9,11 +9,10 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 
-use crate::model::linear::{linear, Linear};
-
 use crate::config::clip::{ClipActivation, ClipTextConfig};
 use crate::model::activation;
 use crate::model::attention::{causal_mask, scaled_dot_product_attention};
+use crate::model::linear::{linear, Linear};
 
 /// `quick_gelu`'s constant: x * sigmoid(1.702 x) approximates GELU (OpenAI CLIP).
 const QUICK_GELU_SCALE: f64 = 1.702;

@@ -12,11 +12,11 @@
 //!
 //! Elsewhere (CUDA, Metal, other dtypes) candle's conv2d runs: cuDNN when built with `cudnn`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::model::cpu_op::{contiguous_f32, SharedOut};
+use crate::model::cpu_op::{apply_weighted, SharedOut, WeightedKernel};
 
 /// A convolution with square kernels, equal padding on all sides, dilation 1, one group: what
 /// SD's UNet and VAE use.
@@ -85,12 +85,7 @@ impl Conv2d {
     /// `xs` (b, c_in, h, w) -> (b, c_out, oh, ow).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.tap_major && xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) {
-            let xs = xs.contiguous()?;
-            let op = CpuConv(self.spec);
-            return match &self.bias {
-                Some(bias) => xs.apply_op3_no_bwd(&self.weight, bias, &op),
-                None => xs.apply_op2_no_bwd(&self.weight, &op),
-            };
+            return apply_weighted(CpuConv(self.spec), xs, &self.weight, self.bias.as_ref());
         }
         let weight = if self.tap_major {
             &self.weight.permute((2, 3, 0, 1))?
@@ -111,19 +106,20 @@ impl candle_core::Module for Conv2d {
     }
 }
 
-/// The CPU kernel as a candle op: input (b, c_in, h, w) contiguous f32, tap-major weights,
-/// optional bias.
+/// The CPU kernel: input (b, c_in, h, w), tap-major weights, optional bias.
 struct CpuConv(ConvSpec);
 
-impl CpuConv {
+impl WeightedKernel for CpuConv {
+    const NAME: &'static str = "sdfix-conv2d";
+
     fn run(
         &self,
-        input: (&CpuStorage, &Layout),
-        weight: (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
+        (x, x_l): (&[f32], &Layout),
+        (taps, taps_l): (&[f32], &Layout),
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
         let spec = self.0;
-        let (batch, in_channels, height, width) = input.1.shape().dims4()?;
+        let (batch, in_channels, height, width) = x_l.shape().dims4()?;
         if in_channels != spec.in_channels {
             candle_core::bail!(
                 "conv2d: input has {in_channels} channels, the weights expect {}",
@@ -131,47 +127,15 @@ impl CpuConv {
             )
         }
         let expected = [spec.kernel, spec.kernel, spec.out_channels, spec.in_channels];
-        if weight.1.shape().dims() != expected {
-            candle_core::bail!(
-                "conv2d: tap-major weights {:?}, expected {expected:?}",
-                weight.1.shape()
-            )
+        if taps_l.shape().dims() != expected {
+            candle_core::bail!("conv2d: tap-major weights {:?}, expected {expected:?}", taps_l.shape())
         }
-        let x = contiguous_f32(input.0, input.1, "conv2d input")?;
-        let taps = contiguous_f32(weight.0, weight.1, "conv2d weight")?;
-        let bias = bias.map(|(s, l)| contiguous_f32(s, l, "conv2d bias")).transpose()?;
         let geometry = Geometry::new(spec, height, width)?;
         let out = conv_f32(spec, &geometry, batch, x, taps, bias);
-        let shape = Shape::from((batch, spec.out_channels, geometry.out_h, geometry.out_w));
-        Ok((CpuStorage::F32(out), shape))
-    }
-}
-
-impl CustomOp2 for CpuConv {
-    fn name(&self) -> &'static str {
-        "sdfix-conv2d"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for CpuConv {
-    fn name(&self) -> &'static str {
-        "sdfix-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+        Ok((
+            out,
+            Shape::from((batch, spec.out_channels, geometry.out_h, geometry.out_w)),
+        ))
     }
 }
 
@@ -337,6 +301,7 @@ fn conv_f32(spec: ConvSpec, g: &Geometry, batch: usize, x: &[f32], taps: &[f32],
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_op::max_abs_diff;
 
     /// Ours against candle's conv2d (im2col), for the shapes SD uses and odd ones.
     #[test]
@@ -370,9 +335,8 @@ mod tests {
             assert!(conv.tap_major);
             let ours = conv.forward(&xs).unwrap();
             assert_eq!(ours.dims(), expected.dims(), "{b} {c_in} {c_out} {h} {w} {k} {p} {s}");
-            let diff = (ours - &expected).unwrap().abs().unwrap().max_all().unwrap();
             let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap() / scale;
+            let diff = max_abs_diff(&ours, &expected) / scale;
             assert!(diff < 1e-5, "{b} {c_in} {c_out} {h} {w} {k} {p} {s}: {diff}");
         }
     }
@@ -395,7 +359,6 @@ mod tests {
         let xs = xs.transpose(1, 2).unwrap().narrow(1, 0, 3).unwrap();
         let expected = xs.conv2d(&weight, 1, 1, 1, 1).unwrap();
         let ours = Conv2d::new(weight, None, spec).unwrap().forward(&xs).unwrap();
-        let diff = (ours - expected).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(max_abs_diff(&ours, &expected) < 1e-4);
     }
 }

@@ -7,11 +7,11 @@
 //! (`scripts/gemm_compare.sh`); one product per thread keeps the threads independent. The bias is
 //! added in the same pass. Elsewhere: candle-nn's Linear.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::model::cpu_op::{contiguous_f32, SharedOut};
+use crate::model::cpu_op::{apply_weighted, SharedOut, WeightedKernel};
 
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -54,13 +54,7 @@ impl Module for Linear {
     /// `xs` (..., in) -> (..., out).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Cpu { weight_t, bias } => {
-                let xs = xs.contiguous()?;
-                match bias {
-                    Some(bias) => xs.apply_op3_no_bwd(weight_t, bias, &CpuLinear),
-                    None => xs.apply_op2_no_bwd(weight_t, &CpuLinear),
-                }
-            }
+            Self::Cpu { weight_t, bias } => apply_weighted(CpuLinear, xs, weight_t, bias.as_ref()),
             Self::Candle(layer) => layer.forward(xs),
         }
     }
@@ -68,25 +62,25 @@ impl Module for Linear {
 
 struct CpuLinear;
 
-impl CpuLinear {
+impl WeightedKernel for CpuLinear {
+    const NAME: &'static str = "sdfix-linear";
+
     fn run(
         &self,
-        (xs, xs_l): (&CpuStorage, &Layout),
-        (w, w_l): (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
+        (x, x_l): (&[f32], &Layout),
+        (w, w_l): (&[f32], &Layout),
+        bias: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Shape)> {
         let (in_dim, out_dim) = w_l.shape().dims2()?;
-        let dims = xs_l.shape().dims();
+        let dims = x_l.shape().dims();
         if dims.last() != Some(&in_dim) {
             candle_core::bail!("linear: input {:?} does not end in {in_dim}", dims)
         }
-        let (x, w) = (contiguous_f32(xs, xs_l, "linear")?, contiguous_f32(w, w_l, "linear")?);
-        let bias = bias.map(|(b, l)| contiguous_f32(b, l, "linear")).transpose()?;
         let rows = x.len() / in_dim.max(1);
         let out = matmul(x, w, bias, rows, in_dim, out_dim);
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("checked non-empty") = out_dim;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((out, Shape::from(shape)))
     }
 }
 
@@ -152,37 +146,10 @@ fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: 
     out
 }
 
-impl CustomOp2 for CpuLinear {
-    fn name(&self) -> &'static str {
-        "sdfix-linear"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for CpuLinear {
-    fn name(&self) -> &'static str {
-        "sdfix-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_op::max_abs_diff;
 
     #[test]
     fn matches_candle_nn_for_tall_wide_and_batched_inputs() {
@@ -203,8 +170,7 @@ mod tests {
                 let expected = reference.forward(&xs).unwrap();
                 let got = ours.forward(&xs).unwrap();
                 assert_eq!(got.dims(), expected.dims());
-                let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap();
-                assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{shape:?} {in_dim} {out_dim}");
+                assert!(max_abs_diff(&got, &expected) < 1e-4, "{shape:?} {in_dim} {out_dim}");
             }
         }
     }

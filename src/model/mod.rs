@@ -68,5 +68,11 @@ pub fn load_vae(config: &Path, weights: &Path, dtype: DType, device: &Device) ->
     config_values
         .validate()
         .with_context(|| format!("{}", config.display()))?;
-    Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &config_values)?))
+    build_vae(weights, &config_values, dtype, device)
+}
+
+/// The VAE decoder from a validated config and its weights file; the encoder's tensors are
+/// deliberately not read ([`Vae::UNREAD_PREFIXES`]).
+pub fn build_vae(weights: &Path, config: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
+    Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, config)?))
 }

@@ -162,17 +162,10 @@ impl CustomOp3 for CpuGroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_op::max_abs_diff;
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        max_abs_diff(a, b) / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
     #[test]

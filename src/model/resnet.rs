@@ -14,7 +14,7 @@ pub fn conv3x3(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Resul
     conv2d(in_channels, out_channels, 3, 1, 1, vb)
 }
 
-/// Group-norm settings shared by every resnet of a UNet.
+/// Group-norm settings shared by every resnet of a UNet or of a VAE decoder.
 #[derive(Debug, Clone, Copy)]
 pub struct NormSpec {
     pub groups: usize,

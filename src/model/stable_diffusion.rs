@@ -104,14 +104,9 @@ impl StableDiffusion {
             Weights::open(&unet_file, dtype, device)?.build(|vb| Ok(UNet2DConditionModel::new(vb, &unet_spec)?))?;
 
         let vae_config = read_vae_config(files)?;
-        let vae_dtype = if vae_config.force_upcast && dtype == DType::F16 {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = Vae::decode_dtype(&vae_config, dtype);
         let vae_file = files.first_present(&weight_candidates("vae", "diffusion_pytorch_model", vae_dtype))?;
-        let vae = Weights::open(&vae_file, vae_dtype, device)?
-            .build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &vae_config)?))?;
+        let vae = super::build_vae(&vae_file, &vae_config, vae_dtype, device)?;
 
         Ok(Self {
             location: files.location().clone(),

@@ -8,7 +8,7 @@
 //! attention a layout candle 0.11.1 multiplies wrongly for batches > 1 (huggingface/candle#3744).
 //! The encoder's and `quant_conv`'s tensors are not read ([`Vae::UNREAD_PREFIXES`]).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::config::vae::VaeConfig;
@@ -171,6 +171,16 @@ impl Vae {
             scaling_factor: config.scaling_factor,
             downscale_factor: config.downscale_factor(),
         })
+    }
+
+    /// The dtype to decode in for a model running in `model_dtype`: f32 under f16 when the config
+    /// says `force_upcast` (SD's VAE overflows in f16; diffusers' pipelines upcast the same way).
+    pub fn decode_dtype(config: &VaeConfig, model_dtype: DType) -> DType {
+        if config.force_upcast && model_dtype == DType::F16 {
+            DType::F32
+        } else {
+            model_dtype
+        }
     }
 
     /// Image pixels per latent pixel along each side (8 for SD).
