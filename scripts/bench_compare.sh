@@ -6,7 +6,8 @@
 #   bash scripts/bench_compare.sh --arch sd2.1-base --width 256 --height 256 --steps 3 --repeat 2
 #
 # Any flag is passed to both (--arch, --width, --height, --steps, --batch-size, --repeat, --dtype,
-# --device). THREADS (default: all cores) sets RAYON_NUM_THREADS for sdfix and --threads for torch.
+# --device, --profile: then each stage's time per kind of op too). THREADS (default: all cores)
+# sets RAYON_NUM_THREADS for sdfix and --threads for torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv-oracle/bin/python}
@@ -32,4 +33,11 @@ for key in ("text_encode_ms", "unet_step_ms", "ddim_guidance_ms", "vae_decode_ms
     print(f"{key:<20}{a:>12.1f}{b:>12.1f}{a / b:>8.2f}")
 print(f"{'total_s':<20}{s['total_s']:>12.2f}{d['total_s']:>12.2f}{s['total_s'] / d['total_s']:>8.2f}")
 print(f"{'peak_memory_mb':<20}{s['peak_memory_mb']:>12.0f}{d['peak_memory_mb']:>12.0f}{s['peak_memory_mb'] / d['peak_memory_mb']:>8.2f}")
+if "op_ms" in s and "op_ms" in d:
+    for stage in ("text_encode", "unet_step", "vae_decode"):
+        a, b = s["op_ms"][stage], d["op_ms"][stage]
+        print(f"\n{stage + ' ops (ms)':<20}{'sdfix':>12}{'diffusers':>12}{'ratio':>8}")
+        for op in sorted(set(a) | set(b), key=lambda op: -a.get(op, 0.0)):
+            x, y = a.get(op, 0.0), b.get(op, 0.0)
+            print(f"  {op:<18}{x:>12.1f}{y:>12.1f}{(x / y if y else float('nan')):>8.2f}")
 PY

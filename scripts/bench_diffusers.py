@@ -8,6 +8,10 @@ Protocol: one untimed warm-up per stage; text encoding and VAE decode --repeat t
 CFG (batch 2 x --batch-size) --steps times; the guidance + DDIM arithmetic --steps times; median and
 min in ms; total_s from the medians; peak RSS (ru_maxrss) in MB, or peak device memory on CUDA.
 Attention is PyTorch's SDPA (diffusers' default AttnProcessor2_0).
+
+--profile adds `op_ms`, as `sdfix bench --profile`: one more run of each stage under the PyTorch
+profiler, its aten ops' self times summed into the same kinds (conv 3x3, conv 1x1, linear =
+addmm + mm, attention = SDPA, group norm, gelu, upsample; "other" is the rest of that run).
 """
 
 import argparse
@@ -38,6 +42,35 @@ def timed(fn, times, sync):
     return out
 
 
+OP_KINDS = {
+    "aten::addmm": "linear",
+    "aten::mm": "linear",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::native_group_norm": "group norm",
+    "aten::gelu": "gelu",
+    "aten::upsample_nearest2d": "upsample",
+}
+
+
+def op_ms(fn):
+    """One run of `fn` under the profiler: ms per kind of op, "other" the rest of its wall time."""
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    wall_ms = (time.perf_counter() - started) * 1000
+    kinds = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key == "aten::mkldnn_convolution":
+            kernel = event.input_shapes[1][2] if len(event.input_shapes) > 1 and len(event.input_shapes[1]) == 4 else 0
+            kind = {1: "conv 1x1", 3: "conv 3x3"}.get(kernel, "conv other")
+        else:
+            kind = OP_KINDS.get(event.key)
+        if kind:
+            kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 1000
+    kinds["other"] = max(wall_ms - sum(kinds.values()), 0.0)
+    return kinds
+
+
 def summary(ms):
     ms = sorted(ms)
     return {"median": ms[len(ms) // 2], "min": ms[0]}
@@ -55,6 +88,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--profile", action="store_true", help="add op_ms: time per kind of op per stage")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -90,12 +124,19 @@ def main() -> None:
     def ddim():
         uncond, cond = output.chunk(2)
         guided = rescale_noise_cfg(uncond + 7.5 * (cond - uncond), cond, guidance_rescale=0.7)
-        scheduler.step(guided, scheduler.timesteps[1], latents)
+        scheduler.step(guided, scheduler.timesteps[0], latents)
 
     ddim_ms = timed(ddim, args.steps, sync)
     vae_ms = timed(lambda: vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor), args.repeat, sync)
     total_s = (sorted(text_ms)[len(text_ms) // 2] + args.steps * (sorted(unet_ms)[len(unet_ms) // 2] + sorted(ddim_ms)[len(ddim_ms) // 2])
                + sorted(vae_ms)[len(vae_ms) // 2]) / 1000
+    profile = {}
+    if args.profile:
+        profile = {"op_ms": {
+            "text_encode": op_ms(lambda: clip(ids)),
+            "unet_step": op_ms(lambda: unet(unet_input, 999, encoder_hidden_states=context["c"])),
+            "vae_decode": op_ms(lambda: vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor)),
+        }}
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "tool": "diffusers", "arch": args.arch, "width": width, "height": height, "steps": args.steps, "batch_size": b,
@@ -103,7 +144,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "build_s": build_s,
         "text_encode_ms": summary(text_ms), "unet_step_ms": summary(unet_ms), "ddim_guidance_ms": summary(ddim_ms),
         "vae_decode_ms": summary(vae_ms), "total_s": total_s, "peak_memory_mb": peak,
-        "versions": {"torch": torch.__version__},
+        "versions": {"torch": torch.__version__}, **profile,
     }))
 
 

@@ -1,5 +1,8 @@
-//! Text to image: encode the prompts, run the one denoising loop, decode. Reads no files; the
-//! caller hands it a loaded model, the sampling settings and the initial latents.
+//! Text to image: run the one denoising loop from prompt embeddings ([`TextEncoder::encode`]),
+//! decode. Reads no files; the caller hands it a loaded model, the sampling settings and the
+//! initial latents.
+//!
+//! [`TextEncoder::encode`]: crate::model::stable_diffusion::TextEncoder::encode
 //!
 //! Matches diffusers' `StableDiffusionPipeline` with a `DDIMScheduler`: uncond and cond in one UNet
 //! batch (uncond first), CFG then its rescale on the raw model output, the DDIM step, and
@@ -38,16 +41,6 @@ pub struct StepInfo {
     pub index: usize,
     pub steps: usize,
     pub timestep: usize,
-}
-
-/// Text embeddings of a batch of prompts, (b, tokens, dim), in the model's dtype.
-pub fn encode_prompts(model: &StableDiffusion, prompts: &[&str]) -> Result<Tensor> {
-    let mut ids = Vec::with_capacity(prompts.len() * model.tokenizer.max_length());
-    for prompt in prompts {
-        ids.extend(model.tokenizer.encode(prompt)?);
-    }
-    let ids = Tensor::from_vec(ids, (prompts.len(), model.tokenizer.max_length()), &model.device)?;
-    Ok(model.text_encoder.forward(&ids)?)
 }
 
 /// Fails with a hint when a tensor holds NaN or infinity (f16 overflow, usually).

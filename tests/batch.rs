@@ -297,3 +297,35 @@ fn a_killed_run_leaves_no_partial_png() {
         assert!(written.contains(&line["file"].as_str().unwrap().to_string()));
     }
 }
+
+#[test]
+fn a_long_prompt_file_encodes_as_it_goes_with_the_same_images() {
+    // Over 64 distinct texts the text encoder stays loaded and encodes per batch (its cache
+    // bounded); a short run encodes first and frees it. Same pixels either way.
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines: Vec<String> = vec!["solid black background".into()];
+    lines.extend((1..70).map(|i| format!("prompt number {i}")));
+    lines.push("solid black background".into());
+    let prompts = dir.path().join("long.txt");
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let long = dir.path().join("long");
+    let run = generate(&long, &["--prompts", prompts.to_str().unwrap(), "--verbose"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(!String::from_utf8_lossy(&run.stderr).contains("text encoder freed"));
+    let short = dir.path().join("short");
+    let run = generate(&short, &["--prompt", "solid black background", "--verbose"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("encoded 2 text(s)"));
+
+    let pixels = |path: std::path::PathBuf| image::open(path).unwrap().to_rgb8().into_raw();
+    let names = files(&long, ".png");
+    assert_eq!(names.len(), 71);
+    let alone = pixels(short.join(&files(&short, ".png")[0]));
+    assert_eq!(pixels(long.join(&names[0])), alone, "line 1");
+    assert_eq!(
+        pixels(long.join(&names[70])),
+        alone,
+        "line 71, after the cache was cleared"
+    );
+    assert_ne!(pixels(long.join(&names[1])), alone);
+}

@@ -26,6 +26,7 @@ use crate::config::vae::VaeConfig;
 use crate::device::{self, DeviceChoice};
 use crate::guidance;
 use crate::model::clip::ClipTextTransformer;
+use crate::model::op_profile;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::Vae;
@@ -98,6 +99,12 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+
+    /// Also report the time per kind of op (conv 3x3, conv 1x1, linear, attention, group norm,
+    /// gelu, upsample; "other" is the rest) in each stage, per run, as `op_ms`. CPU only: GPU
+    /// kernels run asynchronously.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Median and minimum of timings, in milliseconds.
@@ -117,6 +124,7 @@ fn median(ms: &[f64]) -> f64 {
 fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;
     device.synchronize()?;
+    op_profile::take();
     let mut ms = Vec::with_capacity(times);
     for _ in 0..times {
         let started = Instant::now();
@@ -125,6 +133,22 @@ fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Res
         ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(ms)
+}
+
+/// The op times recorded since the stage's warm-up, per run, in ms, with "other" the rest of the
+/// stage's mean time.
+fn op_ms(ms: &[f64]) -> serde_json::Value {
+    let runs = ms.len() as f64;
+    let mut ops = serde_json::Map::new();
+    let mut timed = 0.0;
+    for (op, seconds, _) in op_profile::take() {
+        let per_run = seconds * 1000.0 / runs;
+        timed += per_run;
+        ops.insert(op.to_string(), json!(per_run));
+    }
+    let mean = ms.iter().sum::<f64>() / runs;
+    ops.insert("other".to_string(), json!((mean - timed).max(0.0)));
+    serde_json::Value::Object(ops)
 }
 
 /// Weights drawn from each tensor's initialiser as the model asks for them, and kept by the model
@@ -196,14 +220,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     // Random weights (candle-nn's initialisers): the shapes are what matter for timing.
+    if args.profile {
+        op_profile::enable();
+    }
     let memory_watch = device::MemoryWatch::start(&device);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
     let vae_dtype = Vae::decode_dtype(&vae_config, dtype);
+    // As `generate` does for a short run: encode, free the text encoder, then build the UNet and
+    // the VAE, so their weights are never resident beside the text encoder's.
     let started = Instant::now();
     let text_encoder = ClipTextTransformer::new(vb.pp("text_encoder"), &clip_config)?;
-    let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_spec)?;
-    let vae = Vae::new(vb.pp("vae").to_dtype(vae_dtype), &vae_config)?;
-    let build_s = started.elapsed().as_secs_f64();
+    let mut build_s = started.elapsed().as_secs_f64();
     let tokenizer_folder = crate::model::demo::folder("demo")?.context("the built-in demo model is missing")?;
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_folder.join("tokenizer"))?;
 
@@ -220,7 +247,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         context = Some(text_encoder.forward(&ids)?);
         Ok(())
     })?;
+    let text_ops = op_ms(&text_ms);
     let context = context.context("text encoder produced nothing")?;
+    drop(text_encoder);
+
+    let started = Instant::now();
+    let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_spec)?;
+    let vae = Vae::new(vb.pp("vae").to_dtype(vae_dtype), &vae_config)?;
+    build_s += started.elapsed().as_secs_f64();
 
     let latents = Tensor::randn(0f32, 1f32, (b, channels, h, w), &device)?;
     let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dtype)?;
@@ -229,6 +263,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         output = Some(unet.forward(&input, 999.0, &context)?);
         Ok(())
     })?;
+    let unet_ops = op_ms(&unet_ms);
     let output = output.context("unet produced nothing")?.to_dtype(DType::F32)?;
 
     let schedule = Schedule::new(&ScheduleSpec {
@@ -256,6 +291,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         vae.decode(&vae_input)?;
         Ok(())
     })?;
+    let vae_ops = op_ms(&vae_ms);
 
     let peak_memory_mb = match memory_watch {
         Some(watch) => watch.finish(),
@@ -263,7 +299,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     let total_s =
         (median(&text_ms) + args.steps as f64 * (median(&unet_ms) + median(&ddim_ms)) + median(&vae_ms)) / 1000.0;
-    let report = json!({
+    let mut report = json!({
         "tool": "sdfix",
         "arch": arch,
         "width": width,
@@ -284,6 +320,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "total_s": total_s,
         "peak_memory_mb": peak_memory_mb,
     });
+    if args.profile {
+        report["op_ms"] = json!({"text_encode": text_ops, "unet_step": unet_ops, "vae_decode": vae_ops});
+    }
     if args.json {
         println!("{report}");
     } else {

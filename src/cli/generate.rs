@@ -4,7 +4,8 @@
 //! (zero terminal SNR needs a v-prediction or sample model), each prompt line's settings, image
 //! sizes, the output files. A bad prompt-file line is reported with its file:line and skipped; the
 //! rest runs and the exit code says something failed. The model loads once; images with equal
-//! settings go through the UNet `--batch-size` at a time; each distinct prompt is encoded once.
+//! settings go through the UNet `--batch-size` at a time; each distinct prompt is encoded once,
+//! all of them before the UNet loads when there are few (the text encoder is then freed first).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,7 +27,7 @@ use crate::metadata::{self, ImageSettings, SchedulerRecord};
 use crate::model::demo::{DEFAULT_MODEL, DEMO_MODELS};
 use crate::model::files::{ModelFiles, ModelLocation};
 use crate::model::stable_diffusion::{
-    read_scheduler_config, read_unet_spec, read_vae_config, StableDiffusion, SCHEDULER_CONFIG,
+    read_scheduler_config, read_unet_spec, read_vae_config, StableDiffusion, TextEncoder, SCHEDULER_CONFIG,
 };
 use crate::noise::ImageNoise;
 use crate::output;
@@ -759,6 +760,47 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
 }
 
+/// Runs with at most this many distinct texts (prompts and negative prompts) encode them all
+/// first and free the text encoder before the UNet loads: its weights (1.4 GB in f32 for SD 2.x)
+/// are then never resident beside the UNet's. Longer prompt files keep it and encode as they go,
+/// so that neither the embeddings (0.3 MB each in f32) nor the wait before the first image grow
+/// with the file.
+const ENCODE_AHEAD_TEXTS: usize = 64;
+
+/// Text embeddings by text, encoded on demand and cached; once the encoder is freed, only what
+/// was encoded before.
+struct PromptEmbeddings {
+    encoder: Option<TextEncoder>,
+    cache: HashMap<String, Tensor>,
+}
+
+impl PromptEmbeddings {
+    /// The embeddings of `text`, (1, tokens, dim); a text past the encoder's token limit is
+    /// warned about when it is encoded.
+    fn get(&mut self, text: &str, progress: &Progress) -> Result<Tensor> {
+        if let Some(e) = self.cache.get(text) {
+            return Ok(e.clone());
+        }
+        let encoder = self
+            .encoder
+            .as_ref()
+            .with_context(|| format!("internal: {text:?} was not encoded before the text encoder was freed"))?;
+        let dropped = encoder.tokenizer.truncated_tokens(text)?;
+        if dropped > 0 {
+            progress.warn(&format!(
+                "warning: {dropped} tokens of {text:?} are past the text encoder's limit and ignored"
+            ));
+        }
+        let e = encoder.encode(&[text])?;
+        if self.cache.len() >= ENCODE_AHEAD_TEXTS {
+            // Bounded: a long prompt file is mostly distinct prompts, used once each.
+            self.cache.clear();
+        }
+        self.cache.insert(text.to_string(), e.clone());
+        Ok(e)
+    }
+}
+
 /// Loads the model once and makes every item, batched by settings.
 pub(crate) fn make_images(
     args: &RenderOptions,
@@ -769,34 +811,6 @@ pub(crate) fn make_images(
     initial_latents: Option<&Tensor>,
     progress: &Progress,
 ) -> Result<usize> {
-    let started = Instant::now();
-    let model = StableDiffusion::load(&context.files, options.dtype, &options.device)?;
-    progress.info(&format!(
-        "loaded {} in {:.1} s ({} on {})",
-        model.location,
-        started.elapsed().as_secs_f64(),
-        dtype_name(options.dtype),
-        device::describe(&options.device)
-    ));
-    progress.detail(&format!("timing: load {:.3} s", started.elapsed().as_secs_f64()));
-
-    // Each distinct prompt (and negative prompt) is encoded once.
-    let mut embeddings: HashMap<String, Tensor> = HashMap::new();
-    let mut embed = |text: &str| -> Result<Tensor> {
-        if let Some(e) = embeddings.get(text) {
-            return Ok(e.clone());
-        }
-        let dropped = model.tokenizer.truncated_tokens(text)?;
-        if dropped > 0 {
-            progress.warn(&format!(
-                "warning: {dropped} tokens of {text:?} are past the text encoder's limit and ignored"
-            ));
-        }
-        let e = pipeline::encode_prompts(&model, &[text])?;
-        embeddings.insert(text.to_string(), e.clone());
-        Ok(e)
-    };
-
     // Group items by settings, in first-seen order, then cut into batches.
     let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
     for &item in items {
@@ -806,6 +820,48 @@ pub(crate) fn make_images(
             None => groups.push((key, vec![item])),
         }
     }
+    // Every text the run encodes, each once, in order of use.
+    let mut texts: Vec<&str> = Vec::new();
+    for &item in items {
+        let job = &jobs[item.job];
+        let negative = job.settings.uses_cfg().then_some(job.request.negative_prompt.as_str());
+        for text in std::iter::once(job.request.prompt.as_str()).chain(negative) {
+            if !texts.contains(&text) {
+                texts.push(text);
+            }
+        }
+    }
+
+    let started = Instant::now();
+    let text_encoder = TextEncoder::load(&context.files, options.dtype, &options.device)?;
+    let mut load_seconds = started.elapsed().as_secs_f64();
+    let mut prompts = PromptEmbeddings {
+        encoder: Some(text_encoder),
+        cache: HashMap::new(),
+    };
+    if texts.len() <= ENCODE_AHEAD_TEXTS {
+        let encode_started = Instant::now();
+        for text in &texts {
+            prompts.get(text, progress)?;
+        }
+        prompts.encoder = None;
+        progress.detail(&format!(
+            "timing: encoded {} text(s) in {:.3} s, text encoder freed",
+            texts.len(),
+            encode_started.elapsed().as_secs_f64()
+        ));
+    }
+    let unet_started = Instant::now();
+    let model = StableDiffusion::load(&context.files, options.dtype, &options.device)?;
+    load_seconds += unet_started.elapsed().as_secs_f64();
+    progress.info(&format!(
+        "loaded {} in {load_seconds:.1} s ({} on {})",
+        model.location,
+        dtype_name(options.dtype),
+        device::describe(&options.device)
+    ));
+    progress.detail(&format!("timing: load {load_seconds:.3} s"));
+
     let mut written = 0;
     for batch in groups.iter().flat_map(|(_, group)| group.chunks(args.batch_size)) {
         let batch_started = Instant::now();
@@ -834,14 +890,14 @@ pub(crate) fn make_images(
         let cond = Tensor::cat(
             &batch
                 .iter()
-                .map(|i| embed(&jobs[i.job].request.prompt))
+                .map(|i| prompts.get(&jobs[i.job].request.prompt, progress))
                 .collect::<Result<Vec<_>>>()?,
             0,
         )?;
         let uncond = if settings.uses_cfg() {
             let rows = batch
                 .iter()
-                .map(|i| embed(&jobs[i.job].request.negative_prompt))
+                .map(|i| prompts.get(&jobs[i.job].request.negative_prompt, progress))
                 .collect::<Result<Vec<_>>>()?;
             Some(Tensor::cat(&rows, 0)?)
         } else {

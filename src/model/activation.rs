@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::model::cpu_math;
 use crate::model::cpu_op::contiguous_f32;
+use crate::model::op_profile;
 
 fn cpu_f32(xs: &Tensor) -> bool {
     xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu)
@@ -14,21 +15,25 @@ fn cpu_f32(xs: &Tensor) -> bool {
 
 /// The exact (erf) GELU.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if cpu_f32(xs) {
-        xs.contiguous()?.apply_op1_no_bwd(&CpuGelu)
-    } else {
-        xs.gelu_erf()
-    }
+    op_profile::time("gelu", || {
+        if cpu_f32(xs) {
+            xs.contiguous()?.apply_op1_no_bwd(&CpuGelu)
+        } else {
+            xs.gelu_erf()
+        }
+    })
 }
 
 /// diffusers' GEGLU: the last dimension halves into value and gate, `value * gelu_erf(gate)`.
 pub fn geglu(projected: &Tensor) -> Result<Tensor> {
-    if cpu_f32(projected) {
-        projected.contiguous()?.apply_op1_no_bwd(&CpuGeglu)
-    } else {
-        let chunks = projected.chunk(2, candle_core::D::Minus1)?;
-        &chunks[0] * chunks[1].gelu_erf()?
-    }
+    op_profile::time("gelu", || {
+        if cpu_f32(projected) {
+            projected.contiguous()?.apply_op1_no_bwd(&CpuGeglu)
+        } else {
+            let chunks = projected.chunk(2, candle_core::D::Minus1)?;
+            &chunks[0] * chunks[1].gelu_erf()?
+        }
+    })
 }
 
 /// Elements per parallel task.

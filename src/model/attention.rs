@@ -11,11 +11,22 @@ use rayon::prelude::*;
 
 use crate::model::cpu_math;
 use crate::model::cpu_op::{contiguous_f32, SharedOut};
+use crate::model::op_profile;
 
 /// Multi-head attention of `query` (b, n, h*d) over `key`/`value` (b, m, h*d), `heads` heads,
 /// scores scaled by 1/sqrt(d), plus `mask` (broadcastable to (b, h, n, m), f32) when given.
 /// Returns (b, n, h*d).
 pub fn scaled_dot_product_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    op_profile::time("attention", || attention_untimed(query, key, value, heads, mask))
+}
+
+fn attention_untimed(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
@@ -53,12 +64,14 @@ pub fn scaled_dot_product_attention(
     probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, queries, inner))
 }
 
-/// The CPU kernel: for each (sample, head, block of queries), in parallel, the block's scores
-/// against every key (one single-threaded matrix product, reading q and k in place from their
-/// (b, tokens, h*d) layout), the mask row added, a row softmax, and the product with v written
-/// straight into the output's (b, n, h*d) layout. No transposed copies, and the score matrix is
-/// never whole: a block is at most ~4 MB (256 queries x 4096 keys at 512 px), where the full
-/// 4096 x 4096 matrix per head would be 64 MB.
+/// The CPU kernel, flash-attention style: for each (sample, head, block of QUERY_BLOCK queries),
+/// in parallel, the keys in blocks of KEY_BLOCK: the block's scores (one single-threaded matrix
+/// product reading q and k in place from their (b, tokens, h*d) layout), the mask added, an
+/// online softmax (running row maximum and sum, earlier output rescaled), and the product with v
+/// accumulated; the output is divided by the sums and written into its (b, n, h*d) layout. The
+/// scores of a block (<= 512 KB) stay in L2; the whole 4096 x 4096 matrix per head at 512 px
+/// would be 64 MB, and one ~4 MB block of whole rows (the kernel before this one) ran at 122
+/// GFLOP/s where this runs at ~200 (docs/performance.md).
 fn cpu_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (batch, queries, inner) = query.dims3()?;
     let keys = key.dim(1)?;
@@ -85,6 +98,11 @@ fn cpu_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, mas
     };
     q.apply_op3_no_bwd(&k, &v, &op)
 }
+
+/// Queries per task and keys per block: (256 x 512) f32 scores = 512 KB, as PyTorch's CPU flash
+/// attention splits them.
+const QUERY_BLOCK: usize = 256;
+const KEY_BLOCK: usize = 512;
 
 struct CpuAttention {
     heads: usize,
@@ -115,78 +133,99 @@ impl candle_core::CustomOp3 for CpuAttention {
         let (batch, queries, inner) = l1.shape().dims3()?;
         let keys = l2.shape().dims()[1];
         let head_dim = inner / self.heads;
-        // Queries per block: ~1M scores (4 MB of f32; 256 queries x 4096 keys at 512 px): fewer
-        // blocks repack k and v less often, and a block still fits this CPU's cache.
-        let block = (1_048_576 / keys.max(1)).max(16).min(queries.max(1));
-        let blocks = queries.div_ceil(block);
+        let query_blocks = queries.div_ceil(QUERY_BLOCK);
         let mut out = vec![0f32; batch * queries * inner];
         let shared = SharedOut::new(&mut out);
         let ld = inner as isize;
-        (0..batch * self.heads * blocks).into_par_iter().for_each(|task| {
-            let (b, rest) = (task / (self.heads * blocks), task % (self.heads * blocks));
-            let (h, blk) = (rest / blocks, rest % blocks);
-            let r0 = blk * block;
-            let rows = block.min(queries - r0);
-            let mut scores = vec![0f32; rows * keys];
+        (0..batch * self.heads * query_blocks).into_par_iter().for_each(|task| {
+            let (b, rest) = (task / (self.heads * query_blocks), task % (self.heads * query_blocks));
+            let (h, blk) = (rest / query_blocks, rest % query_blocks);
+            let r0 = blk * QUERY_BLOCK;
+            let rows = QUERY_BLOCK.min(queries - r0);
+            let key_block = KEY_BLOCK.min(keys);
+            let mut scores = vec![0f32; rows * key_block];
+            let mut acc = vec![0f32; rows * head_dim];
+            let mut running_max = vec![f32::NEG_INFINITY; rows];
+            let mut running_sum = vec![0f32; rows];
+            let mut correction = vec![0f32; rows];
             let q_at = (b * queries + r0) * inner + h * head_dim;
-            let kv_at = b * keys * inner + h * head_dim;
-            // SAFETY (both products): q rows r0.. of sample b, head h: (rows x d), row stride
-            // inner; k^T: (d x keys), element (j, t) at kv_at + t * inner + j; scores (rows x
-            // keys) contiguous; v: (keys x d), row stride inner; the output block (rows x d) at
-            // row stride inner belongs to this task alone.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    keys,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    keys as isize,
-                    false,
-                    q.as_ptr().add(q_at),
-                    1,
-                    ld,
-                    k.as_ptr().add(kv_at),
-                    ld,
-                    1,
-                    0.0,
-                    self.scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            if let Some(mask) = &self.mask {
-                for (row, mask_row) in scores.chunks_mut(keys).zip(mask[r0 * keys..].chunks(keys)) {
-                    for (s, m) in row.iter_mut().zip(mask_row) {
-                        *s += m;
+            for k0 in (0..keys).step_by(key_block) {
+                let cols = key_block.min(keys - k0);
+                let kv_at = (b * keys + k0) * inner + h * head_dim;
+                // SAFETY: q rows r0.. of sample b, head h: (rows x d), row stride inner; k^T for
+                // keys k0..k0+cols: (d x cols), element (j, t) at kv_at + t * inner + j; scores
+                // (rows x cols), row stride cols, inside the rows * key_block buffer.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        cols,
+                        head_dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        false,
+                        q.as_ptr().add(q_at),
+                        1,
+                        ld,
+                        k.as_ptr().add(kv_at),
+                        ld,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let scores = &mut scores[..rows * cols];
+                if let Some(mask) = &self.mask {
+                    for (i, row) in scores.chunks_mut(cols).enumerate() {
+                        let mask_row = &mask[(r0 + i) * keys + k0..][..cols];
+                        for (s, m) in row.iter_mut().zip(mask_row) {
+                            *s += m;
+                        }
                     }
                 }
+                cpu_math::online_softmax_rows(scores, cols, &mut running_max, &mut running_sum, &mut correction);
+                if k0 > 0 {
+                    for (row, &c) in acc.chunks_mut(head_dim).zip(&correction) {
+                        row.iter_mut().for_each(|x| *x *= c);
+                    }
+                }
+                // SAFETY: terms (rows x cols), row stride cols; v for keys k0..: (cols x d), row
+                // stride inner; acc (rows x d) contiguous, accumulated into (alpha 1).
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        head_dim,
+                        cols,
+                        acc.as_mut_ptr(),
+                        1,
+                        head_dim as isize,
+                        k0 > 0,
+                        scores.as_ptr(),
+                        1,
+                        cols as isize,
+                        v.as_ptr().add(kv_at),
+                        1,
+                        ld,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
-            cpu_math::softmax_rows(&mut scores, keys);
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    head_dim,
-                    keys,
-                    shared.ptr().add(q_at),
-                    1,
-                    ld,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    keys as isize,
-                    v.as_ptr().add(kv_at),
-                    1,
-                    ld,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            for (i, (row, &sum)) in acc.chunks(head_dim).zip(&running_sum).enumerate() {
+                let inv = 1.0 / sum;
+                // SAFETY: row r0 + i of sample b, head h's d columns: this task's alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(shared.ptr().add(q_at + i * inner), head_dim) };
+                for (d, &x) in dst.iter_mut().zip(row) {
+                    *d = x * inv;
+                }
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -219,11 +258,17 @@ mod tests {
     }
 
     /// The CPU kernel against the composite candle-op path (forced through f64 inputs cast
-    /// back), with and without a mask, several heads, more queries than one block.
+    /// back), with and without a mask, several heads, several query and key blocks (a causal
+    /// mask over 600 keys leaves early rows with whole key blocks masked out).
     #[test]
     fn cpu_kernel_matches_the_composite_path() {
         let dev = Device::Cpu;
-        for &(b, n, m, heads, d) in &[(2, 5, 7, 2, 4), (1, 300, 1000, 3, 8), (2, 77, 77, 4, 16)] {
+        for &(b, n, m, heads, d) in &[
+            (2, 5, 7, 2, 4),
+            (1, 300, 1000, 3, 8),
+            (2, 77, 77, 4, 16),
+            (1, 600, 600, 2, 8),
+        ] {
             let q = Tensor::randn(0f32, 1., (b, n, heads * d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1., (b, m, heads * d), &dev).unwrap();

@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::model::cpu_op::{apply_weighted, SharedOut, WeightedKernel};
+use crate::model::cpu_op::{apply_weighted, transpose_2d, SharedOut, WeightedKernel};
+use crate::model::op_profile;
 
 /// A convolution with square kernels, equal padding on all sides, dilation 1, one group: what
 /// SD's UNet and VAE use.
@@ -69,8 +70,10 @@ impl Conv2d {
     fn new(weight: Tensor, bias: Option<Tensor>, spec: ConvSpec) -> Result<Self> {
         let tap_major = matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32;
         let weight = if tap_major {
-            // Each tap's (c_out, c_in) matrix contiguous, prepared once at load.
-            weight.permute((2, 3, 0, 1))?.contiguous()?
+            // Each tap's (c_out, c_in) matrix contiguous, prepared once at load: the permutation
+            // (2, 3, 0, 1) is the transpose of (c_out * c_in, kh * kw).
+            let (c_out, c_in, kh, kw) = weight.dims4()?;
+            transpose_2d(&weight.contiguous()?.reshape((c_out * c_in, kh * kw))?)?.reshape((kh, kw, c_out, c_in))?
         } else {
             weight
         };
@@ -84,6 +87,15 @@ impl Conv2d {
 
     /// `xs` (b, c_in, h, w) -> (b, c_out, oh, ow).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let op = match self.spec.kernel {
+            1 => "conv 1x1",
+            3 => "conv 3x3",
+            _ => "conv other",
+        };
+        op_profile::time(op, || self.forward_untimed(xs))
+    }
+
+    fn forward_untimed(&self, xs: &Tensor) -> Result<Tensor> {
         if self.tap_major && xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) {
             return apply_weighted(CpuConv(self.spec), xs, &self.weight, self.bias.as_ref());
         }

@@ -13,8 +13,10 @@ use std::f32::consts::LOG2_E;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
-    // n = round(x / ln 2) via the 1.5 * 2^23 trick (exact for |n| < 2^22).
-    let n = (x * LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // n = round(x / ln 2) via the 1.5 * 2^23 trick (exact for |n| < 2^22): t's low mantissa
+    // bits hold n as an integer too.
+    let t = x * LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     // r = x - n ln 2 in two parts, so r keeps full precision.
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
@@ -24,8 +26,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    // 2^n from its exponent bits (n in [-126, 127] after the clamp).
-    e_r * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n from its exponent bits (n in [-126, 127] after the clamp), n read from t's bits with
+    // integer ops: `n as i32` is a saturating conversion that does not vectorise (it made the
+    // softmax half of flash attention's time).
+    let n_bits = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    e_r * f32::from_bits((n_bits.wrapping_add(127) << 23) as u32)
 }
 
 /// The error function: A&S 7.1.26 (|error| <= 1.5e-7 before rounding) for |x| >= 0.8, its
@@ -117,6 +122,22 @@ fn max_of(xs: &[f32]) -> f32 {
     max
 }
 
+/// Scores this far below their row's maximum get probability 0: e^-70 = 4e-31 is far below what
+/// an f32 sum of at least 1 resolves, and exp of anything lower (masked -inf scores: half the text
+/// encoder's causal mask), once divided by the sum, is a subnormal float, whose every later
+/// multiply (the product with v) takes a microcode assist: the masked attention ran 14x slower.
+const SOFTMAX_CUTOFF: f32 = -70.0;
+
+/// One unnormalised softmax term e^x, x = score - row max <= 0.
+#[inline(always)]
+fn softmax_term(x: f32) -> f32 {
+    if x < SOFTMAX_CUTOFF {
+        0.0
+    } else {
+        exp(x)
+    }
+}
+
 dispatch! {
     /// Softmax of each `row_len`-long row of `rows`, in place.
     pub fn softmax_rows(rows: &mut [f32], row_len: usize) {
@@ -127,13 +148,13 @@ dispatch! {
             let (body, tail) = row.split_at_mut(split);
             for chunk in body.chunks_exact_mut(LANES) {
                 for (s, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-                    *x = exp(*x - max);
+                    *x = softmax_term(*x - max);
                     *s += *x;
                 }
             }
             let mut sum = 0.0;
             for x in tail.iter_mut() {
-                *x = exp(*x - max);
+                *x = softmax_term(*x - max);
                 sum += *x;
             }
             let sum = sum + lanes.iter().sum::<f32>();
@@ -141,6 +162,43 @@ dispatch! {
             for x in row.iter_mut() {
                 *x *= inv;
             }
+        }
+    }
+}
+
+dispatch! {
+    /// One key block of an online (flash) softmax, row by row: each `row_len`-long row of
+    /// `scores` becomes its terms e^(s - m'), with m' the larger of the row's running maximum and
+    /// the block's; the running sum is rescaled by `correction` = e^(m - m') and grows by the
+    /// terms; the caller rescales its output rows by `correction` before adding this block's.
+    pub fn online_softmax_rows(
+        scores: &mut [f32],
+        row_len: usize,
+        running_max: &mut [f32],
+        running_sum: &mut [f32],
+        correction: &mut [f32],
+    ) {
+        for (r, row) in scores.chunks_mut(row_len).enumerate() {
+            let new_max = max_of(row).max(running_max[r]);
+            // A row masked out so far: its terms are 0 either way, and -inf - -inf is NaN.
+            let shift = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max };
+            correction[r] = softmax_term(running_max[r] - shift);
+            running_max[r] = new_max;
+            let mut lanes = [0f32; LANES];
+            let split = row.len() / LANES * LANES;
+            let (body, tail) = row.split_at_mut(split);
+            for chunk in body.chunks_exact_mut(LANES) {
+                for (s, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+                    *x = softmax_term(*x - shift);
+                    *s += *x;
+                }
+            }
+            let mut sum = 0.0;
+            for x in tail.iter_mut() {
+                *x = softmax_term(*x - shift);
+                sum += *x;
+            }
+            running_sum[r] = running_sum[r] * correction[r] + sum + lanes.iter().sum::<f32>();
         }
     }
 }

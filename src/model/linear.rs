@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::model::cpu_op::{apply_weighted, SharedOut, WeightedKernel};
+use crate::model::cpu_op::{apply_weighted, transpose_2d, SharedOut, WeightedKernel};
+use crate::model::op_profile;
 
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -41,7 +42,7 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         if weight.dtype() == DType::F32 && matches!(weight.device(), Device::Cpu) {
             Ok(Self::Cpu {
-                weight_t: weight.t()?.contiguous()?,
+                weight_t: transpose_2d(&weight.contiguous()?)?,
                 bias: bias.map(|b| b.contiguous()).transpose()?,
             })
         } else {
@@ -53,10 +54,10 @@ impl Linear {
 impl Module for Linear {
     /// `xs` (..., in) -> (..., out).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
+        op_profile::time("linear", || match self {
             Self::Cpu { weight_t, bias } => apply_weighted(CpuLinear, xs, weight_t, bias.as_ref()),
             Self::Candle(layer) => layer.forward(xs),
-        }
+        })
     }
 }
 

@@ -2,14 +2,15 @@
 //!
 //! - [`files`]: a local diffusers-layout folder or a Hugging Face repo.
 //! - [`demo`]: the two tiny demo models built into the binary.
-//! - [`weights`]: safetensors / PyTorch `.bin` loading with every tensor name and shape checked.
+//! - [`weights`]: safetensors / PyTorch `.bin` loading with every tensor name and shape checked;
+//!   [`safetensors_reader`]: safetensors read into our own buffers, not mapped.
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
 //! - [`vae`]: the VAE decoder, configured from vae/config.json.
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
 //! - [`attention`]: the one attention function all of them use.
 //! - [`conv`], [`norm`], [`linear`]: convolution, group norm and linear layers (our CPU kernels,
 //!   candle's elsewhere); [`activation`]: GELU/GEGLU; [`cpu_math`]: the vectorised exp/erf they
-//!   use; [`cpu_op`]: their shared plumbing.
+//!   use; [`cpu_op`]: their shared plumbing; [`op_profile`]: time per kind of op (`bench --profile`).
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 
 pub mod activation;
@@ -22,7 +23,9 @@ pub mod demo;
 pub mod files;
 pub mod linear;
 pub mod norm;
+pub mod op_profile;
 pub mod resnet;
+pub mod safetensors_reader;
 pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet;

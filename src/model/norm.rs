@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::model::cpu_math;
 use crate::model::cpu_op::contiguous_f32;
+use crate::model::op_profile;
 
 /// diffusers' / PyTorch's `GroupNorm(num_groups, num_channels, eps, affine=True)`.
 #[derive(Debug, Clone)]
@@ -50,6 +51,10 @@ impl GroupNorm {
     }
 
     fn apply(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        op_profile::time("group norm", || self.apply_untimed(xs, silu))
+    }
+
+    fn apply_untimed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         if xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && self.weight.dtype() == DType::F32 {
             let op = CpuGroupNorm {
                 groups: self.groups,

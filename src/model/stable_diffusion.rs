@@ -1,5 +1,7 @@
 //! A whole Stable Diffusion model in the diffusers layout: tokenizer, text encoder, UNet, VAE and
-//! scheduler config, loaded from a local folder or a hub repo.
+//! scheduler config, loaded from a local folder or a hub repo, in two parts: the [`TextEncoder`]
+//! (tokenizer + CLIP) and the [`StableDiffusion`] denoiser (UNet + VAE), so that a run can encode
+//! its prompts and free the text encoder before the UNet's weights arrive.
 //!
 //! Weights: with f16/bf16, `*.fp16.safetensors` is preferred when the model ships it (half the
 //! download); then `*.safetensors` (memory-mapped), then pickled `*.bin` (the paper's ByteDance
@@ -8,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextTransformer;
 use super::files::{ModelFiles, ModelLocation};
@@ -43,11 +45,47 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
     }
 }
 
-/// Everything needed to turn a prompt into an image.
+/// Prompts to embeddings: the tokenizer and the text encoder.
+pub struct TextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextTransformer,
+    pub device: Device,
+    /// The weight file loaded, for the record.
+    pub weight_file: PathBuf,
+}
+
+impl TextEncoder {
+    pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let tokenizer = load_tokenizer(files)?;
+        let config_path = files.get("text_encoder/config.json")?;
+        let config: ClipTextConfig = read_json(&config_path)?;
+        config
+            .validate()
+            .with_context(|| format!("{}", config_path.display()))?;
+        let weight_file = files.first_present(&weight_candidates("text_encoder", "model", dtype))?;
+        let model = Weights::open(&weight_file, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, &config))?;
+        Ok(Self {
+            tokenizer,
+            model,
+            device: device.clone(),
+            weight_file,
+        })
+    }
+
+    /// Text embeddings of a batch of prompts, (b, tokens, dim), in the model's dtype.
+    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len() * self.tokenizer.max_length());
+        for prompt in prompts {
+            ids.extend(self.tokenizer.encode(prompt)?);
+        }
+        let ids = Tensor::from_vec(ids, (prompts.len(), self.tokenizer.max_length()), &self.device)?;
+        Ok(self.model.forward(&ids)?)
+    }
+}
+
+/// Latents to images: the UNet, the VAE and the scheduler config.
 pub struct StableDiffusion {
     pub location: ModelLocation,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextTransformer,
     pub unet: UNet2DConditionModel,
     pub unet_spec: UNetSpec,
     pub vae: Vae,
@@ -85,19 +123,9 @@ pub fn read_vae_config(files: &ModelFiles) -> Result<VaeConfig> {
 }
 
 impl StableDiffusion {
+    /// Loads the UNet and the VAE (the text encoder is [`TextEncoder::load`]).
     pub fn load(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
         let scheduler = read_scheduler_config(files)?;
-        let tokenizer = Self::load_tokenizer(files)?;
-
-        let clip_config_path = files.get("text_encoder/config.json")?;
-        let clip_config: ClipTextConfig = read_json(&clip_config_path)?;
-        clip_config
-            .validate()
-            .with_context(|| format!("{}", clip_config_path.display()))?;
-        let clip_file = files.first_present(&weight_candidates("text_encoder", "model", dtype))?;
-        let text_encoder =
-            Weights::open(&clip_file, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, &clip_config))?;
-
         let unet_spec = read_unet_spec(files)?;
         let unet_file = files.first_present(&weight_candidates("unet", "diffusion_pytorch_model", dtype))?;
         let unet =
@@ -110,8 +138,6 @@ impl StableDiffusion {
 
         Ok(Self {
             location: files.location().clone(),
-            tokenizer,
-            text_encoder,
             unet,
             unet_spec,
             vae,
@@ -119,24 +145,24 @@ impl StableDiffusion {
             dtype,
             vae_dtype,
             device: device.clone(),
-            weight_files: vec![clip_file, unet_file, vae_file],
+            weight_files: vec![unet_file, vae_file],
         })
     }
+}
 
-    /// The tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the optional
-    /// special-token files fetched beside them.
-    fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
-        let main = files.first_present(&["tokenizer/tokenizer.json".into(), "tokenizer/vocab.json".into()])?;
-        for optional in [
-            "tokenizer/merges.txt",
-            "tokenizer/special_tokens_map.json",
-            "tokenizer/tokenizer_config.json",
-        ] {
-            if files.has(optional)? {
-                files.get(optional)?;
-            }
+/// The tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the optional
+/// special-token files fetched beside them.
+fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+    let main = files.first_present(&["tokenizer/tokenizer.json".into(), "tokenizer/vocab.json".into()])?;
+    for optional in [
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
+        if files.has(optional)? {
+            files.get(optional)?;
         }
-        let folder = main.parent().context("tokenizer file has no folder")?;
-        ClipTokenizer::from_folder(folder)
     }
+    let folder = main.parent().context("tokenizer file has no folder")?;
+    ClipTokenizer::from_folder(folder)
 }

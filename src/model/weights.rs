@@ -1,4 +1,4 @@
-//! Loading weights (safetensors by mmap, or pickled PyTorch `.bin`) into a candle `VarBuilder`
+//! Loading weights (safetensors read tensor by tensor, or pickled PyTorch `.bin`) into a candle `VarBuilder`
 //! that remembers which tensors the model asked for.
 //!
 //! Missing tensors and shape mismatches are candle errors naming the tensor; [`Weights::build`]
@@ -14,6 +14,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+
+use super::safetensors_reader::SafetensorsReader;
 
 /// Tensors that checkpoints carry but no module reads: buffers, not weights.
 const IGNORED_TENSORS: &[&str] = &["text_model.embeddings.position_ids", "embeddings.position_ids"];
@@ -58,18 +60,16 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Opens `path` by its extension: `.safetensors` (memory-mapped) or `.bin`/`.pt`/`.pth`/`.ckpt`
-    /// (PyTorch pickle). Tensors are converted to `dtype` on `device` as they are read.
+    /// Opens `path` by its extension: `.safetensors` (read, not mapped: see [`SafetensorsReader`])
+    /// or `.bin`/`.pt`/`.pth`/`.ckpt` (PyTorch pickle). Tensors are converted to `dtype` on
+    /// `device` as they are read.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let label = path.display().to_string();
         let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
         let (backend, names): (Box<dyn SimpleBackend>, BTreeSet<String>) = match extension {
             "safetensors" => {
-                // SAFETY: the file is mapped read-only; like every mmap it must not be truncated
-                // while we run, which is the same contract candle's own examples accept.
-                let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-                    .with_context(|| format!("{label} is not a readable safetensors file"))?;
-                let names = tensors.tensors().into_iter().map(|(name, _)| name).collect();
+                let tensors = SafetensorsReader::open(path)?;
+                let names = tensors.names().cloned().collect();
                 (Box::new(tensors), names)
             }
             "bin" | "pt" | "pth" | "ckpt" => {

@@ -1,0 +1,230 @@
+//! A safetensors file read tensor by tensor with plain reads instead of a memory map.
+//!
+//! On the CPU every weight ends up in memory we own (candle's storage is a `Vec`, and our kernels
+//! re-lay weights at load), so a mapped file only adds its touched pages to the process: loading
+//! SD 2.1-base's f32 UNet from a map peaked at the 3.5 GB copy plus the 3.5 GB of mapped file
+//! (`scripts/generate_compare.sh`, docs/performance.md). Reading each tensor straight into its
+//! buffer keeps the file in the page cache only, where it does not count against the process.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+use safetensors::tensor::{Metadata, TensorInfo};
+
+/// The 8-byte little-endian header length that starts every safetensors file.
+const HEADER_LENGTH_BYTES: u64 = 8;
+/// Headers past this are not safetensors files (the format's own reader refuses 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One tensor's place in the file.
+struct Entry {
+    dtype: DType,
+    shape: Shape,
+    /// Absolute byte offset of the data.
+    start: u64,
+    bytes: usize,
+}
+
+/// An open safetensors file: its header parsed, its data read on demand.
+pub struct SafetensorsReader {
+    label: String,
+    file: Mutex<File>,
+    entries: HashMap<String, Entry>,
+}
+
+fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
+    Some(match dtype {
+        safetensors::Dtype::U8 => DType::U8,
+        safetensors::Dtype::U32 => DType::U32,
+        safetensors::Dtype::I64 => DType::I64,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+impl SafetensorsReader {
+    /// Opens `path` and reads its header; every tensor's extent is checked against the file size.
+    pub fn open(path: &Path) -> Result<Self> {
+        let label = path.display().to_string();
+        let mut file = File::open(path).with_context(|| format!("cannot open {label}"))?;
+        let file_bytes = file.metadata().with_context(|| format!("cannot read {label}"))?.len();
+        let mut length = [0u8; HEADER_LENGTH_BYTES as usize];
+        file.read_exact(&mut length)
+            .with_context(|| format!("{label} is too short for a safetensors file"))?;
+        let header_bytes = u64::from_le_bytes(length);
+        if header_bytes > MAX_HEADER_BYTES || HEADER_LENGTH_BYTES + header_bytes > file_bytes {
+            bail!("{label} is not a safetensors file (header length {header_bytes} of a {file_bytes}-byte file)");
+        }
+        let mut header = vec![0u8; header_bytes as usize];
+        file.read_exact(&mut header)
+            .with_context(|| format!("cannot read the header of {label}"))?;
+        let metadata: Metadata =
+            serde_json::from_slice(&header).with_context(|| format!("{label} has no valid safetensors header"))?;
+        let data_start = HEADER_LENGTH_BYTES + header_bytes;
+        let data_bytes = file_bytes - data_start;
+        let mut entries = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            let TensorInfo {
+                dtype,
+                shape,
+                data_offsets: (begin, end),
+            } = info;
+            if *end as u64 > data_bytes {
+                bail!("{label} is truncated: tensor {name} ends at byte {end} of {data_bytes} data bytes");
+            }
+            let Some(dtype) = candle_dtype(*dtype) else {
+                bail!("{label}: tensor {name} has dtype {dtype:?}, which sdfix cannot load");
+            };
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: Shape::from(shape.clone()),
+                    start: data_start + *begin as u64,
+                    bytes: end - begin,
+                },
+            );
+        }
+        Ok(Self {
+            label,
+            file: Mutex::new(file),
+            entries,
+        })
+    }
+
+    /// The names of the tensors in the file.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    /// Reads tensor `name` onto `device`, in the file's dtype.
+    pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let read = |buffer: &mut [u8]| -> candle_core::Result<()> {
+            let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+            file.seek(SeekFrom::Start(entry.start))
+                .and_then(|_| file.read_exact(buffer))
+                .map_err(|e| candle_core::Error::Msg(format!("{}: reading tensor {name}: {e}", self.label)))
+        };
+        if entry.dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
+            // Straight into the tensor's own buffer: the common CPU case, one copy from the cache.
+            let mut values = vec![0f32; entry.bytes / 4];
+            // SAFETY: any bit pattern is a valid f32, and the byte view covers exactly `values`.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), entry.bytes) };
+            read(bytes)?;
+            return Tensor::from_vec(values, entry.shape.clone(), device);
+        }
+        let mut bytes = vec![0u8; entry.bytes];
+        read(&mut bytes)?;
+        Tensor::from_raw_buffer(&bytes, entry.dtype, entry.shape.dims(), device)
+    }
+}
+
+impl SimpleBackend for SafetensorsReader {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some(entry) = self.entries.get(name) {
+            if entry.shape != s {
+                return Err(candle_core::Error::UnexpectedShape {
+                    msg: format!("shape mismatch for {name}"),
+                    expected: s,
+                    got: entry.shape.clone(),
+                }
+                .bt());
+            }
+        }
+        self.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(tensors: &[(&str, Tensor)]) -> tempfile::NamedTempFile {
+        let file = tempfile::Builder::new().suffix(".safetensors").tempfile().unwrap();
+        let map: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        candle_core::safetensors::save(&map, file.path()).unwrap();
+        file
+    }
+
+    #[test]
+    fn reads_every_dtype_as_candle_saved_it() {
+        let device = Device::Cpu;
+        let values = Tensor::arange(0f32, 24., &device).unwrap().reshape((2, 3, 4)).unwrap();
+        let tensors = [
+            ("f32", values.clone()),
+            ("f16", values.to_dtype(DType::F16).unwrap()),
+            ("bf16", values.to_dtype(DType::BF16).unwrap()),
+            ("f64", values.to_dtype(DType::F64).unwrap()),
+            ("u8", values.to_dtype(DType::U8).unwrap()),
+            ("i64", values.to_dtype(DType::I64).unwrap()),
+        ];
+        let file = write(&tensors);
+        let reader = SafetensorsReader::open(file.path()).unwrap();
+        assert_eq!(reader.names().count(), tensors.len());
+        for (name, expected) in &tensors {
+            let got = reader.load(name, &device).unwrap();
+            assert_eq!(got.dtype(), expected.dtype(), "{name}");
+            assert_eq!(got.dims(), &[2, 3, 4], "{name}");
+            let got = got
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let expected = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+            assert_eq!(got, expected.to_vec1::<f64>().unwrap(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_shape_or_name_is_an_error_naming_the_tensor() {
+        let device = Device::Cpu;
+        let file = write(&[("w", Tensor::zeros((2, 3), DType::F32, &device).unwrap())]);
+        let reader = SafetensorsReader::open(file.path()).unwrap();
+        let wrong = reader.get((3, 2).into(), "w", Init::Const(0.), DType::F32, &device);
+        assert!(wrong.unwrap_err().to_string().contains("shape mismatch for w"));
+        let missing = reader.load("nope", &device);
+        assert!(missing.unwrap_err().to_string().contains("nope"));
+        let ok = reader
+            .get((2, 3).into(), "w", Init::Const(0.), DType::F16, &device)
+            .unwrap();
+        assert_eq!(ok.dtype(), DType::F16);
+    }
+
+    #[test]
+    fn truncated_or_garbage_files_are_refused_with_their_name() {
+        let device = Device::Cpu;
+        let file = write(&[("w", Tensor::ones((64, 64), DType::F32, &device).unwrap())]);
+        let bytes = std::fs::read(file.path()).unwrap();
+        let truncated = tempfile::Builder::new().suffix(".safetensors").tempfile().unwrap();
+        std::fs::write(truncated.path(), &bytes[..bytes.len() - 100]).unwrap();
+        let err = SafetensorsReader::open(truncated.path()).err().unwrap().to_string();
+        assert!(err.contains("truncated") && err.contains(".safetensors"), "{err}");
+        std::fs::write(truncated.path(), b"not a safetensors file at all").unwrap();
+        let err = SafetensorsReader::open(truncated.path()).err().unwrap().to_string();
+        assert!(err.contains("not a safetensors file"), "{err}");
+    }
+}
