@@ -134,8 +134,9 @@ impl candle_core::CustomOp3 for CpuAttention {
         let keys = l2.shape().dims()[1];
         let head_dim = inner / self.heads;
         let query_blocks = queries.div_ceil(QUERY_BLOCK);
-        let mut out = vec![0f32; batch * queries * inner];
-        let shared = SharedOut::new(&mut out);
+        // Not zeroed: every (sample, query, head) row is stored below.
+        let mut out: Vec<f32> = Vec::with_capacity(batch * queries * inner);
+        let shared = SharedOut::new_uninit(&mut out);
         let ld = inner as isize;
         (0..batch * self.heads * query_blocks).into_par_iter().for_each(|task| {
             let (b, rest) = (task / (self.heads * query_blocks), task % (self.heads * query_blocks));
@@ -228,6 +229,8 @@ impl candle_core::CustomOp3 for CpuAttention {
                 }
             }
         });
+        // SAFETY: the tasks cover every (sample, head, query block), each storing all its rows.
+        unsafe { out.set_len(batch * queries * inner) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

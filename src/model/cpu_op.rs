@@ -113,7 +113,7 @@ impl CustomOp1 for Transpose2d {
         let (rows, cols) = layout.shape().dims2()?;
         let src = contiguous_f32(storage, layout, "transpose_2d")?;
         let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
-        let shared = SharedOut(out.as_mut_ptr());
+        let shared = SharedOut::new_uninit(&mut out);
         // One task per band of TRANSPOSE_TILE source rows, read front to back (sequential
         // streams the prefetcher follows); each tile of the band lands as TRANSPOSE_TILE runs
         // of the output's rows.
@@ -164,7 +164,8 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    pub fn new(buffer: &mut [f32]) -> Self {
+    /// The spare capacity of an empty `Vec`, which the tasks fill before the caller's `set_len`.
+    pub fn new_uninit(buffer: &mut Vec<f32>) -> Self {
         Self(buffer.as_mut_ptr())
     }
 

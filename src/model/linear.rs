@@ -87,17 +87,21 @@ impl WeightedKernel for CpuLinear {
 
 /// `x (rows, k) @ w (k, n) (+ bias)`, split over the rayon pool.
 fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * n];
-    if rows == 0 || n == 0 {
-        return out;
+    if rows == 0 || n == 0 || k == 0 {
+        return bias.map_or_else(
+            || vec![0f32; rows * n],
+            |b| b.iter().copied().cycle().take(rows * n).collect(),
+        );
     }
+    // Not zeroed: each task's product stores its whole block (read_dst = false).
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
     let threads = rayon::current_num_threads().max(1);
     // Split the dimension whose operand is cheaper to pack twice.
     let split_rows = rows >= n;
     let (len, min_chunk) = if split_rows { (rows, 16) } else { (n, 64) };
     let chunks = threads.min(len.div_ceil(min_chunk)).max(1);
     let chunk = len.div_ceil(chunks);
-    let shared = SharedOut::new(&mut out);
+    let shared = SharedOut::new_uninit(&mut out);
     (0..chunks).into_par_iter().for_each(|index| {
         let start = index * chunk;
         let end = (start + chunk).min(len);
@@ -144,6 +148,8 @@ fn matmul(x: &[f32], w: &[f32], bias: Option<&[f32]>, rows: usize, k: usize, n: 
             }
         }
     });
+    // SAFETY: the chunks cover all rows (or all columns) of the (rows, n) output.
+    unsafe { out.set_len(rows * n) };
     out
 }
 
