@@ -3,12 +3,14 @@
 # and on THREADS threads: the measurements behind docs/performance.md's remarks on gemm threading.
 #
 #   bash scripts/gemm_compare.sh            # the UNet's widest conv as one product, CLIP's MLP
+#   SHAPES="4096 320 320,1024 2560 640" bash scripts/gemm_compare.sh   # any M K N, comma-separated
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv-oracle/bin/python}
 THREADS=${THREADS:-$(nproc)}
 cargo build --release --quiet --example gemm_bench
-for shape in "640 5760 1024" "154 1024 2048"; do
+IFS=',' read -r -a shapes <<< "${SHAPES:-640 5760 1024,154 1024 2048}"
+for shape in "${shapes[@]}"; do
   RAYON_NUM_THREADS=1 target/release/examples/gemm_bench $shape single
   RAYON_NUM_THREADS=$THREADS target/release/examples/gemm_bench $shape pool
   "$PYTHON" - $shape "$THREADS" <<'PY'

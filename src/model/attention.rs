@@ -70,8 +70,7 @@ fn attention_untimed(
 /// online softmax (running row maximum and sum, earlier output rescaled), and the product with v
 /// accumulated; the output is divided by the sums and written into its (b, n, h*d) layout. The
 /// scores of a block (<= 512 KB) stay in L2; the whole 4096 x 4096 matrix per head at 512 px
-/// would be 64 MB, and one ~4 MB block of whole rows (the kernel before this one) ran at 122
-/// GFLOP/s where this runs at ~200 (docs/performance.md).
+/// would be 64 MB (`scripts/attention_compare.sh` times it against PyTorch's SDPA).
 fn cpu_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
     let (batch, queries, inner) = query.dims3()?;
     let keys = key.dim(1)?;

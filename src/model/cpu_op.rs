@@ -93,8 +93,7 @@ impl<K: WeightedKernel> CustomOp3 for Weighted<K> {
 /// `matrix` (rows, cols), f32 on the CPU, as a contiguous (cols, rows): how linear and conv
 /// weights are re-laid once at load. Candle's strided copy moves one element per index
 /// computation (44% of loading SD 2.1-base, perf); this moves 32 x 32 tiles through a buffer on
-/// the stack, bands of rows spread over threads (about twice as fast; page faults on the fresh
-/// output are much of the rest).
+/// the stack, bands of rows spread over threads.
 pub fn transpose_2d(matrix: &Tensor) -> Result<Tensor> {
     matrix.apply_op1_no_bwd(&Transpose2d)
 }
