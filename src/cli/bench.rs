@@ -221,6 +221,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     // Random weights (candle-nn's initialisers): the shapes are what matter for timing.
     if args.profile {
+        if !device.is_cpu() {
+            bail!("--profile times ops on the CPU only (GPU kernels run asynchronously); drop it or pass --device cpu");
+        }
         op_profile::enable();
     }
     let memory_watch = device::MemoryWatch::start(&device);

@@ -820,14 +820,19 @@ pub(crate) fn make_images(
             None => groups.push((key, vec![item])),
         }
     }
-    // Every text the run encodes, each once, in order of use.
+    // The texts the run encodes, each once, in order of use; counted only up to one past the
+    // encode-ahead limit.
     let mut texts: Vec<&str> = Vec::new();
-    for &item in items {
+    let mut seen = std::collections::HashSet::new();
+    'items: for &item in items {
         let job = &jobs[item.job];
         let negative = job.settings.uses_cfg().then_some(job.request.negative_prompt.as_str());
         for text in std::iter::once(job.request.prompt.as_str()).chain(negative) {
-            if !texts.contains(&text) {
+            if seen.insert(text) {
                 texts.push(text);
+                if texts.len() > ENCODE_AHEAD_TEXTS {
+                    break 'items;
+                }
             }
         }
     }
