@@ -48,10 +48,14 @@ impl CustomOp1 for CpuGelu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let xs = contiguous_f32(storage, layout, "activation")?;
-        let mut out = vec![0f32; xs.len()];
-        out.par_chunks_mut(CHUNK)
+        // Filled in place, not zeroed first: every element is written.
+        let mut out: Vec<f32> = Vec::with_capacity(xs.len());
+        out.spare_capacity_mut()[..xs.len()]
+            .par_chunks_mut(CHUNK)
             .zip(xs.par_chunks(CHUNK))
             .for_each(|(dst, src)| cpu_math::gelu_slice(dst, src));
+        // SAFETY: the chunks above wrote all xs.len() elements.
+        unsafe { out.set_len(xs.len()) };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -75,11 +79,15 @@ impl CustomOp1 for CpuGeglu {
         }
         let hidden = *last / 2;
         *last = hidden;
-        let mut out = vec![0f32; xs.len() / 2];
+        let len = xs.len() / 2;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         if hidden > 0 {
-            out.par_chunks_mut(hidden)
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(hidden)
                 .zip(xs.par_chunks(2 * hidden))
                 .for_each(|(dst, src)| cpu_math::geglu(dst, &src[..hidden], &src[hidden..]));
+            // SAFETY: one output row of `hidden` per input row of 2 * hidden: all len elements.
+            unsafe { out.set_len(len) };
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }

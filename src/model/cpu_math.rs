@@ -8,6 +8,7 @@
 //! diffusers parity tests hold (and measure near 1e-6).
 
 use std::f32::consts::LOG2_E;
+use std::mem::MaybeUninit;
 
 /// e^x for x in [-87.3, 88.3] (clamped there: ~0 and ~2e38 at the ends).
 #[inline(always)]
@@ -205,14 +206,14 @@ dispatch! {
 
 dispatch! {
     /// `dst[i] = (src[i] - pivot) * scale + shift`, then SiLU when `silu`.
-    pub fn scale_shift(dst: &mut [f32], src: &[f32], pivot: f32, scale: f32, shift: f32, silu: bool) {
+    pub fn scale_shift(dst: &mut [MaybeUninit<f32>], src: &[f32], pivot: f32, scale: f32, shift: f32, silu: bool) {
         if silu {
             for (d, &x) in dst.iter_mut().zip(src) {
-                *d = self::silu((x - pivot) * scale + shift);
+                d.write(self::silu((x - pivot) * scale + shift));
             }
         } else {
             for (d, &x) in dst.iter_mut().zip(src) {
-                *d = (x - pivot) * scale + shift;
+                d.write((x - pivot) * scale + shift);
             }
         }
     }
@@ -220,18 +221,18 @@ dispatch! {
 
 dispatch! {
     /// GEGLU: `dst[i] = value[i] * gelu_erf(gate[i])`.
-    pub fn geglu(dst: &mut [f32], value: &[f32], gate: &[f32]) {
+    pub fn geglu(dst: &mut [MaybeUninit<f32>], value: &[f32], gate: &[f32]) {
         for ((d, &v), &g) in dst.iter_mut().zip(value).zip(gate) {
-            *d = v * gelu_erf(g);
+            d.write(v * gelu_erf(g));
         }
     }
 }
 
 dispatch! {
     /// `dst[i] = gelu_erf(src[i])`.
-    pub fn gelu_slice(dst: &mut [f32], src: &[f32]) {
+    pub fn gelu_slice(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
         for (d, &x) in dst.iter_mut().zip(src) {
-            *d = gelu_erf(x);
+            d.write(gelu_erf(x));
         }
     }
 }
