@@ -140,34 +140,6 @@ fn softmax_term(x: f32) -> f32 {
 }
 
 dispatch! {
-    /// Softmax of each `row_len`-long row of `rows`, in place.
-    pub fn softmax_rows(rows: &mut [f32], row_len: usize) {
-        for row in rows.chunks_mut(row_len) {
-            let max = max_of(row);
-            let mut lanes = [0f32; LANES];
-            let split = row.len() / LANES * LANES;
-            let (body, tail) = row.split_at_mut(split);
-            for chunk in body.chunks_exact_mut(LANES) {
-                for (s, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
-                    *x = softmax_term(*x - max);
-                    *s += *x;
-                }
-            }
-            let mut sum = 0.0;
-            for x in tail.iter_mut() {
-                *x = softmax_term(*x - max);
-                sum += *x;
-            }
-            let sum = sum + lanes.iter().sum::<f32>();
-            let inv = 1.0 / sum;
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
-        }
-    }
-}
-
-dispatch! {
     /// One key block of an online (flash) softmax, row by row: each `row_len`-long row of
     /// `scores` becomes its terms e^(s - m'), with m' the larger of the row's running maximum and
     /// the block's; the running sum is rescaled by `correction` = e^(m - m') and grows by the
@@ -295,6 +267,17 @@ mod tests {
                 "gelu({x})"
             );
             x += 0.0071;
+        }
+    }
+
+    /// Softmax of each `row_len`-long row: one block of the online softmax from a fresh state,
+    /// divided by its sums (what attention does when all keys fit one block).
+    fn softmax_rows(rows: &mut [f32], row_len: usize) {
+        let n = rows.len() / row_len;
+        let (mut max, mut sum, mut correction) = (vec![f32::NEG_INFINITY; n], vec![0f32; n], vec![0f32; n]);
+        online_softmax_rows(rows, row_len, &mut max, &mut sum, &mut correction);
+        for (row, s) in rows.chunks_mut(row_len).zip(&sum) {
+            row.iter_mut().for_each(|x| *x /= s);
         }
     }
 
