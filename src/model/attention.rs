@@ -23,21 +23,26 @@ pub fn scaled_dot_product_attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    op_profile::time("attention", || attention_untimed(query, key, value, heads, mask))
+    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    let mask_2d = mask.map(|m| m.rank() == 2).unwrap_or(true);
+    let kernel = cpu_f32(query) && cpu_f32(key) && cpu_f32(value) && mask_2d && mask.is_none_or(cpu_f32);
+    op_profile::time("attention", || {
+        if kernel {
+            cpu_attention(query, key, value, heads, mask)
+        } else {
+            composite_attention(query, key, value, heads, mask)
+        }
+    })
 }
 
-fn attention_untimed(
+/// The same attention as candle ops (GPUs, f16/bf16, f64): whole (b, h, n, m) score tensors.
+fn composite_attention(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
-    let mask_2d = mask.map(|m| m.rank() == 2).unwrap_or(true);
-    if cpu_f32(query) && cpu_f32(key) && cpu_f32(value) && mask_2d && mask.is_none_or(cpu_f32) {
-        return cpu_attention(query, key, value, heads, mask);
-    }
     let (batch, queries, inner) = query.dims3()?;
     let keys = key.dim(1)?;
     let head_dim = inner / heads;

@@ -4,10 +4,8 @@
 //! its prompts and free the text encoder before the UNet's weights arrive.
 //!
 //! Weights: with f16/bf16, `*.fp16.safetensors` is preferred when the model ships it (half the
-//! download); then `*.safetensors` (memory-mapped), then pickled `*.bin` (the paper's ByteDance
-//! checkpoints ship only those).
-
-use std::path::PathBuf;
+//! download); then `*.safetensors` (read tensor by tensor, not mapped), then pickled `*.bin`
+//! (the paper's ByteDance checkpoints ship only those).
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -50,8 +48,6 @@ pub struct TextEncoder {
     pub tokenizer: ClipTokenizer,
     pub model: ClipTextTransformer,
     pub device: Device,
-    /// The weight file loaded, for the record.
-    pub weight_file: PathBuf,
 }
 
 impl TextEncoder {
@@ -68,7 +64,6 @@ impl TextEncoder {
             tokenizer,
             model,
             device: device.clone(),
-            weight_file,
         })
     }
 
@@ -96,8 +91,6 @@ pub struct StableDiffusion {
     /// overflows in f16), as diffusers does.
     pub vae_dtype: DType,
     pub device: Device,
-    /// The weight files loaded, for the record.
-    pub weight_files: Vec<PathBuf>,
 }
 
 /// Reads the scheduler config of a model: cheap, so settings can be checked before loading weights.
@@ -145,7 +138,6 @@ impl StableDiffusion {
             dtype,
             vae_dtype,
             device: device.clone(),
-            weight_files: vec![unet_file, vae_file],
         })
     }
 }
