@@ -2,7 +2,9 @@
 //! self-attention, cross-attention to the text, and a GEGLU feed-forward, each pre-normed with a
 //! residual.
 
-use candle_core::{Module, Result, Tensor};
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::{Module, Result, Tensor, TensorId};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::config::unet::TransformerSpec;
@@ -26,6 +28,10 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// Keys and values of the last context attended to, by the context tensor's id (candle never
+    /// reuses one). The text embedding is the same tensor at every sampling step, so its
+    /// projections are computed once per prompt; diffusers recomputes them each step.
+    context_projections: Mutex<Option<(TensorId, Tensor, Tensor)>>,
 }
 
 impl Attention {
@@ -37,17 +43,32 @@ impl Attention {
             to_v: linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
             to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
+            context_projections: Mutex::new(None),
         })
     }
 
     /// `xs` (b, n, dim) attends to `context` (b, m, context_dim), or to itself when `None`.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(xs);
         let q = self.to_q.forward(xs)?;
-        let k = self.to_k.forward(context)?;
-        let v = self.to_v.forward(context)?;
+        let (k, v) = match context {
+            None => (self.to_k.forward(xs)?, self.to_v.forward(xs)?),
+            Some(context) => self.context_keys_values(context)?,
+        };
         self.to_out
             .forward(&scaled_dot_product_attention(&q, &k, &v, self.heads, None)?)
+    }
+
+    /// `context`'s keys and values, from the cache when it is the tensor seen last.
+    fn context_keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut cached = self.context_projections.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((id, k, v)) = cached.as_ref() {
+            if *id == context.id() {
+                return Ok((k.clone(), v.clone()));
+            }
+        }
+        let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
+        *cached = Some((context.id(), k.clone(), v.clone()));
+        Ok((k, v))
     }
 }
 
@@ -185,5 +206,47 @@ impl Transformer2DModel {
             Projection::Conv(proj) => proj.forward(&to_pixels(hidden)?)?,
         };
         out + xs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cpu_op::max_abs_diff;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn cross_attention_reuses_projections_only_for_the_same_context_tensor() {
+        let dev = Device::Cpu;
+        let weights = VarMap::new();
+        let vb = VarBuilder::from_varmap(&weights, DType::F32, &dev);
+        let cached = Attention::new(vb.clone(), 16, 8, 2).unwrap();
+        let xs = Tensor::randn(0f32, 1., (2, 5, 16), &dev).unwrap();
+        let context = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
+        let other = (&context * 2.0).unwrap();
+        // A second layer over the same weights has an empty cache at each call.
+        let fresh = |ctx: &Tensor| {
+            Attention::new(vb.clone(), 16, 8, 2)
+                .unwrap()
+                .forward(&xs, Some(ctx))
+                .unwrap()
+        };
+
+        let first = cached.forward(&xs, Some(&context)).unwrap();
+        assert!(max_abs_diff(&first, &fresh(&context)) < 1e-6);
+        let again = cached.forward(&xs, Some(&context)).unwrap();
+        assert_eq!(max_abs_diff(&again, &first), 0.0);
+        // A different context is projected anew, not served from the cache.
+        let switched = cached.forward(&xs, Some(&other)).unwrap();
+        assert!(max_abs_diff(&switched, &fresh(&other)) < 1e-6);
+        assert!(max_abs_diff(&switched, &first) > 1e-3);
+        // Self-attention projects its own input at each call.
+        let self_attention = Attention::new(vb.pp("attn1"), 16, 16, 2).unwrap();
+        let own = self_attention.forward(&xs, None).unwrap();
+        let shifted = self_attention.forward(&(&xs + 1.0).unwrap(), None).unwrap();
+        let own_fresh = Attention::new(vb.pp("attn1"), 16, 16, 2).unwrap();
+        assert!(max_abs_diff(&shifted, &own_fresh.forward(&(&xs + 1.0).unwrap(), None).unwrap()) < 1e-6);
+        assert!(max_abs_diff(&own, &shifted) > 1e-3);
     }
 }
