@@ -8,7 +8,8 @@
 #   ROUNDS=3 bash scripts/bench_compare.sh --arch sd2.1-base --width 256 --height 256 --steps 3 --repeat 2
 #
 # Any flag is passed to both (--arch, --width, --height, --steps, --batch-size, --repeat, --dtype,
-# --device, --profile: then each stage's time per kind of op too, median over rounds). THREADS
+# --device, --profile: then each stage's time per kind of op too, and the linear layers' by
+# shape, medians over rounds). THREADS
 # (default: all cores) sets RAYON_NUM_THREADS for sdfix and --threads for torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,4 +53,16 @@ if all("op_ms" in r for rs in runs.values() for r in rs):
         for op in sorted(names, key=lambda op: -med["sdfix"][op]):
             x, y = med["sdfix"][op], med["diffusers"][op]
             print(f"  {op:<18}{x:>10.1f}{y:>11.1f}{(x / y if y else float('nan')):>7.2f}")
+if all("linear_ms_by_shape" in r for rs in runs.values() for r in rs):
+    for stage in ("text_encode", "unet_step"):
+        shapes = {tool: [r["linear_ms_by_shape"][stage] for r in rs] for tool, rs in runs.items()}
+        names = set().union(*shapes["sdfix"], *shapes["diffusers"])
+        med = {tool: {s: statistics.median(o.get(s, {}).get("ms", 0.0) for o in shapes[tool]) for s in names}
+               for tool in shapes}
+        calls = {s: max(o.get(s, {}).get("calls", 0) for o in shapes["sdfix"] + shapes["diffusers"]) for s in names}
+        print(f"\n{stage + ' linear by shape':<24}{'calls':>6}{'sdfix':>10}{'diffusers':>11}{'ratio':>7}")
+        for s in sorted(names, key=lambda s: -med["sdfix"][s]):
+            x, y = med["sdfix"][s], med["diffusers"][s]
+            if max(x, y) >= 1.0:
+                print(f"  {s:<22}{calls[s]:>6.0f}{x:>10.1f}{y:>11.1f}{(x / y if y else float('nan')):>7.2f}")
 PY

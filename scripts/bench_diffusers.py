@@ -53,13 +53,20 @@ OP_KINDS = {
 
 
 def op_ms(fn):
-    """One run of `fn` under the profiler: ms per kind of op, "other" the rest of its wall time."""
+    """One run of `fn` under the profiler: ms per kind of op, "other" the rest of its wall time;
+    and the linear layers' (aten addmm and mm) ms and calls by shape, "rows x in x out"."""
     started = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     wall_ms = (time.perf_counter() - started) * 1000
-    kinds = {}
+    kinds, shapes = {}, {}
     for event in prof.key_averages(group_by_input_shape=True):
+        operands = {"aten::addmm": event.input_shapes[1:3], "aten::mm": event.input_shapes[0:2]}.get(event.key)
+        if operands and len(operands) == 2 and len(operands[0]) == 2 and len(operands[1]) == 2:
+            key = f"{operands[0][0]}x{operands[0][1]}x{operands[1][1]}"
+            entry = shapes.setdefault(key, {"ms": 0.0, "calls": 0})
+            entry["ms"] += event.self_cpu_time_total / 1000
+            entry["calls"] += event.count
         if event.key == "aten::mkldnn_convolution":
             kernel = event.input_shapes[1][2] if len(event.input_shapes) > 1 and len(event.input_shapes[1]) == 4 else 0
             kind = {1: "conv 1x1", 3: "conv 3x3"}.get(kernel, "conv other")
@@ -68,7 +75,7 @@ def op_ms(fn):
         if kind:
             kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 1000
     kinds["other"] = max(wall_ms - sum(kinds.values()), 0.0)
-    return kinds
+    return kinds, shapes
 
 
 def summary(ms):
@@ -132,11 +139,13 @@ def main() -> None:
                + sorted(vae_ms)[len(vae_ms) // 2]) / 1000
     profile = {}
     if args.profile:
-        profile = {"op_ms": {
+        stages = {
             "text_encode": op_ms(lambda: clip(ids)),
             "unet_step": op_ms(lambda: unet(unet_input, 999, encoder_hidden_states=context["c"])),
             "vae_decode": op_ms(lambda: vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor)),
-        }}
+        }
+        profile = {"op_ms": {stage: ops for stage, (ops, _) in stages.items()},
+                   "linear_ms_by_shape": {stage: shapes for stage, (_, shapes) in stages.items()}}
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "tool": "diffusers", "arch": args.arch, "width": width, "height": height, "steps": args.steps, "batch_size": b,

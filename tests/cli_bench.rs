@@ -59,6 +59,24 @@ fn bench_profile_splits_each_stage_by_op() {
     assert!(parts <= stage * 1.5 + 1.0, "{parts} ms of ops in a {stage} ms step");
     assert!(report["op_ms"]["vae_decode"]["conv 3x3"].as_f64().unwrap() > 0.0);
     assert!(report["op_ms"]["text_encode"]["linear"].as_f64().unwrap() > 0.0);
+    // The linear layers by shape ("rows x in x out") add up to the linear total.
+    for stage in ["text_encode", "unet_step"] {
+        let shapes = report["linear_ms_by_shape"][stage]
+            .as_object()
+            .expect("linear_ms_by_shape");
+        assert!(!shapes.is_empty());
+        for (shape, entry) in shapes {
+            let dims: Vec<usize> = shape.split('x').filter_map(|d| d.parse().ok()).collect();
+            assert_eq!(dims.len(), 3, "{shape}");
+            assert!(entry["calls"].as_f64().unwrap() >= 1.0, "{shape}: {entry}");
+        }
+        let by_shape: f64 = shapes.values().map(|e| e["ms"].as_f64().unwrap()).sum();
+        let total = report["op_ms"][stage]["linear"].as_f64().unwrap();
+        assert!(
+            (by_shape - total).abs() <= 1e-6 * total.max(1.0),
+            "{stage}: {by_shape} vs {total}"
+        );
+    }
 }
 
 #[test]

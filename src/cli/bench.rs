@@ -101,8 +101,8 @@ pub struct BenchArgs {
     pub json: bool,
 
     /// Also report the time per kind of op (conv 3x3, conv 1x1, linear, attention, group norm,
-    /// gelu, upsample; "other" is the rest) in each stage, per run, as `op_ms`. CPU only: GPU
-    /// kernels run asynchronously.
+    /// gelu, upsample; "other" is the rest) in each stage, per run, as `op_ms`, and the linear
+    /// layers' time per shape as `linear_ms_by_shape`. CPU only: GPU kernels run asynchronously.
     #[arg(long)]
     pub profile: bool,
 }
@@ -125,6 +125,7 @@ fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Res
     f()?;
     device.synchronize()?;
     op_profile::take();
+    op_profile::take_details();
     let mut ms = Vec::with_capacity(times);
     for _ in 0..times {
         let started = Instant::now();
@@ -136,8 +137,8 @@ fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Res
 }
 
 /// The op times recorded since the stage's warm-up, per run, in ms, with "other" the rest of the
-/// stage's mean time.
-fn op_ms(ms: &[f64]) -> serde_json::Value {
+/// stage's mean time; and the linear layers' by shape (`rows x in x out`: ms and calls per run).
+fn op_ms(ms: &[f64]) -> (serde_json::Value, serde_json::Value) {
     let runs = ms.len() as f64;
     let mut ops = serde_json::Map::new();
     let mut timed = 0.0;
@@ -148,7 +149,14 @@ fn op_ms(ms: &[f64]) -> serde_json::Value {
     }
     let mean = ms.iter().sum::<f64>() / runs;
     ops.insert("other".to_string(), json!((mean - timed).max(0.0)));
-    serde_json::Value::Object(ops)
+    let mut shapes = serde_json::Map::new();
+    for (_, shape, seconds, calls) in op_profile::take_details() {
+        shapes.insert(
+            shape,
+            json!({"ms": seconds * 1000.0 / runs, "calls": calls as f64 / runs}),
+        );
+    }
+    (serde_json::Value::Object(ops), serde_json::Value::Object(shapes))
 }
 
 /// Weights drawn from each tensor's initialiser as the model asks for them, and kept by the model
@@ -324,7 +332,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "peak_memory_mb": peak_memory_mb,
     });
     if args.profile {
-        report["op_ms"] = json!({"text_encode": text_ops, "unet_step": unet_ops, "vae_decode": vae_ops});
+        report["op_ms"] = json!({"text_encode": text_ops.0, "unet_step": unet_ops.0, "vae_decode": vae_ops.0});
+        report["linear_ms_by_shape"] =
+            json!({"text_encode": text_ops.1, "unet_step": unet_ops.1, "vae_decode": vae_ops.1});
     }
     if args.json {
         println!("{report}");

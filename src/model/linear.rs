@@ -54,7 +54,15 @@ impl Linear {
 impl Module for Linear {
     /// `xs` (..., in) -> (..., out).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        op_profile::time("linear", || match self {
+        let shape = || {
+            let in_dim = xs.dims().last().copied().unwrap_or(0);
+            let out_dim = match self {
+                Self::Cpu { weight_t, .. } => weight_t.dims().last().copied().unwrap_or(0),
+                Self::Candle(layer) => layer.weight().dims().first().copied().unwrap_or(0),
+            };
+            format!("{}x{in_dim}x{out_dim}", xs.elem_count() / in_dim.max(1))
+        };
+        op_profile::time_detailed("linear", shape, || match self {
             Self::Cpu { weight_t, bias } => apply_weighted(CpuLinear, xs, weight_t, bias.as_ref()),
             Self::Candle(layer) => layer.forward(xs),
         })

@@ -1,7 +1,9 @@
 //! Wall time per kind of op (conv 3x3, linear, attention, ...), for `sdfix bench --profile`: which
 //! op costs what, measured before changing any of them. Off unless enabled; then each timed op
 //! adds its seconds to a global table. CPU ops run synchronously, so the times are theirs; on a
-//! GPU, kernels are queued asynchronously and the times mean little.
+//! GPU, kernels are queued asynchronously and the times mean little. Ops that pass a detail
+//! (the linear layers: their `rows x in x out`) are also totalled per detail, to compare shape by
+//! shape with PyTorch's profiler.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -10,6 +12,8 @@ use std::time::Instant;
 static ENABLED: AtomicBool = AtomicBool::new(false);
 /// (op, seconds, calls), in first-seen order.
 static TOTALS: Mutex<Vec<(&'static str, f64, usize)>> = Mutex::new(Vec::new());
+/// (op, detail, seconds, calls), in first-seen order.
+static DETAILS: Mutex<Vec<(&'static str, String, f64, usize)>> = Mutex::new(Vec::new());
 
 /// Starts recording.
 pub fn enable() {
@@ -23,7 +27,33 @@ pub fn time<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
     }
     let started = Instant::now();
     let out = f();
+    add(op, started.elapsed().as_secs_f64());
+    out
+}
+
+/// As [`time`], and also adds the time to (`op`, `detail()`)'s total; `detail` runs only when
+/// recording.
+pub fn time_detailed<T>(op: &'static str, detail: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return f();
+    }
+    let detail = detail();
+    let started = Instant::now();
+    let out = f();
     let seconds = started.elapsed().as_secs_f64();
+    add(op, seconds);
+    let mut details = DETAILS.lock().unwrap_or_else(PoisonError::into_inner);
+    match details.iter_mut().find(|(name, d, _, _)| *name == op && *d == detail) {
+        Some((_, _, total, calls)) => {
+            *total += seconds;
+            *calls += 1;
+        }
+        None => details.push((op, detail, seconds, 1)),
+    }
+    out
+}
+
+fn add(op: &'static str, seconds: f64) {
     let mut totals = TOTALS.lock().unwrap_or_else(PoisonError::into_inner);
     match totals.iter_mut().find(|(name, _, _)| *name == op) {
         Some((_, total, calls)) => {
@@ -32,12 +62,16 @@ pub fn time<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
         }
         None => totals.push((op, seconds, 1)),
     }
-    out
 }
 
 /// The totals so far, (op, seconds, calls), and a fresh table.
 pub fn take() -> Vec<(&'static str, f64, usize)> {
     std::mem::take(&mut *TOTALS.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// The per-detail totals so far, (op, detail, seconds, calls), and a fresh table.
+pub fn take_details() -> Vec<(&'static str, String, f64, usize)> {
+    std::mem::take(&mut *DETAILS.lock().unwrap_or_else(PoisonError::into_inner))
 }
 
 #[cfg(test)]
@@ -59,5 +93,17 @@ mod tests {
         assert!(a.1 >= 0.002);
         assert!(totals.iter().any(|(op, _, calls)| *op == "op b" && *calls == 1));
         assert!(take().iter().all(|(op, _, _)| *op != "op a"));
+
+        time_detailed("op c", || "2x3".to_string(), || ());
+        time_detailed("op c", || "2x3".to_string(), || ());
+        time_detailed("op c", || "4x5".to_string(), || ());
+        let totals = take();
+        assert!(totals.iter().any(|(op, _, calls)| *op == "op c" && *calls == 3));
+        let details = take_details();
+        assert_eq!(details.len(), 2);
+        assert!(details
+            .iter()
+            .any(|(op, d, _, calls)| *op == "op c" && d == "2x3" && *calls == 2));
+        assert!(take_details().is_empty());
     }
 }
