@@ -113,7 +113,9 @@ impl SafetensorsReader {
         {
             use rayon::prelude::*;
             use std::os::unix::fs::FileExt;
-            let file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+            // Positional reads share no file offset, so a duplicate handle needs no lock; none is
+            // held while the pool runs (a pool task waiting on it could be this thread's own).
+            let file = self.file.lock().unwrap_or_else(PoisonError::into_inner).try_clone()?;
             buffer
                 .par_chunks_mut(READ_PIECE_BYTES)
                 .enumerate()

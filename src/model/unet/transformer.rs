@@ -58,16 +58,17 @@ impl Attention {
             .forward(&scaled_dot_product_attention(&q, &k, &v, self.heads, None)?)
     }
 
-    /// `context`'s keys and values, from the cache when it is the tensor seen last.
+    /// `context`'s keys and values, from the cache when it is the tensor seen last. The lock is
+    /// not held while projecting: the products run on the rayon pool.
     fn context_keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut cached = self.context_projections.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((id, k, v)) = cached.as_ref() {
+        let cache = || self.context_projections.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((id, k, v)) = cache().as_ref() {
             if *id == context.id() {
                 return Ok((k.clone(), v.clone()));
             }
         }
         let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
-        *cached = Some((context.id(), k.clone(), v.clone()));
+        *cache() = Some((context.id(), k.clone(), v.clone()));
         Ok((k, v))
     }
 }
