@@ -258,7 +258,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         context = Some(text_encoder.forward(&ids)?);
         Ok(())
     })?;
-    let text_ops = op_ms(&text_ms);
+    let (text_ops, text_linear_shapes) = op_ms(&text_ms);
     let context = context.context("text encoder produced nothing")?;
     drop(text_encoder);
 
@@ -274,7 +274,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         output = Some(unet.forward(&input, 999.0, &context)?);
         Ok(())
     })?;
-    let unet_ops = op_ms(&unet_ms);
+    let (unet_ops, unet_linear_shapes) = op_ms(&unet_ms);
     let output = output.context("unet produced nothing")?.to_dtype(DType::F32)?;
 
     let schedule = Schedule::new(&ScheduleSpec {
@@ -302,7 +302,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         vae.decode(&vae_input)?;
         Ok(())
     })?;
-    let vae_ops = op_ms(&vae_ms);
+    let (vae_ops, vae_linear_shapes) = op_ms(&vae_ms);
 
     let peak_memory_mb = match memory_watch {
         Some(watch) => watch.finish(),
@@ -332,9 +332,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "peak_memory_mb": peak_memory_mb,
     });
     if args.profile {
-        report["op_ms"] = json!({"text_encode": text_ops.0, "unet_step": unet_ops.0, "vae_decode": vae_ops.0});
-        report["linear_ms_by_shape"] =
-            json!({"text_encode": text_ops.1, "unet_step": unet_ops.1, "vae_decode": vae_ops.1});
+        report["op_ms"] = json!({"text_encode": text_ops, "unet_step": unet_ops, "vae_decode": vae_ops});
+        report["linear_ms_by_shape"] = json!({
+            "text_encode": text_linear_shapes,
+            "unet_step": unet_linear_shapes,
+            "vae_decode": vae_linear_shapes,
+        });
     }
     if args.json {
         println!("{report}");

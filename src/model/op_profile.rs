@@ -9,11 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
+/// Rows of (key, seconds, calls), in first-seen order.
+type Table<K> = Mutex<Vec<(K, f64, usize)>>;
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
-/// (op, seconds, calls), in first-seen order.
-static TOTALS: Mutex<Vec<(&'static str, f64, usize)>> = Mutex::new(Vec::new());
-/// (op, detail, seconds, calls), in first-seen order.
-static DETAILS: Mutex<Vec<(&'static str, String, f64, usize)>> = Mutex::new(Vec::new());
+/// (op, seconds, calls).
+static TOTALS: Table<&'static str> = Mutex::new(Vec::new());
+/// ((op, detail), seconds, calls).
+static DETAILS: Table<(&'static str, String)> = Mutex::new(Vec::new());
 
 /// Starts recording.
 pub fn enable() {
@@ -27,7 +30,7 @@ pub fn time<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
     }
     let started = Instant::now();
     let out = f();
-    add(op, started.elapsed().as_secs_f64());
+    add(&TOTALS, op, started.elapsed().as_secs_f64());
     out
 }
 
@@ -41,26 +44,20 @@ pub fn time_detailed<T>(op: &'static str, detail: impl FnOnce() -> String, f: im
     let started = Instant::now();
     let out = f();
     let seconds = started.elapsed().as_secs_f64();
-    add(op, seconds);
-    let mut details = DETAILS.lock().unwrap_or_else(PoisonError::into_inner);
-    match details.iter_mut().find(|(name, d, _, _)| *name == op && *d == detail) {
-        Some((_, _, total, calls)) => {
-            *total += seconds;
-            *calls += 1;
-        }
-        None => details.push((op, detail, seconds, 1)),
-    }
+    add(&TOTALS, op, seconds);
+    add(&DETAILS, (op, detail), seconds);
     out
 }
 
-fn add(op: &'static str, seconds: f64) {
-    let mut totals = TOTALS.lock().unwrap_or_else(PoisonError::into_inner);
-    match totals.iter_mut().find(|(name, _, _)| *name == op) {
+/// Adds one call of `seconds` to `key`'s row of `table`, appending the row when new.
+fn add<K: PartialEq>(table: &Table<K>, key: K, seconds: f64) {
+    let mut rows = table.lock().unwrap_or_else(PoisonError::into_inner);
+    match rows.iter_mut().find(|(k, _, _)| *k == key) {
         Some((_, total, calls)) => {
             *total += seconds;
             *calls += 1;
         }
-        None => totals.push((op, seconds, 1)),
+        None => rows.push((key, seconds, 1)),
     }
 }
 
@@ -71,7 +68,10 @@ pub fn take() -> Vec<(&'static str, f64, usize)> {
 
 /// The per-detail totals so far, (op, detail, seconds, calls), and a fresh table.
 pub fn take_details() -> Vec<(&'static str, String, f64, usize)> {
-    std::mem::take(&mut *DETAILS.lock().unwrap_or_else(PoisonError::into_inner))
+    let rows = std::mem::take(&mut *DETAILS.lock().unwrap_or_else(PoisonError::into_inner));
+    rows.into_iter()
+        .map(|((op, detail), seconds, calls)| (op, detail, seconds, calls))
+        .collect()
 }
 
 #[cfg(test)]
