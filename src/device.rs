@@ -105,6 +105,36 @@ pub fn default_dtype(device: &Device) -> DType {
     }
 }
 
+/// The one check on a device/dtype pair, for every command and the engine.
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 => Ok(()),
+        DType::BF16 if device.is_cpu() => {
+            anyhow::bail!("--dtype bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32 or f16")
+        }
+        DType::BF16 => Ok(()),
+        other => anyhow::bail!("--dtype {other:?} is not supported; use f32, f16 or bf16"),
+    }
+}
+
+/// Opens the device `choice` names and settles the dtype: `dtype`, or the device's default;
+/// checked with [`check_dtype`].
+pub fn resolve(choice: DeviceChoice, dtype: Option<DType>) -> Result<(Device, DType)> {
+    let device = open(choice)?;
+    let dtype = dtype.unwrap_or_else(|| default_dtype(&device));
+    check_dtype(&device, dtype)?;
+    Ok((device, dtype))
+}
+
+/// The `--dtype` name of a dtype, as recorded in images.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
 /// The peak of the device memory in use while it runs, sampled every millisecond by a thread
 /// (CUDA: `cuMemGetInfo`, total - free, less what was in use when the watch started; so the
 /// CUDA context itself is not counted, but cuBLAS/cuDNN workspaces and memory-pool caches are).

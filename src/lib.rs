@@ -1,26 +1,59 @@
 //! sdfix: Stable Diffusion 2.x with the fixes of Lin et al., "Common Diffusion Noise Schedules and
-//! Sample Steps are Flawed" (WACV 2024).
+//! Sample Steps are Flawed" (WACV 2024): zero terminal SNR, v-prediction, trailing timesteps and
+//! rescaled classifier-free guidance.
 //!
-//! Data flows one way: `cli` -> `schedule` (pure f64 math) and `model` (files, configs);
-//! `config` mirrors the diffusers JSON files.
+//! Data flows one way: front-ends ([`cli`]) -> [`engine`] -> [`pipeline`] -> {[`sampling`],
+//! [`model`]} -> [`kernels`]; [`sampling`] -> [`schedule`] -> [`config`]; [`weights`] feeds
+//! [`model`]; [`output`] writes what the engine returns. `schedule` and `config` never touch
+//! candle; `engine` and `pipeline` write no files.
 //!
-//! - [`schedule`]: betas, the zero terminal SNR rescale (Algorithm 1), timestep spacing (Table 2).
+//! - [`cli`]: the command line, one file per subcommand, shared flag groups in `cli::args`.
+//! - [`engine`]: a model opened once; requests checked into jobs, batched, made into images in
+//!   memory and handed to an observer.
+//! - [`pipeline`]: one batch: the denoising loop (with a per-step hook) and the decode.
+//! - [`sampling`]: prediction conversions, the DDIM step, CFG and its rescale, seeded noise.
+//! - [`schedule`]: pure f64: betas, the zero terminal SNR rescale (Algorithm 1), timestep
+//!   spacing (Table 2), the `Schedule` a sampler walks.
 //! - [`config`]: serde mirrors of diffusers' config files.
-//! - [`model`]: finding model files, locally or on the Hugging Face hub.
-//! - [`cli`]: the command line.
+//! - [`model`]: the networks (UNet, CLIP, VAE, tokenizer) and thin layers that pick a kernel.
+//! - [`kernels`]: the CPU kernels and all their unsafe code; per-op profiling.
+//! - [`weights`]: model folders and the hub, the built-in demo models, the safetensors reader,
+//!   the one loader.
+//! - [`output`]: PNG names and atomic writes, metadata chunks, the manifest, grids.
+//! - [`prompts`]: prompt files; [`progress`]: what a run prints; [`stats`]: luminance and
+//!   summaries; [`device`]: `--device` and `--dtype`.
+//!
+//! As a library: open a model, make three images, read their pixels and settings.
+//!
+//! ```
+//! use sdfix::device::{self, DeviceChoice};
+//! use sdfix::engine::{Engine, Request};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let (device, dtype) = device::resolve(DeviceChoice::Cpu, None)?;
+//! let mut engine = Engine::open("demo", None, &device, dtype)?;
+//! let jobs = [1, 2, 3]
+//!     .map(|seed| engine.job(Request { seed, steps: 10, ..Request::new("solid black background") }))
+//!     .into_iter()
+//!     .collect::<anyhow::Result<Vec<_>>>()?;
+//! for image in engine.generate(&jobs)? {
+//!     assert_eq!(image.rgb.len(), image.width * image.height * 3);
+//!     println!("{}x{} {}", image.width, image.height, image.settings.a1111_parameters());
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod cli;
 pub mod config;
 pub mod device;
-pub mod grid;
-pub mod guidance;
-pub mod metadata;
+pub mod engine;
 pub mod model;
-pub mod noise;
 pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod prompts;
-pub mod sampler;
+pub mod sampling;
 pub mod schedule;
 pub mod stats;
+pub mod weights;

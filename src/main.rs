@@ -18,7 +18,18 @@ fn main() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = sdfix::cli::Cli::parse();
     if let Err(err) = sdfix::cli::run(cli) {
+        // A reader that stopped early (`sdfix stats DIR | head -1`) is not a failure.
+        if is_broken_pipe(&err) {
+            std::process::exit(0);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(EXIT_ERROR);
     }
+}
+
+/// Whether writing to a closed stdout caused `err`.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }

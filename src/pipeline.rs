@@ -1,6 +1,7 @@
-//! Text to image: run the one denoising loop from prompt embeddings ([`TextEncoder::encode`]),
-//! decode. Reads no files; the caller hands it a loaded model, the sampling settings and the
-//! initial latents.
+//! One batch, text to image: the one denoising loop from prompt embeddings
+//! ([`TextEncoder::encode`]), then the decode. Reads and writes no files; the engine hands it a
+//! loaded model, the sampling settings and the initial latents. A per-step hook sees the step
+//! index, the timestep, the latents and the x0 estimate (as diffusers' `callback_on_step_end`).
 //!
 //! [`TextEncoder::encode`]: crate::model::stable_diffusion::TextEncoder::encode
 //!
@@ -11,10 +12,11 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
-use crate::guidance;
 use crate::model::stable_diffusion::StableDiffusion;
-use crate::noise::ImageNoise;
-use crate::sampler::{ddim_step, DdimParams};
+use crate::model::unet::CrossAttentionCache;
+use crate::sampling::ddim::{ddim_step, DdimOutput, DdimParams};
+use crate::sampling::guidance;
+use crate::sampling::noise::ImageNoise;
 use crate::schedule::Schedule;
 
 /// How to sample, resolved and checked.
@@ -37,10 +39,15 @@ impl SamplingSettings {
 
 /// What the loop reports after each step.
 #[derive(Debug, Clone, Copy)]
-pub struct StepInfo {
+pub struct StepInfo<'a> {
+    /// 0-based step index, of `steps`.
     pub index: usize,
     pub steps: usize,
     pub timestep: usize,
+    /// The latents after this step, (b, c, h, w) f32.
+    pub latents: &'a Tensor,
+    /// The clean-sample estimate x0 made at this step, (b, c, h, w) f32.
+    pub x0: &'a Tensor,
 }
 
 /// Fails with a hint when a tensor holds NaN or infinity (f16 overflow, usually).
@@ -57,18 +64,32 @@ fn ensure_finite(xs: &Tensor, stage: &str, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// Runs the sampler from `latents` (b, c, h, w), f32, conditioned on `cond` (b, tokens, dim) and,
-/// with CFG, `uncond` (b, tokens, dim). `noise` supplies the eta > 0 noise. Returns the final
-/// latents, f32, not divided by the VAE scaling factor.
+/// What one batch starts from.
+pub struct BatchInput<'a> {
+    /// The initial latents, (b, c, h, w).
+    pub latents: Tensor,
+    /// The prompts' embeddings, (b, tokens, dim).
+    pub cond: &'a Tensor,
+    /// The negative prompts' embeddings, (b, tokens, dim); needed with CFG.
+    pub uncond: Option<&'a Tensor>,
+    pub settings: &'a SamplingSettings,
+}
+
+/// Runs the sampler from `input.latents`, conditioned on `input.cond` and, with CFG,
+/// `input.uncond`. `noise` supplies the eta > 0 noise. Returns the final latents, f32, not divided
+/// by the VAE scaling factor.
 pub fn denoise(
     model: &StableDiffusion,
-    latents: Tensor,
-    cond: &Tensor,
-    uncond: Option<&Tensor>,
-    settings: &SamplingSettings,
+    input: BatchInput,
     noise: &mut ImageNoise,
     on_step: &mut dyn FnMut(&StepInfo),
 ) -> Result<Tensor> {
+    let BatchInput {
+        latents,
+        cond,
+        uncond,
+        settings,
+    } = input;
     let schedule = &settings.schedule;
     let steps = schedule.timesteps.len();
     let (_, c, h, w) = latents.dims4()?;
@@ -79,6 +100,8 @@ pub fn denoise(
         (false, _) => cond.clone(),
     };
     let mut latents = latents.to_dtype(DType::F32)?;
+    // The context's cross-attention keys and values, made at the first step, reused after.
+    let mut cache = CrossAttentionCache::new();
     for (index, &timestep) in schedule.timesteps.iter().enumerate() {
         let input = latents.to_dtype(model.dtype)?;
         let input = if settings.uses_cfg() {
@@ -88,35 +111,88 @@ pub fn denoise(
         };
         let output = model
             .unet
-            .forward(&input, timestep as f64, &context)?
+            .forward_cached(&input, timestep as f64, &context, &mut cache)?
             .to_dtype(DType::F32)?;
-        let output = if settings.uses_cfg() {
-            let parts = output.chunk(2, 0)?;
-            let guided = guidance::cfg(&parts[0], &parts[1], settings.guidance)?;
-            guidance::rescale(&guided, &parts[1], settings.guidance_rescale)?
-        } else {
-            output
-        };
         let step_noise = if settings.ddim.eta > 0.0 {
             Some(noise.sample((c, h, w), latents.device())?)
         } else {
             None
         };
-        latents = ddim_step(schedule, index, &latents, &output, &settings.ddim, step_noise.as_ref())?;
-        on_step(&StepInfo { index, steps, timestep });
+        let step = sampler_step(settings, index, &latents, &output, step_noise.as_ref())?;
+        on_step(&StepInfo {
+            index,
+            steps,
+            timestep,
+            latents: &step.prev_sample,
+            x0: &step.pred_original_sample,
+        });
+        latents = step.prev_sample;
     }
-    ensure_finite(&latents, "UNet", model.dtype)?;
     Ok(latents)
 }
 
-/// Decodes final latents to 8-bit RGB images, (b, 3, H, W) u8, as diffusers'
-/// `(image / 2 + 0.5).clamp(0, 1) * 255`, rounded.
+/// Everything a step does after the UNet: CFG and its rescale on the raw output (with CFG the
+/// output is the (2b, ...) uncond-then-cond batch), then the DDIM step. `noise` is the eta noise.
+pub fn sampler_step(
+    settings: &SamplingSettings,
+    index: usize,
+    latents: &Tensor,
+    unet_output: &Tensor,
+    noise: Option<&Tensor>,
+) -> Result<DdimOutput> {
+    let guided = if settings.uses_cfg() {
+        let parts = unet_output.chunk(2, 0)?;
+        let guided = guidance::cfg(&parts[0], &parts[1], settings.guidance)?;
+        guidance::rescale(&guided, &parts[1], settings.guidance_rescale)?
+    } else {
+        unet_output.clone()
+    };
+    Ok(ddim_step(
+        &settings.schedule,
+        index,
+        latents,
+        &guided,
+        &settings.ddim,
+        noise,
+    )?)
+}
+
+/// Decodes final latents to images in [-1, 1], (b, 3, H, W) f32.
 pub fn decode(model: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
-    let images = model
+    Ok(model
         .vae
         .decode(&latents.to_dtype(model.vae_dtype)?)?
-        .to_dtype(DType::F32)?;
-    ensure_finite(&images, "VAE", model.vae_dtype)?;
+        .to_dtype(DType::F32)?)
+}
+
+/// Images in [-1, 1] to 8-bit, (b, 3, H, W) u8, as diffusers' `(image / 2 + 0.5).clamp(0, 1) * 255`,
+/// rounded.
+pub fn to_u8(images: &Tensor) -> Result<Tensor> {
     let scaled = ((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok((scaled * 255.0)?.round()?.to_dtype(DType::U8)?)
+}
+
+/// One batch end to end: [`denoise`], then [`decode`] to 8-bit RGB buffers, failing with a hint
+/// when either stage produced NaN or infinity. Returns the final latents, f32, and one row-major
+/// RGB buffer per image.
+pub fn run_batch(
+    model: &StableDiffusion,
+    input: BatchInput,
+    noise: &mut ImageNoise,
+    on_step: &mut dyn FnMut(&StepInfo),
+) -> Result<(Tensor, Vec<Vec<u8>>)> {
+    let final_latents = denoise(model, input, noise, on_step)?;
+    ensure_finite(&final_latents, "UNet", model.dtype)?;
+    let images = decode(model, &final_latents)?;
+    ensure_finite(&images, "VAE", model.vae_dtype)?;
+    let rgb = to_rgb(&to_u8(&images)?)?;
+    Ok((final_latents, rgb))
+}
+
+/// (b, 3, H, W) u8 -> one row-major RGB buffer per image.
+pub fn to_rgb(images: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let images = images.permute((0, 2, 3, 1))?.contiguous()?;
+    (0..images.dim(0)?)
+        .map(|i| Ok(images.get(i)?.flatten_all()?.to_vec1::<u8>()?))
+        .collect()
 }

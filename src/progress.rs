@@ -99,3 +99,36 @@ impl Progress {
         }
     }
 }
+
+impl Progress {
+    /// Shows what the engine reports: loads and timings (verbose), the step bar.
+    pub fn report(&self, event: &crate::engine::Event) {
+        use crate::engine::Event;
+        match event {
+            Event::EncodedAhead { texts, seconds } => self.detail(&format!(
+                "timing: encoded {texts} text(s) in {seconds:.3} s, text encoder freed"
+            )),
+            Event::Loaded {
+                location,
+                seconds,
+                dtype,
+                device,
+            } => {
+                self.info(&format!(
+                    "loaded {location} in {seconds:.1} s ({} on {device})",
+                    crate::device::dtype_name(*dtype)
+                ));
+                self.detail(&format!("timing: load {seconds:.3} s"));
+            }
+            Event::BatchStarted { steps, .. } => self.start_batch(*steps),
+            Event::BatchDone {
+                images,
+                text_seconds,
+                unet_seconds,
+                vae_seconds,
+            } => self.detail(&format!(
+                "timing: batch of {images}: text {text_seconds:.3} s, unet {unet_seconds:.3} s, vae {vae_seconds:.3} s"
+            )),
+        }
+    }
+}

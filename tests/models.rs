@@ -12,8 +12,8 @@ use sdfix::config::clip::ClipTextConfig;
 use sdfix::config::read_json;
 use sdfix::model::clip::ClipTextTransformer;
 use sdfix::model::tokenizer::ClipTokenizer;
-use sdfix::model::weights::Weights;
-use sdfix::model::{load_text_encoder, load_unet, load_vae};
+use sdfix::weights::loader::Weights;
+use sdfix::weights::loader::{load_text_encoder, load_unet, load_vae};
 
 const REGENERATE: &str = "regenerate with: python scripts/make_fixtures.py";
 /// The bar: max |ours - reference| / max |reference| in f32.

@@ -7,23 +7,22 @@
 //! same noise (the seed), every cell is also a PNG with full metadata (as `generate` writes it),
 //! and `grid.json` describes them all.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::DType;
 use clap::Args;
 use serde_json::json;
 
-use super::generate::{make_images, Item, ModelContext, RenderOptions, Request, RunOptions};
-use super::schedule_flags::at_least_one;
-use crate::device::{self, DeviceChoice};
-use crate::grid::{self, Cell};
-use crate::model::demo::DEFAULT_MODEL;
-use crate::output;
+use super::args::{
+    at_least_one, base_request, DeviceArgs, ModelArgs, PromptArgs, SamplerArgs, SizeArgs, VerbosityArgs,
+};
+use crate::engine::{Engine, Event, GeneratedImage, Observer, Request};
+use crate::output::grid::{self, Cell};
+use crate::output::{manifest, png};
+use crate::pipeline::StepInfo;
 use crate::progress::{Progress, Verbosity};
 use crate::prompts;
-use crate::sampler::Prediction;
 use crate::schedule::TimestepSpacing;
 
 /// A setting an axis varies, with its values as typed.
@@ -97,22 +96,15 @@ impl FromStr for Sweep {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
 pub struct AblateArgs {
-    /// Model folder, Hugging Face repo id, or built-in demo / demo-flawed.
-    #[arg(long, value_name = "DIR|REPO|demo", default_value = DEFAULT_MODEL)]
-    pub model: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
-    /// Hub revision of --model.
-    #[arg(long)]
-    pub revision: Option<String>,
-
-    /// The prompt of every row.
-    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
-    pub prompt: Option<String>,
-
-    /// A .txt or .jsonl prompt file: one group of rows per prompt (only "prompt" is read).
-    #[arg(long, value_name = "FILE")]
-    pub prompts: Option<PathBuf>,
+    /// --prompt is every row's prompt; a --prompts file gives one group of rows per prompt (only
+    /// "prompt" is read from .jsonl lines).
+    #[command(flatten)]
+    pub prompts: PromptArgs,
 
     /// Seeds, one row each: 1,2,3.
     #[arg(long, value_delimiter = ',', conflicts_with = "num_seeds")]
@@ -122,35 +114,13 @@ pub struct AblateArgs {
     #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub num_seeds: usize,
 
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// The base settings of every cell; the columns change zero-SNR, spacing and the CFG rescale
+    /// (whose phi --guidance-rescale gives the `+rescaled CFG` column), or the --sweep keys.
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 
-    #[arg(long, default_value_t = 50, value_parser = at_least_one)]
-    pub steps: usize,
-
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
-    pub guidance: f64,
-
-    /// phi of the `+rescaled CFG` column (and of sweeps).
-    #[arg(long, default_value_t = super::generate::DEFAULT_GUIDANCE_RESCALE, allow_negative_numbers = true)]
-    pub guidance_rescale: f64,
-
-    /// epsilon, v_prediction or sample [default: the model's].
-    #[arg(long, value_name = "TYPE")]
-    pub prediction: Option<Prediction>,
-
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub eta: f64,
-
-    #[arg(long)]
-    pub width: Option<usize>,
-
-    #[arg(long)]
-    pub height: Option<usize>,
-
-    /// Offset added to `leading` timesteps [default: the model's].
-    #[arg(long, value_name = "N")]
-    pub steps_offset: Option<usize>,
+    #[command(flatten)]
+    pub size: SizeArgs,
 
     /// All 8 on/off combinations of zero-SNR, trailing and rescaled CFG, instead of the four
     /// cumulative columns.
@@ -178,15 +148,11 @@ pub struct AblateArgs {
     #[arg(long)]
     pub overwrite: bool,
 
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 
-    #[arg(long, value_parser = device::parse_dtype)]
-    pub dtype: Option<DType>,
-
-    /// Print only warnings and errors.
-    #[arg(long, short)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub verbosity: VerbosityArgs,
 }
 
 /// How a column (or a row group) changes the request.
@@ -246,7 +212,7 @@ fn sweep_variants(sweep: &Sweep) -> Vec<Variant> {
 }
 
 fn columns(args: &AblateArgs) -> Vec<Variant> {
-    let phi = Some(args.guidance_rescale);
+    let phi = Some(args.sampler.guidance_rescale);
     if let Some(first) = args.sweep.first() {
         return sweep_variants(first);
     }
@@ -268,7 +234,7 @@ fn columns(args: &AblateArgs) -> Vec<Variant> {
                         &label,
                         zero_snr,
                         trailing,
-                        rescale.then_some(args.guidance_rescale),
+                        rescale.then_some(args.sampler.guidance_rescale),
                     ));
                 }
             }
@@ -283,32 +249,70 @@ fn columns(args: &AblateArgs) -> Vec<Variant> {
     ]
 }
 
+/// Keeps each cell's image, writing its PNG as it arrives.
+struct Cells<'a> {
+    progress: &'a Progress,
+    /// Per job: the cell's PNG path.
+    paths: Vec<PathBuf>,
+    /// Per job: the image, once made.
+    images: Vec<Option<GeneratedImage>>,
+}
+
+impl Observer for Cells<'_> {
+    fn image(&mut self, image: GeneratedImage) -> Result<()> {
+        let path = &self.paths[image.job];
+        png::write_image(path, &image)?;
+        self.progress.image_done(&format!("wrote {}", path.display()));
+        let job = image.job;
+        self.images[job] = Some(image);
+        Ok(())
+    }
+
+    fn step(&mut self, _: &StepInfo) {
+        self.progress.step();
+    }
+
+    fn event(&mut self, event: &Event) {
+        self.progress.report(event);
+    }
+
+    fn warn(&mut self, message: &str) {
+        self.progress.warn(message);
+    }
+}
+
+/// The rows' prompts: --prompt, or every entry of --prompts (a bad line stops the run: a grid
+/// with holes in its rows would mislead).
+fn row_prompts(args: &AblateArgs) -> Result<Vec<String>> {
+    match (&args.prompts.prompt, &args.prompts.prompts) {
+        (Some(p), _) => Ok(vec![p.clone()]),
+        (None, Some(path)) => {
+            let (source, entries) = prompts::read_prompt_file(path)?;
+            ensure!(
+                !entries.is_empty(),
+                "--prompts {source} has no prompts (only blank or # comment lines); add one prompt per line"
+            );
+            entries
+                .into_iter()
+                .map(|entry| {
+                    entry
+                        .map(|e| e.prompt)
+                        .map_err(|e| anyhow::anyhow!("{source}:{}: {}", e.line, e.message))
+                })
+                .collect()
+        }
+        (None, None) => bail!("give --prompt or --prompts"),
+    }
+}
+
 pub fn run(args: &AblateArgs) -> Result<()> {
     ensure!(
         args.sweep.len() <= 2,
         "at most two --sweep axes (columns, then rows), got {}",
         args.sweep.len()
     );
-    let verbosity = if args.quiet {
-        Verbosity::Quiet
-    } else {
-        Verbosity::Normal
-    };
-    let prompts: Vec<String> = match (&args.prompt, &args.prompts) {
-        (Some(p), _) => vec![p.clone()],
-        (None, Some(path)) => {
-            let (source, entries) = prompts::read_prompt_file(path)?;
-            let mut good = Vec::new();
-            for entry in entries {
-                match entry {
-                    Ok(e) => good.push(e.prompt),
-                    Err(e) => bail!("{source}:{}: {}", e.line, e.message),
-                }
-            }
-            good
-        }
-        (None, None) => bail!("give --prompt or --prompts"),
-    };
+    let verbosity = args.verbosity.resolve();
+    let prompts = row_prompts(args)?;
     let seeds: Vec<u64> = if args.seeds.is_empty() {
         (0..args.num_seeds as u64).collect()
     } else {
@@ -350,50 +354,29 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         grid_png.display()
     );
 
-    let context = ModelContext::open(&args.model, args.revision.as_deref())?;
-    let device = device::open(args.device)?;
-    let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
-    ensure!(
-        !(device.is_cpu() && dtype == DType::BF16),
-        "--dtype bf16 is not supported on the CPU; use f32 or f16"
-    );
-    let options = RunOptions {
-        prediction: args.prediction,
-        steps_offset: args.steps_offset,
-        baseline: false,
-        dtype,
-        device,
-    };
+    let (device, dtype) = args.device.resolve()?;
+    let mut engine = Engine::open(&args.model.model, args.model.revision.as_deref(), &device, dtype)?;
 
     // One job per cell; a cell whose settings cannot work (zero SNR with an epsilon model) is n/a.
     let mut jobs = Vec::new();
+    let mut paths = Vec::new();
     let mut cell_jobs: Vec<Result<usize, String>> = Vec::with_capacity(cell_count);
     for (r, (_, prompt, group, seed)) in rows.iter().enumerate() {
         for (c, column) in columns.iter().enumerate() {
             let mut request = Request {
-                line: r,
-                prompt: prompt.to_string(),
-                negative_prompt: args.negative_prompt.clone(),
                 seed: *seed,
-                steps: args.steps,
-                guidance: args.guidance,
-                guidance_rescale: args.guidance_rescale,
-                spacing: TimestepSpacing::Trailing,
-                zero_snr: None,
-                eta: args.eta,
-                width: args.width,
-                height: args.height,
                 num_images: Some(1),
+                ..base_request(prompt, &args.prompts, &args.sampler, &args.size)
             };
             let made = column
                 .apply(&mut request)
                 .and_then(|()| group.map_or(Ok(()), |g| g.apply(&mut request)))
-                .and_then(|()| context.job(request, &options, None, &cells_dir));
+                .and_then(|()| engine.job(request));
             match made {
-                Ok(mut job) => {
-                    job.paths = vec![cells_dir.join(format!("r{r:03}-c{c:02}-{seed}-{}.png", output::slug(prompt)))];
+                Ok(job) => {
                     cell_jobs.push(Ok(jobs.len()));
                     jobs.push(job);
+                    paths.push(cells_dir.join(format!("r{r:03}-c{c:02}-{seed}-{}.png", png::slug(prompt))));
                 }
                 Err(err) => cell_jobs.push(Err(format!("{err:#}"))),
             }
@@ -409,46 +392,57 @@ pub fn run(args: &AblateArgs) -> Result<()> {
                 .map_or("", |s| s.as_str())
         );
     }
-    let items: Vec<Item> = (0..jobs.len()).map(|job| Item { job, image: 0 }).collect();
-    for job in &jobs {
-        if job.paths[0].exists() {
-            std::fs::remove_file(&job.paths[0])
-                .with_context(|| format!("cannot replace {}", job.paths[0].display()))?;
-        }
-    }
     std::fs::create_dir_all(&cells_dir).with_context(|| format!("cannot create {}", cells_dir.display()))?;
-    let progress = Progress::new(items.len(), verbosity);
-    let render = RenderOptions {
-        batch_size: args.batch_size,
-        save_latents: false,
-        out_dir: cells_dir.clone(),
+    let progress = Progress::new(jobs.len(), verbosity);
+    let mut cells = Cells {
+        progress: &progress,
+        images: vec![None; jobs.len()],
+        paths,
     };
-    make_images(&render, &context, &options, &jobs, &items, None, &progress)?;
+    engine.run(&jobs, args.batch_size, &mut cells)?;
     progress.finish();
+    write_grid(args, &columns, &rows, &cell_jobs, &cells)?;
+    if verbosity != Verbosity::Quiet {
+        eprintln!(
+            "wrote {} ({} x {} cells) and grid.json",
+            grid_png.display(),
+            rows.len(),
+            columns.len()
+        );
+    }
+    Ok(())
+}
 
-    // Read the cells back and lay out the grid.
-    let (mut cells, mut described) = (Vec::with_capacity(cell_count), Vec::with_capacity(cell_count));
+/// grid.png, grid.json and the cells' manifest, from the cells in memory.
+fn write_grid(
+    args: &AblateArgs,
+    columns: &[Variant],
+    rows: &[(String, &str, Option<&Variant>, u64)],
+    cell_jobs: &[Result<usize, String>],
+    made: &Cells,
+) -> Result<()> {
+    let (mut cells, mut described) = (Vec::with_capacity(cell_jobs.len()), Vec::with_capacity(cell_jobs.len()));
+    let mut records = Vec::new();
     let mut size = (0, 0);
     for (index, cell) in cell_jobs.iter().enumerate() {
         let (r, c) = (index / columns.len(), index % columns.len());
         match cell {
             Ok(j) => {
-                let path = &jobs[*j].paths[0];
-                let image = image::open(path)
-                    .with_context(|| format!("cannot read back {}", path.display()))?
-                    .to_rgb8();
-                size = (image.width() as usize, image.height() as usize);
-                let luminance = crate::stats::mean_luminance(image.as_raw());
-                let settings: serde_json::Value = serde_json::from_str(
-                    output::read_png_text(path)?
-                        .get(crate::metadata::SETTINGS_CHUNK)
-                        .map_or("null", |s| s.as_str()),
-                )?;
-                let file = path.strip_prefix(&args.out_dir).unwrap_or(path).display().to_string();
-                described
-                    .push(json!({"row": r, "column": c, "file": file, "luminance": luminance, "settings": settings}));
+                let path = &made.paths[*j];
+                let image = made.images[*j]
+                    .as_ref()
+                    .with_context(|| format!("internal: cell {r},{c} was not made"))?;
+                size = (image.width, image.height);
+                let luminance = crate::stats::mean_luminance(&image.rgb);
+                let file = relative(path, &args.out_dir);
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                records.push(manifest::record(name, r, image)?);
+                described.push(json!({
+                    "row": r, "column": c, "file": file, "luminance": luminance,
+                    "settings": serde_json::to_value(&image.settings)?,
+                }));
                 cells.push(Cell::Image {
-                    rgb: image.into_raw(),
+                    rgb: image.rgb.clone(),
                     luminance,
                 });
             }
@@ -459,35 +453,35 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         }
     }
     // n/a cells need a size: every made cell has the same one.
-    let blank = vec![0u8; size.0 * size.1 * 3];
-    for cell in &mut cells {
+    let blank_len = size.0 * size.1 * 3;
+    for cell in &cells {
         if let Cell::Image { rgb, .. } = cell {
-            if rgb.len() != blank.len() {
-                bail!("cells differ in size; sweep steps or spacing, not width or height");
-            }
+            ensure!(
+                rgb.len() == blank_len,
+                "cells differ in size; sweep steps or spacing, not width or height"
+            );
         }
     }
+    // One line per cell, replaced whole: a second --overwrite run does not append a second set.
+    manifest::replace(&args.out_dir.join("cells"), &records)?;
     let column_labels: Vec<String> = columns.iter().map(|c| c.label.clone()).collect();
     let row_labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     let canvas = grid::render(&column_labels, &row_labels, &cells, size.0, size.1);
-    output::write_png(&grid_png, &canvas.rgb, canvas.width as u32, canvas.height as u32, &[])?;
+    let grid_png = args.out_dir.join("grid.png");
+    png::write_png(&grid_png, &canvas.rgb, canvas.width as u32, canvas.height as u32, &[])?;
     let report = json!({
-        "model": args.model,
+        "model": args.model.model,
         "columns": column_labels,
         "rows": row_labels,
         "cells": described,
         "grid": "grid.png",
     });
-    output::write_atomic(&args.out_dir.join("grid.json"), |tmp| {
+    png::write_atomic(&args.out_dir.join("grid.json"), |tmp| {
         Ok(std::fs::write(tmp, serde_json::to_string_pretty(&report)?)?)
-    })?;
-    if verbosity != Verbosity::Quiet {
-        eprintln!(
-            "wrote {} ({} x {} cells) and grid.json",
-            grid_png.display(),
-            rows.len(),
-            columns.len()
-        );
-    }
-    Ok(())
+    })
+}
+
+/// `path` relative to `base` when it is under it, as grid.json names cells.
+fn relative(path: &Path, base: &Path) -> String {
+    path.strip_prefix(base).unwrap_or(path).display().to_string()
 }

@@ -2,13 +2,17 @@
 //! weights (no download). Same fields as `scripts/bench_diffusers.py`, so
 //! `scripts/bench_compare.sh` can put the two side by side.
 //!
-//! Each stage gets one untimed warm-up run, then: text encoding (prompt + negative prompt, one
-//! batch) and the VAE decode `--repeat` times; the UNet with CFG (batch 2 x --batch-size) `--steps`
-//! times; the guidance + DDIM arithmetic `--steps` times. Median and minimum are reported;
-//! `total_s` is text + steps x (UNet + DDIM) + VAE from the medians. Peak memory is the process's
+//! The stages run through the same code as `generate`: [`TextEncoder::encode`], the pipeline's
+//! denoising loop ([`pipeline::denoise`], timed between its per-step hooks) and its decode. Each
+//! stage gets one untimed warm-up run, then: text encoding (prompt + negative prompt, one batch)
+//! and the VAE decode `--repeat` times; `--steps` denoising steps with CFG (the UNet sees batch
+//! 2 x --batch-size), each timed from the previous step's hook to its own (UNet + guidance + DDIM);
+//! the guidance + DDIM part alone ([`pipeline::sampler_step`]) `--steps` times. Median and minimum
+//! are reported; `total_s` is text + steps x step + VAE from the medians. Peak memory is the process's
 //! peak RSS (VmHWM) on the CPU; on CUDA the peak device memory in use from before the weights are
 //! made to the end, sampled every millisecond ([`device::MemoryWatch`]).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,18 +23,21 @@ use candle_nn::{Init, VarBuilder};
 use clap::Args;
 use serde_json::json;
 
-use super::schedule_flags::at_least_one;
+use super::args::{at_least_one, DeviceArgs, SizeArgs};
 use crate::config::clip::ClipTextConfig;
 use crate::config::unet::{UNetConfig, UNetSpec};
 use crate::config::vae::VaeConfig;
-use crate::device::{self, DeviceChoice};
-use crate::guidance;
+use crate::device;
 use crate::model::clip::ClipTextTransformer;
-use crate::model::op_profile;
+use crate::model::op_profile as profile;
+use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::Vae;
-use crate::sampler::{ddim_step, DdimParams, Prediction};
+use crate::pipeline::{self, BatchInput, SamplingSettings};
+use crate::sampling::ddim::DdimParams;
+use crate::sampling::noise::ImageNoise;
+use crate::sampling::Prediction;
 use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
 
 /// The public configs of the architectures `--arch` names, compiled in (models/arch).
@@ -70,15 +77,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "sd2.1-base")]
     pub arch: String,
 
-    /// Image width [default: the UNet's sample_size x the VAE factor].
-    #[arg(long)]
-    pub width: Option<usize>,
+    #[command(flatten)]
+    pub size: SizeArgs,
 
-    /// Image height [default: the UNet's sample_size x the VAE factor].
-    #[arg(long)]
-    pub height: Option<usize>,
-
-    /// Timed UNet steps (after one warm-up).
+    /// Timed denoising steps (after one warm-up).
     #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub steps: usize,
 
@@ -90,11 +92,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3, value_parser = at_least_one)]
     pub repeat: usize,
 
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
-
-    #[arg(long, value_parser = device::parse_dtype)]
-    pub dtype: Option<DType>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 
     /// Print one JSON object.
     #[arg(long)]
@@ -124,8 +123,8 @@ fn median(ms: &[f64]) -> f64 {
 fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;
     device.synchronize()?;
-    op_profile::take();
-    op_profile::take_details();
+    profile::take();
+    profile::take_details();
     let mut ms = Vec::with_capacity(times);
     for _ in 0..times {
         let started = Instant::now();
@@ -142,7 +141,7 @@ fn op_ms(ms: &[f64]) -> (serde_json::Value, serde_json::Value) {
     let runs = ms.len() as f64;
     let mut ops = serde_json::Map::new();
     let mut timed = 0.0;
-    for (op, seconds, _) in op_profile::take() {
+    for (op, seconds, _) in profile::take() {
         let per_run = seconds * 1000.0 / runs;
         timed += per_run;
         ops.insert(op.to_string(), json!(per_run));
@@ -150,7 +149,7 @@ fn op_ms(ms: &[f64]) -> (serde_json::Value, serde_json::Value) {
     let mean = ms.iter().sum::<f64>() / runs;
     ops.insert("other".to_string(), json!((mean - timed).max(0.0)));
     let mut shapes = serde_json::Map::new();
-    for (_, shape, seconds, calls) in op_profile::take_details() {
+    for (_, shape, seconds, calls) in profile::take_details() {
         shapes.insert(
             shape,
             json!({"ms": seconds * 1000.0 / runs, "calls": calls as f64 / runs}),
@@ -194,7 +193,7 @@ fn configs(arch: &str) -> Result<(UNetSpec, ClipTextConfig, VaeConfig, String)> 
         texts.map(str::to_string)
     } else {
         let folder: PathBuf = match arch {
-            "tiny" => crate::model::demo::folder("demo")?.context("the built-in demo model is missing")?,
+            "tiny" => crate::weights::demo::folder("demo")?.context("the built-in demo model is missing")?,
             path if Path::new(path).is_dir() => PathBuf::from(path),
             other => bail!("--arch {other}: expected sd2.1-base, sd2.1, sd1.5, tiny or a model folder"),
         };
@@ -213,14 +212,39 @@ fn configs(arch: &str) -> Result<(UNetSpec, ClipTextConfig, VaeConfig, String)> 
     Ok((unet, clip, vae, arch.to_string()))
 }
 
+/// The pipeline's settings for the benchmark: the paper's (v-prediction, zero terminal SNR,
+/// trailing, CFG 7.5 rescaled by 0.7), `steps` steps.
+fn bench_settings(steps: usize) -> Result<SamplingSettings> {
+    Ok(SamplingSettings {
+        schedule: Schedule::new(&ScheduleSpec {
+            betas: BetaSource::STABLE_DIFFUSION,
+            zero_terminal_snr: true,
+            spacing: TimestepSpacing::Trailing,
+            steps,
+            steps_offset: 1,
+            set_alpha_to_one: false,
+        })?,
+        ddim: DdimParams {
+            prediction: Prediction::VPrediction,
+            eta: 0.0,
+            clip_sample_range: None,
+        },
+        guidance: 7.5,
+        guidance_rescale: 0.7,
+    })
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     let (unet_spec, clip_config, vae_config, arch) = configs(&args.arch)?;
-    let device = device::open(args.device)?;
-    let dtype = args.dtype.unwrap_or_else(|| device::default_dtype(&device));
+    let (device, dtype) = args.device.resolve()?;
     let factor = vae_config.downscale_factor();
     let multiple = factor << unet_spec.downsamples();
     let default_size = unet_spec.sample_size.unwrap_or(64) * factor;
-    let (width, height) = (args.width.unwrap_or(default_size), args.height.unwrap_or(default_size));
+    let (width, height) = (
+        args.size.width.unwrap_or(default_size),
+        args.size.height.unwrap_or(default_size),
+    );
     for (flag, value) in [("--width", width), ("--height", height)] {
         if value == 0 || !value.is_multiple_of(multiple) {
             bail!("{flag} {value} must be a positive multiple of {multiple}");
@@ -232,7 +256,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if !device.is_cpu() {
             bail!("--profile times ops on the CPU only (GPU kernels run asynchronously); drop it or pass --device cpu");
         }
-        op_profile::enable();
+        profile::enable();
     }
     let memory_watch = device::MemoryWatch::start(&device);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
@@ -240,66 +264,78 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // As `generate` does for a short run: encode, free the text encoder, then build the UNet and
     // the VAE, so their weights are never resident beside the text encoder's.
     let started = Instant::now();
-    let text_encoder = ClipTextTransformer::new(vb.pp("text_encoder"), &clip_config)?;
-    let mut build_s = started.elapsed().as_secs_f64();
-    let tokenizer_folder = crate::model::demo::folder("demo")?.context("the built-in demo model is missing")?;
+    let tokenizer_folder = crate::weights::demo::folder("demo")?.context("the built-in demo model is missing")?;
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_folder.join("tokenizer"))?;
+    let text_encoder = TextEncoder::new(
+        tokenizer,
+        ClipTextTransformer::new(vb.pp("text_encoder"), &clip_config)?,
+        &device,
+    );
+    let mut build_s = started.elapsed().as_secs_f64();
 
     let b = args.batch_size;
     let (h, w) = (height / factor, width / factor);
     let channels = unet_spec.in_channels;
-    let mut ids = Vec::new();
-    for prompt in std::iter::repeat_n("", b).chain(std::iter::repeat_n(PROMPT, b)) {
-        ids.extend(tokenizer.encode(prompt)?);
-    }
-    let ids = Tensor::from_vec(ids, (2 * b, tokenizer.max_length()), &device)?;
+    // Uncond first, as the pipeline batches them.
+    let texts: Vec<&str> = std::iter::repeat_n("", b)
+        .chain(std::iter::repeat_n(PROMPT, b))
+        .collect();
     let mut context = None;
     let mut text_ms = time(&device, args.repeat, || {
-        context = Some(text_encoder.forward(&ids)?);
+        context = Some(text_encoder.encode(&texts)?);
         Ok(())
     })?;
     let (text_ops, text_linear_shapes) = op_ms(&text_ms);
     let context = context.context("text encoder produced nothing")?;
+    let (uncond, cond) = (context.narrow(0, 0, b)?, context.narrow(0, b, b)?);
     drop(text_encoder);
 
     let started = Instant::now();
     let unet = UNet2DConditionModel::new(vb.pp("unet"), &unet_spec)?;
     let vae = Vae::new(vb.pp("vae").to_dtype(vae_dtype), &vae_config)?;
+    let model = StableDiffusion::new(unet, vae, dtype, vae_dtype, &device);
     build_s += started.elapsed().as_secs_f64();
 
-    let latents = Tensor::randn(0f32, 1f32, (b, channels, h, w), &device)?;
+    let seeds: Vec<u64> = (0..b as u64).collect();
+    let latents = ImageNoise::new(&seeds).sample((channels, h, w), &device)?;
+    // Warm-up: one UNet pass on the CFG batch, whose output also feeds the sampler-step timing.
     let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dtype)?;
-    let mut output = None;
-    let mut unet_ms = time(&device, args.steps, || {
-        output = Some(unet.forward(&input, 999.0, &context)?);
-        Ok(())
-    })?;
-    let (unet_ops, unet_linear_shapes) = op_ms(&unet_ms);
-    let output = output.context("unet produced nothing")?.to_dtype(DType::F32)?;
+    let unet_output = model.unet.forward(&input, 999.0, &context)?.to_dtype(DType::F32)?;
+    device.synchronize()?;
+    profile::take();
+    profile::take_details();
 
-    let schedule = Schedule::new(&ScheduleSpec {
-        betas: BetaSource::STABLE_DIFFUSION,
-        zero_terminal_snr: true,
-        spacing: TimestepSpacing::Trailing,
-        steps: args.steps,
-        steps_offset: 1,
-        set_alpha_to_one: false,
-    })?;
-    let params = DdimParams {
-        prediction: Prediction::VPrediction,
-        eta: 0.0,
-        clip_sample_range: None,
+    // The denoising loop itself, each step timed from one hook to the next.
+    let settings = bench_settings(args.steps)?;
+    let mut unet_ms = Vec::with_capacity(args.steps);
+    let mut sync_error = None;
+    let mut last = Instant::now();
+    let input = BatchInput {
+        latents: latents.clone(),
+        cond: &cond,
+        uncond: Some(&uncond),
+        settings: &settings,
     };
+    let final_latents = pipeline::denoise(&model, input, &mut ImageNoise::new(&seeds), &mut |_| {
+        if let Err(err) = device.synchronize() {
+            sync_error.get_or_insert(err);
+        }
+        let now = Instant::now();
+        unet_ms.push(now.duration_since(last).as_secs_f64() * 1000.0);
+        last = now;
+    })?;
+    if let Some(err) = sync_error {
+        return Err(err.into());
+    }
+    let (unet_ops, unet_linear_shapes) = op_ms(&unet_ms);
+
     let mut ddim_ms = time(&device, args.steps, || {
-        let parts = output.chunk(2, 0)?;
-        let guided = guidance::rescale(&guidance::cfg(&parts[0], &parts[1], 7.5)?, &parts[1], 0.7)?;
-        ddim_step(&schedule, 0, &latents, &guided, &params, None)?;
+        pipeline::sampler_step(&settings, 0, &latents, &unet_output, None)?;
         Ok(())
     })?;
 
-    let vae_input = latents.to_dtype(vae_dtype)?;
     let mut vae_ms = time(&device, args.repeat, || {
-        vae.decode(&vae_input)?;
+        pipeline::to_u8(&pipeline::decode(&model, &final_latents)?)?;
         Ok(())
     })?;
     let (vae_ops, vae_linear_shapes) = op_ms(&vae_ms);
@@ -308,8 +344,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(watch) => watch.finish(),
         None => peak_rss_mb(),
     };
-    let total_s =
-        (median(&text_ms) + args.steps as f64 * (median(&unet_ms) + median(&ddim_ms)) + median(&vae_ms)) / 1000.0;
+    let total_s = (median(&text_ms) + args.steps as f64 * median(&unet_ms) + median(&vae_ms)) / 1000.0;
     let mut report = json!({
         "tool": "sdfix",
         "arch": arch,
@@ -340,9 +375,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         });
     }
     if args.json {
-        println!("{report}");
+        writeln!(out, "{report}")?;
     } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! `sdfix info IMAGE.png`: how an image was made, from its text chunks.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::metadata::{ImageSettings, PARAMETERS_CHUNK, SETTINGS_CHUNK};
-use crate::output::read_png_text;
+use crate::output::metadata::{ImageSettings, PARAMETERS_CHUNK, SETTINGS_CHUNK};
+use crate::output::png::read_png_text;
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
@@ -20,6 +21,7 @@ pub struct InfoArgs {
 }
 
 pub fn run(args: &InfoArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     for path in &args.images {
         let text = read_png_text(path)?;
         let settings = text.get(SETTINGS_CHUNK);
@@ -27,21 +29,21 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             let json = settings.with_context(|| format!("{}: no sdfix settings chunk", path.display()))?;
             let parsed: ImageSettings =
                 serde_json::from_str(json).with_context(|| format!("{}: unreadable sdfix settings", path.display()))?;
-            println!("{}", serde_json::to_string(&parsed)?);
+            writeln!(out, "{}", serde_json::to_string(&parsed)?)?;
             continue;
         }
-        println!("{}", path.display());
+        writeln!(out, "{}", path.display())?;
         match text.get(PARAMETERS_CHUNK) {
-            Some(parameters) => println!("parameters:\n{parameters}"),
-            None => println!("parameters: (none)"),
+            Some(parameters) => writeln!(out, "parameters:\n{parameters}")?,
+            None => writeln!(out, "parameters: (none)")?,
         }
         match settings {
             Some(json) => {
                 let value: serde_json::Value = serde_json::from_str(json)
                     .with_context(|| format!("{}: unreadable sdfix settings", path.display()))?;
-                println!("sdfix:\n{}", serde_json::to_string_pretty(&value)?);
+                writeln!(out, "sdfix:\n{}", serde_json::to_string_pretty(&value)?)?;
             }
-            None => println!("sdfix: (none)"),
+            None => writeln!(out, "sdfix: (none)")?,
         }
     }
     Ok(())

@@ -1,18 +1,17 @@
-//! Command-line interface: clap structs that hold what the user typed, and one `run` per
-//! subcommand that resolves them (files found, configs read, combinations checked) before any work.
+//! Command-line interface: clap structs that hold what the user typed ([`args`] has the flag
+//! groups several subcommands share), and one `run` per subcommand that turns them into engine
+//! requests and prints or writes what comes back. No engine types are defined here.
 
 pub mod ablate;
+pub mod args;
 pub mod bench;
 pub mod generate;
 pub mod info;
 pub mod schedule;
-mod schedule_flags;
 pub mod stats;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-
-pub use schedule_flags::ScheduleFlags;
 
 /// Stable Diffusion 2.x with the fixes of "Common Diffusion Noise Schedules and Sample Steps are
 /// Flawed" (Lin et al., WACV 2024): zero terminal SNR, v-prediction, trailing timesteps and

@@ -1,17 +1,18 @@
 //! `sdfix schedule`: what a noise schedule and a timestep spacing amount to, as a table or JSON.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::ScheduleFlags;
-use crate::model::files::{ModelFiles, ModelLocation};
-use crate::model::stable_diffusion::{read_scheduler_config, SCHEDULER_CONFIG};
+use super::args::ScheduleFlags;
 use crate::schedule::{
     snr, stable_diffusion, BetaSchedule, BetaSource, NoiseSchedule, Schedule, ScheduleSpec, TimestepSpacing,
 };
+use crate::weights::files::{with_model_context, ModelFiles, ModelLocation};
+use crate::weights::loader::{read_scheduler_config, SCHEDULER_CONFIG};
 
 #[derive(Debug, Args)]
 pub struct ScheduleArgs {
@@ -61,7 +62,7 @@ fn resolve(args: &ScheduleArgs) -> Result<Resolved> {
     let (betas, zero_terminal_snr, steps_offset, set_alpha_to_one, source) = match &args.model {
         Some(model) => {
             let files = ModelFiles::new(ModelLocation::parse(model, args.revision.as_deref())?)?;
-            let config = read_scheduler_config(&files).with_context(|| format!("--model {model}"))?;
+            let config = read_scheduler_config(&files).map_err(|err| with_model_context(err, model))?;
             (
                 config.beta_source()?,
                 flags.zero_snr().unwrap_or(config.rescale_betas_zero_snr),
@@ -106,6 +107,7 @@ fn resolve(args: &ScheduleArgs) -> Result<Resolved> {
 }
 
 pub fn run(args: &ScheduleArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     let Resolved { spec, source } = resolve(args)?;
     let schedule = Schedule::new(&spec).with_context(|| {
         format!(
@@ -129,9 +131,9 @@ pub fn run(args: &ScheduleArgs) -> Result<()> {
             "steps_offset": spec.steps_offset,
             "source": source,
         });
-        println!("{report}");
+        writeln!(out, "{report}")?;
     } else {
-        print!("{}", table(&spec, &schedule, &stock, &rescaled, &source));
+        write!(out, "{}", table(&spec, &schedule, &stock, &rescaled, &source))?;
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! luminance (the paper's mechanism: stock SD's brightness follows the noise, not the prompt).
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -47,6 +48,7 @@ fn noise_means(folder: &Path, into: &mut HashMap<PathBuf, f64>) -> Result<()> {
 }
 
 pub fn run(args: &StatsArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     let mut images = Vec::new();
     let mut noise = HashMap::new();
     for path in &args.paths {
@@ -81,8 +83,8 @@ pub fn run(args: &StatsArgs) -> Result<()> {
     let values: Vec<f64> = rows.iter().map(|(_, l)| *l).collect();
     let summary = summarize(&values);
     if let Some(path) = &args.histogram {
-        let canvas = crate::grid::histogram(&values, &args.title);
-        crate::output::write_png(path, &canvas.rgb, canvas.width as u32, canvas.height as u32, &[])?;
+        let canvas = crate::output::grid::histogram(&values, &args.title);
+        crate::output::png::write_png(path, &canvas.rgb, canvas.width as u32, canvas.height as u32, &[])?;
     }
     let paired: Vec<(f64, f64)> = rows
         .iter()
@@ -97,23 +99,25 @@ pub fn run(args: &StatsArgs) -> Result<()> {
             "noise_correlation": noise_correlation,
             "noise_pairs": paired.len(),
         });
-        println!("{report}");
+        writeln!(out, "{report}")?;
         return Ok(());
     }
     for (path, luminance) in &rows {
-        println!("{luminance:.4}  {}", path.display());
+        writeln!(out, "{luminance:.4}  {}", path.display())?;
     }
     if let Some(s) = summary {
-        println!(
+        writeln!(
+            out,
             "n {}  mean {:.4}  std {:.4}  min {:.4}  max {:.4}  p10 {:.4}  p50 {:.4}  p90 {:.4}",
             s.count, s.mean, s.std, s.min, s.max, s.p10, s.p50, s.p90
-        );
+        )?;
     }
     if let Some(r) = noise_correlation {
-        println!(
+        writeln!(
+            out,
             "correlation of initial-noise mean with luminance: {r:.3} over {} images",
             paired.len()
-        );
+        )?;
     }
     Ok(())
 }

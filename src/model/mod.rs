@@ -1,9 +1,7 @@
-//! Models: finding their files, reading their configs, building candle modules.
+//! The networks, built from resolved configs on candle-nn (loading them is [`crate::weights`]'s
+//! job).
 //!
-//! - [`files`]: a local diffusers-layout folder or a Hugging Face repo.
-//! - [`demo`]: the two tiny demo models built into the binary.
-//! - [`weights`]: safetensors / PyTorch `.bin` loading with every tensor name and shape checked;
-//!   [`safetensors_reader`]: safetensors read into our own buffers, not mapped.
+//! - [`stable_diffusion`]: the text encoder (tokenizer + CLIP) and the denoiser (UNet + VAE).
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
 //! - [`vae`]: the VAE decoder, configured from vae/config.json.
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
@@ -19,63 +17,11 @@ pub mod clip;
 pub mod conv;
 pub mod cpu_math;
 pub mod cpu_op;
-pub mod demo;
-pub mod files;
 pub mod linear;
 pub mod norm;
 pub mod op_profile;
 pub mod resnet;
-pub mod safetensors_reader;
 pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
-pub mod weights;
-
-use std::path::Path;
-
-use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-
-use crate::config::clip::ClipTextConfig;
-use crate::config::read_json;
-use crate::config::unet::UNetConfig;
-use crate::config::vae::VaeConfig;
-
-use self::clip::ClipTextTransformer;
-use self::unet::UNet2DConditionModel;
-use self::vae::Vae;
-use self::weights::Weights;
-
-/// Builds the UNet from its config.json and weights file.
-pub fn load_unet(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
-    let spec = read_json::<UNetConfig>(config)?
-        .resolve()
-        .with_context(|| format!("{}", config.display()))?;
-    Weights::open(weights, dtype, device)?.build(|vb| Ok(UNet2DConditionModel::new(vb, &spec)?))
-}
-
-/// Builds the CLIP text transformer from its config.json and weights file.
-pub fn load_text_encoder(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<ClipTextTransformer> {
-    let config_values: ClipTextConfig = read_json(config)?;
-    config_values
-        .validate()
-        .with_context(|| format!("{}", config.display()))?;
-    Weights::open(weights, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, &config_values))
-}
-
-/// Builds the VAE decoder from its config.json and weights file (the encoder's tensors are not
-/// read).
-pub fn load_vae(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
-    let config_values: VaeConfig = read_json(config)?;
-    config_values
-        .validate()
-        .with_context(|| format!("{}", config.display()))?;
-    build_vae(weights, &config_values, dtype, device)
-}
-
-/// The VAE decoder from a validated config and its weights file; the encoder's tensors are
-/// deliberately not read ([`Vae::UNREAD_PREFIXES`]).
-pub fn build_vae(weights: &Path, config: &VaeConfig, dtype: DType, device: &Device) -> Result<Vae> {
-    Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, config)?))
-}

@@ -5,7 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::transformer::Transformer2DModel;
+use super::transformer::{CrossAttentionCache, Transformer2DModel};
 use crate::config::unet::{BlockSpec, TransformerSpec};
 use crate::model::resnet::{Downsample2D, NormSpec, ResnetBlock2D, Upsample2D};
 
@@ -82,13 +82,19 @@ impl DownBlock {
 
     /// Returns the output and the states it hands to the up blocks (one per resnet, plus the
     /// downsampled output).
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        cache: &mut CrossAttentionCache,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = attention.forward(&xs, context)?;
+                xs = attention.forward(&xs, context, cache)?;
             }
             states.push(xs.clone());
         }
@@ -131,10 +137,16 @@ impl MidBlock {
         Ok(Self { resnets, attentions })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        cache: &mut CrossAttentionCache,
+    ) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = resnet.forward(&attention.forward(&xs, context)?, Some(temb))?;
+            xs = resnet.forward(&attention.forward(&xs, context, cache)?, Some(temb))?;
         }
         Ok(xs)
     }
@@ -205,6 +217,7 @@ impl UpBlock {
         mut skips: Vec<Tensor>,
         temb: &Tensor,
         context: &Tensor,
+        cache: &mut CrossAttentionCache,
         upsample_size: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
@@ -214,7 +227,7 @@ impl UpBlock {
             };
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = attention.forward(&xs, context)?;
+                xs = attention.forward(&xs, context, cache)?;
             }
         }
         match (&self.upsampler, upsample_size) {

@@ -6,6 +6,8 @@ mod blocks;
 pub mod embeddings;
 mod transformer;
 
+pub use self::transformer::CrossAttentionCache;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -101,7 +103,22 @@ impl UNet2DConditionModel {
 
     /// The model output (epsilon, v or x0, per the scheduler's `prediction_type`) for `sample`
     /// (b, in_channels, h, w) at `timestep`, conditioned on `context` (b, tokens, cross_dim).
+    /// Projects the context's keys and values anew; a loop over steps passes a cache instead
+    /// ([`Self::forward_cached`]).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        self.forward_cached(sample, timestep, context, &mut CrossAttentionCache::new())
+    }
+
+    /// [`Self::forward`] with the cross-attention keys and values of `context` kept in `cache`
+    /// (made at the first call, reused after; one cache per context).
+    pub fn forward_cached(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        cache: &mut CrossAttentionCache,
+    ) -> Result<Tensor> {
+        cache.start_pass();
         let batch = sample.dim(0)?;
         let sample = if self.spec.center_input_sample {
             sample.affine(2.0, -1.0)?
@@ -123,11 +140,11 @@ impl UNet2DConditionModel {
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(&xs, &temb, context)?;
+            let (out, states) = block.forward(&xs, &temb, context, cache)?;
             xs = out;
             skips.extend(states);
         }
-        xs = self.mid_block.forward(&xs, &temb, context)?;
+        xs = self.mid_block.forward(&xs, &temb, context, cache)?;
         for block in &self.up_blocks {
             let block_skips = skips.split_off(skips.len().saturating_sub(block.skips()));
             let upsample_size = match skips.last() {
@@ -137,7 +154,7 @@ impl UNet2DConditionModel {
                 }
                 None => None,
             };
-            xs = block.forward(&xs, block_skips, &temb, context, upsample_size)?;
+            xs = block.forward(&xs, block_skips, &temb, context, cache, upsample_size)?;
         }
         self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
     }

@@ -2,9 +2,7 @@
 //! self-attention, cross-attention to the text, and a GEGLU feed-forward, each pre-normed with a
 //! residual.
 
-use std::sync::{Mutex, PoisonError};
-
-use candle_core::{Module, Result, Tensor, TensorId};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use crate::config::unet::TransformerSpec;
@@ -28,10 +26,42 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    /// Keys and values of the last context attended to, by the context tensor's id (candle never
-    /// reuses one). The text embedding is the same tensor at every sampling step, so its
-    /// projections are computed once per prompt; diffusers recomputes them each step.
-    context_projections: Mutex<Option<(TensorId, Tensor, Tensor)>>,
+}
+
+/// The keys and values every cross-attention layer projects from the text context. The context
+/// is the same at every sampling step, so they are computed at the first UNet pass and reused at
+/// the others (diffusers recomputes them each step). The caller owns the cache for as long as the
+/// context stays the same (the pipeline: one batch) and passes it to each UNet call, as candle's
+/// models take `&mut Cache`; a new context needs a new cache.
+#[derive(Debug, Default)]
+pub struct CrossAttentionCache {
+    /// (keys, values) per cross-attention layer, in the order a UNet pass reaches them.
+    keys_values: Vec<(Tensor, Tensor)>,
+    /// The layer the pass in progress reaches next.
+    next_layer: usize,
+}
+
+impl CrossAttentionCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Called at the start of each UNet pass: the layers are reached in the same order every pass.
+    pub fn start_pass(&mut self) {
+        self.next_layer = 0;
+    }
+
+    /// The next layer's keys and values: cached, or made by `project` and kept.
+    fn next_keys_values(&mut self, project: impl FnOnce() -> Result<(Tensor, Tensor)>) -> Result<(Tensor, Tensor)> {
+        let layer = self.next_layer;
+        self.next_layer += 1;
+        if let Some(cached) = self.keys_values.get(layer) {
+            return Ok(cached.clone());
+        }
+        let projected = project()?;
+        self.keys_values.push(projected.clone());
+        Ok(projected)
+    }
 }
 
 impl Attention {
@@ -43,33 +73,26 @@ impl Attention {
             to_v: linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
             to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
-            context_projections: Mutex::new(None),
         })
     }
 
-    /// `xs` (b, n, dim) attends to `context` (b, m, context_dim), or to itself when `None`.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let q = self.to_q.forward(xs)?;
-        let (k, v) = match context {
-            None => (self.to_k.forward(xs)?, self.to_v.forward(xs)?),
-            Some(context) => self.context_keys_values(context)?,
-        };
-        self.to_out
-            .forward(&scaled_dot_product_attention(&q, &k, &v, self.heads, None)?)
+    /// `xs` (b, n, dim) attends to itself.
+    pub fn forward_self(&self, xs: &Tensor) -> Result<Tensor> {
+        let (k, v) = (self.to_k.forward(xs)?, self.to_v.forward(xs)?);
+        self.attend(xs, &k, &v)
     }
 
-    /// `context`'s keys and values, from the cache when it is the tensor seen last. The lock is
-    /// not held while projecting: the products run on the rayon pool.
-    fn context_keys_values(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
-        let cache = || self.context_projections.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((id, k, v)) = cache().as_ref() {
-            if *id == context.id() {
-                return Ok((k.clone(), v.clone()));
-            }
-        }
-        let (k, v) = (self.to_k.forward(context)?, self.to_v.forward(context)?);
-        *cache() = Some((context.id(), k.clone(), v.clone()));
-        Ok((k, v))
+    /// `xs` (b, n, dim) attends to `context` (b, m, context_dim), whose keys and values come from
+    /// `cache` after the first pass.
+    pub fn forward_cross(&self, xs: &Tensor, context: &Tensor, cache: &mut CrossAttentionCache) -> Result<Tensor> {
+        let (k, v) = cache.next_keys_values(|| Ok((self.to_k.forward(context)?, self.to_v.forward(context)?)))?;
+        self.attend(xs, &k, &v)
+    }
+
+    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(xs)?;
+        self.to_out
+            .forward(&scaled_dot_product_attention(&q, k, v, self.heads, None)?)
     }
 }
 
@@ -128,10 +151,15 @@ impl BasicTransformerBlock {
     }
 
     /// `xs` (b, hw, dim), `context` (b, tokens, cross_attention_dim).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let first_context = self.only_cross_attention.then_some(context);
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, first_context)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + &xs)?;
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, cache: &mut CrossAttentionCache) -> Result<Tensor> {
+        let normed = self.norm1.forward(xs)?;
+        let first = if self.only_cross_attention {
+            self.attn1.forward_cross(&normed, context, cache)?
+        } else {
+            self.attn1.forward_self(&normed)?
+        };
+        let xs = (first + xs)?;
+        let xs = (self.attn2.forward_cross(&self.norm2.forward(&xs)?, context, cache)? + &xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -182,7 +210,7 @@ impl Transformer2DModel {
     }
 
     /// `xs` (b, c, h, w), `context` (b, tokens, cross_attention_dim) -> (b, c, h, w).
-    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, cache: &mut CrossAttentionCache) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
         let to_tokens = |x: Tensor| -> Result<Tensor> {
             // (b, c, h, w) -> (b, hw, c)
@@ -200,7 +228,7 @@ impl Transformer2DModel {
             Projection::Conv(proj) => to_tokens(proj.forward(&normed)?)?,
         };
         for block in &self.transformer_blocks {
-            hidden = block.forward(&hidden, context)?;
+            hidden = block.forward(&hidden, context, cache)?;
         }
         let out = match &self.proj_out {
             Projection::Linear(proj) => to_pixels(proj.forward(&hidden)?)?,
@@ -217,37 +245,35 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    /// The cache serves each layer its own keys and values from the second pass on, equal to a
+    /// fresh projection; a new cache (a new context) projects anew.
     #[test]
-    fn cross_attention_reuses_projections_only_for_the_same_context_tensor() {
+    fn cross_attention_cache_serves_each_layer_its_own_projections() {
         let dev = Device::Cpu;
         let weights = VarMap::new();
         let vb = VarBuilder::from_varmap(&weights, DType::F32, &dev);
-        let cached = Attention::new(vb.clone(), 16, 8, 2).unwrap();
+        let first = Attention::new(vb.pp("a"), 16, 8, 2).unwrap();
+        let second = Attention::new(vb.pp("b"), 16, 8, 2).unwrap();
         let xs = Tensor::randn(0f32, 1., (2, 5, 16), &dev).unwrap();
         let context = Tensor::randn(0f32, 1., (2, 3, 8), &dev).unwrap();
         let other = (&context * 2.0).unwrap();
-        // A second layer over the same weights has an empty cache at each call.
-        let fresh = |ctx: &Tensor| {
-            Attention::new(vb.clone(), 16, 8, 2)
-                .unwrap()
-                .forward(&xs, Some(ctx))
-                .unwrap()
+        let pass = |cache: &mut CrossAttentionCache, ctx: &Tensor| {
+            cache.start_pass();
+            let a = first.forward_cross(&xs, ctx, cache).unwrap();
+            let b = second.forward_cross(&xs, ctx, cache).unwrap();
+            (a, b)
         };
-
-        let first = cached.forward(&xs, Some(&context)).unwrap();
-        assert!(max_abs_diff(&first, &fresh(&context)) < 1e-6);
-        let again = cached.forward(&xs, Some(&context)).unwrap();
-        assert_eq!(max_abs_diff(&again, &first), 0.0);
-        // A different context is projected anew, not served from the cache.
-        let switched = cached.forward(&xs, Some(&other)).unwrap();
-        assert!(max_abs_diff(&switched, &fresh(&other)) < 1e-6);
-        assert!(max_abs_diff(&switched, &first) > 1e-3);
-        // Self-attention projects its own input at each call.
-        let self_attention = Attention::new(vb.pp("attn1"), 16, 16, 2).unwrap();
-        let own = self_attention.forward(&xs, None).unwrap();
-        let shifted = self_attention.forward(&(&xs + 1.0).unwrap(), None).unwrap();
-        let own_fresh = Attention::new(vb.pp("attn1"), 16, 16, 2).unwrap();
-        assert!(max_abs_diff(&shifted, &own_fresh.forward(&(&xs + 1.0).unwrap(), None).unwrap()) < 1e-6);
-        assert!(max_abs_diff(&own, &shifted) > 1e-3);
+        let mut cache = CrossAttentionCache::new();
+        let (a1, b1) = pass(&mut cache, &context);
+        let (a2, b2) = pass(&mut cache, &context);
+        assert_eq!(max_abs_diff(&a1, &a2), 0.0);
+        assert_eq!(max_abs_diff(&b1, &b2), 0.0);
+        assert!(max_abs_diff(&a1, &b1) > 1e-3, "each layer has its own slot");
+        let mut fresh = CrossAttentionCache::new();
+        let (a3, _) = pass(&mut fresh, &other);
+        assert!(max_abs_diff(&a3, &a1) > 1e-3, "a new cache projects the new context");
+        // Without a cache at all (one pass), the same numbers.
+        let (a4, _) = pass(&mut CrossAttentionCache::new(), &context);
+        assert!(max_abs_diff(&a4, &a1) < 1e-6);
     }
 }

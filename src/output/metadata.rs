@@ -2,57 +2,16 @@
 //!
 //! Each PNG carries two text chunks: `parameters`, in the AUTOMATIC1111 format that PNG-info
 //! readers know (prompt line, `Negative prompt:` line, then `Key: value` pairs), and `sdfix`, the
-//! full [`ImageSettings`] as JSON, from which `generate --from-image` re-runs the image. Nothing
+//! full [`ImageSettings`] (made by the engine) as JSON, from which `generate --from-image` re-runs the image. Nothing
 //! time-dependent goes in a PNG, so equal settings give equal bytes; timings go to the manifest.
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+pub use crate::engine::settings::{ImageSettings, SchedulerRecord};
 
 /// The PNG text chunk keywords.
 pub const PARAMETERS_CHUNK: &str = "parameters";
 pub const SETTINGS_CHUNK: &str = "sdfix";
-
-/// The scheduler values an image was sampled with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SchedulerRecord {
-    pub beta_schedule: String,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub num_train_timesteps: usize,
-    pub trained_betas: bool,
-    pub steps_offset: usize,
-    pub set_alpha_to_one: bool,
-    pub clip_sample: bool,
-    pub timesteps: Vec<usize>,
-}
-
-/// Everything needed to make an image again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ImageSettings {
-    /// `sdfix <version>`.
-    pub version: String,
-    /// Folder path or hub repo id, as given to --model.
-    pub model: String,
-    pub revision: Option<String>,
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub seed: u64,
-    pub steps: usize,
-    pub guidance: f64,
-    pub guidance_rescale: f64,
-    pub spacing: String,
-    pub zero_snr: bool,
-    pub prediction: String,
-    pub eta: f64,
-    pub width: usize,
-    pub height: usize,
-    pub dtype: String,
-    pub device: String,
-    /// Whether the initial noise came from a --latents file instead of the seed.
-    pub from_latents_file: bool,
-    pub scheduler: SchedulerRecord,
-}
 
 /// The model name A1111 shows: the repo id, or the folder's last component.
 fn model_name(model: &str) -> &str {

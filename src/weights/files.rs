@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 
 /// Where a model lives.
@@ -143,8 +143,13 @@ impl ModelFiles {
                         self.location
                     );
                 };
-                api.download(relative)
-                    .with_context(|| format!("cannot download {relative} from Hugging Face repo {}", self.location))
+                api.download(relative).map_err(|err| {
+                    hub_error(
+                        &self.location,
+                        format!("cannot download {relative} from Hugging Face repo {}", self.location),
+                        err,
+                    )
+                })
             }
         }
     }
@@ -160,9 +165,13 @@ impl ModelFiles {
                 }
                 let Some(api) = api else { return Ok(false) };
                 if self.hub_listing.get().is_none() {
-                    let info = api
-                        .info()
-                        .with_context(|| format!("cannot list the files of {}", self.location))?;
+                    let info = api.info().map_err(|err| {
+                        hub_error(
+                            &self.location,
+                            format!("cannot list the files of {}", self.location),
+                            err,
+                        )
+                    })?;
                     let _ = self
                         .hub_listing
                         .set(info.siblings.into_iter().map(|s| s.rfilename).collect());
@@ -191,6 +200,66 @@ impl ModelFiles {
             }
         }
         bail!("{} has none of {}", self.location, candidates.join(", "))
+    }
+}
+
+/// hf-hub's error as one line: when the hub cannot be reached at all (no network, DNS, a refused
+/// connection), what to do about it with the root cause once, instead of the transport's chain
+/// (which repeats the DNS message three times); otherwise `what` with the hub's own error.
+fn hub_error(location: &ModelLocation, what: String, err: ApiError) -> anyhow::Error {
+    match unreachable_reason(&err) {
+        Some(reason) => anyhow::Error::new(HubUnreachable(format!(
+            "cannot reach the Hugging Face hub for {location}: {reason}; set HF_HUB_OFFLINE=1 to use the cache, \
+             or pass a local folder"
+        ))),
+        None => anyhow::Error::new(err).context(what),
+    }
+}
+
+/// The hub could not be reached at all: a message complete in itself (it names the repo and the
+/// fix), which callers pass on without a context of their own ([`with_model_context`]).
+#[derive(Debug)]
+pub struct HubUnreachable(String);
+
+impl fmt::Display for HubUnreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HubUnreachable {}
+
+/// `err` prefixed with `--model MODEL`, unless it is a [`HubUnreachable`] line, which already
+/// names the repo.
+pub fn with_model_context(err: anyhow::Error, model: &str) -> anyhow::Error {
+    if err.is::<HubUnreachable>() {
+        err
+    } else {
+        err.context(format!("--model {model}"))
+    }
+}
+
+/// The root cause of a transport failure that means "no connection to the hub", if `err` is one.
+fn unreachable_reason(err: &ApiError) -> Option<String> {
+    use ureq::ErrorKind;
+    match err {
+        ApiError::TooManyRetries(inner) => unreachable_reason(inner),
+        ApiError::RequestError(request) => match request.as_ref() {
+            ureq::Error::Transport(transport)
+                if matches!(
+                    transport.kind(),
+                    ErrorKind::Dns | ErrorKind::ConnectionFailed | ErrorKind::Io | ErrorKind::ProxyConnect
+                ) =>
+            {
+                let mut root: &dyn std::error::Error = transport;
+                while let Some(source) = root.source() {
+                    root = source;
+                }
+                Some(root.to_string())
+            }
+            _ => None,
+        },
+        _ => None,
     }
 }
 

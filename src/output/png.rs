@@ -1,4 +1,4 @@
-//! Writing results: predictable file names and atomic writes (a temporary name in the same
+//! Writing images: predictable file names and atomic writes (a temporary name in the same
 //! folder, then a rename), so a killed run never leaves a partial PNG behind.
 
 use std::collections::HashMap;
@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
+
+use super::metadata::{PARAMETERS_CHUNK, SETTINGS_CHUNK};
+use crate::engine::GeneratedImage;
 
 /// The most prompt characters a file name keeps.
 const SLUG_MAX_CHARS: usize = 60;
@@ -80,6 +83,20 @@ pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &[(&str
         writer.finish()?;
         Ok(())
     })
+}
+
+/// Writes a generated image as a PNG carrying its settings: the AUTOMATIC1111 `parameters` chunk
+/// and the sdfix JSON chunk ([`super::metadata`]). Equal settings give equal bytes.
+pub fn write_image(path: &Path, image: &GeneratedImage) -> Result<()> {
+    let parameters = image.settings.a1111_parameters();
+    let settings_json = serde_json::to_string(&image.settings)?;
+    write_png(
+        path,
+        &image.rgb,
+        image.width as u32,
+        image.height as u32,
+        &[(PARAMETERS_CHUNK, &parameters), (SETTINGS_CHUNK, &settings_json)],
+    )
 }
 
 /// The text chunks (`tEXt`, `zTXt`, `iTXt`) of a PNG, by keyword.

@@ -148,9 +148,8 @@ impl SafetensorsReader {
         if entry.dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
             // Straight into the tensor's own buffer: the common CPU case, one copy from the cache.
             let mut values = vec![0f32; entry.bytes / 4];
-            // SAFETY: any bit pattern is a valid f32, and the byte view covers exactly `values`.
-            let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), entry.bytes) };
-            read(bytes)?;
+            // Any bit pattern is a valid f32, so bytemuck views the buffer as bytes without unsafe.
+            read(bytemuck::cast_slice_mut(&mut values))?;
             return Tensor::from_vec(values, entry.shape.clone(), device);
         }
         let mut bytes = vec![0u8; entry.bytes];

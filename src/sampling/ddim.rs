@@ -6,58 +6,25 @@
 //! For v-prediction this has no division by sqrt(alpha_bar_t), so it stays finite at a zero-SNR
 //! t = T, where epsilon-prediction cannot (x0 = (x - sqrt(1 - a) eps) / sqrt(a) with a = 0).
 //!
+//! Notation (diffusers' names in brackets):
+//!
+//! | here        | meaning                                             | diffusers                 |
+//! |-------------|-----------------------------------------------------|---------------------------|
+//! | `alpha`     | alpha_bar at this step's timestep t                 | `alpha_prod_t`            |
+//! | `alpha_prev`| alpha_bar at the next timestep the sampler visits   | `alpha_prod_t_prev`       |
+//! | `x0`        | the clean-sample estimate                           | `pred_original_sample`    |
+//! | `eps`       | the noise estimate                                  | `pred_epsilon`            |
+//! | `sigma`     | eta times the DDPM posterior's std (eq. 16)         | `std_dev_t`               |
+//! | `direction` | sqrt(1 - a_prev - sigma^2), the weight of eps       | `pred_sample_direction`   |
+//!
 //! Departure from diffusers, on purpose: `a_prev` is alpha_bar of the *next timestep in the
 //! schedule* ([`Schedule::prev_alpha_cumprod`]); diffusers uses `t - T / n`, a timestep the
 //! sampler never visits for `linspace`, and for `trailing` when n does not divide T.
 
-use std::fmt;
-use std::str::FromStr;
-
 use candle_core::{Result, Tensor};
 
+use super::prediction::{x0_and_eps, Prediction};
 use crate::schedule::Schedule;
-
-/// What the model predicts (diffusers' `prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Prediction {
-    /// The added noise (SD 1.x, SD 2.x base).
-    Epsilon,
-    /// v = sqrt(a) eps - sqrt(1 - a) x0 (SD 2.x 768, the paper's models).
-    VPrediction,
-    /// x0 directly.
-    Sample,
-}
-
-impl Prediction {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Epsilon => "epsilon",
-            Self::VPrediction => "v_prediction",
-            Self::Sample => "sample",
-        }
-    }
-}
-
-impl fmt::Display for Prediction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Prediction {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "epsilon" => Ok(Self::Epsilon),
-            "v_prediction" => Ok(Self::VPrediction),
-            "sample" => Ok(Self::Sample),
-            other => Err(format!(
-                "unknown prediction type {other:?}; expected epsilon, v_prediction or sample"
-            )),
-        }
-    }
-}
 
 /// Settings of the DDIM update that do not change from step to step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,19 +34,6 @@ pub struct DdimParams {
     pub eta: f64,
     /// diffusers' `clip_sample`: clamp x0 to [-range, range] (SD configs turn it off).
     pub clip_sample_range: Option<f64>,
-}
-
-/// x0 and eps from the model output at alpha_bar = `alpha`.
-fn x0_and_eps(sample: &Tensor, output: &Tensor, prediction: Prediction, alpha: f64) -> Result<(Tensor, Tensor)> {
-    let (sqrt_a, sqrt_1ma) = (alpha.sqrt(), (1.0 - alpha).sqrt());
-    Ok(match prediction {
-        Prediction::Epsilon => (((sample - (output * sqrt_1ma)?)? / sqrt_a)?, output.clone()),
-        Prediction::VPrediction => (
-            ((sample * sqrt_a)? - (output * sqrt_1ma)?)?,
-            ((output * sqrt_a)? + (sample * sqrt_1ma)?)?,
-        ),
-        Prediction::Sample => (output.clone(), ((sample - (output * sqrt_a)?)? / sqrt_1ma)?),
-    })
 }
 
 /// The standard deviation of the DDIM noise (Song et al. 2021, eq. 16): eta times the DDPM
@@ -92,7 +46,17 @@ pub fn sigma(alpha: f64, alpha_prev: f64, eta: f64) -> f64 {
     eta * variance.max(0.0).sqrt()
 }
 
-/// One DDIM step from sampling step `index` of `schedule` to the next.
+/// The result of one step, as diffusers' `DDIMSchedulerOutput`.
+#[derive(Debug, Clone)]
+pub struct DdimOutput {
+    /// x_{t_prev}: the latents for the next step.
+    pub prev_sample: Tensor,
+    /// x0: the clean-sample estimate at this step (`pred_original_sample`).
+    pub pred_original_sample: Tensor,
+}
+
+/// One DDIM step from sampling step `index` of `schedule` to the next; stages numbered as in
+/// diffusers' `DDIMScheduler.step`.
 ///
 /// `noise` (same shape as `sample`) is required when `params.eta > 0`.
 pub fn ddim_step(
@@ -102,28 +66,38 @@ pub fn ddim_step(
     model_output: &Tensor,
     params: &DdimParams,
     noise: Option<&Tensor>,
-) -> Result<Tensor> {
+) -> Result<DdimOutput> {
     if index >= schedule.timesteps.len() {
         candle_core::bail!(
             "DDIM step {index} is past the schedule's {} steps",
             schedule.timesteps.len()
         );
     }
+    // 1-2. alpha_bar now and at the next visited timestep (see the departure above).
     let alpha = schedule.alpha_cumprod(index);
     let alpha_prev = schedule.prev_alpha_cumprod(index);
+    // 3. x0 and eps from the model output.
     let (mut x0, eps) = x0_and_eps(sample, model_output, params.prediction, alpha)?;
+    // 4. Clip x0 (off in SD's configs).
     if let Some(range) = params.clip_sample_range {
         x0 = x0.clamp(-range, range)?;
     }
+    // 5. sigma_t (eq. 16).
     let sigma = sigma(alpha, alpha_prev, params.eta);
-    // Clamped at 0: rounding can push 1 - a_prev - sigma^2 a hair below zero (diffusers gets NaN).
+    // 6. The direction pointing to x_t; clamped at 0: rounding can push 1 - a_prev - sigma^2 a hair
+    //    below zero (diffusers gets NaN).
     let direction = (1.0 - alpha_prev - sigma * sigma).max(0.0).sqrt();
-    let prev = ((x0 * alpha_prev.sqrt())? + (eps * direction)?)?;
-    match (sigma > 0.0, noise) {
-        (false, _) => Ok(prev),
-        (true, Some(noise)) => prev + (noise * sigma)?,
+    // 7. x_prev = sqrt(a_prev) x0 + direction eps (eq. 12), plus sigma z.
+    let prev = ((&x0 * alpha_prev.sqrt())? + (eps * direction)?)?;
+    let prev_sample = match (sigma > 0.0, noise) {
+        (false, _) => prev,
+        (true, Some(noise)) => (prev + (noise * sigma)?)?,
         (true, None) => candle_core::bail!("eta > 0 needs noise for the DDIM step"),
-    }
+    };
+    Ok(DdimOutput {
+        prev_sample,
+        pred_original_sample: x0,
+    })
 }
 
 #[cfg(test)]
@@ -159,7 +133,7 @@ mod tests {
             eta: 0.0,
             clip_sample_range: None,
         };
-        let out = scalar(&ddim_step(&s, 0, &x, &v, &params, None).unwrap());
+        let out = scalar(&ddim_step(&s, 0, &x, &v, &params, None).unwrap().prev_sample);
         // At a = 0: x0 = -v, eps = x; x_prev = sqrt(a') * 0.3 + sqrt(1 - a') * 0.7.
         let a = s.prev_alpha_cumprod(0);
         let expected = (a.sqrt() * 0.3 + (1.0 - a).sqrt() * 0.7) as f32;
@@ -176,7 +150,11 @@ mod tests {
             eta: 0.0,
             clip_sample_range: None,
         };
-        let out = scalar(&ddim_step(&s, 0, &x, &x.affine(0.5, 0.0).unwrap(), &params, None).unwrap());
+        let out = scalar(
+            &ddim_step(&s, 0, &x, &x.affine(0.5, 0.0).unwrap(), &params, None)
+                .unwrap()
+                .prev_sample,
+        );
         assert!(!out.is_finite());
     }
 
@@ -191,7 +169,7 @@ mod tests {
             clip_sample_range: None,
         };
         for i in 0..7 {
-            x = ddim_step(&s, i, &x, &x0, &params, None).unwrap();
+            x = ddim_step(&s, i, &x, &x0, &params, None).unwrap().prev_sample;
         }
         // At a zero-SNR t = T the input is all noise, eps = 1.3, and with a perfect x0 DDIM keeps
         // eps fixed; the last alpha_bar is alpha_bar_0 (set_alpha_to_one = false), not 1.

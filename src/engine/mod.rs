@@ -1,0 +1,318 @@
+//! The engine: one model, opened once, turning requests into images in memory. Every front-end
+//! (`generate`, `ablate`, a library user, later a server) goes through it; it writes no files.
+//!
+//! - [`Engine::open`] reads the model's configs once and checks nothing else is needed to start.
+//! - [`Engine::job`] resolves a [`Request`] into a [`Job`], with every check on user input
+//!   ([`request`]), before any weight is read.
+//! - [`Engine::run`] groups the jobs' images into UNet batches by settings ([`batch`]), encodes each
+//!   distinct prompt once, loads the modules on first use, runs the [`pipeline`] per batch and
+//!   hands each finished image to an [`Observer`] as soon as it is decoded; [`Engine::generate`]
+//!   collects them instead.
+//!
+//! Modules are loaded lazily and kept: the text encoder first, freed again before the UNet loads
+//! when a run's texts can all be encoded ahead (its weights are then never resident beside the
+//! UNet's); the UNet and VAE once, for every later run of the same engine.
+//!
+//! [`pipeline`]: crate::pipeline
+
+pub mod batch;
+pub mod request;
+pub mod settings;
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use self::batch::{plan_batches, texts_to_encode, Item, PromptEmbeddings, ENCODE_AHEAD_TEXTS};
+use self::request::RecordContext;
+pub use self::request::{Job, Request};
+pub use self::settings::ImageSettings;
+use crate::device;
+use crate::model::stable_diffusion::StableDiffusion;
+use crate::pipeline::{self, BatchInput, StepInfo};
+use crate::sampling::noise::ImageNoise;
+use crate::weights::files::{with_model_context, ModelFiles, ModelLocation};
+use crate::weights::loader::{load_model_denoiser, load_model_text_encoder, ModelConfigs};
+
+/// One finished image, with everything known about how it was made.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    /// Which job (index into the slice given to [`Engine::run`]) and which of its images.
+    pub job: usize,
+    pub index: usize,
+    pub width: usize,
+    pub height: usize,
+    /// Row-major 8-bit RGB, `width * height * 3` bytes.
+    pub rgb: Vec<u8>,
+    /// The settings to record in the image (and to make it again).
+    pub settings: ImageSettings,
+    /// The final latents, (c, h, w) f32 on the CPU, before the VAE and not divided by its
+    /// scaling factor.
+    pub latents: Tensor,
+    /// The mean of the image's initial latents (what stock SD's brightness follows).
+    pub initial_noise_mean: f64,
+    /// Wall time per image of its batch (load excluded), in seconds.
+    pub seconds: f64,
+}
+
+/// What a run reports besides its images.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The text encoder encoded `texts` distinct texts ahead of the UNet and was freed.
+    EncodedAhead { texts: usize, seconds: f64 },
+    /// The UNet and VAE are loaded (`seconds` includes the text encoder's load).
+    Loaded {
+        location: String,
+        seconds: f64,
+        dtype: DType,
+        device: String,
+    },
+    /// A batch of `images` starts its `steps` denoising steps.
+    BatchStarted { images: usize, steps: usize },
+    /// A batch is done: seconds in text embedding lookup, the UNet loop and the VAE.
+    BatchDone {
+        images: usize,
+        text_seconds: f64,
+        unet_seconds: f64,
+        vae_seconds: f64,
+    },
+}
+
+/// Watches a run: every method but [`Observer::image`] has a default that ignores it.
+pub trait Observer {
+    /// A finished image; an error stops the run.
+    fn image(&mut self, image: GeneratedImage) -> Result<()>;
+    /// After each denoising step, with the latents and the x0 estimate.
+    fn step(&mut self, _step: &StepInfo) {}
+    fn event(&mut self, _event: &Event) {}
+    /// Something the user should see (a prompt past the token limit).
+    fn warn(&mut self, _message: &str) {}
+}
+
+/// An observer that keeps every image.
+#[derive(Default)]
+struct Collect(Vec<GeneratedImage>);
+
+impl Observer for Collect {
+    fn image(&mut self, image: GeneratedImage) -> Result<()> {
+        self.0.push(image);
+        Ok(())
+    }
+}
+
+/// A model opened for generation.
+pub struct Engine {
+    files: ModelFiles,
+    /// `--model` as given (recorded in images).
+    model: String,
+    revision: Option<String>,
+    configs: ModelConfigs,
+    device: Device,
+    dtype: DType,
+    denoiser: Option<StableDiffusion>,
+}
+
+impl Engine {
+    /// Opens `model` (a diffusers folder, a hub repo id, or a built-in demo name) at `revision`
+    /// for `device` and `dtype`: its configs are read and checked; no weight is read yet.
+    pub fn open(model: &str, revision: Option<&str>, device: &Device, dtype: DType) -> Result<Self> {
+        device::check_dtype(device, dtype)?;
+        let files = ModelFiles::new(ModelLocation::parse(model, revision)?)?;
+        let configs = ModelConfigs::read(&files).map_err(|err| with_model_context(err, model))?;
+        Ok(Self {
+            files,
+            model: model.to_string(),
+            revision: revision.map(str::to_string),
+            configs,
+            device: device.clone(),
+            dtype,
+            denoiser: None,
+        })
+    }
+
+    pub fn configs(&self) -> &ModelConfigs {
+        &self.configs
+    }
+
+    pub fn location(&self) -> &ModelLocation {
+        self.files.location()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Resolves and checks one request against this model.
+    pub fn job(&self, request: Request) -> Result<Job> {
+        request::resolve(&self.configs, request)
+    }
+
+    /// Makes every image of `jobs` and returns them in the order they were made (batched by
+    /// settings, so not always job order: each image names its job and index).
+    pub fn generate(&mut self, jobs: &[Job]) -> Result<Vec<GeneratedImage>> {
+        let mut collect = Collect::default();
+        self.run(jobs, 1, &mut collect)?;
+        Ok(collect.0)
+    }
+
+    /// Makes every image still to make of `jobs`, at most `batch_size` per UNet batch, handing
+    /// each to `observer` as soon as it is decoded. Returns how many were made.
+    pub fn run(&mut self, jobs: &[Job], batch_size: usize, observer: &mut dyn Observer) -> Result<usize> {
+        let batches = plan_batches(jobs, batch_size);
+        if batches.is_empty() {
+            return Ok(0);
+        }
+        let texts = texts_to_encode(jobs, &batches);
+        let started = Instant::now();
+        let encoder = load_model_text_encoder(&self.files, &self.configs, self.dtype, &self.device)?;
+        let mut load_seconds = started.elapsed().as_secs_f64();
+        let mut prompts = PromptEmbeddings::new(encoder);
+        let mut warn = |message: &str| observer.warn(message);
+        if texts.len() <= ENCODE_AHEAD_TEXTS {
+            let encode_started = Instant::now();
+            for text in &texts {
+                prompts.get(text, &mut warn)?;
+            }
+            prompts.encoder = None;
+            observer.event(&Event::EncodedAhead {
+                texts: texts.len(),
+                seconds: encode_started.elapsed().as_secs_f64(),
+            });
+        }
+        if self.denoiser.is_none() {
+            let unet_started = Instant::now();
+            self.denoiser = Some(load_model_denoiser(
+                &self.files,
+                &self.configs,
+                self.dtype,
+                &self.device,
+            )?);
+            load_seconds += unet_started.elapsed().as_secs_f64();
+        }
+        observer.event(&Event::Loaded {
+            location: self.files.location().to_string(),
+            seconds: load_seconds,
+            dtype: self.dtype,
+            device: device::describe(&self.device),
+        });
+        let model = self
+            .denoiser
+            .as_ref()
+            .context("internal: the denoiser was not loaded")?;
+        let dtype_name = device::dtype_name(self.dtype);
+        let device_name = device::describe(&self.device);
+        let record = RecordContext {
+            configs: &self.configs,
+            model: &self.model,
+            revision: self.revision.as_deref(),
+            dtype: dtype_name,
+            device: &device_name,
+        };
+        let mut made = 0;
+        for batch in &batches {
+            made += run_batch(model, jobs, batch, &mut prompts, &record, observer)?;
+        }
+        Ok(made)
+    }
+}
+
+/// One UNet batch: initial latents, embeddings, the pipeline, then each image to the observer.
+fn run_batch(
+    model: &StableDiffusion,
+    jobs: &[Job],
+    batch: &[Item],
+    prompts: &mut PromptEmbeddings,
+    record: &RecordContext,
+    observer: &mut dyn Observer,
+) -> Result<usize> {
+    let batch_started = Instant::now();
+    let first = &jobs[batch[0].job];
+    let settings = &first.settings;
+    let (c, h, w) = first.latent_shape;
+    let seeds: Vec<u64> = batch.iter().map(|i| jobs[i.job].seeds[i.image]).collect();
+    let mut noise = ImageNoise::new(&seeds);
+    // Jobs with latents of their own never share a batch with seeded ones (see `batch_key`).
+    let latents = if first.request.latents.is_some() {
+        let rows = batch
+            .iter()
+            .map(|i| jobs[i.job].request.latents.as_ref().map(|l| l.get(i.image)))
+            .collect::<Option<candle_core::Result<Vec<Tensor>>>>()
+            .context("internal: a batch mixes seeded noise and --latents")??;
+        Tensor::stack(&rows, 0)?.to_device(&model.device)?
+    } else {
+        noise.sample((c, h, w), &model.device)?
+    };
+    // Per image: the mean of its initial noise (what stock SD's brightness follows).
+    let noise_means: Vec<f64> = latents
+        .flatten_from(1)?
+        .mean(1)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let text_started = Instant::now();
+    let mut warn = |message: &str| observer.warn(message);
+    let cond = Tensor::cat(
+        &batch
+            .iter()
+            .map(|i| prompts.get(&jobs[i.job].request.prompt, &mut warn))
+            .collect::<Result<Vec<_>>>()?,
+        0,
+    )?;
+    let uncond = if settings.uses_cfg() {
+        let rows = batch
+            .iter()
+            .map(|i| prompts.get(&jobs[i.job].request.negative_prompt, &mut warn))
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&rows, 0)?)
+    } else {
+        None
+    };
+    let text_seconds = text_started.elapsed().as_secs_f64();
+    observer.event(&Event::BatchStarted {
+        images: batch.len(),
+        steps: settings.schedule.timesteps.len(),
+    });
+    let unet_started = Instant::now();
+    // The last step's hook marks the end of the denoising loop; the VAE is the rest.
+    let mut loop_done = unet_started;
+    let input = BatchInput {
+        latents,
+        cond: &cond,
+        uncond: uncond.as_ref(),
+        settings,
+    };
+    let (final_latents, images) = pipeline::run_batch(model, input, &mut noise, &mut |step| {
+        observer.step(step);
+        loop_done = Instant::now();
+    })?;
+    let unet_seconds = loop_done.duration_since(unet_started).as_secs_f64();
+    let vae_seconds = loop_done.elapsed().as_secs_f64();
+    observer.event(&Event::BatchDone {
+        images: batch.len(),
+        text_seconds,
+        unet_seconds,
+        vae_seconds,
+    });
+    let seconds_each = batch_started.elapsed().as_secs_f64() / batch.len() as f64;
+    let final_latents = final_latents.to_device(&Device::Cpu)?;
+    let factor = model.vae.downscale_factor();
+    for (b, (item, rgb)) in batch.iter().zip(images).enumerate() {
+        let job = &jobs[item.job];
+        observer.image(GeneratedImage {
+            job: item.job,
+            index: item.image,
+            width: w * factor,
+            height: h * factor,
+            rgb,
+            settings: record.image_settings(job, item.image),
+            latents: final_latents.get(b)?,
+            initial_noise_mean: noise_means[b],
+            seconds: seconds_each,
+        })?;
+    }
+    Ok(batch.len())
+}

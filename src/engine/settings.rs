@@ -1,0 +1,46 @@
+//! What an image records about how it was made: everything needed to make it again. The engine
+//! fills one per image; `output::metadata` writes it into the PNG (as JSON and as AUTOMATIC1111
+//! `parameters`), and `generate --from-image` reads it back.
+
+use serde::{Deserialize, Serialize};
+
+/// The scheduler values an image was sampled with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerRecord {
+    pub beta_schedule: String,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub num_train_timesteps: usize,
+    pub trained_betas: bool,
+    pub steps_offset: usize,
+    pub set_alpha_to_one: bool,
+    pub clip_sample: bool,
+    pub timesteps: Vec<usize>,
+}
+
+/// Everything needed to make an image again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSettings {
+    /// `sdfix <version>`.
+    pub version: String,
+    /// Folder path or hub repo id, as given to --model.
+    pub model: String,
+    pub revision: Option<String>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    pub guidance_rescale: f64,
+    pub spacing: String,
+    pub zero_snr: bool,
+    pub prediction: String,
+    pub eta: f64,
+    pub width: usize,
+    pub height: usize,
+    pub dtype: String,
+    pub device: String,
+    /// Whether the initial noise came from a --latents file instead of the seed.
+    pub from_latents_file: bool,
+    pub scheduler: SchedulerRecord,
+}

@@ -1,0 +1,334 @@
+//! The one loader: a model's configs read once ([`ModelConfigs`]), each component's weight file
+//! chosen by dtype, and weights (safetensors read tensor by tensor, or pickled PyTorch `.bin`) fed
+//! to a candle `VarBuilder` that remembers which tensors the model asked for.
+//!
+//! Weight files: with f16/bf16, `*.fp16.safetensors` is preferred when the model ships it (half
+//! the download); then `*.safetensors` (read tensor by tensor, not mapped), then pickled `*.bin`
+//! (the paper's ByteDance checkpoints ship only those).
+//!
+//! Missing tensors and shape mismatches are candle errors naming the tensor; [`Weights::build`]
+//! adds the file's name and, once the module is built, reports tensors the file holds that the
+//! config never asked for: a config that does not match its weights (one transformer layer fewer,
+//! say) would otherwise load "fine" and compute garbage.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use super::files::ModelFiles;
+use super::safetensors_reader::SafetensorsReader;
+use crate::config::clip::ClipTextConfig;
+use crate::config::read_json;
+use crate::config::scheduler::SchedulerConfig;
+use crate::config::unet::{UNetConfig, UNetSpec};
+use crate::config::vae::VaeConfig;
+use crate::model::clip::ClipTextTransformer;
+use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::Vae;
+
+/// Tensors that checkpoints carry but no module reads: buffers, not weights.
+const IGNORED_TENSORS: &[&str] = &["text_model.embeddings.position_ids", "embeddings.position_ids"];
+
+/// A backend that records the names of the tensors it served.
+struct Tracked {
+    inner: Box<dyn SimpleBackend>,
+    used: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Tracked {
+    fn mark(&self, name: &str) {
+        self.used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string());
+    }
+}
+
+impl SimpleBackend for Tracked {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.mark(name);
+        self.inner.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.mark(name);
+        self.inner.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// One weights file, opened.
+pub struct Weights {
+    label: String,
+    names: BTreeSet<String>,
+    used: Arc<Mutex<BTreeSet<String>>>,
+    var_builder: VarBuilder<'static>,
+}
+
+impl Weights {
+    /// Opens `path` by its extension: `.safetensors` (read, not mapped: see [`SafetensorsReader`])
+    /// or `.bin`/`.pt`/`.pth`/`.ckpt` (PyTorch pickle). Tensors are converted to `dtype` on
+    /// `device` as they are read.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let label = path.display().to_string();
+        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        let (backend, names): (Box<dyn SimpleBackend>, BTreeSet<String>) = match extension {
+            "safetensors" => {
+                let tensors = SafetensorsReader::open(path)?;
+                let names = tensors.names().cloned().collect();
+                (Box::new(tensors), names)
+            }
+            "bin" | "pt" | "pth" | "ckpt" => {
+                let tensors = candle_core::pickle::PthTensors::new(path, None)
+                    .with_context(|| format!("{label} is not a readable PyTorch checkpoint"))?;
+                let names = tensors.tensor_infos().keys().cloned().collect();
+                (Box::new(tensors), names)
+            }
+            _ => bail!("{label}: unknown weights format (expected .safetensors or .bin)"),
+        };
+        Ok(Self::from_backend(backend, names, label, dtype, device))
+    }
+
+    /// Weights from tensors in memory (tests, renamed checkpoints).
+    pub fn from_tensors(
+        tensors: std::collections::HashMap<String, Tensor>,
+        label: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let names = tensors.keys().cloned().collect();
+        Self::from_backend(Box::new(tensors), names, label.to_string(), dtype, device)
+    }
+
+    fn from_backend(
+        inner: Box<dyn SimpleBackend>,
+        names: BTreeSet<String>,
+        label: String,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let used = Arc::new(Mutex::new(BTreeSet::new()));
+        let tracked = Tracked {
+            inner,
+            used: used.clone(),
+        };
+        let var_builder = VarBuilder::from_backend(Box::new(tracked), dtype, device.clone());
+        Self {
+            label,
+            names,
+            used,
+            var_builder,
+        }
+    }
+
+    /// Whether the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// Builds a module from these weights; errors name the file, and tensors the module did not
+    /// read are an error too.
+    pub fn build<T>(&self, build: impl FnOnce(VarBuilder<'static>) -> Result<T>) -> Result<T> {
+        self.build_part(&[], build)
+    }
+
+    /// [`Weights::build`] for a module that uses part of the file on purpose: tensors whose names
+    /// start with one of `unread_prefixes` (the VAE's encoder, say) are not reported.
+    pub fn build_part<T>(
+        &self,
+        unread_prefixes: &[&str],
+        build: impl FnOnce(VarBuilder<'static>) -> Result<T>,
+    ) -> Result<T> {
+        let module = build(self.var_builder.clone()).with_context(|| format!("loading {}", self.label))?;
+        let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        let unused: Vec<&String> = self
+            .names
+            .iter()
+            .filter(|name| !used.contains(*name) && !IGNORED_TENSORS.contains(&name.as_str()))
+            .filter(|name| !unread_prefixes.iter().any(|prefix| name.starts_with(prefix)))
+            .collect();
+        if let Some(first) = unused.first() {
+            bail!(
+                "{}: {} tensor(s) the config does not use, first {first}; does config.json match these weights?",
+                self.label,
+                unused.len()
+            );
+        }
+        Ok(module)
+    }
+}
+
+/// Where the scheduler config lives in the diffusers layout.
+pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
+const TEXT_ENCODER_CONFIG: &str = "text_encoder/config.json";
+const UNET_CONFIG: &str = "unet/config.json";
+const VAE_CONFIG: &str = "vae/config.json";
+
+/// Weight file names to try, in order of preference, for a component.
+fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let full = [
+        format!("{component}/{stem}.safetensors"),
+        format!("{component}/{stem}.bin"),
+    ];
+    let fp16 = [
+        format!("{component}/{stem}.fp16.safetensors"),
+        format!("{component}/{stem}.fp16.bin"),
+    ];
+    if half {
+        [fp16[0].clone(), full[0].clone(), fp16[1].clone(), full[1].clone()].into()
+    } else {
+        [full[0].clone(), full[1].clone(), fp16[0].clone(), fp16[1].clone()].into()
+    }
+}
+
+/// A model's configs, read and validated once: enough to check every request before any weight
+/// is read, and then to build the modules.
+#[derive(Debug, Clone)]
+pub struct ModelConfigs {
+    pub scheduler: SchedulerConfig,
+    /// Where the scheduler config came from, for messages.
+    pub scheduler_path: String,
+    pub unet: UNetSpec,
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+}
+
+impl ModelConfigs {
+    /// Reads the scheduler, UNet, VAE and text-encoder configs of `files`' model.
+    pub fn read(files: &ModelFiles) -> Result<Self> {
+        let scheduler = read_scheduler_config(files)?;
+        let scheduler_path = format!("{}/{SCHEDULER_CONFIG}", files.location());
+        if scheduler.thresholding {
+            bail!("{scheduler_path}: thresholding is not supported");
+        }
+        let unet_path = files.get(UNET_CONFIG)?;
+        let unet = read_json::<UNetConfig>(&unet_path)?
+            .resolve()
+            .with_context(|| format!("{}", unet_path.display()))?;
+        let vae_path = files.get(VAE_CONFIG)?;
+        let vae: VaeConfig = read_json(&vae_path)?;
+        vae.validate().with_context(|| format!("{}", vae_path.display()))?;
+        let text_path = files.get(TEXT_ENCODER_CONFIG)?;
+        let text_encoder: ClipTextConfig = read_json(&text_path)?;
+        text_encoder
+            .validate()
+            .with_context(|| format!("{}", text_path.display()))?;
+        Ok(Self {
+            scheduler,
+            scheduler_path,
+            unet,
+            vae,
+            text_encoder,
+        })
+    }
+}
+
+/// A model's scheduler config alone: cheap, for `sdfix schedule`.
+pub fn read_scheduler_config(files: &ModelFiles) -> Result<SchedulerConfig> {
+    SchedulerConfig::from_file(&files.get(SCHEDULER_CONFIG)?)
+}
+
+/// The tokenizer and the CLIP text encoder of a model.
+pub fn load_model_text_encoder(
+    files: &ModelFiles,
+    configs: &ModelConfigs,
+    dtype: DType,
+    device: &Device,
+) -> Result<TextEncoder> {
+    let tokenizer = load_tokenizer(files)?;
+    let weight_file = files.first_present(&weight_candidates("text_encoder", "model", dtype))?;
+    let model = build_text_encoder(&configs.text_encoder, &weight_file, dtype, device)?;
+    Ok(TextEncoder::new(tokenizer, model, device))
+}
+
+/// The UNet and the VAE decoder of a model; the VAE in f32 when its config says `force_upcast`
+/// and the model runs in f16 ([`Vae::decode_dtype`]).
+pub fn load_model_denoiser(
+    files: &ModelFiles,
+    configs: &ModelConfigs,
+    dtype: DType,
+    device: &Device,
+) -> Result<StableDiffusion> {
+    let unet_file = files.first_present(&weight_candidates("unet", "diffusion_pytorch_model", dtype))?;
+    let unet = build_unet(&configs.unet, &unet_file, dtype, device)?;
+    let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
+    let vae_file = files.first_present(&weight_candidates("vae", "diffusion_pytorch_model", vae_dtype))?;
+    let vae = build_vae(&configs.vae, &vae_file, vae_dtype, device)?;
+    Ok(StableDiffusion::new(unet, vae, dtype, vae_dtype, device))
+}
+
+/// Builds the UNet from a resolved config and its weights file.
+pub fn build_unet(spec: &UNetSpec, weights: &Path, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
+    Weights::open(weights, dtype, device)?.build(|vb| Ok(UNet2DConditionModel::new(vb, spec)?))
+}
+
+/// Builds the CLIP text transformer from a validated config and its weights file.
+pub fn build_text_encoder(
+    config: &ClipTextConfig,
+    weights: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<ClipTextTransformer> {
+    Weights::open(weights, dtype, device)?.build(|vb| ClipTextTransformer::new(vb, config))
+}
+
+/// The VAE decoder from a validated config and its weights file; the encoder's tensors are
+/// deliberately not read ([`Vae::UNREAD_PREFIXES`]).
+pub fn build_vae(config: &VaeConfig, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
+    Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, config)?))
+}
+
+/// Builds the UNet from its config.json and weights file (one component, outside a model folder).
+pub fn load_unet(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
+    let spec = read_json::<UNetConfig>(config)?
+        .resolve()
+        .with_context(|| format!("{}", config.display()))?;
+    build_unet(&spec, weights, dtype, device)
+}
+
+/// Builds the CLIP text transformer from its config.json and weights file.
+pub fn load_text_encoder(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<ClipTextTransformer> {
+    let config_values: ClipTextConfig = read_json(config)?;
+    config_values
+        .validate()
+        .with_context(|| format!("{}", config.display()))?;
+    build_text_encoder(&config_values, weights, dtype, device)
+}
+
+/// Builds the VAE decoder from its config.json and weights file (the encoder's tensors are not
+/// read).
+pub fn load_vae(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
+    let config_values: VaeConfig = read_json(config)?;
+    config_values
+        .validate()
+        .with_context(|| format!("{}", config.display()))?;
+    build_vae(&config_values, weights, dtype, device)
+}
+
+/// The tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the optional
+/// special-token files fetched beside them.
+fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+    let main = files.first_present(&["tokenizer/tokenizer.json".into(), "tokenizer/vocab.json".into()])?;
+    for optional in [
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
+        if files.has(optional)? {
+            files.get(optional)?;
+        }
+    }
+    let folder: PathBuf = main.parent().context("tokenizer file has no folder")?.to_path_buf();
+    ClipTokenizer::from_folder(&folder)
+}

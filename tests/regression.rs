@@ -1,0 +1,216 @@
+//! The index of named regressions: each bug sdfix (or a library it was checked against) had, as a
+//! test that fails if it comes back, with its cause in a comment. Unit tests in the modules pin
+//! the details; these pin the behaviour a user sees.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::{fixture, sdfix};
+use sdfix::engine::{Engine, Request};
+use sdfix::sampling::Prediction;
+use sdfix::schedule::{BetaSchedule, BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
+
+fn schedule(spacing: TimestepSpacing, steps: usize) -> Schedule {
+    Schedule::new(&ScheduleSpec {
+        betas: BetaSource::STABLE_DIFFUSION,
+        zero_terminal_snr: true,
+        spacing,
+        steps,
+        steps_offset: 1,
+        set_alpha_to_one: false,
+    })
+    .unwrap()
+}
+
+/// candle-transformers' cosine schedule computes `i / T` in integers, so every t but the last is
+/// 0 and the betas come out constant. Ours evaluates alpha_bar at real-valued t, as diffusers.
+#[test]
+fn cosine_betas_are_not_constant_integer_division() {
+    let betas = BetaSource::Named {
+        schedule: BetaSchedule::SquaredCosCapV2,
+        beta_start: 0.0,
+        beta_end: 0.0,
+        train_timesteps: 1000,
+    }
+    .betas()
+    .unwrap();
+    assert!(betas[0] < 1e-4 && betas[998] > 0.1, "{} .. {}", betas[0], betas[998]);
+    assert!(betas.windows(2).all(|w| w[1] >= w[0]), "cosine betas grow with t");
+}
+
+/// diffusers' trailing spacing is `round(arange(T, 0, -T / n)) - 1`; the float `arange` yields
+/// 62 values for n = 61 (T = 1000), the last one -1. We yield exactly n, all valid timesteps.
+#[test]
+fn trailing_with_61_steps_has_61_timesteps_not_62() {
+    let s = schedule(TimestepSpacing::Trailing, 61);
+    assert_eq!(s.timesteps.len(), 61);
+    assert_eq!(s.timesteps[0], 999);
+    assert!(s.timesteps.windows(2).all(|w| w[0] > w[1]), "{:?}", s.timesteps);
+}
+
+/// diffusers' DDIM takes alpha_bar_prev at `t - T / n`, a timestep the sampler never visits when
+/// n does not divide T (n = 7 here). We step to the next timestep in the list, so the last step
+/// lands on the final alpha_bar and no step skips or repeats noise levels.
+#[test]
+fn seven_trailing_steps_step_to_the_next_visited_timestep() {
+    let s = schedule(TimestepSpacing::Trailing, 7);
+    for i in 0..6 {
+        assert_eq!(s.prev_alpha_cumprod(i), s.alpha_cumprod(i + 1), "step {i}");
+    }
+    assert_eq!(s.prev_alpha_cumprod(6), s.final_alpha_cumprod);
+}
+
+/// With zero terminal SNR, epsilon prediction divides by sqrt(alpha_bar_T) = 0 at the first step
+/// and yields NaN images; asking for it is an error naming the fix, caught before any weight loads.
+#[test]
+fn epsilon_with_zero_snr_is_refused_before_loading() {
+    let model = fixture("tiny-sd");
+    let engine = Engine::open(
+        model.to_str().unwrap(),
+        None,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    let err = engine
+        .job(Request {
+            zero_snr: Some(true),
+            prediction: Some(Prediction::Epsilon),
+            ..Request::new("a red circle")
+        })
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("--no-zero-snr"), "{err:#}");
+}
+
+/// `ablate` used to render through `generate`'s writer, which appends to the folder's manifest:
+/// `ablate --overwrite` run twice left two lines per cell in cells/manifest.jsonl.
+#[test]
+fn ablate_overwrite_twice_keeps_one_manifest_line_per_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid");
+    let model = fixture("tiny-sd");
+    for _ in 0..2 {
+        let run = sdfix(&[
+            "ablate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "3",
+            "--num-seeds",
+            "1",
+            "--overwrite",
+            "--quiet",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    }
+    let manifest = std::fs::read_to_string(out.join("cells/manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 4, "{manifest}");
+}
+
+/// A prompt file with nothing to draw used to print "wrote 0 image(s)" and exit 0, so a typo'd
+/// or empty file in a batch job went unnoticed.
+#[test]
+fn a_prompt_file_without_prompts_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sd");
+    for (name, text) in [("empty.txt", ""), ("comments.txt", "# only a comment\n\n   \n")] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = sdfix(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            file.to_str().unwrap(),
+            "--out-dir",
+            dir.path().join("out").to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains("has no prompts"), "{name}: {stderr}");
+        assert!(!dir.path().join("out").exists(), "{name}: nothing should be written");
+    }
+    // A shard that gets no entries of a non-empty file is a normal, successful worker.
+    let file = dir.path().join("one.txt");
+    std::fs::write(&file, "a red circle\n").unwrap();
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        file.to_str().unwrap(),
+        "--shard",
+        "1/2",
+        "--steps",
+        "2",
+        "--out-dir",
+        dir.path().join("shard").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrote 0 image(s)"));
+}
+
+/// With no network, a hub id printed hf-hub's transport error chain, the same DNS message three
+/// times. Now: one line saying the hub cannot be reached, the root cause once, and what to do.
+/// The "hub" is a closed port on loopback.
+#[test]
+fn an_unreachable_hub_is_one_short_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(["generate", "--model", "sdfix-test/not-cached", "--prompt", "x"])
+        .env("HF_HOME", dir.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot reach the Hugging Face hub for sdfix-test/not-cached: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("HF_HUB_OFFLINE=1"), "{stderr}");
+}
+
+/// Runs sdfix with a stdout whose reader is already gone, as `sdfix stats DIR | head -1` leaves it
+/// once head exits; `println!` used to panic there ("failed printing to stdout").
+fn with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(args)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_stdout_exits_zero_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("grey.png");
+    image::RgbImage::from_pixel(4, 4, image::Rgb([128, 128, 128]))
+        .save(&png)
+        .unwrap();
+    let png = png.to_str().unwrap();
+    for args in [
+        vec!["stats", png, png, png],
+        vec!["info", png],
+        vec!["schedule", "--steps", "50"],
+    ] {
+        let out = with_closed_stdout(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    assert!(Path::new(png).exists());
+}
