@@ -7,6 +7,7 @@
 //! - [`schedule`]: betas, the zero terminal SNR rescale (Algorithm 1), timestep spacing (Table 2).
 //! - [`config`]: serde mirrors of diffusers' config files.
 //! - [`model`]: finding model files, locally or on the Hugging Face hub.
+//! - [`kernels`]: the CPU kernels (candle custom ops) the model's layers call; the `unsafe` code.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod device;
 pub mod grid;
 pub mod guidance;
+pub mod kernels;
 pub mod metadata;
 pub mod model;
 pub mod noise;

@@ -25,8 +25,8 @@ use crate::config::unet::{UNetConfig, UNetSpec};
 use crate::config::vae::VaeConfig;
 use crate::device::{self, DeviceChoice};
 use crate::guidance;
+use crate::kernels::profile;
 use crate::model::clip::ClipTextTransformer;
-use crate::model::op_profile;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::Vae;
@@ -124,8 +124,8 @@ fn median(ms: &[f64]) -> f64 {
 fn time(device: &Device, times: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;
     device.synchronize()?;
-    op_profile::take();
-    op_profile::take_details();
+    profile::take();
+    profile::take_details();
     let mut ms = Vec::with_capacity(times);
     for _ in 0..times {
         let started = Instant::now();
@@ -142,7 +142,7 @@ fn op_ms(ms: &[f64]) -> (serde_json::Value, serde_json::Value) {
     let runs = ms.len() as f64;
     let mut ops = serde_json::Map::new();
     let mut timed = 0.0;
-    for (op, seconds, _) in op_profile::take() {
+    for (op, seconds, _) in profile::take() {
         let per_run = seconds * 1000.0 / runs;
         timed += per_run;
         ops.insert(op.to_string(), json!(per_run));
@@ -150,7 +150,7 @@ fn op_ms(ms: &[f64]) -> (serde_json::Value, serde_json::Value) {
     let mean = ms.iter().sum::<f64>() / runs;
     ops.insert("other".to_string(), json!((mean - timed).max(0.0)));
     let mut shapes = serde_json::Map::new();
-    for (_, shape, seconds, calls) in op_profile::take_details() {
+    for (_, shape, seconds, calls) in profile::take_details() {
         shapes.insert(
             shape,
             json!({"ms": seconds * 1000.0 / runs, "calls": calls as f64 / runs}),
@@ -232,7 +232,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if !device.is_cpu() {
             bail!("--profile times ops on the CPU only (GPU kernels run asynchronously); drop it or pass --device cpu");
         }
-        op_profile::enable();
+        profile::enable();
     }
     let memory_watch = device::MemoryWatch::start(&device);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
