@@ -48,6 +48,7 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod kernels;
 pub mod model;
 pub mod output;
 pub mod pipeline;

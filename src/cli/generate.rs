@@ -58,7 +58,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub prompts: PromptArgs,
 
-    /// Re-run the exact settings recorded in a PNG made by sdfix.
+    /// Re-run the exact settings recorded in a PNG made by sdfix (its device and dtype too,
+    /// unless --device or --dtype is given).
     #[arg(long, value_name = "IMAGE.png", conflicts_with_all = ["model", "revision", "latents"])]
     pub from_image: Option<PathBuf>,
 

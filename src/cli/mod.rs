@@ -26,7 +26,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The paper's ablation as one labelled grid: baseline -> +zero-SNR -> +trailing ->
-    /// +rescaled CFG (or all 8 combinations, or --sweep axes), rows of seeds.
+    /// +rescaled CFG (or all 8 combinations, or --sweep axes), rows of seeds (x the prompts of a
+    /// --prompts file, whose per-line settings ablate does not read).
     Ablate(Box<ablate::AblateArgs>),
     /// Time the pipeline's stages on a real SD architecture with random weights (no download).
     Bench(bench::BenchArgs),

@@ -5,21 +5,18 @@
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
 //! - [`vae`]: the VAE decoder, configured from vae/config.json.
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
-//! - [`attention`]: the one attention function all of them use.
-//! - [`conv`], [`norm`], [`linear`]: convolution, group norm and linear layers (our CPU kernels,
-//!   candle's elsewhere); [`activation`]: GELU/GEGLU; [`cpu_math`]: the vectorised exp/erf they
-//!   use; [`cpu_op`]: their shared plumbing; [`op_profile`]: time per kind of op (`bench --profile`).
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
+//! - The thin layers the networks are built from: [`attention`] (the one attention function all
+//!   of them use), [`conv`], [`norm`], [`linear`] and [`activation`] (GELU/GEGLU). Each decides
+//!   which kernel runs (ours from [`crate::kernels`] for f32 on the CPU, candle's ops elsewhere)
+//!   and times the call with [`crate::kernels::profile`]; none holds kernel code.
 
 pub mod activation;
 pub mod attention;
 pub mod clip;
 pub mod conv;
-pub mod cpu_math;
-pub mod cpu_op;
 pub mod linear;
 pub mod norm;
-pub mod op_profile;
 pub mod resnet;
 pub mod stable_diffusion;
 pub mod tokenizer;

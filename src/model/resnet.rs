@@ -5,10 +5,10 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::kernels::profile;
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::linear::{linear, Linear};
 use crate::model::norm::{group_norm, GroupNorm};
-use crate::model::op_profile;
 
 /// A 3x3 convolution that keeps the spatial size.
 pub fn conv3x3(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Conv2d> {
@@ -127,7 +127,7 @@ impl Upsample2D {
     /// Upsamples to `(height, width)`: the size of the skip connection it meets next, which is
     /// 2x for sizes divisible by the UNet's total stride (diffusers' `upsample_size`).
     pub fn forward(&self, xs: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-        let upsampled = op_profile::time("upsample", || xs.upsample_nearest2d(size.0, size.1))?;
+        let upsampled = profile::time("upsample", || xs.upsample_nearest2d(size.0, size.1))?;
         self.conv.forward(&upsampled)
     }
 }

@@ -241,7 +241,7 @@ impl Transformer2DModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu_op::max_abs_diff;
+    use crate::kernels::cpu_op::max_abs_diff;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 

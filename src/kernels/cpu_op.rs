@@ -160,6 +160,7 @@ pub struct SharedOut(*mut f32);
 // SAFETY: callers give each task a disjoint set of elements, and keep the buffer alive (and
 // unmoved) until the parallel loop ends.
 unsafe impl Send for SharedOut {}
+// SAFETY: as for Send: tasks share the pointer only to write disjoint elements.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {

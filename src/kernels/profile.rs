@@ -1,22 +1,27 @@
 //! Wall time per kind of op (conv 3x3, linear, attention, ...), for `sdfix bench --profile`: which
 //! op costs what, measured before changing any of them. Off unless enabled; then each timed op
-//! adds its seconds to a global table. CPU ops run synchronously, so the times are theirs; on a
+//! adds its seconds to its thread's table (the layers time themselves on the thread that runs the
+//! model, and `bench` reads that thread's table; tests running in parallel cannot mix entries). CPU ops run synchronously, so the times are theirs; on a
 //! GPU, kernels are queued asynchronously and the times mean little. Ops that pass a detail
 //! (the linear layers: their `rows x in x out`) are also totalled per detail, to compare shape by
 //! shape with PyTorch's profiler.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::thread::LocalKey;
 use std::time::Instant;
 
 /// Rows of (key, seconds, calls), in first-seen order.
-type Table<K> = Mutex<Vec<(K, f64, usize)>>;
+type Table<K> = RefCell<Vec<(K, f64, usize)>>;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-/// (op, seconds, calls).
-static TOTALS: Table<&'static str> = Mutex::new(Vec::new());
-/// ((op, detail), seconds, calls).
-static DETAILS: Table<(&'static str, String)> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// (op, seconds, calls).
+    static TOTALS: Table<&'static str> = const { RefCell::new(Vec::new()) };
+    /// ((op, detail), seconds, calls).
+    static DETAILS: Table<(&'static str, String)> = const { RefCell::new(Vec::new()) };
+}
 
 /// Starts recording.
 pub fn enable() {
@@ -50,26 +55,26 @@ pub fn time_detailed<T>(op: &'static str, detail: impl FnOnce() -> String, f: im
 }
 
 /// Adds one call of `seconds` to `key`'s row of `table`, appending the row when new.
-fn add<K: PartialEq>(table: &Table<K>, key: K, seconds: f64) {
-    let mut rows = table.lock().unwrap_or_else(PoisonError::into_inner);
-    match rows.iter_mut().find(|(k, _, _)| *k == key) {
+fn add<K: PartialEq + 'static>(table: &'static LocalKey<Table<K>>, key: K, seconds: f64) {
+    table.with_borrow_mut(|rows| match rows.iter_mut().find(|(k, _, _)| *k == key) {
         Some((_, total, calls)) => {
             *total += seconds;
             *calls += 1;
         }
         None => rows.push((key, seconds, 1)),
-    }
+    })
 }
 
-/// The totals so far, (op, seconds, calls), and a fresh table.
+/// This thread's totals so far, (op, seconds, calls), and a fresh table.
 pub fn take() -> Vec<(&'static str, f64, usize)> {
-    std::mem::take(&mut *TOTALS.lock().unwrap_or_else(PoisonError::into_inner))
+    TOTALS.take()
 }
 
-/// The per-detail totals so far, (op, detail, seconds, calls), and a fresh table.
+/// This thread's per-detail totals so far, (op, detail, seconds, calls), and a fresh table.
 pub fn take_details() -> Vec<(&'static str, String, f64, usize)> {
-    let rows = std::mem::take(&mut *DETAILS.lock().unwrap_or_else(PoisonError::into_inner));
-    rows.into_iter()
+    DETAILS
+        .take()
+        .into_iter()
         .map(|((op, detail), seconds, calls)| (op, detail, seconds, calls))
         .collect()
 }

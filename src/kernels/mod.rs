@@ -1,0 +1,28 @@
+//! The CPU kernels: our f32 implementations of the ops that dominate a Stable Diffusion step,
+//! each run as a candle custom op, and all of the library's `unsafe` code (uninitialised output
+//! buffers, raw-pointer matrix products, outputs shared by parallel tasks), each `unsafe` block
+//! with a `// SAFETY:` comment saying why it holds. The one exception for now is the byte read in
+//! `model::safetensors_reader`.
+//!
+//! The kernels know nothing of layers: they take tensors (and weights already laid out the way
+//! they read them) and return tensors. The thin layers in [`crate::model`] decide when to call
+//! them (f32 on the CPU) and when to call candle's ops instead, and time each call with
+//! [`profile`]. GPU kernels will go to `kernels/cuda/`.
+//!
+//! - [`conv`]: 2-D convolution as accumulated per-tap matrix products, no im2col.
+//! - [`linear`]: `x @ W + b`, split over the thread pool.
+//! - [`norm`]: group normalisation, optionally fused with SiLU.
+//! - [`activation`]: the erf GELU and GEGLU.
+//! - [`attention`]: flash-style multi-head attention.
+//! - [`cpu_math`]: the vectorised exp/erf/softmax the kernels use.
+//! - [`cpu_op`]: their shared plumbing (candle-op wrappers, shared output pointer, transpose).
+//! - [`profile`]: time per kind of op, for `bench --profile`.
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod cpu_math;
+pub mod cpu_op;
+pub mod linear;
+pub mod norm;
+pub mod profile;
