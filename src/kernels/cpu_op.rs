@@ -153,6 +153,17 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("same shapes, f32")
 }
 
+/// max |a - b| relative to max |b| (unit tests of the kernels).
+#[cfg(test)]
+pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("f32");
+    max_abs_diff(a, b) / scale
+}
+
 /// A raw pointer into an output buffer, shared by tasks that each write their own elements.
 #[derive(Clone, Copy)]
 pub struct SharedOut(*mut f32);

@@ -96,12 +96,8 @@ impl CustomOp3 for CpuGroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu_op::max_abs_diff;
+    use crate::kernels::cpu_op::max_rel_diff;
     use candle_core::{DType, Device};
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        max_abs_diff(a, b) / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
 
     #[test]
     fn fused_kernel_matches_candle_nn() {

@@ -88,11 +88,7 @@ impl candle_core::Module for GroupNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu_op::max_abs_diff;
-
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        max_abs_diff(a, b) / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::kernels::cpu_op::max_rel_diff;
 
     /// Both paths against candle-nn: the CPU f32 layer (our kernel) and the composite path (what
     /// GPUs and f16 run), with and without the SiLU.
