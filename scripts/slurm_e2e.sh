@@ -44,7 +44,10 @@ sinfo
 # What slurm_array.sh reads; sbatch hands the environment to the tasks.
 export SDFIX_MODEL=demo SDFIX_DEVICE=cpu SDFIX_SEED=$seed SDFIX_BATCH=$batch
 export SDFIX_ARGS="--num-images $num_images --steps $steps"
-expected=$(($(grep -cv '^\s*\(#\|$\)' "$prompts") * num_images))
+entries=$(grep -cv '^\s*\(#\|$\)' "$prompts")
+expected=$((entries * num_images))
+# Task 1 takes the entries whose index mod $tasks is 1.
+task1=$(((entries + tasks - 2) / tasks * num_images))
 
 say "reference: unsharded generate of $prompts ($expected images)"
 # shellcheck disable=SC2086
@@ -110,11 +113,13 @@ done
 scancel "${job}_1"
 sleep 2
 done_before=$(grep -c '^wrote .*\.png' "$log" || true)
-per_task=$((expected / tasks))
-say "scancel ${job}_1 after $done_before of its $per_task images; state: $(scontrol --oneliner show job "${job}_1" | grep -o 'JobState=[A-Z_]*')"
-((done_before < per_task)) || fail "task 1 finished before it was cancelled; raise num_images"
+say "scancel ${job}_1 after $done_before of its $task1 images; state: $(scontrol --oneliner show job "${job}_1" | grep -o 'JobState=[A-Z_]*')"
+((done_before < task1)) || fail "task 1 finished before it was cancelled; raise num_images"
+left=$(find "$work/requeue" -name '.*.tmp' | wc -l)
+say "temporaries left by the cancelled task: $left"
 scontrol requeue "${job}_1"
-say "scontrol requeue ${job}_1"
+# Slurm holds a requeued job back for a while (Reason=BeginTime, EligibleTime about 2 minutes on).
+say "scontrol requeue ${job}_1: $(scontrol --oneliner show job "${job}_1" | grep -o 'JobState=[A-Z_]*\|Reason=[A-Za-z]*\|EligibleTime=[^ ]*' | tr '\n' ' ')"
 wait_array "$job"
 check_completed "$job"
 grep -E 'skipped [1-9][0-9]* existing' "$log" | tail -1 | sed 's/^/[task 1 after requeue] /' ||

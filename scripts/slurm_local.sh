@@ -10,7 +10,7 @@
 #
 # Idempotent: start on a running cluster only waits for the node; stop on a stopped one does
 # nothing. The node has this machine's cores and memory and no GPUs: jobs that ask for
-# --gres=gpu must be told otherwise (slurm_e2e.sh passes --gres=none... see there).
+# --gres=gpu must override it on the command line (slurm_e2e.sh passes --gres=none).
 set -euo pipefail
 
 dir=${SDFIX_SLURM_DIR:-/tmp/sdfix-slurm}
@@ -36,6 +36,7 @@ write_conf() {
   local host cpus mem_mb
   host=$(hostname -s)
   cpus=$(nproc)
+  # 90% of the memory: slurmd refuses a node whose RealMemory exceeds what it measures.
   mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
   mkdir -p "$dir"/{ctld,d,log,munge}
   cat >"$conf" <<EOF
