@@ -7,7 +7,6 @@
 //! skipped; the rest runs and the exit code says something failed.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -26,28 +25,7 @@ use crate::progress::{Progress, Verbosity};
 use crate::prompts::{self, LineError, LineOverrides, PromptEntry};
 use crate::weights::demo::DEMO_MODELS;
 
-/// `--shard I/N`: this worker takes the prompt entries whose index mod N is I.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-impl FromStr for Shard {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parsed = s
-            .split_once('/')
-            .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
-        match parsed {
-            Some((index, count)) if index < count => Ok(Self { index, count }),
-            _ => Err(format!(
-                "{s:?} is not I/N with 0 <= I < N (e.g. 0/4; Slurm: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)"
-            )),
-        }
-    }
-}
+pub use super::shard::{Shard, ShardArg};
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts", "from_image"])))]
@@ -103,9 +81,14 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub skip_existing: bool,
 
-    /// Take only the prompt entries whose index mod N is I (one worker of N).
-    #[arg(long, value_name = "I/N")]
-    pub shard: Option<Shard>,
+    /// Take only the prompt entries whose index mod N is I (one worker of N); `auto` reads I and
+    /// N from a Slurm job array or a Kubernetes Indexed Job (with --shard-count).
+    #[arg(long, value_name = "I/N|auto")]
+    pub shard: Option<ShardArg>,
+
+    /// N for --shard auto under Kubernetes (the Job's completions; pods are not told it).
+    #[arg(long, value_name = "N", requires = "shard", value_parser = at_least_one)]
+    pub shard_count: Option<usize>,
 
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -185,7 +168,10 @@ fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<L
         }
         (None, None) => bail!("give --prompt, --prompts or --from-image"),
     };
-    let shard = args.shard.unwrap_or(Shard { index: 0, count: 1 });
+    let shard = match args.shard {
+        Some(shard) => shard.resolve(args.shard_count)?,
+        None => Shard::ALL,
+    };
     let requests = entries
         .into_iter()
         .filter(|entry| {
@@ -193,7 +179,7 @@ fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<L
                 Ok(e) => e.index,
                 Err(e) => e.index,
             };
-            index % shard.count == shard.index
+            shard.takes(index)
         })
         .map(|entry| entry.map(|e| base(&e)))
         .collect();
@@ -248,6 +234,7 @@ fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
         overwrite: args.overwrite,
         skip_existing: args.skip_existing,
         shard: None,
+        shard_count: None,
         device: DeviceArgs {
             device: args
                 .device
@@ -361,6 +348,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 failed.push(format!("{source}:{line}"));
             }
         }
+    }
+
+    // Killed workers' temporaries would pile up in a folder that shards share.
+    for path in png::remove_stale_temporaries(&args.out_dir)? {
+        eprintln!("removed {}, left by a writer no longer running", path.display());
     }
 
     // Existing files: skipped, replaced, or an error before any work.

@@ -7,7 +7,9 @@ pub mod args;
 pub mod bench;
 pub mod generate;
 pub mod info;
+pub mod manifest;
 pub mod schedule;
+pub mod shard;
 pub mod stats;
 
 use anyhow::Result;
@@ -35,6 +37,9 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
     Info(info::InfoArgs),
+    /// Check a folder of sharded or requeued runs against the prompt file (missing, doubled and
+    /// orphan images: what to requeue), or rewrite its manifest with one line per image.
+    Manifest(manifest::ManifestArgs),
     /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
     /// manifest, its correlation with the initial-noise mean.
     Stats(stats::StatsArgs),
@@ -50,6 +55,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
+        Command::Manifest(args) => manifest::run(&args),
         Command::Schedule(args) => schedule::run(&args),
         Command::Stats(args) => stats::run(&args),
     }

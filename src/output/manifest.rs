@@ -37,6 +37,25 @@ pub fn append(out_dir: &Path, record: &serde_json::Value) -> Result<()> {
         .with_context(|| format!("cannot append to {}", path.display()))
 }
 
+/// The lines of `out_dir`'s manifest in order, each parsed or, when it is not a JSON object (a
+/// line torn by a crash mid-write), the error; no manifest is no lines.
+pub fn read(out_dir: &Path) -> Result<Vec<Result<serde_json::Value, String>>> {
+    let path = out_dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    };
+    Ok(text
+        .lines()
+        .map(|line| match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(value) if value.is_object() => Ok(value),
+            Ok(_) => Err("not a JSON object".to_string()),
+            Err(err) => Err(err.to_string()),
+        })
+        .collect())
+}
+
 /// Replaces `out_dir`'s manifest with `records`, atomically (`ablate`: one line per cell however
 /// often it runs).
 pub fn replace(out_dir: &Path, records: &[serde_json::Value]) -> Result<()> {

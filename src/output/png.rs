@@ -41,9 +41,86 @@ pub fn image_name(line: usize, image: usize, seed: u64, prompt: &str) -> String 
     format!("{line:05}-{image:02}-{seed}-{}.png", slug(prompt))
 }
 
+/// What an [`image_name`] says: prompt-file line, image index, seed, prompt slug.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageName {
+    pub line: usize,
+    pub image: usize,
+    pub seed: u64,
+    pub slug: String,
+}
+
+/// Reads a name made by [`image_name`] back; `None` for any other file name.
+pub fn parse_image_name(name: &str) -> Option<ImageName> {
+    let mut parts = name.strip_suffix(".png")?.splitn(4, '-');
+    let line = parts.next()?;
+    let image = parts.next()?;
+    // The fixed-width fields are digits only (`parse` alone would take a sign).
+    if !line.bytes().chain(image.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(ImageName {
+        line: line.parse().ok()?,
+        image: image.parse().ok()?,
+        seed: parts.next()?.parse().ok()?,
+        slug: parts.next().filter(|s| !s.is_empty())?.to_string(),
+    })
+}
+
 /// The latents file written next to an image by `--save-latents`.
 pub fn latents_path(image: &Path) -> PathBuf {
     image.with_extension("latents.safetensors")
+}
+
+/// The temporary name [`write_atomic`] writes `name` under: hidden, and carrying the writer's
+/// PID, so workers sharing a folder never share a temporary and a leftover names its owner.
+fn temporary_name(name: &str, pid: u32) -> String {
+    format!(".{name}.{pid}.tmp")
+}
+
+/// The PID in a name made by [`temporary_name`], if it is one.
+fn temporary_owner(file_name: &str) -> Option<u32> {
+    let inner = file_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (name, pid) = inner.rsplit_once('.')?;
+    (!name.is_empty()).then_some(())?;
+    pid.parse().ok()
+}
+
+/// How old a temporary must be before another run may remove it. A PNG is written in
+/// milliseconds; the age guards the one case the PID test cannot see: a worker on another host
+/// sharing the folder (NFS, a Kubernetes volume) whose PID happens not to be running here.
+pub const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the temporaries that killed workers left in `folder` (`.NAME.PID.tmp` whose PID is not
+/// running on this host and that are older than [`STALE_TEMPORARY_AGE`]) and returns their
+/// paths. Needs `/proc` to tell whether a PID runs; without it (not Linux) nothing is removed.
+/// A missing folder has nothing to remove.
+pub fn remove_stale_temporaries(folder: &Path) -> Result<Vec<PathBuf>> {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() || !folder.is_dir() {
+        return Ok(Vec::new());
+    }
+    let entries = std::fs::read_dir(folder).with_context(|| format!("cannot list {}", folder.display()))?;
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok());
+        let old = age.is_some_and(|age| age >= STALE_TEMPORARY_AGE);
+        if old && !proc.join(pid.to_string()).exists() {
+            let path = entry.path();
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// Writes `path` through a temporary file in the same folder and a rename: `write` is given the
@@ -51,7 +128,7 @@ pub fn latents_path(image: &Path) -> PathBuf {
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let folder = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
-    let temporary = folder.join(format!(".{name}.{}.tmp", std::process::id()));
+    let temporary = folder.join(temporary_name(name, std::process::id()));
     let result = write(&temporary).and_then(|()| {
         std::fs::File::open(&temporary)?.sync_all()?;
         std::fs::rename(&temporary, path)?;
@@ -143,5 +220,27 @@ mod tests {
         assert_eq!(slug("東京"), "empty");
         assert!(slug(&"word ".repeat(40)).len() <= SLUG_MAX_CHARS);
         assert_eq!(image_name(3, 1, 42, "a cat"), "00003-01-42-a-cat.png");
+    }
+
+    #[test]
+    fn image_names_read_back() {
+        let name = image_name(12, 3, 7, "a red-circle");
+        let parsed = parse_image_name(&name).unwrap();
+        assert_eq!(
+            (parsed.line, parsed.image, parsed.seed, parsed.slug.as_str()),
+            (12, 3, 7, "a-red-circle")
+        );
+        assert_eq!(parse_image_name("grid.png"), None);
+        assert_eq!(parse_image_name("00001-+1-7-a.png"), None);
+        assert_eq!(parse_image_name(&name.replace(".png", ".jpg")), None);
+    }
+
+    #[test]
+    fn temporaries_name_their_writer() {
+        let name = temporary_name("00001-00-7-a.b.png", 4321);
+        assert_eq!(temporary_owner(&name), Some(4321));
+        assert_eq!(temporary_owner("00001-00-7-a.png"), None);
+        assert_eq!(temporary_owner(".hidden.tmp"), None);
+        assert_eq!(temporary_owner("..12.tmp"), None);
     }
 }
