@@ -10,8 +10,8 @@ use super::settings::{ImageSettings, SchedulerRecord};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::ddim::DdimParams;
-use crate::sampling::Prediction;
-use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
+use crate::sampling::{Prediction, Sampler};
+use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::loader::ModelConfigs;
 
 /// Sampling steps unless told otherwise.
@@ -47,6 +47,10 @@ pub struct Request {
     pub steps_offset: Option<usize>,
     /// DDIM eta: 0 is deterministic.
     pub eta: f64,
+    /// Which sampler walks the schedule (default DDIM, the paper's).
+    pub sampler: Sampler,
+    /// alpha_bar_T under zero terminal SNR: 0 (exact) or another tool's clamp.
+    pub terminal_alpha_bar: TerminalAlphaBar,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// Initial latents instead of seeded noise: (B, C, H, W) f32 on the CPU, one row per image.
@@ -69,6 +73,8 @@ impl Request {
             prediction: None,
             steps_offset: None,
             eta: 0.0,
+            sampler: Sampler::Ddim,
+            terminal_alpha_bar: TerminalAlphaBar::Exact,
             width: None,
             height: None,
             latents: None,
@@ -212,6 +218,11 @@ pub(super) fn resolve(configs: &ModelConfigs, request: Request) -> Result<Job> {
         request.guidance_rescale
     );
     ensure!(request.eta >= 0.0, "--eta {} must not be negative", request.eta);
+    ensure!(
+        request.eta == 0.0 || request.sampler == Sampler::Ddim,
+        "--eta is DDIM's; with --sampler {} drop --eta (for fresh noise at each step use --sampler euler_a or dpmpp_2m_sde)",
+        request.sampler
+    );
     let betas = scheduler.beta_source()?;
     let train_timesteps = betas.train_timesteps();
     let steps = request.steps;
@@ -229,9 +240,12 @@ pub(super) fn resolve(configs: &ModelConfigs, request: Request) -> Result<Job> {
         steps_offset,
         set_alpha_to_one: scheduler.set_alpha_to_one,
     };
-    let schedule = Schedule::new(&spec).with_context(|| format!("--steps {steps} with --spacing {spacing}"))?;
+    let schedule = Schedule::new(&spec)
+        .with_context(|| format!("--steps {steps} with --spacing {spacing}"))?
+        .with_terminal_alpha_bar(request.terminal_alpha_bar);
     let settings = SamplingSettings {
         schedule,
+        sampler: request.sampler,
         ddim: DdimParams {
             prediction,
             eta: request.eta,
@@ -302,6 +316,8 @@ impl RecordContext<'_> {
             zero_snr: job.zero_snr,
             prediction: job.settings.ddim.prediction.name().to_string(),
             eta: job.settings.ddim.eta,
+            sampler: job.settings.sampler.name().to_string(),
+            terminal_alpha_bar: job.request.terminal_alpha_bar.name().to_string(),
             width: w * factor,
             height: h * factor,
             dtype: self.dtype.to_string(),

@@ -7,12 +7,14 @@
 
 pub mod betas;
 pub mod spacing;
+pub mod terminal;
 pub mod zero_snr;
 
 use anyhow::{bail, ensure, Result};
 
 pub use betas::BetaSchedule;
 pub use spacing::TimestepSpacing;
+pub use terminal::TerminalAlphaBar;
 
 /// Signal-to-noise ratio of the noisy input at a timestep: alpha_bar / (1 - alpha_bar)
 /// (Lin et al. 2024, eq. 2). It is 0 where alpha_bar = 0 and infinite where alpha_bar = 1.
@@ -189,6 +191,18 @@ impl Schedule {
             timesteps,
             final_alpha_cumprod,
         })
+    }
+
+    /// The same schedule with alpha_bar_T replaced by `terminal` when it is 0 (a zero-SNR
+    /// schedule), so that sdfix can reproduce tools that cannot sample from alpha_bar_T = 0
+    /// ([`terminal`]); [`TerminalAlphaBar::Exact`] and stock schedules are left as they are.
+    pub fn with_terminal_alpha_bar(mut self, terminal: TerminalAlphaBar) -> Self {
+        if let Some(last) = self.noise.alphas_cumprod.last_mut() {
+            if *last == 0.0 {
+                *last = terminal.value();
+            }
+        }
+        self
     }
 
     /// alpha_bar at sampling step `index` (timestep `self.timesteps[index]`).
