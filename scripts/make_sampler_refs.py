@@ -23,9 +23,12 @@ diffusers").
 import json
 import pathlib
 
+import numpy as np
+
 import diffusers
 import safetensors.torch
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -103,6 +106,43 @@ STOCHASTIC = {
 }
 
 
+# Karras and exponential noise levels (DPM-Solver++ 2M): the reference is a loop over diffusers'
+# own parts (UNet, text embeddings, DPMSolverMultistepScheduler's sigmas and step) that gives the
+# UNet each sigma's fractional timestep, as k-diffusion and diffusers' Euler do; diffusers' DPM
+# pipeline gives it round(t) for karras and floor(t) (an int64 cast) for exponential, while
+# stepping with the unrounded sigma. name: (sdfix arguments, scheduler overrides, prompt, steps)
+RAMPS = {
+    "dpmpp_2m_karras": (
+        ["--prompt", "solid black background", "--steps", "10", "--sampler", "dpmpp_2m", "--sigmas", "karras"],
+        dict(DPM, use_karras_sigmas=True), "solid black background", 10,
+    ),
+    "dpmpp_2m_exponential": (
+        ["--prompt", "a red circle", "--steps", "12", "--sampler", "dpmpp_2m", "--sigmas", "exponential"],
+        dict(DPM, use_exponential_sigmas=True), "a red circle", 12,
+    ),
+}
+
+
+@torch.no_grad()
+def fractional_timestep_reference(pipe, base_config, overrides, prompt, steps, latents, guidance=7.5, phi=0.7):
+    config = dict(base_config, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                  prediction_type="v_prediction", **overrides)
+    scheduler = DPMSolverMultistepScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod.double().numpy()
+    log_sigmas = np.log(((1 - alphas) / alphas) ** 0.5)
+    fractional = [float(scheduler._sigma_to_t(np.array(float(s)), log_sigmas)) for s in scheduler.sigmas[:-1]]
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    context = torch.cat([uncond, cond])
+    for t, t_model in zip(scheduler.timesteps, fractional):
+        out = pipe.unet(torch.cat([latents, latents]), torch.tensor(t_model, dtype=torch.float32),
+                        encoder_hidden_states=context).sample
+        out_uncond, out_cond = out.chunk(2)
+        out = rescale_noise_cfg(out_uncond + guidance * (out_cond - out_uncond), out_cond, guidance_rescale=phi)
+        latents = scheduler.step(out, t, latents).prev_sample
+    return latents
+
+
 def to_uint8(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
     image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -136,6 +176,14 @@ def main() -> None:
     for name, (args, scheduler_class, overrides, call, batch, h, w) in CASES.items():
         initial = torch.randn((batch, 4, h, w), generator=generator)
         final = run(pipe, base_config, scheduler_class, overrides, call, initial)
+        tensors[f"{name}.initial"] = initial
+        tensors[f"{name}.final"] = final
+        tensors[f"{name}.image"] = to_uint8(pipe, final)
+        cases[name] = args + ["--terminal-alpha-bar", "diffusers"]
+        print(f"{name}: final latents mean {final.mean():.4f} std {final.std():.4f}")
+    for name, (args, overrides, prompt, steps) in RAMPS.items():
+        initial = torch.randn((1, 4, 8, 8), generator=generator)
+        final = fractional_timestep_reference(pipe, base_config, overrides, prompt, steps, initial.clone())
         tensors[f"{name}.initial"] = initial
         tensors[f"{name}.final"] = final
         tensors[f"{name}.image"] = to_uint8(pipe, final)

@@ -119,7 +119,7 @@ pub fn denoise(
         };
         let output = model
             .unet
-            .forward_cached(&input, timestep as f64, &context, &mut cache)?
+            .forward_cached(&input, schedule.model_timestep(index), &context, &mut cache)?
             .to_dtype(DType::F32)?;
         let step_noise = if settings.sampler.is_stochastic() {
             Some(noise.sample_step((c, h, w), latents.device())?)

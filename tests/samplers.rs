@@ -147,6 +147,14 @@ fn unipc_matches_diffusers_unipc_multistep() {
     assert_case_matches_diffusers("unipc_non_square_25");
 }
 
+/// Karras and exponential noise levels, against diffusers' DPM-Solver++ sigmas and step with the
+/// UNet given each level's fractional timestep (see scripts/make_sampler_refs.py).
+#[test]
+fn dpmpp_2m_with_karras_and_exponential_sigmas_matches_diffusers() {
+    assert_case_matches_diffusers("dpmpp_2m_karras");
+    assert_case_matches_diffusers("dpmpp_2m_exponential");
+}
+
 /// Per-channel mean and std over images and pixels of (n, c, h, w) latents.
 fn channel_stats(latents: &Tensor) -> (Vec<f32>, Vec<f32>) {
     let per_channel = latents.transpose(0, 1).unwrap().flatten_from(1).unwrap(); // (c, n h w)
@@ -368,4 +376,50 @@ fn ablate_sweeps_samplers() {
         .map(|c| report["cells"][c]["settings"]["sampler"].clone())
         .collect();
     assert_eq!(recorded, [serde_json::Value::Null, "euler".into(), "dpmpp_2m".into()]);
+}
+
+/// `--sigmas karras` with zero SNR and `--terminal-alpha-bar exact` warns once and clamps as
+/// ComfyUI does; the image records it (`Schedule type: Karras`) and `--from-image` re-runs it.
+#[test]
+fn karras_sigmas_at_zero_snr_warn_and_reproduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sd");
+    let first = dir.path().join("a");
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "6",
+        "--seed",
+        "2",
+        "--sampler",
+        "euler",
+        "--sigmas",
+        "karras",
+        "--out-dir",
+        first.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("needs a finite sigma_max").count(), 1, "{stderr}");
+    let made = pngs(&first);
+    let info = String::from_utf8_lossy(&sdfix(&["info", made[0].to_str().unwrap()]).stdout).into_owned();
+    assert!(
+        info.contains("Schedule type: Karras,") && info.contains("Terminal alpha_bar: comfy"),
+        "{info}"
+    );
+    let again = dir.path().join("b");
+    let out = sdfix(&[
+        "generate",
+        "--from-image",
+        made[0].to_str().unwrap(),
+        "--quiet",
+        "--out-dir",
+        again.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(bytes(&pngs(&again)), bytes(&made));
 }

@@ -12,7 +12,7 @@ use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT
 use crate::engine::Request;
 use crate::progress::Verbosity;
 use crate::sampling::{Prediction, Sampler};
-use crate::schedule::{TerminalAlphaBar, TimestepSpacing};
+use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
 
 /// Parses a count that must be positive, with a message that says so.
@@ -132,6 +132,12 @@ pub struct SamplerArgs {
     #[arg(long, value_name = "MODE", default_value_t = TerminalAlphaBar::Exact)]
     pub terminal_alpha_bar: TerminalAlphaBar,
 
+    /// Noise levels of the steps: schedule (the timesteps of --spacing), karras (Karras et al.
+    /// 2022, rho 7) or exponential; the ramps need a finite sigma_max, so with zero SNR they use
+    /// --terminal-alpha-bar (comfy when exact, with a warning).
+    #[arg(long, value_name = "KIND", default_value_t = SigmaSchedule::Schedule)]
+    pub sigmas: SigmaSchedule,
+
     /// Classifier-free guidance scale; at or below 1 the negative prompt is not used.
     #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
     pub guidance: f64,
@@ -198,6 +204,7 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         eta: sampler.eta,
         sampler: sampler.sampler,
         terminal_alpha_bar: sampler.terminal_alpha_bar,
+        sigmas: sampler.sigmas,
         width: size.width,
         height: size.height,
         ..Request::new(prompt)

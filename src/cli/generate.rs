@@ -234,6 +234,11 @@ fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
         .parse()
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("--from-image {}", image.display()))?;
+    sampler.sigmas = s
+        .sigmas
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--from-image {}", image.display()))?;
     Ok(GenerateArgs {
         model: ModelArgs {
             model: s.model,

@@ -39,6 +39,17 @@ fn is_default_terminal_alpha_bar(s: &str) -> bool {
     s == DEFAULT_TERMINAL_ALPHA_BAR
 }
 
+/// What images made before `--sigmas` existed were made with.
+const DEFAULT_SIGMAS: &str = "schedule";
+
+fn default_sigmas() -> String {
+    DEFAULT_SIGMAS.to_string()
+}
+
+fn is_default_sigmas(s: &str) -> bool {
+    s == DEFAULT_SIGMAS
+}
+
 /// Everything needed to make an image again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageSettings {
@@ -68,6 +79,9 @@ pub struct ImageSettings {
         skip_serializing_if = "is_default_terminal_alpha_bar"
     )]
     pub terminal_alpha_bar: String,
+    /// `--sigmas` (schedule, karras, exponential); left out when schedule, as `sampler`.
+    #[serde(default = "default_sigmas", skip_serializing_if = "is_default_sigmas")]
+    pub sigmas: String,
     pub width: usize,
     pub height: usize,
     pub dtype: String,

@@ -55,7 +55,14 @@ impl ImageSettings {
         let mut fields = vec![
             format!("Steps: {}", self.steps),
             format!("Sampler: {}", a1111_sampler(&self.sampler)),
-            format!("Schedule type: {}", title(&self.spacing)),
+            format!(
+                "Schedule type: {}",
+                title(if self.sigmas == "schedule" {
+                    &self.spacing
+                } else {
+                    &self.sigmas
+                })
+            ),
             format!("CFG scale: {}", number(self.guidance)),
             format!("Seed: {}", self.seed),
             format!("Size: {}x{}", self.width, self.height),
@@ -133,6 +140,7 @@ mod tests {
             eta: 0.0,
             sampler: "ddim".into(),
             terminal_alpha_bar: "exact".into(),
+            sigmas: "schedule".into(),
             width: 512,
             height: 512,
             dtype: "f16".into(),
@@ -199,6 +207,8 @@ mod tests {
         let mut euler = example();
         euler.sampler = "euler".into();
         euler.terminal_alpha_bar = "diffusers".into();
+        euler.sigmas = "karras".into();
+        assert!(euler.a1111_parameters().contains("Schedule type: Karras,"));
         let json = serde_json::to_string(&euler).unwrap();
         assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), euler);
     }

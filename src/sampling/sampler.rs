@@ -116,10 +116,7 @@ impl StepInput<'_> {
     /// alpha_bar of the next listed timestep, or 1 (sigma = 0) after the last: where the
     /// non-DDIM samplers go.
     pub fn next_alpha(&self) -> f64 {
-        self.schedule
-            .timesteps
-            .get(self.index + 1)
-            .map_or(1.0, |&t| self.schedule.noise.alphas_cumprod[t])
+        self.schedule.next_alpha_cumprod_or_one(self.index)
     }
 }
 
