@@ -91,6 +91,12 @@ CASES = {
         dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=25, guidance_scale=7.5, guidance_rescale=0.7),
         1, 8, 12,
     ),
+    "unipc_epsilon_no_zero_snr": (
+        ["--prompt", "a blue square", "--steps", "10", "--sampler", "unipc", "--prediction", "epsilon", "--no-zero-snr"],
+        UniPCMultistepScheduler, dict(UNIPC, **EPSILON),
+        dict(prompt="a blue square", num_inference_steps=10, guidance_scale=7.5, guidance_rescale=0.7),
+        1, 8, 8,
+    ),
 }
 
 # Statistics only: diffusers draws the per-step noise from torch.

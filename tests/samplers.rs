@@ -147,6 +147,11 @@ fn unipc_matches_diffusers_unipc_multistep() {
     assert_case_matches_diffusers("unipc_non_square_25");
 }
 
+#[test]
+fn unipc_matches_diffusers_for_an_epsilon_model_without_zero_snr() {
+    assert_case_matches_diffusers("unipc_epsilon_no_zero_snr");
+}
+
 /// Karras and exponential noise levels, against diffusers' DPM-Solver++ sigmas and step with the
 /// UNet given each level's fractional timestep (see scripts/make_sampler_refs.py).
 #[test]
