@@ -97,6 +97,12 @@ CASES = {
         dict(prompt="a blue square", num_inference_steps=10, guidance_scale=7.5, guidance_rescale=0.7),
         1, 8, 8,
     ),
+    # diffusers' Euler takes a Karras ramp's sigma_min from the last timestep of the spacing;
+    # main() sets its `sigma_min` config to sigma(t = 0), the k-diffusion convention sdfix follows.
+    "euler_karras": (
+        ["--prompt", "solid black background", "--steps", "10", "--sampler", "euler", "--sigmas", "karras"],
+        EulerDiscreteScheduler, dict(use_karras_sigmas=True), dict(BLACK, num_inference_steps=10), 1, 8, 8,
+    ),
 }
 
 # Statistics only: diffusers draws the per-step noise from torch.
@@ -179,7 +185,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     tensors, cases = {}, {}
+    alpha_0 = float(pipe.scheduler.alphas_cumprod[0])
+    sigma_0 = ((1 - alpha_0) / alpha_0) ** 0.5
     for name, (args, scheduler_class, overrides, call, batch, h, w) in CASES.items():
+        if scheduler_class is EulerDiscreteScheduler and overrides.get("use_karras_sigmas"):
+            overrides = dict(overrides, sigma_min=sigma_0)
         initial = torch.randn((batch, 4, h, w), generator=generator)
         final = run(pipe, base_config, scheduler_class, overrides, call, initial)
         tensors[f"{name}.initial"] = initial

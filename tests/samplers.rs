@@ -152,6 +152,13 @@ fn unipc_matches_diffusers_for_an_epsilon_model_without_zero_snr() {
     assert_case_matches_diffusers("unipc_epsilon_no_zero_snr");
 }
 
+/// Karras noise levels with Euler, against diffusers' `EulerDiscreteScheduler` with
+/// `use_karras_sigmas` (and its `sigma_min` set to sigma(t = 0), see README's departures).
+#[test]
+fn euler_with_karras_sigmas_matches_diffusers() {
+    assert_case_matches_diffusers("euler_karras");
+}
+
 /// Karras and exponential noise levels, against diffusers' DPM-Solver++ sigmas and step with the
 /// UNet given each level's fractional timestep (see scripts/make_sampler_refs.py).
 #[test]
