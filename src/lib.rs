@@ -11,7 +11,8 @@
 //! - [`engine`]: a model opened once; requests checked into jobs, batched, made into images in
 //!   memory and handed to an observer.
 //! - [`pipeline`]: one batch: the denoising loop (with a per-step hook) and the decode.
-//! - [`sampling`]: prediction conversions, the DDIM step, CFG and its rescale, seeded noise.
+//! - [`sampling`]: prediction conversions, the samplers (DDIM, Euler, Euler a, DPM++ 2M and its
+//!   SDE), CFG and its rescale, seeded noise.
 //! - [`schedule`]: pure f64: betas, the zero terminal SNR rescale (Algorithm 1), timestep
 //!   spacing (Table 2), the `Schedule` a sampler walks.
 //! - [`config`]: serde mirrors of diffusers' config files.

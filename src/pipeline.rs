@@ -5,24 +5,31 @@
 //!
 //! [`TextEncoder::encode`]: crate::model::stable_diffusion::TextEncoder::encode
 //!
-//! Matches diffusers' `StableDiffusionPipeline` with a `DDIMScheduler`: uncond and cond in one UNet
-//! batch (uncond first), CFG then its rescale on the raw model output, the DDIM step, and
-//! `vae.decode(latents / scaling_factor)` mapped from [-1, 1] to 8-bit with rounding.
+//! Matches diffusers' `StableDiffusionPipeline` with a `DDIMScheduler` (or the scheduler of the
+//! chosen `--sampler`): uncond and cond in one UNet batch (uncond first), CFG then its rescale on
+//! the raw model output, the sampler's step, and `vae.decode(latents / scaling_factor)` mapped
+//! from [-1, 1] to 8-bit with rounding. The latents stay in the variance-preserving form
+//! x_t = sqrt(a) x0 + sqrt(1 - a) eps for every sampler, so the UNet's input is the latents
+//! themselves (diffusers' Euler-type schedulers keep x / sqrt(a) and divide by
+//! sqrt(sigma^2 + 1) in `scale_model_input`: the same input).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use crate::model::stable_diffusion::StableDiffusion;
 use crate::model::unet::CrossAttentionCache;
-use crate::sampling::ddim::{ddim_step, DdimOutput, DdimParams};
+use crate::sampling::ddim::DdimParams;
 use crate::sampling::guidance;
 use crate::sampling::noise::ImageNoise;
+use crate::sampling::sampler::{self, History, Sampler, StepInput, StepOutput};
 use crate::schedule::Schedule;
 
 /// How to sample, resolved and checked.
 #[derive(Debug, Clone)]
 pub struct SamplingSettings {
     pub schedule: Schedule,
+    pub sampler: Sampler,
+    /// The prediction type, and DDIM's eta and x0 clipping (used by `Sampler::Ddim` only).
     pub ddim: DdimParams,
     /// Classifier-free guidance scale w; at or below 1 the UNet runs on the prompt alone.
     pub guidance: f64,
@@ -76,8 +83,8 @@ pub struct BatchInput<'a> {
 }
 
 /// Runs the sampler from `input.latents`, conditioned on `input.cond` and, with CFG,
-/// `input.uncond`. `noise` supplies the eta > 0 noise. Returns the final latents, f32, not divided
-/// by the VAE scaling factor.
+/// `input.uncond`. `noise` supplies DDIM's eta > 0 noise and the stochastic samplers' per-step
+/// noise. Returns the final latents, f32, not divided by the VAE scaling factor.
 pub fn denoise(
     model: &StableDiffusion,
     input: BatchInput,
@@ -102,6 +109,7 @@ pub fn denoise(
     let mut latents = latents.to_dtype(DType::F32)?;
     // The context's cross-attention keys and values, made at the first step, reused after.
     let mut cache = CrossAttentionCache::new();
+    let mut history = History::default();
     for (index, &timestep) in schedule.timesteps.iter().enumerate() {
         let input = latents.to_dtype(model.dtype)?;
         let input = if settings.uses_cfg() {
@@ -111,14 +119,16 @@ pub fn denoise(
         };
         let output = model
             .unet
-            .forward_cached(&input, timestep as f64, &context, &mut cache)?
+            .forward_cached(&input, schedule.model_timestep(index), &context, &mut cache)?
             .to_dtype(DType::F32)?;
-        let step_noise = if settings.ddim.eta > 0.0 {
+        let step_noise = if settings.sampler.is_stochastic() {
+            Some(noise.sample_step((c, h, w), latents.device())?)
+        } else if settings.sampler == Sampler::Ddim && settings.ddim.eta > 0.0 {
             Some(noise.sample((c, h, w), latents.device())?)
         } else {
             None
         };
-        let step = sampler_step(settings, index, &latents, &output, step_noise.as_ref())?;
+        let step = sampler_step(settings, index, &latents, &output, &mut history, step_noise.as_ref())?;
         on_step(&StepInfo {
             index,
             steps,
@@ -132,14 +142,16 @@ pub fn denoise(
 }
 
 /// Everything a step does after the UNet: CFG and its rescale on the raw output (with CFG the
-/// output is the (2b, ...) uncond-then-cond batch), then the DDIM step. `noise` is the eta noise.
+/// output is the (2b, ...) uncond-then-cond batch), then the sampler's step. `history` carries the
+/// multistep samplers' previous x0; `noise` is the step's noise, where the sampler takes one.
 pub fn sampler_step(
     settings: &SamplingSettings,
     index: usize,
     latents: &Tensor,
     unet_output: &Tensor,
+    history: &mut History,
     noise: Option<&Tensor>,
-) -> Result<DdimOutput> {
+) -> Result<StepOutput> {
     let guided = if settings.uses_cfg() {
         let parts = unet_output.chunk(2, 0)?;
         let guided = guidance::cfg(&parts[0], &parts[1], settings.guidance)?;
@@ -147,14 +159,13 @@ pub fn sampler_step(
     } else {
         unet_output.clone()
     };
-    Ok(ddim_step(
-        &settings.schedule,
+    let input = StepInput {
+        schedule: &settings.schedule,
         index,
-        latents,
-        &guided,
-        &settings.ddim,
-        noise,
-    )?)
+        sample: latents,
+        model_output: &guided,
+    };
+    Ok(sampler::step(settings.sampler, &input, &settings.ddim, history, noise)?)
 }
 
 /// Decodes final latents to images in [-1, 1], (b, 3, H, W) f32.

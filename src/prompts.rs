@@ -2,8 +2,8 @@
 //!
 //! - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
 //! - `.jsonl`: one JSON object per line with `prompt` (required) and any of `negative_prompt`,
-//!   `seed`, `steps`, `guidance`, `guidance_rescale`, `spacing`, `zero_snr`, `width`, `height`,
-//!   `num_images`, overriding the command line for that line. Blank and `#` lines are skipped too.
+//!   `seed`, `steps`, `guidance`, `guidance_rescale`, `spacing`, `zero_snr`, `sampler`, `width`,
+//!   `height`, `num_images`, overriding the command line for that line. Blank and `#` lines are skipped too.
 //! - `-`: standard input, as `.txt` unless its first entry starts with `{`.
 //!
 //! A bad line is an error for that line only (with its file:line), so a run can go on with the
@@ -15,6 +15,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::sampling::Sampler;
 use crate::schedule::TimestepSpacing;
 
 /// What one line may override; `None` keeps the command line's value.
@@ -26,15 +27,22 @@ pub struct LineOverrides {
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
     pub guidance_rescale: Option<f64>,
-    #[serde(default, deserialize_with = "spacing")]
+    #[serde(default, deserialize_with = "parsed")]
     pub spacing: Option<TimestepSpacing>,
     pub zero_snr: Option<bool>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub sampler: Option<Sampler>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub num_images: Option<usize>,
 }
 
-fn spacing<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<TimestepSpacing>, D::Error> {
+/// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
+fn parsed<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
     Option::<String>::deserialize(d)?
         .map(|s| s.parse().map_err(serde::de::Error::custom))
         .transpose()
@@ -161,16 +169,19 @@ mod tests {
 {"prompt": ""}
 not json
 {"prompt": "a square", "spacing": "sideways"}
-{"prompt": "ok", "steps": 10}"#;
+{"prompt": "ok", "steps": 10, "sampler": "dpmpp_2m"}
+{"prompt": "no", "sampler": "heun"}"#;
         let entries = parse(text, Format::Jsonl);
         let first = entries[0].as_ref().unwrap();
         assert_eq!(first.overrides.seed, Some(7));
         assert_eq!(first.overrides.spacing, Some(TimestepSpacing::Leading));
         assert_eq!(first.overrides.zero_snr, Some(false));
         let errors: Vec<_> = entries.iter().filter_map(|e| e.as_ref().err()).collect();
-        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), [2, 3, 4, 5]);
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), [2, 3, 4, 5, 7]);
+        assert!(errors[4].message.contains("heun"), "{}", errors[4].message);
         assert!(errors[0].message.contains("colour"), "{}", errors[0].message);
         assert!(errors[3].message.contains("sideways"), "{}", errors[3].message);
         assert_eq!(entries[5].as_ref().unwrap().overrides.steps, Some(10));
+        assert_eq!(entries[5].as_ref().unwrap().overrides.sampler, Some(Sampler::DpmPp2m));
     }
 }

@@ -39,6 +39,7 @@ pub enum SweepKey {
     Steps,
     Spacing,
     Eta,
+    Sampler,
 }
 
 impl SweepKey {
@@ -49,6 +50,7 @@ impl SweepKey {
             Self::Steps => "steps",
             Self::Spacing => "spacing",
             Self::Eta => "eta",
+            Self::Sampler => "sampler",
         }
     }
 
@@ -61,6 +63,7 @@ impl SweepKey {
             Self::Steps => request.steps = value.parse().with_context(bad)?,
             Self::Spacing => request.spacing = value.parse().map_err(anyhow::Error::msg).with_context(bad)?,
             Self::Eta => request.eta = value.parse().with_context(bad)?,
+            Self::Sampler => request.sampler = value.parse().map_err(anyhow::Error::msg).with_context(bad)?,
         }
         Ok(())
     }
@@ -77,9 +80,10 @@ impl FromStr for Sweep {
             "steps" => SweepKey::Steps,
             "spacing" => SweepKey::Spacing,
             "eta" => SweepKey::Eta,
+            "sampler" => SweepKey::Sampler,
             other => {
                 return Err(format!(
-                    "unknown sweep key {other:?}; expected guidance, guidance-rescale, steps, spacing or eta"
+                    "unknown sweep key {other:?}; expected guidance, guidance-rescale, steps, spacing, eta or sampler"
                 ))
             }
         };
@@ -127,7 +131,7 @@ pub struct AblateArgs {
     #[arg(long, conflicts_with = "sweep")]
     pub all_combinations: bool,
 
-    /// KEY=V1,V2,... with KEY one of guidance, guidance-rescale, steps, spacing, eta; the first
+    /// KEY=V1,V2,... with KEY one of guidance, guidance-rescale, steps, spacing, eta, sampler; the first
     /// is the columns, a second one multiplies the rows. Replaces the fix columns.
     #[arg(long, value_name = "KEY=VALUES")]
     pub sweep: Vec<Sweep>,

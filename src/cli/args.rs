@@ -11,8 +11,8 @@ use crate::device::{self, DeviceChoice};
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
 use crate::engine::Request;
 use crate::progress::Verbosity;
-use crate::sampling::Prediction;
-use crate::schedule::TimestepSpacing;
+use crate::sampling::{Prediction, Sampler};
+use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
 
 /// Parses a count that must be positive, with a message that says so.
@@ -115,11 +115,28 @@ impl ScheduleFlags {
     }
 }
 
-/// How to sample: the schedule, guidance and the DDIM settings.
+/// How to sample: the sampler, the schedule, guidance and the DDIM settings.
 #[derive(Debug, Clone, Args)]
 pub struct SamplerArgs {
+    /// Sampler: ddim (the paper's), euler, euler_a (Euler ancestral), dpmpp_2m, dpmpp_2m_sde,
+    /// unipc; all exact at zero terminal SNR.
+    #[arg(long, value_name = "NAME", default_value_t = Sampler::Ddim)]
+    pub sampler: Sampler,
+
     #[command(flatten)]
     pub schedule: ScheduleFlags,
+
+    /// alpha_bar_T under zero terminal SNR: exact (0), comfy (4.9e-8, as ComfyUI and
+    /// AUTOMATIC1111) or diffusers (2^-24, as its Euler, DPM-Solver and UniPC schedulers), to
+    /// reproduce those tools' images.
+    #[arg(long, value_name = "MODE", default_value_t = TerminalAlphaBar::Exact)]
+    pub terminal_alpha_bar: TerminalAlphaBar,
+
+    /// Noise levels of the steps: schedule (the timesteps of --spacing), karras (Karras et al.
+    /// 2022, rho 7) or exponential; the ramps need a finite sigma_max, so with zero SNR they use
+    /// --terminal-alpha-bar (comfy when exact, with a warning).
+    #[arg(long, value_name = "KIND", default_value_t = SigmaSchedule::Schedule)]
+    pub sigmas: SigmaSchedule,
 
     /// Classifier-free guidance scale; at or below 1 the negative prompt is not used.
     #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
@@ -185,6 +202,9 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         prediction: sampler.prediction,
         steps_offset: sampler.schedule.steps_offset,
         eta: sampler.eta,
+        sampler: sampler.sampler,
+        terminal_alpha_bar: sampler.terminal_alpha_bar,
+        sigmas: sampler.sigmas,
         width: size.width,
         height: size.height,
         ..Request::new(prompt)

@@ -37,6 +37,7 @@ use crate::model::vae::Vae;
 use crate::pipeline::{self, BatchInput, SamplingSettings};
 use crate::sampling::ddim::DdimParams;
 use crate::sampling::noise::ImageNoise;
+use crate::sampling::sampler::{History, Sampler};
 use crate::sampling::Prediction;
 use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
 
@@ -224,6 +225,7 @@ fn bench_settings(steps: usize) -> Result<SamplingSettings> {
             steps_offset: 1,
             set_alpha_to_one: false,
         })?,
+        sampler: Sampler::Ddim,
         ddim: DdimParams {
             prediction: Prediction::VPrediction,
             eta: 0.0,
@@ -330,7 +332,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (unet_ops, unet_linear_shapes) = op_ms(&unet_ms);
 
     let mut ddim_ms = time(&device, args.steps, || {
-        pipeline::sampler_step(&settings, 0, &latents, &unet_output, None)?;
+        pipeline::sampler_step(&settings, 0, &latents, &unet_output, &mut History::default(), None)?;
         Ok(())
     })?;
 

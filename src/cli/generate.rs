@@ -131,6 +131,7 @@ fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<L
             guidance_rescale: o.guidance_rescale.unwrap_or(defaults.guidance_rescale),
             spacing: o.spacing.unwrap_or(defaults.spacing),
             zero_snr: o.zero_snr.or(defaults.zero_snr),
+            sampler: o.sampler.unwrap_or(defaults.sampler),
             width: o.width.or(defaults.width),
             height: o.height.or(defaults.height),
             num_images: o.num_images.or(args.num_images),
@@ -209,6 +210,21 @@ fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
     sampler.guidance_rescale = s.guidance_rescale;
     sampler.prediction = Some(s.prediction.parse().map_err(anyhow::Error::msg)?);
     sampler.eta = s.eta;
+    sampler.sampler = s
+        .sampler
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--from-image {}", image.display()))?;
+    sampler.terminal_alpha_bar = s
+        .terminal_alpha_bar
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--from-image {}", image.display()))?;
+    sampler.sigmas = s
+        .sigmas
+        .parse()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--from-image {}", image.display()))?;
     Ok(GenerateArgs {
         model: ModelArgs {
             model: s.model,

@@ -23,12 +23,17 @@ pub struct Item {
     pub image: usize,
 }
 
-/// Images that can share a UNet batch: same schedule, guidance, eta, prediction and size, and
-/// the same source of initial latents (seeded noise or the request's own).
+/// Images that can share a UNet batch: same sampler, noise schedule (zero SNR and its terminal
+/// alpha_bar), timesteps and noise levels (`--sigmas`), guidance, eta, prediction and size, and the same source of initial
+/// latents (seeded noise or the request's own).
 fn batch_key(job: &Job) -> String {
     let s = &job.settings;
     format!(
-        "{:?}|{}|{}|{}|{:?}|{:?}|{}",
+        "{}|{:?}|{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}",
+        s.sampler,
+        s.schedule.continuous,
+        job.zero_snr,
+        s.schedule.noise.alphas_cumprod.last(),
         s.schedule.timesteps,
         s.guidance,
         s.guidance_rescale,

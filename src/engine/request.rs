@@ -10,8 +10,8 @@ use super::settings::{ImageSettings, SchedulerRecord};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::ddim::DdimParams;
-use crate::sampling::Prediction;
-use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
+use crate::sampling::{Prediction, Sampler};
+use crate::schedule::{BetaSource, Schedule, ScheduleSpec, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::loader::ModelConfigs;
 
 /// Sampling steps unless told otherwise.
@@ -47,6 +47,12 @@ pub struct Request {
     pub steps_offset: Option<usize>,
     /// DDIM eta: 0 is deterministic.
     pub eta: f64,
+    /// Which sampler walks the schedule (default DDIM, the paper's).
+    pub sampler: Sampler,
+    /// alpha_bar_T under zero terminal SNR: 0 (exact) or another tool's clamp.
+    pub terminal_alpha_bar: TerminalAlphaBar,
+    /// Where the steps sit on the noise scale: the timesteps' own, or a Karras / exponential ramp.
+    pub sigmas: SigmaSchedule,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// Initial latents instead of seeded noise: (B, C, H, W) f32 on the CPU, one row per image.
@@ -69,6 +75,9 @@ impl Request {
             prediction: None,
             steps_offset: None,
             eta: 0.0,
+            sampler: Sampler::Ddim,
+            terminal_alpha_bar: TerminalAlphaBar::Exact,
+            sigmas: SigmaSchedule::Schedule,
             width: None,
             height: None,
             latents: None,
@@ -197,7 +206,12 @@ fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usiz
 }
 
 /// Resolves one request into a job; every error is about this request's settings.
-pub(super) fn resolve(configs: &ModelConfigs, request: Request) -> Result<Job> {
+/// What replaces a zero-SNR alpha_bar_T = 0 when a Karras or exponential ramp needs a finite
+/// sigma_max and the user asked for `exact`: ComfyUI's and AUTOMATIC1111's value, the tools whose
+/// users pick these ramps (with a warning that says so).
+const RAMP_TERMINAL_ALPHA_BAR: TerminalAlphaBar = TerminalAlphaBar::Comfy;
+
+pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Job> {
     let scheduler = &configs.scheduler;
     let mut warnings = Vec::new();
     let (prediction, zero_snr) = resolve_prediction(&request, scheduler, &configs.scheduler_path, &mut warnings)?;
@@ -212,6 +226,19 @@ pub(super) fn resolve(configs: &ModelConfigs, request: Request) -> Result<Job> {
         request.guidance_rescale
     );
     ensure!(request.eta >= 0.0, "--eta {} must not be negative", request.eta);
+    ensure!(
+        request.eta == 0.0 || request.sampler == Sampler::Ddim,
+        "--eta is DDIM's; with --sampler {} drop --eta (for fresh noise at each step use --sampler euler_a or dpmpp_2m_sde)",
+        request.sampler
+    );
+    if request.sigmas != SigmaSchedule::Schedule && zero_snr && request.terminal_alpha_bar == TerminalAlphaBar::Exact {
+        warnings.push(format!(
+            "warning: --sigmas {} needs a finite sigma_max, which zero terminal SNR does not have; using \
+             --terminal-alpha-bar {RAMP_TERMINAL_ALPHA_BAR} (pass --terminal-alpha-bar diffusers for diffusers' value)",
+            request.sigmas
+        ));
+        request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
+    }
     let betas = scheduler.beta_source()?;
     let train_timesteps = betas.train_timesteps();
     let steps = request.steps;
@@ -229,9 +256,13 @@ pub(super) fn resolve(configs: &ModelConfigs, request: Request) -> Result<Job> {
         steps_offset,
         set_alpha_to_one: scheduler.set_alpha_to_one,
     };
-    let schedule = Schedule::new(&spec).with_context(|| format!("--steps {steps} with --spacing {spacing}"))?;
+    let schedule = Schedule::new(&spec)
+        .with_context(|| format!("--steps {steps} with --spacing {spacing}"))?
+        .with_terminal_alpha_bar(request.terminal_alpha_bar)
+        .with_sigmas(request.sigmas)?;
     let settings = SamplingSettings {
         schedule,
+        sampler: request.sampler,
         ddim: DdimParams {
             prediction,
             eta: request.eta,
@@ -302,6 +333,9 @@ impl RecordContext<'_> {
             zero_snr: job.zero_snr,
             prediction: job.settings.ddim.prediction.name().to_string(),
             eta: job.settings.ddim.eta,
+            sampler: job.settings.sampler.name().to_string(),
+            terminal_alpha_bar: job.request.terminal_alpha_bar.name().to_string(),
+            sigmas: job.request.sigmas.name().to_string(),
             width: w * factor,
             height: h * factor,
             dtype: self.dtype.to_string(),

@@ -18,6 +18,38 @@ pub struct SchedulerRecord {
     pub timesteps: Vec<usize>,
 }
 
+/// What images made before `--sampler` existed (no `sampler` key) were made with.
+const DEFAULT_SAMPLER: &str = "ddim";
+/// What images made before `--terminal-alpha-bar` existed were made with.
+const DEFAULT_TERMINAL_ALPHA_BAR: &str = "exact";
+
+fn default_sampler() -> String {
+    DEFAULT_SAMPLER.to_string()
+}
+
+fn is_default_sampler(s: &str) -> bool {
+    s == DEFAULT_SAMPLER
+}
+
+fn default_terminal_alpha_bar() -> String {
+    DEFAULT_TERMINAL_ALPHA_BAR.to_string()
+}
+
+fn is_default_terminal_alpha_bar(s: &str) -> bool {
+    s == DEFAULT_TERMINAL_ALPHA_BAR
+}
+
+/// What images made before `--sigmas` existed were made with.
+const DEFAULT_SIGMAS: &str = "schedule";
+
+fn default_sigmas() -> String {
+    DEFAULT_SIGMAS.to_string()
+}
+
+fn is_default_sigmas(s: &str) -> bool {
+    s == DEFAULT_SIGMAS
+}
+
 /// Everything needed to make an image again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageSettings {
@@ -36,6 +68,20 @@ pub struct ImageSettings {
     pub zero_snr: bool,
     pub prediction: String,
     pub eta: f64,
+    /// `--sampler` (ddim, euler, ...). Left out of the JSON when it is ddim, and read as ddim when
+    /// absent: DDIM images keep the bytes they had before samplers existed, and old PNGs still
+    /// re-run with `--from-image`.
+    #[serde(default = "default_sampler", skip_serializing_if = "is_default_sampler")]
+    pub sampler: String,
+    /// `--terminal-alpha-bar` (exact, comfy, diffusers); left out when exact, as `sampler`.
+    #[serde(
+        default = "default_terminal_alpha_bar",
+        skip_serializing_if = "is_default_terminal_alpha_bar"
+    )]
+    pub terminal_alpha_bar: String,
+    /// `--sigmas` (schedule, karras, exponential); left out when schedule, as `sampler`.
+    #[serde(default = "default_sigmas", skip_serializing_if = "is_default_sigmas")]
+    pub sigmas: String,
     pub width: usize,
     pub height: usize,
     pub dtype: String,

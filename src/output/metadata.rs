@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::sampling::Sampler;
+
 pub use crate::engine::settings::{ImageSettings, SchedulerRecord};
 
 /// The PNG text chunk keywords.
@@ -37,6 +39,11 @@ fn number(x: f64) -> String {
     format!("{x}")
 }
 
+/// The sampler's name as AUTOMATIC1111 writes it (`Euler a`, `DPM++ 2M`); an unknown name as it is.
+fn a1111_sampler(name: &str) -> &str {
+    name.parse::<Sampler>().map_or(name, |s| s.a1111_name())
+}
+
 impl ImageSettings {
     /// The AUTOMATIC1111 `parameters` text.
     pub fn a1111_parameters(&self) -> String {
@@ -47,8 +54,15 @@ impl ImageSettings {
         }
         let mut fields = vec![
             format!("Steps: {}", self.steps),
-            "Sampler: DDIM".to_string(),
-            format!("Schedule type: {}", title(&self.spacing)),
+            format!("Sampler: {}", a1111_sampler(&self.sampler)),
+            format!(
+                "Schedule type: {}",
+                title(if self.sigmas == "schedule" {
+                    &self.spacing
+                } else {
+                    &self.sigmas
+                })
+            ),
             format!("CFG scale: {}", number(self.guidance)),
             format!("Seed: {}", self.seed),
             format!("Size: {}x{}", self.width, self.height),
@@ -56,6 +70,9 @@ impl ImageSettings {
         ];
         if self.eta != 0.0 {
             fields.push(format!("Eta: {}", number(self.eta)));
+        }
+        if self.terminal_alpha_bar != "exact" {
+            fields.push(format!("Terminal alpha_bar: {}", self.terminal_alpha_bar));
         }
         fields.push(format!("Rescale CFG: {}", number(self.guidance_rescale)));
         let noise = if self.zero_snr { "Zero Terminal SNR" } else { "Default" };
@@ -121,6 +138,9 @@ mod tests {
             zero_snr: true,
             prediction: "v_prediction".into(),
             eta: 0.0,
+            sampler: "ddim".into(),
+            terminal_alpha_bar: "exact".into(),
+            sigmas: "schedule".into(),
             width: 512,
             height: 512,
             dtype: "f16".into(),
@@ -157,6 +177,40 @@ mod tests {
         assert_eq!(parsed.negative_prompt, "blurry");
         assert_eq!(parsed.fields["Seed"], "1234");
         assert_eq!(parsed.fields["Size"], "512x512");
+    }
+
+    #[test]
+    fn a1111_sampler_names() {
+        let mut settings = example();
+        for (name, shown) in [
+            ("euler_a", "Sampler: Euler a,"),
+            ("dpmpp_2m", "Sampler: DPM++ 2M,"),
+            ("dpmpp_2m_sde", "Sampler: DPM++ 2M SDE,"),
+            ("euler", "Sampler: Euler,"),
+        ] {
+            settings.sampler = name.into();
+            let text = settings.a1111_parameters();
+            assert!(text.contains(shown), "{text}");
+        }
+    }
+
+    /// DDIM images carry no `sampler` key (their bytes are as before samplers existed), and
+    /// settings without one read back as ddim.
+    #[test]
+    fn ddim_and_exact_are_implied() {
+        let settings = example();
+        let json = serde_json::to_string(&settings).unwrap();
+        assert!(
+            !json.contains("sampler") && !json.contains("terminal_alpha_bar"),
+            "{json}"
+        );
+        let mut euler = example();
+        euler.sampler = "euler".into();
+        euler.terminal_alpha_bar = "diffusers".into();
+        euler.sigmas = "karras".into();
+        assert!(euler.a1111_parameters().contains("Schedule type: Karras,"));
+        let json = serde_json::to_string(&euler).unwrap();
+        assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), euler);
     }
 
     #[test]

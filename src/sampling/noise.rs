@@ -3,32 +3,59 @@
 //! Image k of a run with seed s uses its own generator seeded with s + k: the same (prompt, seed)
 //! gives the same image whatever the batch size or how many images the run makes. ChaCha20 is a
 //! fixed, documented algorithm (rand's `StdRng` may change between versions).
+//!
+//! The stochastic samplers (Euler a, DPM++ 2M SDE) draw their per-step noise from a second stream
+//! of each image's generator: ChaCha20 with the same key (the seed) and stream number
+//! [`STEP_NOISE_STREAM`]. It depends only on the image's seed, not on its batch, the device or
+//! whether the initial latents came from a file, so `--from-image` and shards reproduce it.
+//! (DDIM's eta noise keeps continuing the initial stream, as it always has.)
 
 use candle_core::{Device, Result, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// One generator per image of a batch.
+/// The ChaCha20 stream (of the image's seed) that per-step sampler noise comes from; stream 0 is
+/// the initial noise.
+pub const STEP_NOISE_STREAM: u64 = 1;
+
+/// One generator per image of a batch, and one per image for per-step sampler noise.
 pub struct ImageNoise {
     generators: Vec<ChaCha20Rng>,
+    step_generators: Vec<ChaCha20Rng>,
+}
+
+/// (images, c, h, w) standard normal f32 values, each image from its own generator.
+fn draw(generators: &mut [ChaCha20Rng], (c, h, w): (usize, usize, usize), device: &Device) -> Result<Tensor> {
+    let per_image = c * h * w;
+    let mut values = Vec::with_capacity(generators.len() * per_image);
+    for generator in generators.iter_mut() {
+        values.extend((0..per_image).map(|_| -> f32 { StandardNormal.sample(generator) }));
+    }
+    Tensor::from_vec(values, (generators.len(), c, h, w), &Device::Cpu)?.to_device(device)
 }
 
 impl ImageNoise {
     pub fn new(seeds: &[u64]) -> Self {
+        let step_generator = |&s: &u64| {
+            let mut g = ChaCha20Rng::seed_from_u64(s);
+            g.set_stream(STEP_NOISE_STREAM);
+            g
+        };
         Self {
             generators: seeds.iter().map(|&s| ChaCha20Rng::seed_from_u64(s)).collect(),
+            step_generators: seeds.iter().map(step_generator).collect(),
         }
     }
 
     /// Draws (images, c, h, w) standard normal f32 values, each image from its own generator.
-    pub fn sample(&mut self, (c, h, w): (usize, usize, usize), device: &Device) -> Result<Tensor> {
-        let per_image = c * h * w;
-        let mut values = Vec::with_capacity(self.generators.len() * per_image);
-        for generator in &mut self.generators {
-            values.extend((0..per_image).map(|_| -> f32 { StandardNormal.sample(generator) }));
-        }
-        Tensor::from_vec(values, (self.generators.len(), c, h, w), &Device::Cpu)?.to_device(device)
+    pub fn sample(&mut self, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+        draw(&mut self.generators, shape, device)
+    }
+
+    /// Draws one step's sampler noise, (images, c, h, w), from each image's step stream.
+    pub fn sample_step(&mut self, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+        draw(&mut self.step_generators, shape, device)
     }
 }
 
@@ -45,6 +72,19 @@ mod tests {
             alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             second.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    /// The step stream is per image too, and not the initial noise again.
+    #[test]
+    fn step_noise_is_per_image_and_its_own_stream() {
+        let shape = (4, 2, 2);
+        let alone = ImageNoise::new(&[43]).sample_step(shape, &Device::Cpu).unwrap();
+        let mut batched = ImageNoise::new(&[42, 43]);
+        let initial = batched.sample(shape, &Device::Cpu).unwrap();
+        let step = batched.sample_step(shape, &Device::Cpu).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&alone), values(&step.get(1).unwrap()));
+        assert_ne!(values(&initial.get(1).unwrap()), values(&step.get(1).unwrap()));
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! a tensor is the sampler's step, which reads `alpha_bar` of the current and the next timestep.
 
 pub mod betas;
+pub mod sigmas;
 pub mod spacing;
+pub mod terminal;
 pub mod zero_snr;
 
 use anyhow::{bail, ensure, Result};
 
 pub use betas::BetaSchedule;
+pub use sigmas::SigmaSchedule;
 pub use spacing::TimestepSpacing;
+pub use terminal::TerminalAlphaBar;
 
 /// Signal-to-noise ratio of the noisy input at a timestep: alpha_bar / (1 - alpha_bar)
 /// (Lin et al. 2024, eq. 2). It is 0 where alpha_bar = 0 and infinite where alpha_bar = 1.
@@ -157,6 +161,10 @@ pub struct Schedule {
     pub timesteps: Vec<usize>,
     /// alpha_bar used as "previous" after the last timestep (1.0 or alpha_bar_0).
     pub final_alpha_cumprod: f64,
+    /// Per step, alpha_bar and the fractional timestep the model is given, where the steps are
+    /// not the listed timesteps' own (`--sigmas karras|exponential`, [`Schedule::with_sigmas`]);
+    /// `timesteps` then holds them rounded.
+    pub continuous: Option<Vec<(f64, f64)>>,
 }
 
 impl Schedule {
@@ -188,12 +196,59 @@ impl Schedule {
             noise,
             timesteps,
             final_alpha_cumprod,
+            continuous: None,
         })
+    }
+
+    /// The same schedule sampled at `kind`'s noise levels instead of its timesteps' (one per
+    /// step); [`SigmaSchedule::Schedule`] leaves it as it is. Needs a finite sigma_max (alpha_bar_T
+    /// > 0): clamp a zero-SNR schedule first ([`Self::with_terminal_alpha_bar`]).
+    pub fn with_sigmas(mut self, kind: SigmaSchedule) -> Result<Self> {
+        if kind == SigmaSchedule::Schedule {
+            return Ok(self);
+        }
+        let steps = sigmas::steps(kind, &self.noise.alphas_cumprod, self.timesteps.len())?;
+        self.timesteps = steps.iter().map(|&(_, t)| t.round() as usize).collect();
+        self.continuous = Some(steps);
+        Ok(self)
+    }
+
+    /// The timestep the model is given at sampling step `index` (fractional with `--sigmas`).
+    pub fn model_timestep(&self, index: usize) -> f64 {
+        match &self.continuous {
+            Some(steps) => steps[index].1,
+            None => self.timesteps[index] as f64,
+        }
+    }
+
+    /// The same schedule with alpha_bar_T replaced by `terminal` when it is 0 (a zero-SNR
+    /// schedule), so that sdfix can reproduce tools that cannot sample from alpha_bar_T = 0
+    /// ([`terminal`]); [`TerminalAlphaBar::Exact`] and stock schedules are left as they are.
+    pub fn with_terminal_alpha_bar(mut self, terminal: TerminalAlphaBar) -> Self {
+        if let Some(last) = self.noise.alphas_cumprod.last_mut() {
+            if *last == 0.0 {
+                *last = terminal.value();
+            }
+        }
+        self
     }
 
     /// alpha_bar at sampling step `index` (timestep `self.timesteps[index]`).
     pub fn alpha_cumprod(&self, index: usize) -> f64 {
-        self.noise.alphas_cumprod[self.timesteps[index]]
+        match &self.continuous {
+            Some(steps) => steps[index].0,
+            None => self.noise.alphas_cumprod[self.timesteps[index]],
+        }
+    }
+
+    /// alpha_bar of the step after `index`, or 1 (sigma = 0) after the last: where the non-DDIM
+    /// samplers go, as k-diffusion and diffusers' `final_sigmas_type="zero"` do.
+    pub fn next_alpha_cumprod_or_one(&self, index: usize) -> f64 {
+        if index + 1 < self.timesteps.len() {
+            self.alpha_cumprod(index + 1)
+        } else {
+            1.0
+        }
     }
 
     /// alpha_bar of the step the sampler moves to from step `index`: that of the next timestep in
@@ -202,9 +257,10 @@ impl Schedule {
     /// diffusers uses `t - T / n` instead, which is a timestep the sampler never visits for
     /// `linspace`, and for `trailing` when n does not divide T; for the other cases both agree.
     pub fn prev_alpha_cumprod(&self, index: usize) -> f64 {
-        match self.timesteps.get(index + 1) {
-            Some(&t) => self.noise.alphas_cumprod[t],
-            None => self.final_alpha_cumprod,
+        if index + 1 < self.timesteps.len() {
+            self.alpha_cumprod(index + 1)
+        } else {
+            self.final_alpha_cumprod
         }
     }
 }
