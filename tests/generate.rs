@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff, sdfix};
+use common::{fixture, max_abs_diff, pngs, reference_case_args, reference_tensors, sdfix};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,23 +18,11 @@ const LATENT_TOLERANCE: f32 = 2e-3;
 const PIXEL_TOLERANCE: u8 = 2;
 
 fn refs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("refs/pipeline.safetensors"), &Device::Cpu).unwrap()
+    reference_tensors("pipeline")
 }
 
 fn case_args(name: &str) -> Vec<String> {
-    let cases: HashMap<String, Vec<String>> =
-        serde_json::from_str(&std::fs::read_to_string(fixture("refs/pipeline.json")).unwrap()).unwrap();
-    cases[name].clone()
-}
-
-fn pngs(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
-    files
+    reference_case_args("pipeline", name)
 }
 
 /// Runs one reference case through the binary; returns (our final latents, our images) per image.

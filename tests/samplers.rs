@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff, sdfix};
+use common::{fixture, max_abs_diff, pngs, reference_case_args, reference_tensors, sdfix};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,23 +24,11 @@ const PIXEL_TOLERANCE: u8 = 2;
 const STATS_TOLERANCE: f32 = 0.15;
 
 fn refs() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture("refs/samplers.safetensors"), &Device::Cpu).unwrap()
+    reference_tensors("samplers")
 }
 
 fn case_args(name: &str) -> Vec<String> {
-    let cases: HashMap<String, Vec<String>> =
-        serde_json::from_str(&std::fs::read_to_string(fixture("refs/samplers.json")).unwrap()).unwrap();
-    cases[name].clone()
-}
-
-fn pngs(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .collect();
-    files.sort();
-    files
+    reference_case_args("samplers", name)
 }
 
 /// Runs one reference case through the binary; returns our final latents and images, per image.
