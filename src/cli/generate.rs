@@ -385,16 +385,18 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .collect();
     let mut skipped = 0;
     for (job, job_paths) in jobs.iter_mut().zip(&paths) {
-        for path in job_paths.iter().filter(|p| p.exists()) {
+        // Each path is looked up once: the check and the skip read the same answer.
+        let existing: Vec<bool> = job_paths.iter().map(|p| p.exists()).collect();
+        if let Some(k) = existing.iter().position(|&e| e) {
             ensure!(
                 args.skip_existing || args.overwrite,
                 "{} already exists; pass --overwrite to replace it, --skip-existing to keep it, or another --out-dir",
-                path.display()
+                job_paths[k].display()
             );
         }
         if args.skip_existing {
             let before = job.images.len();
-            job.keep_images(|k| !job_paths[k].exists());
+            job.keep_images(|k| !existing[k]);
             skipped += before - job.images.len();
         }
     }
