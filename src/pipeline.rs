@@ -1,7 +1,8 @@
 //! One batch, text to image: the one denoising loop from prompt embeddings
 //! ([`TextEncoder::encode`]), then the decode. Reads and writes no files; the engine hands it a
 //! loaded model, the sampling settings and the initial latents. A per-step hook sees the step
-//! index, the timestep, the latents and the x0 estimate (as diffusers' `callback_on_step_end`).
+//! index, the timestep, the latents and the x0 estimate (as diffusers' `callback_on_step_end`);
+//! an error from it stops the loop at that step.
 //!
 //! [`TextEncoder::encode`]: crate::model::stable_diffusion::TextEncoder::encode
 //!
@@ -89,7 +90,7 @@ pub fn denoise(
     model: &StableDiffusion,
     input: BatchInput,
     noise: &mut ImageNoise,
-    on_step: &mut dyn FnMut(&StepInfo),
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
     let BatchInput {
         latents,
@@ -129,13 +130,14 @@ pub fn denoise(
             None
         };
         let step = sampler_step(settings, index, &latents, &output, &mut history, step_noise.as_ref())?;
+        // An error from the hook (the engine's interrupt) stops the loop at this step.
         on_step(&StepInfo {
             index,
             steps,
             timestep,
             latents: &step.prev_sample,
             x0: &step.pred_original_sample,
-        });
+        })?;
         latents = step.prev_sample;
     }
     Ok(latents)
@@ -190,7 +192,7 @@ pub fn run_batch(
     model: &StableDiffusion,
     input: BatchInput,
     noise: &mut ImageNoise,
-    on_step: &mut dyn FnMut(&StepInfo),
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, Vec<Vec<u8>>)> {
     let final_latents = denoise(model, input, noise, on_step)?;
     ensure_finite(&final_latents, "UNet", model.dtype)?;

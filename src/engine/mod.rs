@@ -88,7 +88,27 @@ pub trait Observer {
     fn event(&mut self, _event: &Event) {}
     /// Something the user should see (a prompt past the token limit).
     fn warn(&mut self, _message: &str) {}
+    /// Asked after every denoising step and before every batch: `true` stops the run there,
+    /// and [`Engine::run`] fails with [`Interrupted`] (the images already handed over stay
+    /// made). A server's `/interrupt` and a client that hung up stop a run this way; a step
+    /// hook cannot, since it returns nothing.
+    fn interrupted(&mut self) -> bool {
+        false
+    }
 }
+
+/// The error of a run that its [`Observer::interrupted`] stopped; find it with
+/// `err.is::<Interrupted>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// An observer that keeps every image.
 #[derive(Default)]
@@ -161,7 +181,8 @@ impl Engine {
     }
 
     /// Makes every image still to make of `jobs`, at most `batch_size` per UNet batch, handing
-    /// each to `observer` as soon as it is decoded. Returns how many were made.
+    /// each to `observer` as soon as it is decoded. Returns how many were made, or fails with
+    /// [`Interrupted`] when the observer asks to stop.
     pub fn run(&mut self, jobs: &[Job], batch_size: usize, observer: &mut dyn Observer) -> Result<usize> {
         let batches = plan_batches(jobs, batch_size);
         if batches.is_empty() {
@@ -215,6 +236,9 @@ impl Engine {
         };
         let mut made = 0;
         for batch in &batches {
+            if observer.interrupted() {
+                return Err(Interrupted.into());
+            }
             made += run_batch(model, jobs, batch, &mut prompts, &record, observer)?;
         }
         Ok(made)
@@ -288,6 +312,10 @@ fn run_batch(
     let (final_latents, images) = pipeline::run_batch(model, input, &mut noise, &mut |step| {
         observer.step(step);
         loop_done = Instant::now();
+        if observer.interrupted() {
+            return Err(Interrupted.into());
+        }
+        Ok(())
     })?;
     let unet_seconds = loop_done.duration_since(unet_started).as_secs_f64();
     let vae_seconds = loop_done.elapsed().as_secs_f64();
@@ -315,4 +343,60 @@ fn run_batch(
         })?;
     }
     Ok(batch.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts steps and images, and asks to stop after `stop_after` steps.
+    struct StopAfter {
+        stop_after: usize,
+        steps: usize,
+        images: usize,
+    }
+
+    impl Observer for StopAfter {
+        fn image(&mut self, _: GeneratedImage) -> Result<()> {
+            self.images += 1;
+            Ok(())
+        }
+
+        fn step(&mut self, _: &StepInfo) {
+            self.steps += 1;
+        }
+
+        fn interrupted(&mut self) -> bool {
+            self.steps >= self.stop_after
+        }
+    }
+
+    #[test]
+    fn an_observer_stops_a_run_at_the_next_step_and_the_engine_goes_on() {
+        let mut engine = Engine::open("demo", None, &Device::Cpu, DType::F32).unwrap();
+        let job = engine
+            .job(Request {
+                steps: 20,
+                num_images: Some(2),
+                ..Request::new("solid black background")
+            })
+            .unwrap();
+        let mut observer = StopAfter {
+            stop_after: 3,
+            steps: 0,
+            images: 0,
+        };
+        let err = engine.run(std::slice::from_ref(&job), 1, &mut observer).unwrap_err();
+        assert!(err.is::<Interrupted>(), "{err:#}");
+        assert_eq!((observer.steps, observer.images), (3, 0));
+        // Asked before the first batch: no step at all.
+        let mut observer = StopAfter {
+            stop_after: 0,
+            steps: 0,
+            images: 0,
+        };
+        assert!(engine.run(std::slice::from_ref(&job), 1, &mut observer).is_err());
+        assert_eq!(observer.steps, 0);
+        assert_eq!(engine.generate(&[job]).unwrap().len(), 2);
+    }
 }
