@@ -57,5 +57,6 @@ pub mod progress;
 pub mod prompts;
 pub mod sampling;
 pub mod schedule;
+pub mod serve;
 pub mod stats;
 pub mod weights;
