@@ -302,7 +302,9 @@ fn run(shared: &Shared, config: &WorkerConfig, loaded: &mut Option<Loaded>, task
         // The old model's weights go before the new one's load.
         *loaded = None;
         match Engine::open(location, None, &config.device, config.dtype) {
-            Ok(engine) => {
+            Ok(mut engine) => {
+                // One run per request: reloading the encoder each time would dominate small ones.
+                engine.keep_text_encoder(true);
                 *loaded = Some(Loaded {
                     location: location.clone(),
                     engine,
