@@ -9,6 +9,7 @@
 //! | `GET`, `POST /sdapi/v1/options` | `sd_model_checkpoint` (the model of later requests), `sd_noise_schedule` |
 //! | `GET /sdapi/v1/progress` | the running run: fraction, ETA, step, queued requests |
 //! | `POST /sdapi/v1/interrupt` | stops the running run at its next step |
+//! | `GET /sdapi/v1/scripts` | none (clients ask which extensions exist) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,6 +54,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/options", get(get_options).post(set_options))
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))
+        // No scripts or extensions: clients (webuiapi) ask at start which ones exist.
+        .route(
+            "/sdapi/v1/scripts",
+            get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
+        )
         .fallback(|| async { ApiError::not_found("no such route; see GET /sdapi/v1/... in the README") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
