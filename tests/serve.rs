@@ -435,3 +435,63 @@ fn equal_settings_share_a_run() {
         );
     }
 }
+
+#[test]
+fn models_dir_folders_are_offered_by_name() {
+    let models = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    std::os::unix::fs::symlink(&demo, models.path().join("my-demo")).unwrap();
+    std::fs::create_dir(models.path().join("not-a-model")).unwrap();
+    let server = Server::start(&["--models-dir", models.path().to_str().unwrap()]);
+    let listed = server.get("/sdapi/v1/sd-models").json();
+    let titles: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["demo", "demo-flawed", "my-demo"]);
+    // Names only: no entry shows where it lives.
+    assert!(
+        !listed.to_string().contains(models.path().to_str().unwrap()),
+        "{listed}"
+    );
+    let r = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "my-demo"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "solid black background", "steps": 10, "seed": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_model_name"], "my-demo");
+    for bad in ["not-a-model", "../my-demo", "my-demo/unet"] {
+        let r = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": bad}));
+        assert_eq!(r.status, 404, "{bad}: {}", r.body);
+    }
+}
+
+#[test]
+fn a_non_loopback_address_without_auth_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .current_dir(dir.path())
+        .env("SDFIX_CACHE", dir.path().join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on http://0.0.0.0:"), "{line}");
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("warning: listening on 0.0.0.0:0 without --api-auth"),
+        "{stderr}"
+    );
+}

@@ -189,6 +189,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// `POST /sdapi/v1/txt2img`: parsed and checked against the model first (a bad request is
+/// answered at once, never queued), queued (503 when full), awaited (cancelled if the client
+/// hangs up), then encoded and, with `save_images`, written.
 async fn txt2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
     let (raw, request): (Value, Txt2Img) = parse_body(body)?;
     let noise_schedule = *lock(&state.noise_schedule);
