@@ -6,7 +6,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::settings::{ImageSettings, SchedulerRecord};
+use super::settings::{ImageSettings, LoraSetting, SchedulerRecord};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::ddim::DdimParams;
@@ -301,6 +301,8 @@ pub(super) struct RecordContext<'a> {
     pub configs: &'a ModelConfigs,
     pub model: &'a str,
     pub revision: Option<&'a str>,
+    pub model_hash: Option<&'a str>,
+    pub loras: Vec<crate::weights::lora::LoraRecord>,
     pub dtype: &'a str,
     pub device: &'a str,
 }
@@ -323,6 +325,16 @@ impl RecordContext<'_> {
             version: format!("sdfix {}", env!("CARGO_PKG_VERSION")),
             model: self.model.to_string(),
             revision: self.revision.map(str::to_string),
+            model_hash: self.model_hash.map(str::to_string),
+            loras: self
+                .loras
+                .iter()
+                .map(|l| LoraSetting {
+                    name: l.name.clone(),
+                    hash: l.hash.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
             prompt: job.request.prompt.clone(),
             negative_prompt: job.request.negative_prompt.clone(),
             seed: job.seeds[k],

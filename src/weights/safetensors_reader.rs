@@ -29,7 +29,9 @@ const READ_PIECE_BYTES: usize = 8 << 20;
 
 /// One tensor's place in the file.
 struct Entry {
-    dtype: DType,
+    /// `Err(name)` for a dtype candle has no type for (I32 in many checkpoints'
+    /// `model_ema.num_updates`): listed, but an error only when read.
+    dtype: std::result::Result<DType, String>,
     shape: Shape,
     /// Absolute byte offset of the data.
     start: u64,
@@ -41,6 +43,8 @@ pub struct SafetensorsReader {
     label: String,
     file: Mutex<File>,
     entries: HashMap<String, Entry>,
+    /// The header's `__metadata__` strings (`modelspec.*` and the like).
+    metadata: HashMap<String, String>,
 }
 
 fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
@@ -86,9 +90,7 @@ impl SafetensorsReader {
             if *end as u64 > data_bytes {
                 bail!("{label} is truncated: tensor {name} ends at byte {end} of {data_bytes} data bytes");
             }
-            let Some(dtype) = candle_dtype(*dtype) else {
-                bail!("{label}: tensor {name} has dtype {dtype:?}, which sdfix cannot load");
-            };
+            let dtype = candle_dtype(*dtype).ok_or_else(|| format!("{dtype:?}"));
             entries.insert(
                 name,
                 Entry {
@@ -103,6 +105,7 @@ impl SafetensorsReader {
             label,
             file: Mutex::new(file),
             entries,
+            metadata: metadata.metadata().clone().unwrap_or_default(),
         })
     }
 
@@ -135,17 +138,33 @@ impl SafetensorsReader {
         self.entries.keys()
     }
 
+    /// The shape of tensor `name`, if the file has it.
+    pub fn shape(&self, name: &str) -> Option<&Shape> {
+        self.entries.get(name).map(|e| &e.shape)
+    }
+
+    /// The header's `__metadata__` strings.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
     /// Reads tensor `name` onto `device`, in the file's dtype.
     pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
         let entry = self
             .entries
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let dtype = entry.dtype.clone().map_err(|dtype| {
+            candle_core::Error::Msg(format!(
+                "{}: tensor {name} has dtype {dtype}, which sdfix cannot load",
+                self.label
+            ))
+        })?;
         let read = |buffer: &mut [u8]| -> candle_core::Result<()> {
             self.read_at(entry.start, buffer)
                 .map_err(|e| candle_core::Error::Msg(format!("{}: reading tensor {name}: {e}", self.label)))
         };
-        if entry.dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
+        if dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
             // Straight into the tensor's own buffer: the common CPU case, one copy from the cache.
             let mut values = vec![0f32; entry.bytes / 4];
             // Any bit pattern is a valid f32, so bytemuck views the buffer as bytes without unsafe.
@@ -154,7 +173,7 @@ impl SafetensorsReader {
         }
         let mut bytes = vec![0u8; entry.bytes];
         read(&mut bytes)?;
-        Tensor::from_raw_buffer(&bytes, entry.dtype, entry.shape.dims(), device)
+        Tensor::from_raw_buffer(&bytes, dtype, entry.shape.dims(), device)
     }
 }
 
