@@ -19,10 +19,11 @@ Writes tests/fixtures/single-file/:
   `from_single_file` too but not written: tests/singlefile.rs builds it from tiny-sd2.safetensors
   and the folder's text encoder.
 - tiny-lora.safetensors: a kohya-format LoRA (lora_unet_*, lora_te_*; lora_down, lora_up, alpha)
-  with random rank-2/4 weights on linear layers, a 1x1 and a 3x3 convolution of the UNet and on
+  with random rank-4 weights (alpha 2) on linear layers, a 1x1 and a 3x3 convolution of the UNet and on
   the text encoder; lora.safetensors + lora.json: diffusers' final latents with it
   (`load_lora_weights` + `fuse_lora` for the UNet; the text encoder's part merged here by kohya's
-  formula, as this diffusers drops it: see merge_text_encoder_lora), from given initial latents,
+  formula, as this diffusers applies only part of it: see merge_text_encoder_lora), from given
+  initial latents,
   and the sdfix arguments.
 
 With `--sdfix PATH` (a built binary) it also checks `sdfix convert`: the folder it writes from
@@ -200,14 +201,18 @@ def kohya_lora(pipe, generator) -> dict:
     """Random low-rank updates on a linear layer, a 1x1 and a 3x3 conv, and the text encoder."""
     unet = dict(pipe.unet.named_modules())
     text = {k.removeprefix("text_model."): m for k, m in pipe.text_encoder.named_modules()}
+    # One rank and alpha for every module: with mixed ranks, diffusers 0.42.1 took the most common
+    # alpha for attn2.to_v (rank 2, alpha 1) instead of its own, a scale of 1 where kohya's
+    # alpha / rank is 0.5 (its alpha_pattern missed that module), while conv_shortcut (also rank 2)
+    # got its own; sdfix follows kohya.
     targets = [
         ("lora_unet_", unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4),
-        ("lora_unet_", unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v", 2),
+        ("lora_unet_", unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v", 4),
         ("lora_unet_", unet, "mid_block.attentions.0.proj_in", 4),
-        ("lora_unet_", unet, "up_blocks.1.resnets.0.conv_shortcut", 2),  # 1x1 conv
+        ("lora_unet_", unet, "up_blocks.1.resnets.0.conv_shortcut", 4),  # 1x1 conv
         ("lora_unet_", unet, "down_blocks.1.resnets.0.conv1", 4),  # 3x3 conv
         ("lora_te_", text, "encoder.layers.0.self_attn.q_proj", 4),
-        ("lora_te_", text, "encoder.layers.1.mlp.fc1", 2),
+        ("lora_te_", text, "encoder.layers.1.mlp.fc1", 4),
     ]
     out = {}
     for prefix, modules, name, rank in targets:
@@ -232,9 +237,11 @@ def kohya_lora(pipe, generator) -> dict:
 def merge_text_encoder_lora(pipe, lora_path: pathlib.Path, weight: float) -> None:
     """The text encoder's part of the LoRA, merged by kohya's formula W += w * alpha/rank * up @ down.
 
-    diffusers 0.42.1 with transformers 5 (whose CLIPTextModel has no `text_model` level) converts
-    kohya's lora_te_* keys but then drops them as UNEXPECTED, leaving the text encoder unchanged;
-    the UNet's part is diffusers' own load_lora_weights + fuse_lora.
+    diffusers 0.42.1 with transformers 5 (whose CLIPTextModel has no `text_model` level) applies
+    kohya's lora_te_* keys only in part: the MLP's fc1 is fused, self_attn.q_proj is dropped as
+    UNEXPECTED (converted to the old `to_q_lora` naming). So the text encoder is reset to its own
+    weights after fuse_lora and gets the whole text-encoder part here; the UNet's part is diffusers'
+    own load_lora_weights + fuse_lora.
     """
     lora = safetensors.torch.load_file(lora_path)
     modules = {k.removeprefix("text_model.").replace(".", "_"): m for k, m in pipe.text_encoder.named_modules()}
@@ -263,8 +270,11 @@ def lora_refs(lora_path: pathlib.Path, generator) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        text_encoder_weights = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
         pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name)
         pipe.fuse_lora(lora_scale=weight)
+        pipe.unload_lora_weights()  # the fused weights stay
+        pipe.text_encoder.load_state_dict(text_encoder_weights)
         merge_text_encoder_lora(pipe, lora_path, weight)
         final = pipe(
             prompt="a red circle", num_inference_steps=10, guidance_scale=7.5, guidance_rescale=0.7,

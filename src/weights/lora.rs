@@ -259,20 +259,27 @@ impl Loras {
         {
             return Ok(inner);
         }
-        let underscored: HashMap<String, &String> = names
-            .iter()
-            .filter_map(|n| Some((n.strip_suffix(".weight")?.replace('.', "_"), n)))
-            .collect();
+        // Text encoder weights are named with transformers 4's `text_model.` level or without it
+        // (transformers 5); LoRA files name them either way: both spellings find the weight.
+        let mut underscored: HashMap<String, &String> = HashMap::new();
+        let mut dotted: HashMap<String, &String> = HashMap::new();
+        for name in names {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            let bare = module.strip_prefix("text_model.").unwrap_or(module);
+            for spelling in [bare.to_string(), format!("text_model.{bare}")] {
+                underscored.insert(spelling.replace('.', "_"), name);
+                dotted.insert(spelling, name);
+            }
+        }
         let mut updates: HashMap<String, Vec<Update>> = HashMap::new();
         for file in active {
             let mut unmatched = Vec::new();
             for module in file.modules.iter().filter(|m| m.component == component) {
                 let target = match &module.name {
                     ModuleName::Underscored(m) => underscored.get(m).map(|n| (*n).clone()),
-                    ModuleName::Dotted(m) => {
-                        let weight = format!("{m}.weight");
-                        names.contains(&weight).then_some(weight)
-                    }
+                    ModuleName::Dotted(m) => dotted.get(m).map(|n| (*n).clone()),
                 };
                 match target {
                     Some(target) => updates.entry(target).or_default().push(Update {
@@ -347,11 +354,6 @@ impl SimpleBackend for Patched {
     fn contains_tensor(&self, name: &str) -> bool {
         self.inner.contains_tensor(name)
     }
-}
-
-/// Where the file of `spec` is, for messages.
-pub fn describe(spec: &LoraSpec) -> String {
-    format!("{}:{}", spec.path.display(), spec.weight)
 }
 
 /// Whether `path` looks like a LoRA file (for `--model` messages).

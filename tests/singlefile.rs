@@ -1,0 +1,443 @@
+//! Single-file checkpoints, black box: the tiny fixture model as an LDM file
+//! (tests/fixtures/single-file, made by scripts/make_single_file_fixtures.py and checked there with
+//! diffusers' from_single_file) draws what the folder draws; every detection path prints its
+//! source; .ckpt reads the same tensors and a pickle naming a code-executing global is refused;
+//! convert round-trips.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::{fixture, pngs, sdfix};
+
+const SD2_FILE: &str = "single-file/tiny-sd2.safetensors";
+const REGENERATE: &str =
+    "regenerate with: HF_HUB_OFFLINE=1 .venv-oracle/bin/python scripts/make_single_file_fixtures.py";
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Runs `generate` with a fixed prompt, seed and steps plus `extra`; returns (stderr, the image's
+/// RGB pixels, its final-latents file bytes, its parameters text).
+fn generate(model: &Path, extra: &[&str]) -> (String, Vec<u8>, Vec<u8>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        path_str(model),
+        "--prompt".into(),
+        "a red circle".into(),
+        "--steps".into(),
+        "4".into(),
+        "--seed".into(),
+        "7".into(),
+        "--save-latents".into(),
+        "--out-dir".into(),
+        path_str(&out_dir),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = sdfix(&refs);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "sdfix {args:?}: {stderr}");
+    let png = pngs(&out_dir).pop().unwrap();
+    let pixels = image::open(&png).unwrap().to_rgb8().into_raw();
+    let latents = std::fs::read(png.with_extension("latents.safetensors")).unwrap();
+    let info = sdfix(&["info", &path_str(&png)]);
+    (
+        stderr,
+        pixels,
+        latents,
+        String::from_utf8_lossy(&info.stdout).into_owned(),
+    )
+}
+
+/// Runs `generate` expecting failure; returns stderr.
+fn refused(model: &Path, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out-dir",
+    ];
+    let out_dir = path_str(dir.path());
+    args.push(&out_dir);
+    args.extend(extra);
+    let out = sdfix(&args);
+    assert!(!out.status.success(), "sdfix {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The tensors of a safetensors file as raw (dtype, shape, bytes), with its metadata.
+type Raw = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+fn read_raw(path: &Path) -> Vec<(String, Raw)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Raw)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (view.dtype(), view.shape().to_vec(), view.data().to_vec())))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+fn write_raw(path: &Path, tensors: &[(String, Raw)], metadata: Option<HashMap<String, String>>) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, (dtype, shape, data))| {
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, metadata, path).unwrap();
+}
+
+/// The SD 2.x fixture with `extra` tensors added and `metadata`, written to `dir/name`.
+fn variant(dir: &Path, name: &str, extra: &[&str], metadata: Option<HashMap<String, String>>) -> PathBuf {
+    let mut tensors = read_raw(&fixture(SD2_FILE));
+    for key in extra {
+        tensors.push((key.to_string(), (safetensors::Dtype::F32, vec![0], Vec::new())));
+    }
+    let path = dir.join(name);
+    write_raw(&path, &tensors, metadata);
+    path
+}
+
+/// tiny-sd's configs and tokenizer without its scheduler config: the file's own marks decide.
+fn configs_without_scheduler(dir: &Path) -> PathBuf {
+    let configs = dir.join("configs");
+    for part in ["unet/config.json", "vae/config.json", "text_encoder/config.json"] {
+        let to = configs.join(part);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixture("tiny-sd").join(part), to).unwrap();
+    }
+    configs
+}
+
+#[test]
+fn the_single_file_draws_what_the_folder_draws() {
+    let (_, folder_pixels, folder_latents, _) = generate(&fixture("tiny-sd"), &[]);
+    let config = path_str(&fixture("tiny-sd"));
+    let (stderr, pixels, latents, info) = generate(&fixture(SD2_FILE), &["--config", &config]);
+    assert_eq!(pixels, folder_pixels, "{REGENERATE}");
+    assert_eq!(latents, folder_latents, "final latents differ; {REGENERATE}");
+    assert!(stderr.contains("SD 2.x checkpoint"), "{stderr}");
+    // The PNGs differ only in the model they record: the file's name and A1111's short hash.
+    let digest = sdfix::weights::hash::sha256(&fixture(SD2_FILE)).unwrap();
+    assert!(
+        info.contains(&format!("Model hash: {}, Model: tiny-sd2,", &digest[..10])),
+        "{info}"
+    );
+}
+
+#[test]
+fn sd1_layout_with_and_without_text_model_draws_the_same() {
+    let (_, _, folder_latents, _) = generate(&fixture("tiny-sd"), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let body: Vec<(String, Raw)> = read_raw(&fixture(SD2_FILE))
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("cond_stage_model."))
+        .collect();
+    let clip = read_raw(&fixture("tiny-sd/text_encoder/model.safetensors"));
+    let config = path_str(&fixture("tiny-sd"));
+    for level in ["text_model.", ""] {
+        let mut tensors = body.clone();
+        tensors.extend(
+            clip.iter()
+                .map(|(name, raw)| (format!("cond_stage_model.transformer.{level}{name}"), raw.clone())),
+        );
+        let path = dir.path().join(format!("sd1{}.safetensors", level.len()));
+        write_raw(&path, &tensors, None);
+        let (stderr, _, latents, _) = generate(&path, &["--config", &config]);
+        assert!(stderr.contains("SD 1.x checkpoint"), "{stderr}");
+        assert_eq!(latents, folder_latents, "CLIP-L keys with {level:?}");
+    }
+}
+
+#[test]
+fn v_pred_and_ztsnr_keys_are_read_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = variant(dir.path(), "marked.safetensors", &["v_pred", "ztsnr"], None);
+    let configs = configs_without_scheduler(dir.path());
+    let (stderr, _, _, info) = generate(&file, &["--config", &path_str(&configs)]);
+    assert!(
+        stderr.contains("v-prediction and zero terminal SNR: from the checkpoint's v_pred and ztsnr keys"),
+        "{stderr}"
+    );
+    assert!(
+        info.contains("Noise Schedule: Zero Terminal SNR, Prediction: v_prediction"),
+        "{info}"
+    );
+}
+
+#[test]
+fn modelspec_metadata_is_read_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let metadata = HashMap::from([("modelspec.prediction_type".to_string(), "v".to_string())]);
+    let file = variant(dir.path(), "spec.safetensors", &[], Some(metadata));
+    let configs = configs_without_scheduler(dir.path());
+    let (stderr, _, _, _) = generate(&file, &["--config", &path_str(&configs)]);
+    assert!(
+        stderr.contains(
+            "v-prediction: from the safetensors metadata modelspec.prediction_type; no zero terminal SNR: from the default (no ztsnr mark)"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_sidecar_yaml_is_read_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    std::fs::copy(fixture(SD2_FILE), &file).unwrap();
+    std::fs::write(
+        dir.path().join("model.yaml"),
+        "model:\n  params:\n    parameterization: \"v\"\n    rescale_betas_zero_snr: true\n",
+    )
+    .unwrap();
+    let configs = configs_without_scheduler(dir.path());
+    let (stderr, _, _, _) = generate(&file, &["--config", &path_str(&configs)]);
+    assert!(
+        stderr.contains("v-prediction and zero terminal SNR: from the sidecar model.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn flags_win_over_the_files_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = variant(dir.path(), "marked.safetensors", &["v_pred", "ztsnr"], None);
+    let configs = configs_without_scheduler(dir.path());
+    let (stderr, _, _, info) = generate(
+        &file,
+        &[
+            "--config",
+            &path_str(&configs),
+            "--prediction",
+            "epsilon",
+            "--no-zero-snr",
+        ],
+    );
+    assert!(
+        stderr.contains("epsilon prediction: from --prediction; no zero terminal SNR: from --no-zero-snr"),
+        "{stderr}"
+    );
+    assert!(info.contains("Noise Schedule: Default, Prediction: epsilon"), "{info}");
+}
+
+#[test]
+fn unmarked_sd2_files_take_the_unet_output_test() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs = configs_without_scheduler(dir.path());
+    let (stderr, _, _, _) = generate(&fixture(SD2_FILE), &["--config", &path_str(&configs)]);
+    assert!(
+        stderr.contains("from the UNet-output test at t = 999 (AUTOMATIC1111's, for unmarked SD 2.x files)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_dir_scheduler_is_a_source_too() {
+    let (stderr, _, _, _) = generate(&fixture(SD2_FILE), &["--config", &path_str(&fixture("tiny-sd"))]);
+    assert!(
+        stderr.contains(&format!(
+            "v-prediction and zero terminal SNR: from --config {}",
+            fixture("tiny-sd").display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_keys_are_listed_with_verbose() {
+    let (stderr, _, _, _) = generate(&fixture(SD2_FILE), &["--config", &path_str(&fixture("tiny-sd")), "-v"]);
+    assert!(
+        stderr.contains("1 checkpoint key(s) no rule reads (ignored): extra.unknown_key"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_ckpt_holds_the_same_tensors_in_f16_and_draws() {
+    use sdfix::weights::single_file::{read_component, SingleFile, SingleFileOptions};
+    let options = SingleFileOptions {
+        config_dir: Some(fixture("tiny-sd")),
+        ..Default::default()
+    };
+    let ckpt = SingleFile::open(&fixture("single-file/tiny-sd2-f16.ckpt"), &options).unwrap();
+    let safetensors = SingleFile::open(&fixture(SD2_FILE), &options).unwrap();
+    let device = candle_core::Device::Cpu;
+    for (ours, theirs) in [
+        (&ckpt.unet, &safetensors.unet),
+        (&ckpt.vae, &safetensors.vae),
+        (&ckpt.text_encoder, &safetensors.text_encoder),
+    ] {
+        assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+        let ours = read_component(&ckpt, ours, &device).unwrap();
+        let theirs = read_component(&safetensors, theirs, &device).unwrap();
+        for (name, tensor) in &ours {
+            let expected = theirs[name].to_dtype(candle_core::DType::F16).unwrap();
+            assert_eq!(tensor.dtype(), candle_core::DType::F16, "{name}");
+            let same = tensor
+                .eq(&expected)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .min_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(same, 1.0, "{name} differs");
+        }
+    }
+    let config = path_str(&fixture("tiny-sd"));
+    let (stderr, _, _, _) = generate(&fixture("single-file/tiny-sd2-f16.ckpt"), &["--config", &config]);
+    assert!(stderr.contains("SD 2.x checkpoint"), "{stderr}");
+}
+
+/// A zip checkpoint whose data.pkl calls os.system: refused before anything is read.
+#[test]
+fn a_pickle_naming_a_code_executing_global_is_refused() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evil.ckpt");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", options).unwrap();
+    // PROTO 2; GLOBAL os system; BINUNICODE "touch pwned"; TUPLE1; REDUCE; STOP
+    let mut program = vec![0x80, 2];
+    program.extend(b"cos\nsystem\n");
+    program.extend([b'X', 11, 0, 0, 0]);
+    program.extend(b"touch pwned");
+    program.extend([0x85, b'R', b'.']);
+    zip.write_all(&program).unwrap();
+    zip.finish().unwrap();
+    let stderr = refused(&path, &[]);
+    assert!(
+        stderr.contains("refused") && stderr.contains("global os.system is not allowed"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sdxl_and_incomplete_files_are_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdxl = dir.path().join("xl.safetensors");
+    let one = |name: &str| (name.to_string(), (safetensors::Dtype::F32, vec![1], vec![0u8; 4]));
+    write_raw(
+        &sdxl,
+        &[
+            one("model.diffusion_model.label_emb.0.0.weight"),
+            one("conditioner.embedders.0.transformer.x"),
+        ],
+        None,
+    );
+    let stderr = refused(&sdxl, &[]);
+    assert!(stderr.contains("SDXL is not supported yet"), "{stderr}");
+
+    // A consumed key missing: the error names the tensor.
+    let mut tensors = read_raw(&fixture(SD2_FILE));
+    tensors.retain(|(name, _)| name != "model.diffusion_model.out.2.weight");
+    let broken = dir.path().join("broken.safetensors");
+    write_raw(&broken, &tensors, None);
+    let stderr = refused(&broken, &["--config", &path_str(&fixture("tiny-sd"))]);
+    assert!(stderr.contains("conv_out.weight"), "{stderr}");
+
+    // Sizes SD's defaults do not fit: the error says to pass --config.
+    let stderr = refused(&fixture(SD2_FILE), &[]);
+    assert!(stderr.contains("pass --config DIR"), "{stderr}");
+}
+
+#[test]
+fn convert_writes_a_folder_that_draws_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("converted");
+    let result = sdfix(&[
+        "convert",
+        &path_str(&fixture(SD2_FILE)),
+        "--out",
+        &path_str(&out),
+        "--config",
+        &path_str(&fixture("tiny-sd")),
+    ]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    for part in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        assert!(out.join(part).is_file(), "{part}");
+    }
+    let (_, pixels, latents, _) = generate(&out, &[]);
+    let (_, file_pixels, file_latents, _) = generate(&fixture(SD2_FILE), &["--config", &path_str(&fixture("tiny-sd"))]);
+    assert_eq!(pixels, file_pixels);
+    assert_eq!(latents, file_latents);
+    // A second convert into the same folder is refused; f16 is half the size.
+    let again = sdfix(&["convert", &path_str(&fixture(SD2_FILE)), "--out", &path_str(&out)]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    let half = dir.path().join("half");
+    let result = sdfix(&[
+        "convert",
+        &path_str(&fixture(SD2_FILE)),
+        "--out",
+        &path_str(&half),
+        "--config",
+        &path_str(&fixture("tiny-sd")),
+        "--dtype",
+        "f16",
+    ]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let size = |p: &Path| {
+        std::fs::metadata(p.join("unet/diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!((size(&half) as f64) < 0.6 * size(&out) as f64);
+}
+
+#[test]
+fn the_model_hash_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("copy.safetensors");
+    std::fs::copy(fixture(SD2_FILE), &file).unwrap();
+    let cache = dir.path().join("cache");
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdfix"))
+            .env("SDFIX_CACHE", &cache)
+            .args([
+                "generate",
+                "--model",
+                file.to_str().unwrap(),
+                "--config",
+                fixture("tiny-sd").to_str().unwrap(),
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+                "--overwrite",
+                "--out-dir",
+                dir.path().join("out").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run().contains("hashed"));
+    assert!(!run().contains("hashed"), "the second run should use the cached hash");
+}
