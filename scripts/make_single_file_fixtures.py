@@ -26,8 +26,16 @@ Writes tests/fixtures/single-file/:
   initial latents,
   and the sdfix arguments.
 
-With `--sdfix PATH` (a built binary) it also checks `sdfix convert`: the folder it writes from
+- arch_keys.json: the LDM keys and shapes of SD 1.5 and SD 2.1 (from models/arch's configs, no
+  weights; SD 2.1 with OpenCLIP's 24th layer, which SD 2 does not use), for the config-synthesis
+  test.
+
+With `--sdfix PATH` (a built binary) it instead checks `sdfix convert`: the folder it writes from
 tiny-sd2.safetensors loads with diffusers' `from_pretrained` and equals tiny-sd tensor for tensor.
+
+With `--from-folder DIR --out FILE` it instead writes a diffusers folder (e.g. a random full-size
+one from scripts/make_random_model.py) as an LDM single file, for load-time and memory runs; an
+OpenCLIP 24th layer (a copy of the last) is added to SD 2.x text encoders, as real files have.
 """
 
 import argparse
@@ -310,11 +318,70 @@ def check_convert(sdfix: str, pipe) -> None:
     print("sdfix convert: diffusers from_pretrained gives back every tensor")
 
 
+def text_to_clip_l(text_encoder) -> dict:
+    clip = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    return {f"cond_stage_model.transformer.text_model.{k}": v for k, v in clip.items()}
+
+
+def is_open_clip(text_encoder) -> bool:
+    return text_encoder.config.hidden_act == "gelu"
+
+
+def with_unused_last_layer(open_clip: dict, layers: int) -> dict:
+    """Real SD 2.x files hold OpenCLIP's 24 layers; SD 2 conditions on the 23rd (penultimate)."""
+    pre = "cond_stage_model.model.transformer.resblocks."
+    extra = {k.replace(f"{pre}{layers - 1}.", f"{pre}{layers}."): v for k, v in open_clip.items()
+             if k.startswith(f"{pre}{layers - 1}.")}
+    return {**open_clip, **extra}
+
+
+def ldm_state_dict(pipe_parts, generator) -> dict:
+    unet, vae, text_encoder = pipe_parts
+    if is_open_clip(text_encoder):
+        text = with_unused_last_layer(text_to_open_clip(text_encoder, generator),
+                                      text_encoder.config.num_hidden_layers)
+    else:
+        text = text_to_clip_l(text_encoder)
+    return {**unet_to_ldm(unet), **vae_to_ldm(vae), **text}
+
+
+def arch_keys() -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    listing = {}
+    for arch in ("sd1.5", "sd2.1"):
+        folder = ROOT / "models" / "arch" / arch
+        with torch.device("meta"):
+            parts = (
+                UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json")),
+            )
+            state = ldm_state_dict(parts, None)
+        listing[arch] = sorted([k, list(v.shape)] for k, v in state.items())
+    (OUT / "arch_keys.json").write_text(json.dumps(dict(generator="scripts/make_single_file_fixtures.py",
+                                                        diffusers=diffusers.__version__, archs=listing)) + "\n")
+    print(f"arch_keys.json: {', '.join(f'{a} {len(k)} keys' for a, k in listing.items())}")
+
+
+def from_folder(folder: pathlib.Path, out: pathlib.Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    state = ldm_state_dict((pipe.unet, pipe.vae, pipe.text_encoder), torch.Generator().manual_seed(SEED))
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, out)
+    print(f"wrote {out}: {len(state)} tensors, {out.stat().st_size / 1e9:.2f} GB")
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sdfix", help="a built sdfix binary, to check `sdfix convert` with diffusers")
+    parser.add_argument("--from-folder", type=pathlib.Path, help="a diffusers folder to write as a single file")
+    parser.add_argument("--out", type=pathlib.Path, help="the single file --from-folder writes")
     args = parser.parse_args()
+    if args.from_folder:
+        from_folder(args.from_folder, args.out)
+        return
     generator = torch.Generator().manual_seed(SEED)
     OUT.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
@@ -345,6 +412,7 @@ def main() -> None:
     lora_path = OUT / "tiny-lora.safetensors"
     safetensors.torch.save_file(kohya_lora(pipe, generator), lora_path, metadata=metadata)
     lora_refs(lora_path, generator)
+    arch_keys()
     total = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT}: {total / 1e6:.1f} MB")
 

@@ -441,3 +441,104 @@ fn the_model_hash_is_cached() {
     assert!(run().contains("hashed"));
     assert!(!run().contains("hashed"), "the second run should use the cached hash");
 }
+
+/// A safetensors file with `keys`' names and shapes whose data is a hole (a sparse file: gigabytes
+/// of f16 zeros that cost no disk and no time), for what needs shapes only.
+fn sparse_file(path: &Path, keys: &[(String, Vec<usize>)]) {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in keys {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut file = std::fs::File::create(path).unwrap();
+    file.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(&text).unwrap();
+    file.set_len(8 + text.len() as u64 + offset as u64).unwrap();
+}
+
+/// SD 1.5's and SD 2.1's LDM keys and shapes (tests/fixtures/single-file/arch_keys.json, from
+/// diffusers' models of models/arch's configs): the synthesised configs are models/arch's.
+#[test]
+fn configs_synthesised_from_real_shapes_are_sds() {
+    use sdfix::weights::single_file::{SingleFile, SingleFileOptions};
+    let text = std::fs::read_to_string(fixture("single-file/arch_keys.json")).unwrap();
+    let listing: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, prediction, family) in [("sd1.5", "epsilon", "SD 1.x"), ("sd2.1", "v_prediction", "SD 2.x")] {
+        let keys: Vec<(String, Vec<usize>)> = serde_json::from_value(listing["archs"][arch].clone()).unwrap();
+        let path = dir.path().join(format!("{arch}.safetensors"));
+        sparse_file(&path, &keys);
+        let options = SingleFileOptions {
+            prediction: Some(prediction.into()),
+            ..Default::default()
+        };
+        let single = SingleFile::open(&path, &options).unwrap();
+        assert_eq!(single.family.name(), family);
+        assert!(single.leftover.is_empty(), "{arch}: {:?}", single.leftover);
+        let arch_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/arch").join(arch);
+        let read = |part: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(arch_dir.join(part)).unwrap()).unwrap()
+        };
+        let unet = read("unet/config.json");
+        for key in [
+            "block_out_channels",
+            "layers_per_block",
+            "attention_head_dim",
+            "cross_attention_dim",
+            "use_linear_projection",
+            "in_channels",
+            "out_channels",
+            "down_block_types",
+            "up_block_types",
+            "sample_size",
+        ] {
+            // A key the public config leaves out has diffusers' default (false for the booleans).
+            let expected = if unet[key].is_null() {
+                serde_json::json!(false)
+            } else {
+                unet[key].clone()
+            };
+            assert_eq!(single.configs.unet[key], expected, "{arch} unet {key}");
+        }
+        let upcast = unet
+            .get("upcast_attention")
+            .cloned()
+            .unwrap_or(serde_json::json!(false));
+        assert_eq!(
+            single.configs.unet["upcast_attention"], upcast,
+            "{arch} upcast_attention"
+        );
+        let vae = read("vae/config.json");
+        for key in [
+            "block_out_channels",
+            "layers_per_block",
+            "latent_channels",
+            "sample_size",
+        ] {
+            assert_eq!(single.configs.vae[key], vae[key], "{arch} vae {key}");
+        }
+        let text_encoder = read("text_encoder/config.json");
+        for key in [
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "max_position_embeddings",
+        ] {
+            assert_eq!(single.configs.text_encoder[key], text_encoder[key], "{arch} text {key}");
+        }
+        // The configs resolve as the engine will.
+        sdfix::weights::loader::ModelConfigs::from_single_file(&single).unwrap();
+    }
+}
