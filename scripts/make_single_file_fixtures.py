@@ -330,7 +330,7 @@ def is_open_clip(text_encoder) -> bool:
 def with_unused_last_layer(open_clip: dict, layers: int) -> dict:
     """Real SD 2.x files hold OpenCLIP's 24 layers; SD 2 conditions on the 23rd (penultimate)."""
     pre = "cond_stage_model.model.transformer.resblocks."
-    extra = {k.replace(f"{pre}{layers - 1}.", f"{pre}{layers}."): v for k, v in open_clip.items()
+    extra = {k.replace(f"{pre}{layers - 1}.", f"{pre}{layers}."): v.clone() for k, v in open_clip.items()
              if k.startswith(f"{pre}{layers - 1}.")}
     return {**open_clip, **extra}
 

@@ -542,3 +542,25 @@ fn configs_synthesised_from_real_shapes_are_sds() {
         sdfix::weights::loader::ModelConfigs::from_single_file(&single).unwrap();
     }
 }
+
+/// A 9-channel UNet (SD inpainting) is recognised: `generate` refuses it in one line naming
+/// what is missing, instead of failing inside the UNet.
+#[test]
+fn an_inpainting_unet_is_named_and_refused_by_generate() {
+    let text = std::fs::read_to_string(fixture("single-file/arch_keys.json")).unwrap();
+    let listing: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut keys: Vec<(String, Vec<usize>)> = serde_json::from_value(listing["archs"]["sd1.5"].clone()).unwrap();
+    for (name, shape) in &mut keys {
+        if name == "model.diffusion_model.input_blocks.0.0.weight" {
+            shape[1] = 9;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("inpainting.safetensors");
+    sparse_file(&path, &keys);
+    let stderr = refused(&path, &["--prediction", "epsilon"]);
+    assert!(
+        stderr.contains("the UNet takes 9 channels and returns 4 (an inpainting model)"),
+        "{stderr}"
+    );
+}

@@ -150,6 +150,13 @@ impl SafetensorsReader {
 
     /// Reads tensor `name` onto `device`, in the file's dtype.
     pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        self.load_part(name, 0, 1, device)
+    }
+
+    /// Part `k` of `parts` equal pieces of tensor `name` along its first dimension, read alone
+    /// (the rows are contiguous in the file): OpenCLIP's fused q/k/v projection, split without
+    /// reading it whole.
+    pub fn load_part(&self, name: &str, k: usize, parts: usize, device: &Device) -> candle_core::Result<Tensor> {
         let entry = self
             .entries
             .get(name)
@@ -160,20 +167,30 @@ impl SafetensorsReader {
                 self.label
             ))
         })?;
+        let mut dims = entry.shape.dims().to_vec();
+        let rows = dims.first().copied().unwrap_or(1);
+        if parts == 0 || k >= parts || !rows.is_multiple_of(parts) {
+            candle_core::bail!("{}: tensor {name} {dims:?} has no part {k} of {parts}", self.label);
+        }
+        let bytes = entry.bytes / parts;
+        let start = entry.start + (k * bytes) as u64;
+        if let Some(first) = dims.first_mut() {
+            *first = rows / parts;
+        }
         let read = |buffer: &mut [u8]| -> candle_core::Result<()> {
-            self.read_at(entry.start, buffer)
+            self.read_at(start, buffer)
                 .map_err(|e| candle_core::Error::Msg(format!("{}: reading tensor {name}: {e}", self.label)))
         };
         if dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
             // Straight into the tensor's own buffer: the common CPU case, one copy from the cache.
-            let mut values = vec![0f32; entry.bytes / 4];
+            let mut values = vec![0f32; bytes / 4];
             // Any bit pattern is a valid f32, so bytemuck views the buffer as bytes without unsafe.
             read(bytemuck::cast_slice_mut(&mut values))?;
-            return Tensor::from_vec(values, entry.shape.clone(), device);
+            return Tensor::from_vec(values, dims, device);
         }
-        let mut bytes = vec![0u8; entry.bytes];
-        read(&mut bytes)?;
-        Tensor::from_raw_buffer(&bytes, dtype, entry.shape.dims(), device)
+        let mut buffer = vec![0u8; bytes];
+        read(&mut buffer)?;
+        Tensor::from_raw_buffer(&buffer, dtype, &dims, device)
     }
 }
 
@@ -263,6 +280,25 @@ mod tests {
             small.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
             vec![1.0; 7]
         );
+    }
+
+    #[test]
+    fn a_part_along_the_first_dimension_is_those_rows() {
+        let device = Device::Cpu;
+        let values = Tensor::arange(0f32, 24., &device).unwrap().reshape((6, 4)).unwrap();
+        let file = write(&[("w", values.clone()), ("h", values.to_dtype(DType::F16).unwrap())]);
+        let reader = SafetensorsReader::open(file.path()).unwrap();
+        for name in ["w", "h"] {
+            let part = reader.load_part(name, 1, 3, &device).unwrap();
+            let expected = values.narrow(0, 2, 2).unwrap();
+            let part = part.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                part.to_vec2::<f32>().unwrap(),
+                expected.to_vec2::<f32>().unwrap(),
+                "{name}"
+            );
+        }
+        assert!(reader.load_part("w", 0, 5, &device).is_err());
     }
 
     #[test]

@@ -134,6 +134,19 @@ impl Checkpoint {
         }
     }
 
+    /// Part `k` of 3 of `key` along its first dimension; from a safetensors file only those rows
+    /// are read (a single file then peaks no higher than the folder).
+    pub fn load_third(&self, key: &str, k: usize, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Safetensors(r) => r.load_part(key, k, 3, device),
+            Self::Pickle(_) => {
+                let tensor = self.load(key, device)?;
+                let rows = tensor.dim(0)? / 3;
+                tensor.narrow(0, k * rows, rows)?.contiguous()
+            }
+        }
+    }
+
     /// Reads `key` in the file's dtype.
     pub fn load(&self, key: &str, device: &Device) -> candle_core::Result<Tensor> {
         match self {
@@ -163,14 +176,10 @@ impl Renamed {
             .map
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
-        let tensor = self.file.load(&source.key, device)?;
         match source.transform {
-            Transform::Same => Ok(tensor),
-            Transform::ConvToLinear => tensor.flatten_from(1),
-            Transform::Third(k) => {
-                let rows = tensor.dim(0)? / 3;
-                tensor.narrow(0, k * rows, rows)?.contiguous()
-            }
+            Transform::Same => self.file.load(&source.key, device),
+            Transform::ConvToLinear => self.file.load(&source.key, device)?.flatten_from(1),
+            Transform::Third(k) => self.file.load_third(&source.key, k, device),
         }
     }
 }
