@@ -26,6 +26,9 @@ Writes tests/fixtures/single-file/:
   initial latents,
   and the sdfix arguments.
 
+- pipeline.safetensors: diffusers' own `from_single_file` pipeline on tiny-sd2.safetensors (DDIM,
+  trailing, zero SNR, v, CFG 7.5 rescaled 0.7, 10 steps, "a blue square"): initial and final
+  latents.
 - arch_keys.json: the LDM keys and shapes of SD 1.5 and SD 2.1 (from models/arch's configs, no
   weights; SD 2.1 with OpenCLIP's 24th layer, which SD 2 does not use), for the config-synthesis
   test.
@@ -345,6 +348,28 @@ def ldm_state_dict(pipe_parts, generator) -> dict:
     return {**unet_to_ldm(unet), **vae_to_ldm(vae), **text}
 
 
+@torch.no_grad()
+def single_file_pipeline_refs(generator) -> None:
+    """diffusers' own from_single_file pipeline on tiny-sd2.safetensors: final latents from given
+    initial latents (tests/singlefile.rs compares sdfix on the same file)."""
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(OUT / "tiny-sd2.safetensors"), config=str(MODEL), local_files_only=True, safety_checker=None
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    initial = torch.randn((1, 4, 8, 8), generator=generator)
+    final = pipe(
+        prompt="a blue square", num_inference_steps=10, guidance_scale=7.5, guidance_rescale=0.7,
+        latents=initial.clone(), eta=0.0, height=16, width=16, output_type="latent",
+    ).images
+    safetensors.torch.save_file(
+        {"initial": initial.contiguous(), "final": final.contiguous()}, OUT / "pipeline.safetensors",
+        metadata=dict(generator="scripts/make_single_file_fixtures.py", diffusers=diffusers.__version__,
+                      torch=torch.__version__),
+    )
+    print("pipeline.safetensors: diffusers' from_single_file pipeline, 10 steps")
+
+
 def arch_keys() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -412,6 +437,7 @@ def main() -> None:
     lora_path = OUT / "tiny-lora.safetensors"
     safetensors.torch.save_file(kohya_lora(pipe, generator), lora_path, metadata=metadata)
     lora_refs(lora_path, generator)
+    single_file_pipeline_refs(generator)
     arch_keys()
     total = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT}: {total / 1e6:.1f} MB")

@@ -564,3 +564,39 @@ fn an_inpainting_unet_is_named_and_refused_by_generate() {
         "{stderr}"
     );
 }
+
+/// diffusers' own from_single_file pipeline on the same file, from the same initial latents
+/// (tests/fixtures/single-file/pipeline.safetensors): final latents within the 2e-3.
+#[test]
+fn the_single_file_matches_diffusers_from_single_file() {
+    let device = candle_core::Device::Cpu;
+    let refs = candle_core::safetensors::load(fixture("single-file/pipeline.safetensors"), &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let latents_file = dir.path().join("initial.safetensors");
+    let initial = HashMap::from([("latents".to_string(), refs["initial"].clone())]);
+    candle_core::safetensors::save(&initial, &latents_file).unwrap();
+    let out_dir = dir.path().join("out");
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        &path_str(&fixture(SD2_FILE)),
+        "--config",
+        &path_str(&fixture("tiny-sd")),
+        "--prompt",
+        "a blue square",
+        "--steps",
+        "10",
+        "--latents",
+        &path_str(&latents_file),
+        "--save-latents",
+        "--out-dir",
+        &path_str(&out_dir),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = pngs(&out_dir).pop().unwrap();
+    let ours =
+        candle_core::safetensors::load(png.with_extension("latents.safetensors"), &device).unwrap()["latents"].clone();
+    let diff = common::max_abs_diff(&ours, &refs["final"].get(0).unwrap());
+    eprintln!("final latents within {diff:e} of diffusers' from_single_file pipeline");
+    assert!(diff < 2e-3, "{diff:e}; {REGENERATE}");
+}
