@@ -600,3 +600,51 @@ fn the_single_file_matches_diffusers_from_single_file() {
     eprintln!("final latents within {diff:e} of diffusers' from_single_file pipeline");
     assert!(diff < 2e-3, "{diff:e}; {REGENERATE}");
 }
+
+#[test]
+fn ema_weights_replace_the_unets_with_ema() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = path_str(&fixture("tiny-sd"));
+    let mut tensors = read_raw(&fixture(SD2_FILE));
+    let unet: Vec<(String, Raw)> = tensors
+        .iter()
+        .filter_map(|(name, raw)| {
+            let rest = name.strip_prefix("model.diffusion_model.")?;
+            Some((
+                format!("model_ema.diffusion_model{}", rest.replace('.', "")),
+                raw.clone(),
+            ))
+        })
+        .collect();
+    tensors.extend(unet);
+    // The EMA copy differs from the weights in one tensor: the output convolution's bias.
+    for (name, (_, _, data)) in &mut tensors {
+        if name == "model_ema.diffusion_modelout2bias" {
+            data.iter_mut().for_each(|b| *b = 0);
+        }
+    }
+    let path = dir.path().join("ema.safetensors");
+    write_raw(&path, &tensors, None);
+    let (_, _, plain, _) = generate(&path, &["--config", &config]);
+    let (_, _, folder, _) = generate(&fixture("tiny-sd"), &[]);
+    assert_eq!(plain, folder, "without --ema the EMA copy is ignored");
+    let (_, _, ema, _) = generate(&path, &["--config", &config, "--ema"]);
+    assert_ne!(ema, plain, "--ema reads the EMA copy");
+    let stderr = refused(&fixture(SD2_FILE), &["--config", &config, "--ema"]);
+    assert!(stderr.contains("has no EMA weights"), "{stderr}");
+}
+
+/// The built-in tokenizer pads as each family's own: SD 1.x with <|endoftext|>, SD 2.x with "!".
+#[test]
+fn the_built_in_tokenizer_pads_per_family() {
+    use sdfix::model::tokenizer::ClipTokenizer;
+    use sdfix::weights::demo::clip_tokenizer_folder;
+    const EOS: u32 = 49407;
+    for (sd1, pad) in [(true, EOS), (false, 0)] {
+        let tokenizer = ClipTokenizer::from_folder(&clip_tokenizer_folder(sd1).unwrap()).unwrap();
+        let ids = tokenizer.encode("a cat").unwrap();
+        assert_eq!(ids.len(), 77);
+        assert_eq!(ids[3], EOS, "sd1 {sd1}: {ids:?}");
+        assert_eq!(ids[76], pad, "sd1 {sd1}");
+    }
+}
