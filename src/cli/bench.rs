@@ -317,6 +317,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cond: &cond,
         uncond: Some(&uncond),
         settings: &settings,
+        inpainting: None,
     };
     pipeline::denoise(&model, input, &mut ImageNoise::new(&seeds), &mut |_| {
         if let Err(err) = device.synchronize() {
