@@ -606,5 +606,32 @@ fn a_mask_of_another_shape_is_resized_with_a_warning() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("warning: --mask").count(), 1, "{stderr}");
+    // The picture itself is fitted to the size asked for, and that is said too.
+    let out_dir = dir.path().join("sized");
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "x",
+        "--steps",
+        "4",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--width",
+        "24",
+        "--height",
+        "32",
+        "--resize",
+        "fit",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "-q",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("fitted to 24x32 with --resize fit"), "{stderr}");
+    let made = image::open(&pngs(&out_dir)[0]).unwrap();
+    assert_eq!((made.width(), made.height()), (24, 32));
     assert_eq!(pngs(&out_dir).len(), 1);
 }

@@ -422,6 +422,13 @@ fn resolve_init(
         run > 0,
         "--strength {strength} with --steps {steps} runs no step (int({steps} x {strength}) = 0); raise --strength or --steps"
     );
+    let (iw, ih) = init.pixels.dimensions();
+    if (iw as usize, ih as usize) != (width, height) {
+        warnings.push(format!(
+            "note: --init-image {} is {iw}x{ih}; fitted to {width}x{height} with --resize {}",
+            init.name, request.resize
+        ));
+    }
     let image = init_image::resize_image(&init.pixels, width, height, request.resize);
     let mask = match &request.mask {
         None => {
@@ -429,7 +436,6 @@ fn resolve_init(
             None
         }
         Some(mask) => {
-            let (iw, ih) = init.pixels.dimensions();
             let (mw, mh) = mask.pixels.dimensions();
             // Compared as cross products: equal aspect ratios (any size) resize alike.
             if u64::from(iw) * u64::from(mh) != u64::from(ih) * u64::from(mw) {
