@@ -107,7 +107,7 @@ lever() { # label env-assignment dtype
   "$PYTHON" - "$out/lever-$label.json" "$label" <<'PY' || status=1
 import json, sys
 r = json.loads(open(sys.argv[1]).read())
-print(f"{sys.argv[2]:<24} unet_step_ms {r['unet_step_ms']['median']:8.2f}  vae_decode_ms {r['vae_decode_ms']['median']:8.2f}  peak MB {r['peak_memory_mb'] or 0:8.0f}")
+print(f"{sys.argv[2]:<24} unet_step_ms {r['unet_step_ms']['median']:8.2f}  submit {r['unet_submit_ms']['median']:8.2f}  vae_decode_ms {r['vae_decode_ms']['median']:8.2f}  peak MB {r['peak_memory_mb'] or 0:8.0f}")
 PY
 }
 if [ "$SECONDS" -lt "${LEVERS_BEFORE_S:-420}" ]; then
@@ -134,7 +134,9 @@ for run in ("f16-512", "bf16-512"):
     d = res.get("diffusers")
     print(f"\n{run}: " + ", ".join(f"sdfix{i} = {b}" for i, b in enumerate(binaries)))
     print(f"{'':<22}" + "".join(f"{n:>12}" for n in res) + "   ratio(s) to diffusers")
-    for k in ("unet_step_ms", "vae_decode_ms", "text_encode_ms", "ddim_guidance_ms"):
+    for k in ("unet_step_ms", "unet_submit_ms", "vae_decode_ms", "text_encode_ms", "ddim_guidance_ms"):
+        if any(k not in r for r in res.values()):
+            continue
         row = "".join(f"{r[k]['median']:>12.2f}" for r in res.values())
         ratios = " ".join(f"{r[k]['median'] / d[k]['median']:.2f}" for n, r in res.items() if d and n != "diffusers")
         print(f"{k + ' (median)':<22}{row}   {ratios}")
