@@ -543,10 +543,10 @@ fn configs_synthesised_from_real_shapes_are_sds() {
     }
 }
 
-/// A 9-channel UNet (SD inpainting) is recognised: `generate` refuses it in one line naming
-/// what is missing, instead of failing inside the UNet.
+/// A 9-channel UNet (SD inpainting) is recognised and named; `generate` without a picture and a
+/// mask says what it needs.
 #[test]
-fn an_inpainting_unet_is_named_and_refused_by_generate() {
+fn an_inpainting_unet_is_named() {
     let text = std::fs::read_to_string(fixture("single-file/arch_keys.json")).unwrap();
     let listing: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut keys: Vec<(String, Vec<usize>)> = serde_json::from_value(listing["archs"]["sd1.5"].clone()).unwrap();
@@ -558,11 +558,22 @@ fn an_inpainting_unet_is_named_and_refused_by_generate() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("inpainting.safetensors");
     sparse_file(&path, &keys);
-    let stderr = refused(&path, &["--prediction", "epsilon"]);
+    let options = sdfix::weights::single_file::SingleFileOptions {
+        prediction: Some("epsilon".into()),
+        ..Default::default()
+    };
+    let single = sdfix::weights::single_file::SingleFile::open(&path, &options).unwrap();
+    assert_eq!(single.configs.unet["in_channels"], 9);
     assert!(
-        stderr.contains("the UNet takes 9 channels and returns 4 (an inpainting model)"),
-        "{stderr}"
+        single
+            .describe()
+            .iter()
+            .any(|l| l == "the UNet takes 9 channels: an inpainting model"),
+        "{:?}",
+        single.describe()
     );
+    let stderr = refused(&path, &["--prediction", "epsilon"]);
+    assert!(stderr.contains("give --init-image and --mask"), "{stderr}");
 }
 
 /// diffusers' own from_single_file pipeline on the same file, from the same initial latents
@@ -647,4 +658,19 @@ fn the_built_in_tokenizer_pads_per_family() {
         assert_eq!(ids[3], EOS, "sd1 {sd1}: {ids:?}");
         assert_eq!(ids[76], pad, "sd1 {sd1}");
     }
+}
+
+/// img2img reads the VAE encoder from the single file (first_stage_model.encoder.*) as from the
+/// folder's VAE.
+#[test]
+fn img2img_on_the_single_file_equals_the_folder() {
+    let init = path_str(&fixture("refs/img2img_init_16x16.png"));
+    let img2img = ["--init-image", init.as_str(), "--strength", "0.6"];
+    let (_, folder_pixels, folder_latents, _) = generate(&fixture("tiny-sd"), &img2img);
+    let config = path_str(&fixture("tiny-sd"));
+    let mut extra = img2img.to_vec();
+    extra.extend(["--config", config.as_str()]);
+    let (_, pixels, latents, _) = generate(&fixture(SD2_FILE), &extra);
+    assert_eq!(latents, folder_latents);
+    assert_eq!(pixels, folder_pixels);
 }

@@ -89,6 +89,12 @@ impl ImageSettings {
                 .collect();
             fields.push(format!("Lora weights: \"{}\"", weights.join(", ")));
         }
+        if let Some(img2img) = &self.img2img {
+            fields.push(format!("Denoising strength: {}", number(img2img.strength)));
+            if let Some(blur) = img2img.mask_blur {
+                fields.push(format!("Mask blur: {}", number(blur)));
+            }
+        }
         if self.eta != 0.0 {
             fields.push(format!("Eta: {}", number(self.eta)));
         }
@@ -180,7 +186,32 @@ mod tests {
                 clip_sample: false,
                 timesteps: vec![999, 979],
             },
+            img2img: None,
         }
+    }
+
+    /// img2img adds A1111's `Denoising strength` (and `Mask blur` when inpainting).
+    #[test]
+    fn img2img_fields_in_a1111_parameters() {
+        let mut settings = example();
+        settings.img2img = Some(crate::engine::settings::Img2ImgRecord {
+            init_image: "in.png".into(),
+            init_image_sha256: "ab".into(),
+            strength: 0.6,
+            resize: "crop".into(),
+            vae_encode: "sample".into(),
+            mask: Some("mask.png".into()),
+            mask_sha256: Some("cd".into()),
+            mask_blur: Some(4.0),
+            paste_back: true,
+        });
+        let text = settings.a1111_parameters();
+        assert!(
+            text.contains("Model: ByteDance/sd2.1-base-zsnr-laionaes5, Denoising strength: 0.6, Mask blur: 4, "),
+            "{text}"
+        );
+        let fields = parse_parameters(&text).fields;
+        assert_eq!(fields["Denoising strength"], "0.6");
     }
 
     #[test]

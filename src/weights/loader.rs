@@ -33,7 +33,7 @@ use crate::model::clip::ClipTextTransformer;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::vae::Vae;
+use crate::model::vae::{Vae, VaeEncoder};
 
 /// Tensors that checkpoints carry but no module reads: buffers, not weights.
 const IGNORED_TENSORS: &[&str] = &["text_model.embeddings.position_ids", "embeddings.position_ids"];
@@ -146,6 +146,11 @@ impl Weights {
             used,
             var_builder,
         }
+    }
+
+    /// The file (or checkpoint component) these weights come from, for messages.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Whether the file holds `name`.
@@ -417,6 +422,26 @@ pub fn load_model_denoiser(
     Ok(StableDiffusion::new(unet, vae, dtype, vae_dtype, device))
 }
 
+/// The VAE encoder of a model (for img2img and inpainting), in the VAE's decode dtype: f32 under
+/// f16 with `force_upcast`, as diffusers' img2img pipelines upcast the VAE to encode too.
+pub fn load_model_vae_encoder(
+    source: &ModelSource,
+    configs: &ModelConfigs,
+    dtype: DType,
+    device: &Device,
+) -> Result<VaeEncoder> {
+    let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
+    let weights = source.weights("vae", vae_dtype, device, &Loras::default())?;
+    weights
+        .build_part(VaeEncoder::UNREAD_PREFIXES, |vb| Ok(VaeEncoder::new(vb, &configs.vae)?))
+        .with_context(|| {
+            format!(
+                "{}: the VAE encoder (needed by --init-image) could not be read; was the VAE saved without its encoder?",
+                weights.label()
+            )
+        })
+}
+
 /// Builds the UNet from a resolved config and its weights file.
 pub fn build_unet(spec: &UNetSpec, weights: &Path, dtype: DType, device: &Device) -> Result<UNet2DConditionModel> {
     Weights::open(weights, dtype, device)?.build(|vb| Ok(UNet2DConditionModel::new(vb, spec)?))
@@ -436,6 +461,28 @@ pub fn build_text_encoder(
 /// deliberately not read ([`Vae::UNREAD_PREFIXES`]).
 pub fn build_vae(config: &VaeConfig, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
     Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, config)?))
+}
+
+/// The VAE encoder from a validated config and its weights file; the decoder's tensors are not
+/// read ([`VaeEncoder::UNREAD_PREFIXES`]). A VAE saved without its encoder is an error that says so.
+pub fn build_vae_encoder(config: &VaeConfig, weights: &Path, dtype: DType, device: &Device) -> Result<VaeEncoder> {
+    Weights::open(weights, dtype, device)?
+        .build_part(VaeEncoder::UNREAD_PREFIXES, |vb| Ok(VaeEncoder::new(vb, config)?))
+        .with_context(|| {
+            format!(
+                "{}: the VAE encoder (needed by --init-image) could not be read; was the VAE saved without its encoder?",
+                weights.display()
+            )
+        })
+}
+
+/// Builds the VAE encoder from its config.json and weights file.
+pub fn load_vae_encoder(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<VaeEncoder> {
+    let config_values: VaeConfig = read_json(config)?;
+    config_values
+        .validate()
+        .with_context(|| format!("{}", config.display()))?;
+    build_vae_encoder(&config_values, weights, dtype, device)
 }
 
 /// Builds the UNet from its config.json and weights file (one component, outside a model folder).
