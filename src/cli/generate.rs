@@ -277,6 +277,14 @@ fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
         .parse()
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("--from-image {}", image.display()))?;
+    if !s.loras.is_empty() && args.model.lora.is_empty() {
+        let names: Vec<&str> = s.loras.iter().map(|l| l.name.as_str()).collect();
+        bail!(
+            "--from-image {}: it was made with LoRA {}; pass them again with --lora FILE:WEIGHT",
+            image.display(),
+            names.join(", ")
+        );
+    }
     let img2img = match &s.img2img {
         None => Img2ImgArgs {
             init_image: None,
@@ -330,6 +338,7 @@ fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
         model: ModelArgs {
             model: s.model,
             revision: s.revision,
+            ..args.model.clone()
         },
         prompts: PromptArgs {
             prompt: Some(s.prompt),
@@ -426,7 +435,20 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     let (device, dtype) = args.device.resolve()?;
-    let mut engine = Engine::open(model_arg, args.model.revision.as_deref(), &device, dtype)?;
+    let mut engine = Engine::open_with(&args.model.resolve(Some(&args.sampler)), &device, dtype)?;
+    if verbosity != Verbosity::Quiet {
+        for note in engine.notes() {
+            eprintln!("{note}");
+        }
+    }
+    if verbosity == Verbosity::Verbose && !engine.leftover_keys().is_empty() {
+        let keys = engine.leftover_keys();
+        eprintln!(
+            "{} checkpoint key(s) no rule reads (ignored): {}",
+            keys.len(),
+            keys.join(", ")
+        );
+    }
     let initial_latents = args
         .latents
         .as_deref()

@@ -35,8 +35,12 @@ use crate::model::vae::VaeEncoder;
 use crate::pipeline::Inpainting;
 use crate::pipeline::{self, BatchInput, StepInfo};
 use crate::sampling::noise::ImageNoise;
-use crate::weights::files::{with_model_context, ModelFiles, ModelLocation};
-use crate::weights::loader::{load_model_denoiser, load_model_text_encoder, load_model_vae_encoder, ModelConfigs};
+use crate::weights::files::{with_model_context, ModelLocation};
+use crate::weights::loader::{
+    load_model_denoiser, load_model_text_encoder, load_model_vae_encoder, ModelConfigs, ModelSource,
+};
+use crate::weights::lora::{LoraSpec, Loras};
+use crate::weights::single_file::SingleFileOptions;
 
 /// One finished image, with everything known about how it was made.
 #[derive(Debug, Clone)]
@@ -104,37 +108,102 @@ impl Observer for Collect {
     }
 }
 
+/// What opens a model: `--model` and what goes with it.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// A diffusers folder, a hub repo id, a built-in demo name, or a single-file checkpoint.
+    pub model: String,
+    pub revision: Option<String>,
+    /// `--config`, `--ema` and the prediction flags, for single files.
+    pub single_file: SingleFileOptions,
+    /// `--lora FILE[:WEIGHT]`, merged into the weights at load.
+    pub loras: Vec<LoraSpec>,
+}
+
+impl ModelOptions {
+    pub fn new(model: &str, revision: Option<&str>) -> Self {
+        Self {
+            model: model.to_string(),
+            revision: revision.map(str::to_string),
+            ..Self::default()
+        }
+    }
+}
+
 /// A model opened for generation.
 pub struct Engine {
-    files: ModelFiles,
+    source: ModelSource,
+    location: ModelLocation,
     /// `--model` as given (recorded in images).
     model: String,
     revision: Option<String>,
+    /// A1111's short hash of a single-file checkpoint (`Model hash:`).
+    model_hash: Option<String>,
+    loras: Loras,
     configs: ModelConfigs,
     device: Device,
     dtype: DType,
     denoiser: Option<StableDiffusion>,
+    notes: Vec<String>,
     /// The VAE encoder, loaded by the first run with an init picture.
     encoder: Option<VaeEncoder>,
 }
 
 impl Engine {
-    /// Opens `model` (a diffusers folder, a hub repo id, or a built-in demo name) at `revision`
-    /// for `device` and `dtype`: its configs are read and checked; no weight is read yet.
+    /// Opens `model` (a diffusers folder, a hub repo id, a built-in demo name or a single-file
+    /// checkpoint) at `revision` for `device` and `dtype`: its configs are read and checked; no
+    /// weight is read yet.
     pub fn open(model: &str, revision: Option<&str>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::open_with(&ModelOptions::new(model, revision), device, dtype)
+    }
+
+    /// [`Engine::open`] with single-file options and LoRAs. A single file's prediction type is
+    /// settled here ([`crate::weights::detect`]; for unmarked SD 2.x files that runs the UNet
+    /// once) and its hash computed or taken from the cache.
+    pub fn open_with(options: &ModelOptions, device: &Device, dtype: DType) -> Result<Self> {
         device::check_dtype(device, dtype)?;
-        let files = ModelFiles::new(ModelLocation::parse(model, revision)?)?;
-        let configs = ModelConfigs::read(&files).map_err(|err| with_model_context(err, model))?;
+        let model = options.model.as_str();
+        let location = ModelLocation::parse(model, options.revision.as_deref())?;
+        let source =
+            ModelSource::open(location.clone(), &options.single_file).map_err(|err| with_model_context(err, model))?;
+        let configs = source.configs().map_err(|err| with_model_context(err, model))?;
+        let mut notes = source.describe();
+        let model_hash = match &location {
+            ModelLocation::File(path) => {
+                let (digest, computed) = crate::weights::hash::cached_sha256(path)?;
+                if computed {
+                    notes.push(format!("hashed {} once (cached for later runs)", path.display()));
+                }
+                Some(digest[..crate::weights::hash::MODEL_HASH_DIGITS].to_string())
+            }
+            _ => None,
+        };
+        let loras = Loras::open(&options.loras)?;
         Ok(Self {
-            files,
+            source,
+            location,
             model: model.to_string(),
-            revision: revision.map(str::to_string),
+            revision: options.revision.clone(),
+            model_hash,
+            loras,
             configs,
             device: device.clone(),
             dtype,
             denoiser: None,
+            notes,
             encoder: None,
         })
+    }
+
+    /// What the user should know about the model as opened (a single file's family, its
+    /// prediction type and where that came from).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Keys of a single file that nothing read and no rule ignores.
+    pub fn leftover_keys(&self) -> &[String] {
+        self.source.leftover_keys()
     }
 
     pub fn configs(&self) -> &ModelConfigs {
@@ -142,7 +211,7 @@ impl Engine {
     }
 
     pub fn location(&self) -> &ModelLocation {
-        self.files.location()
+        &self.location
     }
 
     pub fn device(&self) -> &Device {
@@ -175,7 +244,7 @@ impl Engine {
         }
         let texts = texts_to_encode(jobs, &batches);
         let started = Instant::now();
-        let encoder = load_model_text_encoder(&self.files, &self.configs, self.dtype, &self.device)?;
+        let encoder = load_model_text_encoder(&self.source, &self.configs, self.dtype, &self.device, &self.loras)?;
         let mut load_seconds = started.elapsed().as_secs_f64();
         let mut prompts = PromptEmbeddings::new(encoder);
         let mut warn = |message: &str| observer.warn(message);
@@ -193,17 +262,18 @@ impl Engine {
         if self.denoiser.is_none() {
             let unet_started = Instant::now();
             self.denoiser = Some(load_model_denoiser(
-                &self.files,
+                &self.source,
                 &self.configs,
                 self.dtype,
                 &self.device,
+                &self.loras,
             )?);
             load_seconds += unet_started.elapsed().as_secs_f64();
         }
         if self.encoder.is_none() && jobs.iter().any(|job| job.init.is_some()) {
             let encoder_started = Instant::now();
             self.encoder = Some(load_model_vae_encoder(
-                &self.files,
+                &self.source,
                 &self.configs,
                 self.dtype,
                 &self.device,
@@ -211,7 +281,7 @@ impl Engine {
             load_seconds += encoder_started.elapsed().as_secs_f64();
         }
         observer.event(&Event::Loaded {
-            location: self.files.location().to_string(),
+            location: self.location.to_string(),
             seconds: load_seconds,
             dtype: self.dtype,
             device: device::describe(&self.device),
@@ -226,6 +296,8 @@ impl Engine {
             configs: &self.configs,
             model: &self.model,
             revision: self.revision.as_deref(),
+            model_hash: self.model_hash.as_deref(),
+            loras: self.loras.records(),
             dtype: dtype_name,
             device: &device_name,
         };

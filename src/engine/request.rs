@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
-use super::settings::{ImageSettings, Img2ImgRecord, SchedulerRecord};
+use super::settings::{ImageSettings, Img2ImgRecord, LoraSetting, SchedulerRecord};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::ddim::DdimParams;
@@ -468,6 +468,8 @@ pub(super) struct RecordContext<'a> {
     pub configs: &'a ModelConfigs,
     pub model: &'a str,
     pub revision: Option<&'a str>,
+    pub model_hash: Option<&'a str>,
+    pub loras: Vec<crate::weights::lora::LoraRecord>,
     pub dtype: &'a str,
     pub device: &'a str,
 }
@@ -509,6 +511,16 @@ impl RecordContext<'_> {
             version: format!("sdfix {}", env!("CARGO_PKG_VERSION")),
             model: self.model.to_string(),
             revision: self.revision.map(str::to_string),
+            model_hash: self.model_hash.map(str::to_string),
+            loras: self
+                .loras
+                .iter()
+                .map(|l| LoraSetting {
+                    name: l.name.clone(),
+                    hash: l.hash.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
             prompt: job.request.prompt.clone(),
             negative_prompt: job.request.negative_prompt.clone(),
             seed: job.seeds[k],

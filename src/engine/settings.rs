@@ -77,6 +77,15 @@ fn is_default_sigmas(s: &str) -> bool {
     s == DEFAULT_SIGMAS
 }
 
+/// A LoRA merged into the model: its file name (without extension), A1111's short hash of it, and
+/// its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSetting {
+    pub name: String,
+    pub hash: String,
+    pub weight: f64,
+}
+
 /// Everything needed to make an image again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageSettings {
@@ -85,6 +94,13 @@ pub struct ImageSettings {
     /// Folder path or hub repo id, as given to --model.
     pub model: String,
     pub revision: Option<String>,
+    /// A1111's short hash of a single-file checkpoint (first 10 hex digits of its SHA-256); left
+    /// out for folders and hub repos.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
+    /// The `--lora` files merged into the model; left out when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraSetting>,
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u64,
