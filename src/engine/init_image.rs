@@ -14,7 +14,6 @@ use std::sync::Arc;
 use anyhow::{ensure, Context, Result};
 use image::imageops::{self, FilterType};
 use image::{GrayImage, Luma, RgbImage};
-use sha2::{Digest, Sha256};
 
 /// How a picture of another size is fitted to the requested one (`--resize`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -110,10 +109,7 @@ pub type InitImage = SourcePicture<RgbImage>;
 /// The inpainting mask, as grey levels: white repaints, black keeps.
 pub type MaskImage = SourcePicture<GrayImage>;
 
-/// Lower-case hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::weights::hash::sha256_bytes as sha256_hex;
 
 fn decode(bytes: &[u8], name: &str, what: &str) -> Result<image::DynamicImage> {
     let image = image::load_from_memory(bytes)

@@ -19,6 +19,16 @@ pub const MODEL_HASH_DIGITS: usize = 10;
 /// Bytes read per hash update.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// Lower-case hex of a digest.
+fn to_hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of bytes in memory, hex (img2img's pictures, recorded in their images).
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    to_hex(&Sha256::digest(bytes))
+}
+
 fn sha256_from(file: &mut File) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; CHUNK_BYTES];
@@ -29,7 +39,7 @@ fn sha256_from(file: &mut File) -> Result<String> {
         }
         hasher.update(&buffer[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(to_hex(&hasher.finalize()))
 }
 
 /// The SHA-256 of `path`, hex.
