@@ -98,6 +98,27 @@ bench f16-512 f16 512 20
 # bf16 too when time allows (BF16_BEFORE_S: seconds into the script).
 [ "$SECONDS" -lt "${BF16_BEFORE_S:-330}" ] && bench bf16-512 bf16 512 20
 
+echo "== 3b. lever 1: each CUDA switch flipped against the defaults (${binaries[0]}, f16, 512 px, 20 steps)"
+# src/kernels/cuda_settings.rs: defaults tf32=0 event_tracking=0 keep_pool=1 htod_cache=1.
+lever() { # label env-assignment dtype
+  local label=$1 assign=$2 dtype=$3
+  env $assign "${binaries[0]}" bench --json --device cuda --arch sd2.1-base --width 512 --height 512 --steps 20 \
+    --dtype "$dtype" --repeat 3 >"$out/lever-$label.json" || status=1
+  "$PYTHON" - "$out/lever-$label.json" "$label" <<'PY' || status=1
+import json, sys
+r = json.loads(open(sys.argv[1]).read())
+print(f"{sys.argv[2]:<24} unet_step_ms {r['unet_step_ms']['median']:8.2f}  submit {r['unet_submit_ms']['median']:8.2f}  vae_decode_ms {r['vae_decode_ms']['median']:8.2f}  peak MB {r['peak_memory_mb'] or 0:8.0f}")
+PY
+}
+if [ "$SECONDS" -lt "${LEVERS_BEFORE_S:-420}" ]; then
+  lever defaults "SDFIX_CUDA_TF32=0" f16
+  lever event-tracking-on "SDFIX_CUDA_EVENT_TRACKING=1" f16
+  lever pool-release "SDFIX_CUDA_KEEP_POOL=0" f16
+  lever htod-cache-off "SDFIX_CUDA_HTOD_CACHE=0" f16
+  lever f32 "SDFIX_CUDA_TF32=0" f32
+  lever f32-tf32 "SDFIX_CUDA_TF32=1" f32
+fi
+
 echo "== 4. table"
 "$PYTHON" - "$out" "${binaries[@]}" <<'PY'
 import json, sys, pathlib
@@ -113,7 +134,9 @@ for run in ("f16-512", "bf16-512"):
     d = res.get("diffusers")
     print(f"\n{run}: " + ", ".join(f"sdfix{i} = {b}" for i, b in enumerate(binaries)))
     print(f"{'':<22}" + "".join(f"{n:>12}" for n in res) + "   ratio(s) to diffusers")
-    for k in ("unet_step_ms", "vae_decode_ms", "text_encode_ms", "ddim_guidance_ms"):
+    for k in ("unet_step_ms", "unet_submit_ms", "vae_decode_ms", "text_encode_ms", "ddim_guidance_ms"):
+        if any(k not in r for r in res.values()):
+            continue
         row = "".join(f"{r[k]['median']:>12.2f}" for r in res.values())
         ratios = " ".join(f"{r[k]['median'] / d[k]['median']:.2f}" for n, r in res.items() if d and n != "diffusers")
         print(f"{k + ' (median)':<22}{row}   {ratios}")

@@ -121,6 +121,8 @@ pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
 /// checked with [`check_dtype`].
 pub fn resolve(choice: DeviceChoice, dtype: Option<DType>) -> Result<(Device, DType)> {
     let device = open(choice)?;
+    // Before any tensor exists on it (event tracking is decided per tensor at creation).
+    crate::kernels::cuda_settings::apply(&device, &crate::kernels::cuda_settings::CudaSettings::from_env()?)?;
     let dtype = dtype.unwrap_or_else(|| default_dtype(&device));
     check_dtype(&device, dtype)?;
     Ok((device, dtype))

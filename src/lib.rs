@@ -11,17 +11,19 @@
 //! - [`serve`]: `sdfix serve`, AUTOMATIC1111's HTTP API and a web page in front of one engine
 //!   thread with a bounded queue.
 //! - [`engine`]: a model opened once; requests checked into jobs, batched, made into images in
-//!   memory and handed to an observer.
-//! - [`pipeline`]: one batch: the denoising loop (with a per-step hook) and the decode.
+//!   memory and handed to an observer; img2img's pictures and masks in pixel space.
+//! - [`pipeline`]: one batch: the denoising loop (with a per-step hook and inpainting's blend or
+//!   extra channels) and the decode.
 //! - [`sampling`]: prediction conversions, the samplers (DDIM, Euler, Euler a, DPM++ 2M and its
 //!   SDE), CFG and its rescale, seeded noise.
 //! - [`schedule`]: pure f64: betas, the zero terminal SNR rescale (Algorithm 1), timestep
 //!   spacing (Table 2), the `Schedule` a sampler walks.
 //! - [`config`]: serde mirrors of diffusers' config files.
-//! - [`model`]: the networks (UNet, CLIP, VAE, tokenizer) and thin layers that pick a kernel.
+//! - [`model`]: the networks (UNet, CLIP, VAE decoder and encoder, tokenizer) and thin layers that pick a kernel.
 //! - [`kernels`]: the CPU kernels and all their unsafe code; per-op profiling.
-//! - [`weights`]: model folders and the hub, the built-in demo models, the safetensors reader,
-//!   the one loader.
+//! - [`weights`]: model folders and the hub, single-file LDM checkpoints (renames, synthesised
+//!   configs, prediction-type detection, checked pickles), LoRA merged at load, A1111 hashes,
+//!   `convert`, the built-in demo models, the safetensors reader, the one loader.
 //! - [`output`]: PNG names and atomic writes, metadata chunks, the manifest, grids.
 //! - [`prompts`]: prompt files; [`progress`]: what a run prints; [`stats`]: luminance and
 //!   summaries; [`device`]: `--device` and `--dtype`.

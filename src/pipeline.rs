@@ -1,6 +1,7 @@
-//! One batch, text to image: the one denoising loop from prompt embeddings
-//! ([`TextEncoder::encode`]), then the decode. Reads and writes no files; the engine hands it a
-//! loaded model, the sampling settings and the initial latents. A per-step hook sees the step
+//! One batch: the one denoising loop from prompt embeddings ([`TextEncoder::encode`]), then the
+//! decode. Reads and writes no files; the engine hands it a loaded model, the sampling settings
+//! and the initial latents (noise, or for img2img the init latents noised to the first step's
+//! level), and for inpainting the mask and init latents ([`Inpainting`]). A per-step hook sees the step
 //! index, the timestep, the latents and the x0 estimate (as diffusers' `callback_on_step_end`);
 //! an error from it stops the loop at that step.
 //!
@@ -72,6 +73,71 @@ fn ensure_finite(xs: &Tensor, stage: &str, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// How a batch inpaints (diffusers' `StableDiffusionInpaintPipeline`).
+#[derive(Debug, Clone, Copy)]
+pub enum Inpainting<'a> {
+    /// An ordinary UNet: after each step the kept region (mask 0) becomes the init latents noised
+    /// to the next step's level, and after the last step the init latents themselves.
+    Blend {
+        /// The init picture's latents, (b, c, h, w) f32.
+        image_latents: &'a Tensor,
+        /// 1 repaints, 0 keeps, (b, 1, h, w) f32.
+        mask: &'a Tensor,
+        /// The noise the init latents are noised with (the batch's initial noise), (b, c, h, w).
+        noise: &'a Tensor,
+    },
+    /// An inpainting UNet (in_channels = 2 c + 1): the mask and the masked picture's latents go
+    /// in beside the latents at every step.
+    Condition {
+        /// (b, 1, h, w) f32.
+        mask: &'a Tensor,
+        /// (b, c, h, w) f32.
+        masked_image_latents: &'a Tensor,
+    },
+}
+
+impl Inpainting<'_> {
+    /// The UNet's input for `latents`: the extra channels of an inpainting UNet appended.
+    fn unet_input(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Blend { .. } => latents.clone(),
+            Self::Condition {
+                mask,
+                masked_image_latents,
+            } => {
+                // (b, c + 1 + c, h, w), in diffusers' order.
+                let dtype = latents.dtype();
+                Tensor::cat(
+                    &[latents, &mask.to_dtype(dtype)?, &masked_image_latents.to_dtype(dtype)?],
+                    1,
+                )?
+            }
+        })
+    }
+
+    /// The latents after step `index` of `schedule`, the kept region put back (Blend only).
+    fn after_step(&self, latents: Tensor, schedule: &Schedule, index: usize) -> Result<Tensor> {
+        let Self::Blend {
+            image_latents,
+            mask,
+            noise,
+        } = self
+        else {
+            return Ok(latents);
+        };
+        let kept = if index + 1 < schedule.timesteps.len() {
+            // diffusers' `add_noise(image_latents, noise, timesteps[i + 1])`.
+            let a = schedule.alpha_cumprod(index + 1);
+            ((*image_latents * a.sqrt())? + (*noise * (1.0 - a).sqrt())?)?
+        } else {
+            (*image_latents).clone()
+        };
+        // (1 - m) kept + m latents
+        let keep = mask.affine(-1.0, 1.0)?;
+        Ok((kept.broadcast_mul(&keep)? + latents.broadcast_mul(mask)?)?)
+    }
+}
+
 /// What one batch starts from.
 pub struct BatchInput<'a> {
     /// The initial latents, (b, c, h, w).
@@ -81,6 +147,8 @@ pub struct BatchInput<'a> {
     /// The negative prompts' embeddings, (b, tokens, dim); needed with CFG.
     pub uncond: Option<&'a Tensor>,
     pub settings: &'a SamplingSettings,
+    /// Inpainting's mask and init latents.
+    pub inpainting: Option<Inpainting<'a>>,
 }
 
 /// Runs the sampler from `input.latents`, conditioned on `input.cond` and, with CFG,
@@ -97,6 +165,7 @@ pub fn denoise(
         cond,
         uncond,
         settings,
+        inpainting,
     } = input;
     let schedule = &settings.schedule;
     let steps = schedule.timesteps.len();
@@ -113,6 +182,10 @@ pub fn denoise(
     let mut history = History::default();
     for (index, &timestep) in schedule.timesteps.iter().enumerate() {
         let input = latents.to_dtype(model.dtype)?;
+        let input = match &inpainting {
+            Some(inpainting) => inpainting.unet_input(&input)?,
+            None => input,
+        };
         let input = if settings.uses_cfg() {
             Tensor::cat(&[&input, &input], 0)?
         } else {
@@ -130,15 +203,18 @@ pub fn denoise(
             None
         };
         let step = sampler_step(settings, index, &latents, &output, &mut history, step_noise.as_ref())?;
+        latents = match &inpainting {
+            Some(inpainting) => inpainting.after_step(step.prev_sample, schedule, index)?,
+            None => step.prev_sample,
+        };
         // An error from the hook (the engine's interrupt) stops the loop at this step.
         on_step(&StepInfo {
             index,
             steps,
             timestep,
-            latents: &step.prev_sample,
+            latents: &latents,
             x0: &step.pred_original_sample,
         })?;
-        latents = step.prev_sample;
     }
     Ok(latents)
 }

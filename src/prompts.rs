@@ -3,7 +3,9 @@
 //! - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
 //! - `.jsonl`: one JSON object per line with `prompt` (required) and any of `negative_prompt`,
 //!   `seed`, `steps`, `guidance`, `guidance_rescale`, `spacing`, `zero_snr`, `sampler`, `width`,
-//!   `height`, `num_images`, overriding the command line for that line. Blank and `#` lines are skipped too.
+//!   `height`, `num_images`, `init_image`, `strength`, `mask`, overriding the command line for that
+//!   line (`init_image` and `mask` are paths relative to the prompt file). Blank and `#` lines are
+//!   skipped too.
 //! - `-`: standard input, as `.txt` unless its first entry starts with `{`.
 //!
 //! A bad line is an error for that line only (with its file:line), so a run can go on with the
@@ -35,6 +37,11 @@ pub struct LineOverrides {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub num_images: Option<usize>,
+    /// img2img's picture, relative to the prompt file.
+    pub init_image: Option<String>,
+    pub strength: Option<f64>,
+    /// Inpainting's mask, relative to the prompt file.
+    pub mask: Option<String>,
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).

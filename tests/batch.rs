@@ -82,7 +82,7 @@ fn a_bad_jsonl_line_is_reported_and_the_rest_runs() {
 {"prompt": "a blue square", "colour": "blue"}
 {"prompt": "solid black background", "spacing": "leading", "zero_snr": false, "guidance": 5}
 {"prompt": "a green square", "width": 24, "height": 16}
-{"prompt": "x", "width": 20}
+{"prompt": "x", "width": 21}
 "#;
     std::fs::write(&prompts, text).unwrap();
     let out = dir.path().join("out");
@@ -94,7 +94,7 @@ fn a_bad_jsonl_line_is_reported_and_the_rest_runs() {
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("{}:7: --width 20", prompts.display())),
+        stderr.contains(&format!("{}:7: --width 21", prompts.display())),
         "{stderr}"
     );
     assert!(

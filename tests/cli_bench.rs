@@ -13,7 +13,13 @@ fn bench_tiny_one_step_reports_every_field() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for stage in ["text_encode_ms", "unet_step_ms", "ddim_guidance_ms", "vae_decode_ms"] {
+    for stage in [
+        "text_encode_ms",
+        "unet_step_ms",
+        "unet_submit_ms",
+        "ddim_guidance_ms",
+        "vae_decode_ms",
+    ] {
         let median = report[stage]["median"].as_f64().unwrap();
         assert!(
             median > 0.0 && report[stage]["min"].as_f64().unwrap() <= median,

@@ -217,7 +217,7 @@ fn assert_refused(extra: &[&str], needle: &str) {
 #[test]
 fn bad_input_is_refused_with_the_flag_named() {
     assert_refused(&["--zero-snr", "--prediction", "epsilon"], "--no-zero-snr");
-    assert_refused(&["--width", "20"], "--width 20");
+    assert_refused(&["--width", "21"], "--width 21 must be a positive multiple of 2");
     assert_refused(&["--height", "0"], "--height 0");
     assert_refused(&["--steps", "1001"], "--steps 1001");
     assert_refused(&["--guidance-rescale", "1.5"], "--guidance-rescale");

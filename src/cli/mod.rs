@@ -5,6 +5,7 @@
 pub mod ablate;
 pub mod args;
 pub mod bench;
+pub mod convert;
 pub mod generate;
 pub mod info;
 pub mod manifest;
@@ -34,6 +35,9 @@ pub enum Command {
     Ablate(Box<ablate::AblateArgs>),
     /// Time the pipeline's stages on a real SD architecture with random weights (no download).
     Bench(bench::BenchArgs),
+    /// Write a single-file checkpoint (.safetensors or .ckpt, LDM layout) as a diffusers folder:
+    /// configs, tokenizer, f32 or f16 safetensors.
+    Convert(convert::ConvertArgs),
     /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ablate(args) => ablate::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Convert(args) => convert::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),

@@ -12,7 +12,8 @@ use crate::schedule::{
     snr, stable_diffusion, BetaSchedule, BetaSource, NoiseSchedule, Schedule, ScheduleSpec, TimestepSpacing,
 };
 use crate::weights::files::{with_model_context, ModelFiles, ModelLocation};
-use crate::weights::loader::{read_scheduler_config, SCHEDULER_CONFIG};
+use crate::weights::loader::{read_scheduler_config, ModelSource, SCHEDULER_CONFIG};
+use crate::weights::single_file::SingleFileOptions;
 
 #[derive(Debug, Args)]
 pub struct ScheduleArgs {
@@ -61,14 +62,22 @@ fn resolve(args: &ScheduleArgs) -> Result<Resolved> {
     let flags = &args.flags;
     let (betas, zero_terminal_snr, steps_offset, set_alpha_to_one, source) = match &args.model {
         Some(model) => {
-            let files = ModelFiles::new(ModelLocation::parse(model, args.revision.as_deref())?)?;
-            let config = read_scheduler_config(&files).map_err(|err| with_model_context(err, model))?;
+            let location = ModelLocation::parse(model, args.revision.as_deref())?;
+            let shown = location.to_string();
+            let config = match location {
+                // A single file's scheduler config is synthesised with its detected prediction type.
+                location @ ModelLocation::File(_) => ModelSource::open(location, &SingleFileOptions::default())
+                    .and_then(|source| source.configs())
+                    .map(|configs| configs.scheduler),
+                location => ModelFiles::new(location).and_then(|files| read_scheduler_config(&files)),
+            }
+            .map_err(|err| with_model_context(err, model))?;
             (
                 config.beta_source()?,
                 flags.zero_snr().unwrap_or(config.rescale_betas_zero_snr),
                 flags.steps_offset.unwrap_or(config.steps_offset),
                 config.set_alpha_to_one,
-                format!("{} ({SCHEDULER_CONFIG})", files.location()),
+                format!("{shown} ({SCHEDULER_CONFIG})"),
             )
         }
         None => {

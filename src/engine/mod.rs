@@ -17,6 +17,7 @@
 //! [`pipeline`]: crate::pipeline
 
 pub mod batch;
+pub mod init_image;
 pub mod request;
 pub mod settings;
 
@@ -31,10 +32,16 @@ pub use self::request::{Job, Request};
 pub use self::settings::ImageSettings;
 use crate::device;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
+use crate::model::vae::VaeEncoder;
+use crate::pipeline::Inpainting;
 use crate::pipeline::{self, BatchInput, StepInfo};
 use crate::sampling::noise::ImageNoise;
-use crate::weights::files::{with_model_context, ModelFiles, ModelLocation};
-use crate::weights::loader::{load_model_denoiser, load_model_text_encoder, ModelConfigs};
+use crate::weights::files::{with_model_context, ModelLocation};
+use crate::weights::loader::{
+    load_model_denoiser, load_model_text_encoder, load_model_vae_encoder, ModelConfigs, ModelSource,
+};
+use crate::weights::lora::{LoraSpec, Loras};
+use crate::weights::single_file::SingleFileOptions;
 
 /// One finished image, with everything known about how it was made.
 #[derive(Debug, Clone)]
@@ -123,36 +130,93 @@ impl Observer for Collect {
     }
 }
 
+/// What opens a model: `--model` and what goes with it.
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// A diffusers folder, a hub repo id, a built-in demo name, or a single-file checkpoint.
+    pub model: String,
+    pub revision: Option<String>,
+    /// `--config`, `--ema` and the prediction flags, for single files.
+    pub single_file: SingleFileOptions,
+    /// `--lora FILE[:WEIGHT]`, merged into the weights at load.
+    pub loras: Vec<LoraSpec>,
+}
+
+impl ModelOptions {
+    pub fn new(model: &str, revision: Option<&str>) -> Self {
+        Self {
+            model: model.to_string(),
+            revision: revision.map(str::to_string),
+            ..Self::default()
+        }
+    }
+}
+
 /// A model opened for generation.
 pub struct Engine {
-    files: ModelFiles,
+    source: ModelSource,
+    location: ModelLocation,
     /// `--model` as given (recorded in images).
     model: String,
     revision: Option<String>,
+    /// A1111's short hash of a single-file checkpoint (`Model hash:`).
+    model_hash: Option<String>,
+    loras: Loras,
     configs: ModelConfigs,
     device: Device,
     dtype: DType,
     denoiser: Option<StableDiffusion>,
+    notes: Vec<String>,
+    /// The VAE encoder, loaded by the first run with an init picture.
+    encoder: Option<VaeEncoder>,
     /// The text encoder kept between runs ([`Engine::keep_text_encoder`]).
     text_encoder: Option<TextEncoder>,
     keep_text_encoder: bool,
 }
 
 impl Engine {
-    /// Opens `model` (a diffusers folder, a hub repo id, or a built-in demo name) at `revision`
-    /// for `device` and `dtype`: its configs are read and checked; no weight is read yet.
+    /// Opens `model` (a diffusers folder, a hub repo id, a built-in demo name or a single-file
+    /// checkpoint) at `revision` for `device` and `dtype`: its configs are read and checked; no
+    /// weight is read yet.
     pub fn open(model: &str, revision: Option<&str>, device: &Device, dtype: DType) -> Result<Self> {
+        Self::open_with(&ModelOptions::new(model, revision), device, dtype)
+    }
+
+    /// [`Engine::open`] with single-file options and LoRAs. A single file's prediction type is
+    /// settled here ([`crate::weights::detect`]; for unmarked SD 2.x files that runs the UNet
+    /// once) and its hash computed or taken from the cache.
+    pub fn open_with(options: &ModelOptions, device: &Device, dtype: DType) -> Result<Self> {
         device::check_dtype(device, dtype)?;
-        let files = ModelFiles::new(ModelLocation::parse(model, revision)?)?;
-        let configs = ModelConfigs::read(&files).map_err(|err| with_model_context(err, model))?;
+        let model = options.model.as_str();
+        let location = ModelLocation::parse(model, options.revision.as_deref())?;
+        let source =
+            ModelSource::open(location.clone(), &options.single_file).map_err(|err| with_model_context(err, model))?;
+        let configs = source.configs().map_err(|err| with_model_context(err, model))?;
+        let mut notes = source.describe();
+        let model_hash = match &location {
+            ModelLocation::File(path) => {
+                let (digest, computed) = crate::weights::hash::cached_sha256(path)?;
+                if computed {
+                    notes.push(format!("hashed {} once (cached for later runs)", path.display()));
+                }
+                Some(digest[..crate::weights::hash::MODEL_HASH_DIGITS].to_string())
+            }
+            _ => None,
+        };
+        let loras = Loras::open(&options.loras)?;
         Ok(Self {
-            files,
+            source,
+            location,
             model: model.to_string(),
-            revision: revision.map(str::to_string),
+            revision: options.revision.clone(),
+            model_hash,
+            loras,
             configs,
             device: device.clone(),
             dtype,
             denoiser: None,
+            notes,
+            encoder: None,
             text_encoder: None,
             keep_text_encoder: false,
         })
@@ -170,12 +234,23 @@ impl Engine {
         }
     }
 
+    /// What the user should know about the model as opened (a single file's family, its
+    /// prediction type and where that came from).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Keys of a single file that nothing read and no rule ignores.
+    pub fn leftover_keys(&self) -> &[String] {
+        self.source.leftover_keys()
+    }
+
     pub fn configs(&self) -> &ModelConfigs {
         &self.configs
     }
 
     pub fn location(&self) -> &ModelLocation {
-        self.files.location()
+        &self.location
     }
 
     pub fn device(&self) -> &Device {
@@ -211,7 +286,7 @@ impl Engine {
         let started = Instant::now();
         let encoder = match self.text_encoder.take() {
             Some(encoder) => encoder,
-            None => load_model_text_encoder(&self.files, &self.configs, self.dtype, &self.device)?,
+            None => load_model_text_encoder(&self.source, &self.configs, self.dtype, &self.device, &self.loras)?,
         };
         let mut load_seconds = started.elapsed().as_secs_f64();
         let mut prompts = PromptEmbeddings::new(encoder);
@@ -232,15 +307,26 @@ impl Engine {
         if self.denoiser.is_none() {
             let unet_started = Instant::now();
             self.denoiser = Some(load_model_denoiser(
-                &self.files,
+                &self.source,
+                &self.configs,
+                self.dtype,
+                &self.device,
+                &self.loras,
+            )?);
+            load_seconds += unet_started.elapsed().as_secs_f64();
+        }
+        if self.encoder.is_none() && jobs.iter().any(|job| job.init.is_some()) {
+            let encoder_started = Instant::now();
+            self.encoder = Some(load_model_vae_encoder(
+                &self.source,
                 &self.configs,
                 self.dtype,
                 &self.device,
             )?);
-            load_seconds += unet_started.elapsed().as_secs_f64();
+            load_seconds += encoder_started.elapsed().as_secs_f64();
         }
         observer.event(&Event::Loaded {
-            location: self.files.location().to_string(),
+            location: self.location.to_string(),
             seconds: load_seconds,
             dtype: self.dtype,
             device: device::describe(&self.device),
@@ -255,17 +341,23 @@ impl Engine {
             configs: &self.configs,
             model: &self.model,
             revision: self.revision.as_deref(),
+            model_hash: self.model_hash.as_deref(),
+            loras: self.loras.records(),
             dtype: dtype_name,
             device: &device_name,
         };
         let mut made = 0;
+        let modules = Modules {
+            model,
+            encoder: self.encoder.as_ref(),
+        };
         let mut outcome = Ok(());
         for batch in &batches {
             if observer.interrupted() {
                 outcome = Err(Interrupted.into());
                 break;
             }
-            match run_batch(model, jobs, batch, &mut prompts, &record, observer) {
+            match run_batch(&modules, jobs, batch, &mut prompts, &record, observer) {
                 Ok(n) => made += n,
                 Err(err) => {
                     outcome = Err(err);
@@ -281,15 +373,147 @@ impl Engine {
     }
 }
 
+/// The loaded networks a batch runs on.
+struct Modules<'a> {
+    model: &'a StableDiffusion,
+    /// Loaded when a run has an init picture.
+    encoder: Option<&'a VaeEncoder>,
+}
+
+/// What img2img adds to a batch: the start latents and, for inpainting, the mask and latents
+/// the pipeline needs at each step.
+struct Img2ImgBatch {
+    latents: Tensor,
+    mask: Option<Tensor>,
+    image_latents: Option<Tensor>,
+    masked_image_latents: Option<Tensor>,
+}
+
+/// The batch's init pictures, one row each: (b, 3, H, W) in [-1, 1] on `device`, with the
+/// repainted pixels set to 0 when `masked` (an inpainting UNet's masked picture).
+fn init_pictures(jobs: &[Job], batch: &[Item], masked: bool, device: &Device) -> Result<Tensor> {
+    let rows = batch
+        .iter()
+        .map(|item| {
+            let init = jobs[item.job]
+                .init
+                .as_ref()
+                .context("internal: a batch mixes text to image and img2img")?;
+            let (w, h) = init.image.dimensions();
+            let keep = if masked {
+                init.mask.as_ref().map(|m| &m.binary)
+            } else {
+                None
+            };
+            let planes = init_image::to_unit_planes(&init.image, keep);
+            Ok(Tensor::from_vec(planes, (3, h as usize, w as usize), &Device::Cpu)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&rows, 0)?.to_device(device)?)
+}
+
+/// Encodes pictures to sampler-scale latents, f32: the posterior's mean, or a sample of it drawn
+/// from each image's encode stream.
+fn encode(
+    modules: &Modules,
+    pictures: &Tensor,
+    mode: init_image::VaeEncodeMode,
+    noise: &mut ImageNoise,
+) -> Result<Tensor> {
+    let encoder = modules.encoder.context("internal: the VAE encoder was not loaded")?;
+    let dist = encoder.encode(&pictures.to_dtype(modules.model.vae_dtype)?)?;
+    let sample = match mode {
+        init_image::VaeEncodeMode::Mean => None,
+        init_image::VaeEncodeMode::Sample => {
+            let (_, c, h, w) = dist.mean.dims4()?;
+            Some(
+                noise
+                    .sample_encode((c, h, w), dist.mean.device())?
+                    .to_dtype(dist.mean.dtype())?,
+            )
+        }
+    };
+    Ok(dist.latents(sample.as_ref())?.to_dtype(DType::F32)?)
+}
+
+/// img2img's start: the init latents noised to the first step's level,
+/// `sqrt(a) x0 + sqrt(1 - a) noise` (diffusers' `add_noise`; under zero SNR at strength 1, a = 0
+/// and this is the noise itself). Inpainting at strength 1 starts from the noise alone, as
+/// diffusers' inpainting pipeline does whatever the schedule.
+fn img2img_batch(
+    modules: &Modules,
+    jobs: &[Job],
+    batch: &[Item],
+    noise_latents: &Tensor,
+    noise: &mut ImageNoise,
+) -> Result<Img2ImgBatch> {
+    let first = &jobs[batch[0].job];
+    let init = first.init.as_ref().context("internal: no init picture")?;
+    let settings = &first.settings;
+    let device = &modules.model.device;
+    let mode = first.request.vae_encode;
+    let (_, h, w) = first.latent_shape;
+    let conditioned = modules.model.unet.spec().in_channels != first.latent_shape.0;
+    let from_noise = init.mask.is_some() && init.strength == 1.0;
+    let image_latents = if from_noise && conditioned {
+        None
+    } else {
+        Some(encode(
+            modules,
+            &init_pictures(jobs, batch, false, device)?,
+            mode,
+            noise,
+        )?)
+    };
+    let latents = match (&image_latents, from_noise) {
+        (Some(x0), false) => {
+            let a = settings.schedule.alpha_cumprod(0);
+            ((x0 * a.sqrt())? + (noise_latents * (1.0 - a).sqrt())?)?
+        }
+        _ => noise_latents.clone(),
+    };
+    let mut img2img = Img2ImgBatch {
+        latents,
+        mask: None,
+        image_latents,
+        masked_image_latents: None,
+    };
+    if init.mask.is_some() {
+        let factor = modules.model.vae.downscale_factor();
+        let rows = batch
+            .iter()
+            .map(|item| {
+                let mask = jobs[item.job]
+                    .init
+                    .as_ref()
+                    .and_then(|i| i.mask.as_ref())
+                    .context("internal: a batch mixes img2img and inpainting")?;
+                Ok(Tensor::from_vec(
+                    init_image::latent_mask(&mask.binary, factor),
+                    (1, h, w),
+                    &Device::Cpu,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        img2img.mask = Some(Tensor::stack(&rows, 0)?.to_device(device)?);
+        if conditioned {
+            let masked = init_pictures(jobs, batch, true, device)?;
+            img2img.masked_image_latents = Some(encode(modules, &masked, mode, noise)?);
+        }
+    }
+    Ok(img2img)
+}
+
 /// One UNet batch: initial latents, embeddings, the pipeline, then each image to the observer.
 fn run_batch(
-    model: &StableDiffusion,
+    modules: &Modules,
     jobs: &[Job],
     batch: &[Item],
     prompts: &mut PromptEmbeddings,
     record: &RecordContext,
     observer: &mut dyn Observer,
 ) -> Result<usize> {
+    let model = modules.model;
     let batch_started = Instant::now();
     let first = &jobs[batch[0].job];
     let settings = &first.settings;
@@ -297,7 +521,7 @@ fn run_batch(
     let seeds: Vec<u64> = batch.iter().map(|i| jobs[i.job].seeds[i.image]).collect();
     let mut noise = ImageNoise::new(&seeds);
     // Jobs with latents of their own never share a batch with seeded ones (see `batch_key`).
-    let latents = if first.request.latents.is_some() {
+    let noise_latents = if first.request.latents.is_some() {
         let rows = batch
             .iter()
             .map(|i| jobs[i.job].request.latents.as_ref().map(|l| l.get(i.image)))
@@ -308,7 +532,7 @@ fn run_batch(
         noise.sample((c, h, w), &model.device)?
     };
     // Per image: the mean of its initial noise (what stock SD's brightness follows).
-    let noise_means: Vec<f64> = latents
+    let noise_means: Vec<f64> = noise_latents
         .flatten_from(1)?
         .mean(1)?
         .to_dtype(DType::F64)?
@@ -339,11 +563,32 @@ fn run_batch(
     let unet_started = Instant::now();
     // The last step's hook marks the end of the denoising loop; the VAE is the rest.
     let mut loop_done = unet_started;
+    let img2img = match first.init {
+        Some(_) => Some(img2img_batch(modules, jobs, batch, &noise_latents, &mut noise)?),
+        None => None,
+    };
+    let inpainting = img2img
+        .as_ref()
+        .and_then(|i| match (&i.mask, &i.masked_image_latents, &i.image_latents) {
+            (Some(mask), Some(masked_image_latents), _) => Some(Inpainting::Condition {
+                mask,
+                masked_image_latents,
+            }),
+            (Some(mask), None, Some(image_latents)) => Some(Inpainting::Blend {
+                image_latents,
+                mask,
+                noise: &noise_latents,
+            }),
+            _ => None,
+        });
     let input = BatchInput {
-        latents,
+        latents: img2img
+            .as_ref()
+            .map_or_else(|| noise_latents.clone(), |i| i.latents.clone()),
         cond: &cond,
         uncond: uncond.as_ref(),
         settings,
+        inpainting,
     };
     let (final_latents, images) = pipeline::run_batch(model, input, &mut noise, &mut |step| {
         observer.step(step);
@@ -364,8 +609,14 @@ fn run_batch(
     let seconds_each = batch_started.elapsed().as_secs_f64() / batch.len() as f64;
     let final_latents = final_latents.to_device(&Device::Cpu)?;
     let factor = model.vae.downscale_factor();
-    for (b, (item, rgb)) in batch.iter().zip(images).enumerate() {
+    for (b, (item, mut rgb)) in batch.iter().zip(images).enumerate() {
         let job = &jobs[item.job];
+        // Inpainting: the kept pixels back as they were (outside the blurred mask, byte-exact).
+        if let Some(init) = &job.init {
+            if let Some(weights) = init.mask.as_ref().and_then(|m| m.paste_weights.as_ref()) {
+                init_image::paste_back(&mut rgb, &init.image, weights);
+            }
+        }
         observer.image(GeneratedImage {
             job: item.job,
             index: item.image,

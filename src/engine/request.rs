@@ -1,12 +1,16 @@
 //! A request (what one prompt asks for, as a user says it) and its resolution into a [`Job`]
 //! (everything needed to make its images), with every check on user input done here, once,
 //! before any weight is read: prediction type against zero terminal SNR, guidance, eta, steps,
-//! image sizes against the VAE factor and the UNet's depth, initial latents against all of them.
+//! image sizes against the VAE factor, initial latents against all of them, and img2img's
+//! picture, strength and mask (resized here to the size to make, once per request).
+
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::settings::{ImageSettings, SchedulerRecord};
+use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
+use super::settings::{ImageSettings, Img2ImgRecord, LoraSetting, SchedulerRecord};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::ddim::DdimParams;
@@ -22,6 +26,10 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 pub const DEFAULT_GUIDANCE_RESCALE: f64 = 0.7;
 /// The timestep spacing sdfix uses unless told otherwise: the paper's fix (Table 2).
 pub const DEFAULT_SPACING: TimestepSpacing = TimestepSpacing::Trailing;
+/// img2img's strength unless told otherwise (diffusers' and AUTOMATIC1111's default).
+pub const DEFAULT_STRENGTH: f64 = 0.75;
+/// The paste-back's mask blur in px unless told otherwise (AUTOMATIC1111's default).
+pub const DEFAULT_MASK_BLUR: f64 = 4.0;
 
 /// What one prompt asks for. `None` fields take the model's value (its scheduler config, its
 /// UNet's sample size) or, for `num_images`, 1 (or the batch of `latents`).
@@ -56,7 +64,23 @@ pub struct Request {
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// Initial latents instead of seeded noise: (B, C, H, W) f32 on the CPU, one row per image.
+    /// With an init image, the noise added to its latents.
     pub latents: Option<Tensor>,
+    /// img2img: the picture to start from (text to image without one).
+    pub init_image: Option<Arc<InitImage>>,
+    /// How much of the schedule img2img runs, 0 < S <= 1 [default: [`DEFAULT_STRENGTH`]]: it
+    /// starts at step n - int(n S) (diffusers' rule); S = 1 under zero SNR starts from pure noise.
+    pub strength: Option<f64>,
+    /// Inpainting: white repaints, black keeps.
+    pub mask: Option<Arc<MaskImage>>,
+    /// The paste-back's Gaussian blur of the mask, in px [default: [`DEFAULT_MASK_BLUR`]].
+    pub mask_blur: Option<f64>,
+    /// Inpainting: put the kept pixels back after decoding, so they are byte-exact.
+    pub paste_back: bool,
+    /// How the init picture and the mask are fitted to the size to make.
+    pub resize: ResizeMode,
+    /// The init picture's latents: a sample of the VAE's Gaussian, or its mean.
+    pub vae_encode: VaeEncodeMode,
 }
 
 impl Request {
@@ -81,6 +105,13 @@ impl Request {
             width: None,
             height: None,
             latents: None,
+            init_image: None,
+            strength: None,
+            mask: None,
+            mask_blur: None,
+            paste_back: true,
+            resize: ResizeMode::default(),
+            vae_encode: VaeEncodeMode::default(),
         }
     }
 
@@ -109,6 +140,30 @@ pub struct Job {
     pub images: Vec<usize>,
     /// Things the user should know that are not errors (a config asking for what cannot work).
     pub warnings: Vec<String>,
+    /// img2img / inpainting: the picture and mask at the size to make; `settings.schedule` then
+    /// holds only the steps that run.
+    pub init: Option<Arc<ResolvedInit>>,
+}
+
+/// An init picture (and mask) resolved against the model and the size to make.
+#[derive(Debug, Clone)]
+pub struct ResolvedInit {
+    /// The picture at the size to make.
+    pub image: image::RgbImage,
+    pub strength: f64,
+    /// Steps of the full schedule skipped (n - int(n S)).
+    pub skipped_steps: usize,
+    pub mask: Option<ResolvedMask>,
+}
+
+/// An inpainting mask at the size to make.
+#[derive(Debug, Clone)]
+pub struct ResolvedMask {
+    /// Binarised: 255 repaints, 0 keeps.
+    pub binary: image::GrayImage,
+    /// Per pixel, how much of the generated picture to keep after decoding (the blurred mask), or
+    /// `None` with `paste_back` off.
+    pub paste_weights: Option<Vec<f32>>,
 }
 
 impl Job {
@@ -167,10 +222,11 @@ pub fn check_latents(latents: Tensor, channels: usize, what: &str) -> Result<Ten
     Ok(latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
 
-/// Width and height in latent pixels, checked against the VAE factor and the UNet's depth.
+/// Width and height in latent pixels, checked against the VAE factor. Any multiple of it works,
+/// as in diffusers: where the latents are not a multiple of the UNet's total stride, its
+/// downsamplers round up and its upsamplers go back to the skip connections' sizes.
 fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usize)> {
     let factor = configs.vae.downscale_factor();
-    let multiple = factor << configs.unet.downsamples();
     if let Some(latents) = &request.latents {
         let (_, _, h, w) = latents.dims4()?;
         for (flag, given, derived) in [
@@ -183,26 +239,35 @@ fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usiz
                 given.unwrap_or(0)
             );
         }
-        ensure!(
-            (h * factor).is_multiple_of(multiple) && (w * factor).is_multiple_of(multiple),
-            "--latents: {h}x{w} latents are not multiples of {}",
-            multiple / factor
-        );
         return Ok((h, w));
     }
-    let default = configs.unet.sample_size.map(|s| s * factor);
-    let size = |flag: &str, value: Option<usize>| -> Result<usize> {
+    // Without --width/--height, img2img makes its picture's own size (rounded down), text to
+    // image the UNet's sample size.
+    let own = match &request.init_image {
+        Some(init) => {
+            let (w, h) = init.pixels.dimensions();
+            let (w, h) = init_image::own_size(w, h, factor, &init.name)?;
+            (Some(w), Some(h))
+        }
+        None => {
+            let default = configs.unet.sample_size.map(|s| s * factor);
+            (default, default)
+        }
+    };
+    let size = |flag: &str, value: Option<usize>, own: Option<usize>| -> Result<usize> {
         let value = value
-            .or(default)
+            .or(own)
             .with_context(|| format!("{flag} is required: the UNet config has no sample_size"))?;
         ensure!(
-            value > 0 && value.is_multiple_of(multiple),
-            "{flag} {value} must be a positive multiple of {multiple} (the VAE factor {factor} x 2^{} UNet downsamplings)",
-            configs.unet.downsamples()
+            value > 0 && value.is_multiple_of(factor),
+            "{flag} {value} must be a positive multiple of {factor} (the VAE's factor)"
         );
         Ok(value / factor)
     };
-    Ok((size("--height", request.height)?, size("--width", request.width)?))
+    Ok((
+        size("--height", request.height, own.1)?,
+        size("--width", request.width, own.0)?,
+    ))
 }
 
 /// Resolves one request into a job; every error is about this request's settings.
@@ -260,6 +325,14 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         .with_context(|| format!("--steps {steps} with --spacing {spacing}"))?
         .with_terminal_alpha_bar(request.terminal_alpha_bar)
         .with_sigmas(request.sigmas)?;
+    check_channels(configs, &request)?;
+    let (h, w) = latent_size(configs, &request)?;
+    let factor = configs.vae.downscale_factor();
+    let init = resolve_init(&request, steps, (w * factor, h * factor), &mut warnings)?;
+    let schedule = match &init {
+        Some(init) => schedule.skip_steps(init.skipped_steps)?,
+        None => schedule,
+    };
     let settings = SamplingSettings {
         schedule,
         sampler: request.sampler,
@@ -271,7 +344,6 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         guidance: request.guidance,
         guidance_rescale: request.guidance_rescale,
     };
-    let (h, w) = latent_size(configs, &request)?;
     let num_images = match (&request.latents, request.num_images) {
         (Some(latents), Some(n)) if n != latents.dim(0)? => {
             bail!(
@@ -289,11 +361,106 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         settings,
         zero_snr,
         steps_offset,
-        latent_shape: (configs.unet.in_channels, h, w),
+        latent_shape: (configs.vae.latent_channels, h, w),
         images: (0..seeds.len()).collect(),
         seeds,
         warnings,
+        init: init.map(Arc::new),
     })
+}
+
+/// The UNet's input channels: the latents' (text to image, img2img, blended inpainting), or
+/// latents + mask + masked-picture latents (an inpainting UNet, which needs a mask).
+fn check_channels(configs: &ModelConfigs, request: &Request) -> Result<()> {
+    let latent = configs.vae.latent_channels;
+    match configs.unet.in_channels {
+        c if c == latent => Ok(()),
+        c if c == 2 * latent + 1 => {
+            ensure!(
+                request.init_image.is_some() && request.mask.is_some(),
+                "this is an inpainting model (its UNet takes {c} channels: latents, mask and masked picture); \
+                 give --init-image and --mask"
+            );
+            Ok(())
+        }
+        c => bail!(
+            "the UNet takes {c} input channels, which is neither the VAE's {latent} latent channels nor an \
+             inpainting model's {}",
+            2 * latent + 1
+        ),
+    }
+}
+
+/// Checks img2img's inputs and fits the picture and mask to the size to make (`width` x
+/// `height` px); `None` for text to image.
+fn resolve_init(
+    request: &Request,
+    steps: usize,
+    (width, height): (usize, usize),
+    warnings: &mut Vec<String>,
+) -> Result<Option<ResolvedInit>> {
+    let Some(init) = &request.init_image else {
+        ensure!(
+            request.strength.is_none(),
+            "--strength needs --init-image (the picture to start from)"
+        );
+        ensure!(
+            request.mask.is_none(),
+            "--mask needs --init-image (the picture to inpaint)"
+        );
+        ensure!(request.mask_blur.is_none(), "--mask-blur needs --mask");
+        return Ok(None);
+    };
+    let strength = request.strength.unwrap_or(DEFAULT_STRENGTH);
+    ensure!(
+        strength > 0.0 && strength <= 1.0,
+        "--strength {strength} must be within (0, 1]: 1 starts from noise, smaller values keep more of the picture"
+    );
+    // diffusers' `get_timesteps`: int(n * strength) steps run, the first n - that are skipped.
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    ensure!(
+        run > 0,
+        "--strength {strength} with --steps {steps} runs no step (int({steps} x {strength}) = 0); raise --strength or --steps"
+    );
+    let (iw, ih) = init.pixels.dimensions();
+    if (iw as usize, ih as usize) != (width, height) {
+        warnings.push(format!(
+            "note: --init-image {} is {iw}x{ih}; fitted to {width}x{height} with --resize {}",
+            init.name, request.resize
+        ));
+    }
+    let image = init_image::resize_image(&init.pixels, width, height, request.resize);
+    let mask = match &request.mask {
+        None => {
+            ensure!(request.mask_blur.is_none(), "--mask-blur needs --mask");
+            None
+        }
+        Some(mask) => {
+            let (mw, mh) = mask.pixels.dimensions();
+            // Compared as cross products: equal aspect ratios (any size) resize alike.
+            if u64::from(iw) * u64::from(mh) != u64::from(ih) * u64::from(mw) {
+                warnings.push(format!(
+                    "warning: --mask {} is {mw}x{mh} but --init-image {} is {iw}x{ih}; both are fitted to \
+                     {width}x{height} with --resize {}, so the mask may not cover what you drew it on",
+                    mask.name, init.name, request.resize
+                ));
+            }
+            let blur = request.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
+            ensure!(
+                blur.is_finite() && blur >= 0.0,
+                "--mask-blur {blur} must be 0 or more (px)"
+            );
+            let binary = init_image::resize_mask(&mask.pixels, width, height, request.resize);
+            let paste_weights = request.paste_back.then(|| init_image::paste_weights(&binary, blur));
+            Some(ResolvedMask { binary, paste_weights })
+        }
+    };
+    Ok(Some(ResolvedInit {
+        image,
+        strength,
+        skipped_steps: steps - run,
+        mask,
+    }))
 }
 
 /// What the engine records in image `k` of `job`.
@@ -301,11 +468,32 @@ pub(super) struct RecordContext<'a> {
     pub configs: &'a ModelConfigs,
     pub model: &'a str,
     pub revision: Option<&'a str>,
+    pub model_hash: Option<&'a str>,
+    pub loras: Vec<crate::weights::lora::LoraRecord>,
     pub dtype: &'a str,
     pub device: &'a str,
 }
 
 impl RecordContext<'_> {
+    fn img2img_record(&self, job: &Job, init: &ResolvedInit) -> Img2ImgRecord {
+        let request = &job.request;
+        let source = request.init_image.as_ref();
+        Img2ImgRecord {
+            init_image: source.map(|i| i.name.clone()).unwrap_or_default(),
+            init_image_sha256: source.map(|i| i.sha256.clone()).unwrap_or_default(),
+            strength: init.strength,
+            resize: request.resize.to_string(),
+            vae_encode: request.vae_encode.to_string(),
+            mask: request.mask.as_ref().map(|m| m.name.clone()),
+            mask_sha256: request.mask.as_ref().map(|m| m.sha256.clone()),
+            mask_blur: init
+                .mask
+                .as_ref()
+                .map(|_| request.mask_blur.unwrap_or(DEFAULT_MASK_BLUR)),
+            paste_back: request.paste_back,
+        }
+    }
+
     pub fn image_settings(&self, job: &Job, k: usize) -> ImageSettings {
         let (_, h, w) = job.latent_shape;
         let factor = self.configs.vae.downscale_factor();
@@ -323,6 +511,16 @@ impl RecordContext<'_> {
             version: format!("sdfix {}", env!("CARGO_PKG_VERSION")),
             model: self.model.to_string(),
             revision: self.revision.map(str::to_string),
+            model_hash: self.model_hash.map(str::to_string),
+            loras: self
+                .loras
+                .iter()
+                .map(|l| LoraSetting {
+                    name: l.name.clone(),
+                    hash: l.hash.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
             prompt: job.request.prompt.clone(),
             negative_prompt: job.request.negative_prompt.clone(),
             seed: job.seeds[k],
@@ -352,6 +550,7 @@ impl RecordContext<'_> {
                 clip_sample: scheduler.clip_sample,
                 timesteps: job.settings.schedule.timesteps.clone(),
             },
+            img2img: job.init.as_ref().map(|init| self.img2img_record(job, init)),
         }
     }
 }

@@ -18,6 +18,33 @@ pub struct SchedulerRecord {
     pub timesteps: Vec<usize>,
 }
 
+/// How an img2img or inpainting image used its init picture (absent for text to image, so
+/// those images keep their bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Img2ImgRecord {
+    /// The init picture as named (a path relative to where sdfix ran, or a label).
+    pub init_image: String,
+    /// SHA-256 of its file: `--from-image` re-runs only with the same picture.
+    pub init_image_sha256: String,
+    pub strength: f64,
+    /// `--resize` (crop, fit, stretch).
+    pub resize: String,
+    /// `--vae-encode` (sample, mean).
+    pub vae_encode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<f64>,
+    #[serde(default = "yes")]
+    pub paste_back: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// What images made before `--sampler` existed (no `sampler` key) were made with.
 const DEFAULT_SAMPLER: &str = "ddim";
 /// What images made before `--terminal-alpha-bar` existed were made with.
@@ -50,6 +77,15 @@ fn is_default_sigmas(s: &str) -> bool {
     s == DEFAULT_SIGMAS
 }
 
+/// A LoRA merged into the model: its file name (without extension), A1111's short hash of it, and
+/// its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSetting {
+    pub name: String,
+    pub hash: String,
+    pub weight: f64,
+}
+
 /// Everything needed to make an image again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageSettings {
@@ -58,6 +94,13 @@ pub struct ImageSettings {
     /// Folder path or hub repo id, as given to --model.
     pub model: String,
     pub revision: Option<String>,
+    /// A1111's short hash of a single-file checkpoint (first 10 hex digits of its SHA-256); left
+    /// out for folders and hub repos.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
+    /// The `--lora` files merged into the model; left out when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraSetting>,
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u64,
@@ -89,4 +132,7 @@ pub struct ImageSettings {
     /// Whether the initial noise came from a --latents file instead of the seed.
     pub from_latents_file: bool,
     pub scheduler: SchedulerRecord,
+    /// img2img and inpainting: the init picture, strength and mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub img2img: Option<Img2ImgRecord>,
 }

@@ -17,12 +17,15 @@
 //! - [`cpu_math`]: the vectorised exp/erf/softmax the kernels use.
 //! - [`cpu_op`]: their shared plumbing (candle-op wrappers, shared output pointer, transpose).
 //! - [`profile`]: time per kind of op, for `bench --profile`.
+//! - [`cuda_settings`]: process-wide CUDA switches (TF32, event tracking, the memory pool's
+//!   release threshold, the small-upload cache), each behind an environment variable.
 
 pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod cpu_math;
 pub mod cpu_op;
+pub mod cuda_settings;
 pub mod linear;
 pub mod norm;
 pub mod profile;

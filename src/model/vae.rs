@@ -1,12 +1,16 @@
-//! The VAE decoder of diffusers' `AutoencoderKL` (`post_quant_conv`, then `Decoder`: conv_in, a
-//! mid block of resnet / attention / resnet, one `UpDecoderBlock2D` per entry of
-//! `block_out_channels` in reverse, group norm + SiLU + conv_out), built from `vae/config.json`.
+//! The VAE of diffusers' `AutoencoderKL`, built from `vae/config.json`: the decoder
+//! (`post_quant_conv`, then `Decoder`: conv_in, a mid block of resnet / attention / resnet, one
+//! `UpDecoderBlock2D` per entry of `block_out_channels` in reverse, group norm + SiLU + conv_out)
+//! and, loaded apart because only img2img and inpainting need it, the encoder
+//! ([`VaeEncoder`]: `Encoder` then `quant_conv`, giving the latent distribution's mean and log
+//! variance).
 //!
 //! Our own code on the same convolution, group norm and attention as the UNet: candle-
 //! transformers' `AutoEncoderKL` decodes 3.8x slower than PyTorch on the CPU (its convolutions and
 //! group norms; docs/performance.md), builds the encoder sampling never uses, and feeds its
 //! attention a layout candle 0.11.1 multiplies wrongly for batches > 1 (huggingface/candle#3744).
-//! The encoder's and `quant_conv`'s tensors are not read ([`Vae::UNREAD_PREFIXES`]).
+//! [`Vae`] does not read the encoder's and `quant_conv`'s tensors ([`Vae::UNREAD_PREFIXES`]), nor
+//! [`VaeEncoder`] the decoder's: text-to-image never holds the encoder's weights.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
@@ -16,7 +20,7 @@ use crate::model::attention::scaled_dot_product_attention;
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::linear::Linear;
 use crate::model::norm::{group_norm, GroupNorm};
-use crate::model::resnet::{NormSpec, ResnetBlock2D, Upsample2D};
+use crate::model::resnet::{Downsample2D, NormSpec, ResnetBlock2D, Upsample2D};
 
 /// diffusers' `Decoder` hard-codes this epsilon for every group norm.
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -211,5 +215,162 @@ impl Vae {
             }
         }
         self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
+    }
+}
+
+/// diffusers' `DiagonalGaussianDistribution` clamps the log variance to this range.
+const LOGVAR_RANGE: (f64, f64) = (-30.0, 20.0);
+
+/// One `DownEncoderBlock2D`: `layers_per_block` resnets, then (but for the last block) a stride-2
+/// conv that pads right and bottom (diffusers builds the encoder's downsamplers with padding 0).
+#[derive(Debug)]
+struct DownEncoderBlock {
+    resnets: Vec<ResnetBlock2D>,
+    downsampler: Option<Downsample2D>,
+}
+
+/// The VAE encoder: image in [-1, 1] (b, 3, H, W) to the latent distribution (diffusers'
+/// `AutoencoderKL.encode` returning `latent_dist`). Its output is not yet multiplied by the
+/// scaling factor: [`LatentDistribution::latents`] does that, as diffusers' pipelines do.
+pub struct VaeEncoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<DownEncoderBlock>,
+    mid_resnets: [ResnetBlock2D; 2],
+    mid_attention: Option<PixelAttention>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+    latent_channels: usize,
+    scaling_factor: f64,
+    downscale_factor: usize,
+}
+
+/// The encoder's Gaussian over latents, (b, c, h, w) each, in the VAE's own scale.
+#[derive(Debug, Clone)]
+pub struct LatentDistribution {
+    pub mean: Tensor,
+    /// exp(logvar / 2), with logvar clamped as diffusers does.
+    pub std: Tensor,
+    scaling_factor: f64,
+}
+
+impl LatentDistribution {
+    /// Sampler-scale latents (times `scaling_factor`): the mean, or with `noise` (standard normal,
+    /// shaped like the mean) the sample `mean + std * noise` (diffusers' `retrieve_latents` with
+    /// `sample_mode="sample"`, its pipelines' default, or `"argmax"` for the mean).
+    pub fn latents(&self, noise: Option<&Tensor>) -> Result<Tensor> {
+        let latents = match noise {
+            Some(noise) => (&self.mean + (&self.std * noise)?)?,
+            None => self.mean.clone(),
+        };
+        latents * self.scaling_factor
+    }
+}
+
+impl VaeEncoder {
+    /// Weight-name prefixes the encoder never reads (the decoder half).
+    pub const UNREAD_PREFIXES: &'static [&'static str] = &["decoder.", "post_quant_conv."];
+
+    /// `config` must have passed [`VaeConfig::validate`].
+    pub fn new(vb: VarBuilder, config: &VaeConfig) -> Result<Self> {
+        let channels = &config.block_out_channels;
+        let Some(&deepest) = channels.last() else {
+            candle_core::bail!("vae: block_out_channels is empty")
+        };
+        let norm = NormSpec {
+            groups: config.norm_num_groups,
+            eps: VAE_NORM_EPS,
+        };
+        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize| ResnetBlock2D::new(vb, c_in, c_out, None, norm, 1.0);
+        let quant_conv = if config.use_quant_conv {
+            let c = 2 * config.latent_channels;
+            Some(conv2d(c, c, 1, 0, 1, vb.pp("quant_conv"))?)
+        } else {
+            None
+        };
+        let vb = vb.pp("encoder");
+        let mut down_blocks = Vec::with_capacity(channels.len());
+        let mut previous = channels[0];
+        for (index, &out) in channels.iter().enumerate() {
+            let block = vb.pp("down_blocks").pp(index);
+            let resnets = (0..config.layers_per_block)
+                .map(|j| resnet(block.pp("resnets").pp(j), if j == 0 { previous } else { out }, out))
+                .collect::<Result<_>>()?;
+            let downsampler = if index + 1 < channels.len() {
+                Some(Downsample2D::new(block.pp("downsamplers").pp(0), out, 0)?)
+            } else {
+                None
+            };
+            down_blocks.push(DownEncoderBlock { resnets, downsampler });
+            previous = out;
+        }
+        let mid = vb.pp("mid_block");
+        Ok(Self {
+            conv_in: conv2d(config.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?,
+            down_blocks,
+            mid_resnets: [
+                resnet(mid.pp("resnets").pp(0), deepest, deepest)?,
+                resnet(mid.pp("resnets").pp(1), deepest, deepest)?,
+            ],
+            mid_attention: if config.mid_block_add_attention {
+                Some(PixelAttention::new(
+                    mid.pp("attentions").pp(0),
+                    deepest,
+                    config.norm_num_groups,
+                )?)
+            } else {
+                None
+            },
+            conv_norm_out: group_norm(config.norm_num_groups, deepest, VAE_NORM_EPS, vb.pp("conv_norm_out"))?,
+            // double_z: mean and log variance.
+            conv_out: conv2d(deepest, 2 * config.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            quant_conv,
+            latent_channels: config.latent_channels,
+            scaling_factor: config.scaling_factor,
+            downscale_factor: config.downscale_factor(),
+        })
+    }
+
+    /// Image pixels per latent pixel along each side (8 for SD).
+    pub fn downscale_factor(&self) -> usize {
+        self.downscale_factor
+    }
+
+    /// Encodes images in [-1, 1], (b, 3, H, W) with H and W multiples of the downscale factor,
+    /// to their latent distribution, (b, latent_channels, H / f, W / f) each.
+    pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
+        let (_, _, height, width) = images.dims4()?;
+        let f = self.downscale_factor;
+        if !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+            candle_core::bail!("vae encoder: {width}x{height} is not a multiple of {f}");
+        }
+        let mut xs = self.conv_in.forward(images)?;
+        for block in &self.down_blocks {
+            for resnet in &block.resnets {
+                xs = resnet.forward(&xs, None)?;
+            }
+            if let Some(downsampler) = &block.downsampler {
+                xs = downsampler.forward(&xs)?;
+            }
+        }
+        xs = self.mid_resnets[0].forward(&xs, None)?;
+        if let Some(attention) = &self.mid_attention {
+            xs = attention.forward(&xs)?;
+        }
+        xs = self.mid_resnets[1].forward(&xs, None)?;
+        let mut moments = self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)?;
+        if let Some(conv) = &self.quant_conv {
+            moments = conv.forward(&moments)?;
+        }
+        // (b, 2c, h, w) -> mean and log variance, (b, c, h, w) each.
+        let c = self.latent_channels;
+        let mean = moments.narrow(1, 0, c)?.contiguous()?;
+        let logvar = moments.narrow(1, c, c)?.clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok(LatentDistribution {
+            mean,
+            std,
+            scaling_factor: self.scaling_factor,
+        })
     }
 }

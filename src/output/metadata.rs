@@ -15,9 +15,16 @@ pub use crate::engine::settings::{ImageSettings, SchedulerRecord};
 pub const PARAMETERS_CHUNK: &str = "parameters";
 pub const SETTINGS_CHUNK: &str = "sdfix";
 
-/// The model name A1111 shows: the repo id, or the folder's last component.
+/// The model name A1111 shows: the repo id, the folder's last component, or a checkpoint file's
+/// name without its extension.
 fn model_name(model: &str) -> &str {
     let trimmed = model.trim_end_matches('/');
+    let path = std::path::Path::new(trimmed);
+    if path.is_file() {
+        if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+            return stem;
+        }
+    }
     if std::path::Path::new(trimmed).is_dir() || trimmed.starts_with('.') || trimmed.starts_with('/') {
         trimmed.rsplit('/').next().unwrap_or(trimmed)
     } else {
@@ -66,8 +73,28 @@ impl ImageSettings {
             format!("CFG scale: {}", number(self.guidance)),
             format!("Seed: {}", self.seed),
             format!("Size: {}x{}", self.width, self.height),
-            format!("Model: {}", model_name(&self.model)),
         ];
+        if let Some(hash) = &self.model_hash {
+            fields.push(format!("Model hash: {hash}"));
+        }
+        fields.push(format!("Model: {}", model_name(&self.model)));
+        if !self.loras.is_empty() {
+            // A1111 quotes the list, whose items are separated by ", " like the fields.
+            let hashes: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, l.hash)).collect();
+            fields.push(format!("Lora hashes: \"{}\"", hashes.join(", ")));
+            let weights: Vec<String> = self
+                .loras
+                .iter()
+                .map(|l| format!("{}: {}", l.name, number(l.weight)))
+                .collect();
+            fields.push(format!("Lora weights: \"{}\"", weights.join(", ")));
+        }
+        if let Some(img2img) = &self.img2img {
+            fields.push(format!("Denoising strength: {}", number(img2img.strength)));
+            if let Some(blur) = img2img.mask_blur {
+                fields.push(format!("Mask blur: {}", number(blur)));
+            }
+        }
         if self.eta != 0.0 {
             fields.push(format!("Eta: {}", number(self.eta)));
         }
@@ -128,6 +155,8 @@ mod tests {
             version: "sdfix 0.1.0".into(),
             model: "ByteDance/sd2.1-base-zsnr-laionaes5".into(),
             revision: None,
+            model_hash: None,
+            loras: Vec::new(),
             prompt: "solid black background".into(),
             negative_prompt: "blurry".into(),
             seed: 1234,
@@ -157,7 +186,32 @@ mod tests {
                 clip_sample: false,
                 timesteps: vec![999, 979],
             },
+            img2img: None,
         }
+    }
+
+    /// img2img adds A1111's `Denoising strength` (and `Mask blur` when inpainting).
+    #[test]
+    fn img2img_fields_in_a1111_parameters() {
+        let mut settings = example();
+        settings.img2img = Some(crate::engine::settings::Img2ImgRecord {
+            init_image: "in.png".into(),
+            init_image_sha256: "ab".into(),
+            strength: 0.6,
+            resize: "crop".into(),
+            vae_encode: "sample".into(),
+            mask: Some("mask.png".into()),
+            mask_sha256: Some("cd".into()),
+            mask_blur: Some(4.0),
+            paste_back: true,
+        });
+        let text = settings.a1111_parameters();
+        assert!(
+            text.contains("Model: ByteDance/sd2.1-base-zsnr-laionaes5, Denoising strength: 0.6, Mask blur: 4, "),
+            "{text}"
+        );
+        let fields = parse_parameters(&text).fields;
+        assert_eq!(fields["Denoising strength"], "0.6");
     }
 
     #[test]
@@ -211,6 +265,26 @@ mod tests {
         assert!(euler.a1111_parameters().contains("Schedule type: Karras,"));
         let json = serde_json::to_string(&euler).unwrap();
         assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), euler);
+    }
+
+    #[test]
+    fn model_and_lora_hashes_as_a1111_writes_them() {
+        let mut settings = example();
+        settings.model_hash = Some("0123456789".into());
+        settings.loras = vec![crate::engine::settings::LoraSetting {
+            name: "detail".into(),
+            hash: "abcdef012345".into(),
+            weight: 0.8,
+        }];
+        let text = settings.a1111_parameters();
+        assert!(
+            text.contains("Size: 512x512, Model hash: 0123456789, Model: ByteDance/sd2.1-base-zsnr-laionaes5, "),
+            "{text}"
+        );
+        assert!(text.contains(", Lora hashes: \"detail: abcdef012345\", "), "{text}");
+        let json = serde_json::to_string(&settings).unwrap();
+        assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), settings);
+        assert!(!serde_json::to_string(&example()).unwrap().contains("model_hash"));
     }
 
     #[test]

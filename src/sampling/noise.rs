@@ -8,6 +8,9 @@
 //! of each image's generator: ChaCha20 with the same key (the seed) and stream number
 //! [`STEP_NOISE_STREAM`]. It depends only on the image's seed, not on its batch, the device or
 //! whether the initial latents came from a file, so `--from-image` and shards reproduce it.
+//! img2img's sample of the VAE's latent Gaussian comes from a third stream,
+//! [`ENCODE_NOISE_STREAM`], so that the initial noise is the same with or without an init picture
+//! (at strength 1 under zero SNR, img2img is then exactly text to image).
 //! (DDIM's eta noise keeps continuing the initial stream, as it always has.)
 
 use candle_core::{Device, Result, Tensor};
@@ -19,10 +22,15 @@ use rand_distr::{Distribution, StandardNormal};
 /// the initial noise.
 pub const STEP_NOISE_STREAM: u64 = 1;
 
-/// One generator per image of a batch, and one per image for per-step sampler noise.
+/// The ChaCha20 stream that img2img's VAE posterior samples come from.
+pub const ENCODE_NOISE_STREAM: u64 = 2;
+
+/// One generator per image of a batch, and one per image for per-step sampler noise and for the
+/// VAE posterior sample.
 pub struct ImageNoise {
     generators: Vec<ChaCha20Rng>,
     step_generators: Vec<ChaCha20Rng>,
+    encode_generators: Vec<ChaCha20Rng>,
 }
 
 /// (images, c, h, w) standard normal f32 values, each image from its own generator.
@@ -37,14 +45,17 @@ fn draw(generators: &mut [ChaCha20Rng], (c, h, w): (usize, usize, usize), device
 
 impl ImageNoise {
     pub fn new(seeds: &[u64]) -> Self {
-        let step_generator = |&s: &u64| {
-            let mut g = ChaCha20Rng::seed_from_u64(s);
-            g.set_stream(STEP_NOISE_STREAM);
-            g
+        let on_stream = |stream: u64| {
+            move |&s: &u64| {
+                let mut g = ChaCha20Rng::seed_from_u64(s);
+                g.set_stream(stream);
+                g
+            }
         };
         Self {
             generators: seeds.iter().map(|&s| ChaCha20Rng::seed_from_u64(s)).collect(),
-            step_generators: seeds.iter().map(step_generator).collect(),
+            step_generators: seeds.iter().map(on_stream(STEP_NOISE_STREAM)).collect(),
+            encode_generators: seeds.iter().map(on_stream(ENCODE_NOISE_STREAM)).collect(),
         }
     }
 
@@ -56,6 +67,12 @@ impl ImageNoise {
     /// Draws one step's sampler noise, (images, c, h, w), from each image's step stream.
     pub fn sample_step(&mut self, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
         draw(&mut self.step_generators, shape, device)
+    }
+
+    /// Draws the standard normal values of a VAE posterior sample, (images, c, h, w), from each
+    /// image's encode stream.
+    pub fn sample_encode(&mut self, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+        draw(&mut self.encode_generators, shape, device)
     }
 }
 

@@ -213,6 +213,22 @@ impl Schedule {
         Ok(self)
     }
 
+    /// The same schedule without its first `skip` steps: img2img's start part-way down
+    /// (diffusers' `timesteps[t_start * order:]` with `set_begin_index`). Step `index` of the
+    /// result is step `skip + index` of this one, noise levels (`--sigmas`) included.
+    pub fn skip_steps(mut self, skip: usize) -> Result<Self> {
+        ensure!(
+            skip < self.timesteps.len(),
+            "cannot skip {skip} of {} steps: at least one must remain",
+            self.timesteps.len()
+        );
+        self.timesteps.drain(..skip);
+        if let Some(steps) = &mut self.continuous {
+            steps.drain(..skip);
+        }
+        Ok(self)
+    }
+
     /// The timestep the model is given at sampling step `index` (fractional with `--sigmas`).
     pub fn model_timestep(&self, index: usize) -> f64 {
         match &self.continuous {
@@ -298,6 +314,23 @@ mod tests {
         let s = Schedule::new(&spec(TimestepSpacing::Trailing, 7)).unwrap();
         assert_eq!(s.prev_alpha_cumprod(0), s.noise.alphas_cumprod[s.timesteps[1]]);
         assert_eq!(s.prev_alpha_cumprod(6), s.noise.alphas_cumprod[0]);
+    }
+
+    #[test]
+    fn skipping_steps_keeps_the_rest_as_they_were() {
+        let full = Schedule::new(&spec(TimestepSpacing::Trailing, 10))
+            .unwrap()
+            .with_terminal_alpha_bar(TerminalAlphaBar::Comfy)
+            .with_sigmas(SigmaSchedule::Karras)
+            .unwrap();
+        let rest = full.clone().skip_steps(4).unwrap();
+        assert_eq!(rest.timesteps, full.timesteps[4..]);
+        for index in 0..6 {
+            assert_eq!(rest.alpha_cumprod(index), full.alpha_cumprod(index + 4));
+            assert_eq!(rest.model_timestep(index), full.model_timestep(index + 4));
+            assert_eq!(rest.prev_alpha_cumprod(index), full.prev_alpha_cumprod(index + 4));
+        }
+        assert!(full.skip_steps(10).is_err());
     }
 
     #[test]

@@ -74,7 +74,9 @@ fn content_hash(files: &[EmbeddedFile]) -> u64 {
     hash
 }
 
-fn cache_root() -> PathBuf {
+/// The sdfix cache folder: `$SDFIX_CACHE`, else `$XDG_CACHE_HOME/sdfix`, else `~/.cache/sdfix`,
+/// else the temp dir.
+pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("SDFIX_CACHE") {
         return PathBuf::from(dir);
     }
@@ -89,7 +91,7 @@ fn cache_root() -> PathBuf {
 
 /// Writes `files` under `folder` through a temporary sibling folder and a rename, so a folder
 /// that exists is always complete.
-fn extract(files: &[EmbeddedFile], folder: &Path) -> Result<()> {
+fn extract(files: &[EmbeddedFile], folder: &Path, marker: &str) -> Result<()> {
     let parent = folder.parent().context("cache folder has no parent")?;
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let staging = parent.join(format!(
@@ -107,7 +109,7 @@ fn extract(files: &[EmbeddedFile], folder: &Path) -> Result<()> {
     match std::fs::rename(&staging, folder) {
         Ok(()) => Ok(()),
         // Another process extracted it first: theirs is complete; drop ours.
-        Err(_) if folder.join("model_index.json").is_file() => {
+        Err(_) if folder.join(marker).is_file() => {
             let _ = std::fs::remove_dir_all(&staging);
             Ok(())
         }
@@ -120,9 +122,50 @@ pub fn folder(name: &str) -> Result<Option<PathBuf>> {
     let Some(files) = files_of(name) else { return Ok(None) };
     let folder = cache_root().join(format!("{name}-{:016x}", content_hash(files)));
     if !folder.join("model_index.json").is_file() {
-        extract(files, &folder).with_context(|| {
+        extract(files, &folder, "model_index.json").with_context(|| {
             format!("cannot unpack the built-in model {name} (set SDFIX_CACHE to a writable folder)")
         })?;
     }
     Ok(Some(folder))
+}
+
+/// The CLIP tokenizer for single-file checkpoints, which carry none: the demo models' real CLIP
+/// BPE files, with SD 2.x's padding (`!`, id 0) or SD 1.x's (`<|endoftext|>`, as
+/// openai/clip-vit-large-patch14's tokenizer pads).
+const CLIP_TOKENIZER_SD2: &[EmbeddedFile] = &[
+    embed!("demo", "tokenizer/merges.txt"),
+    embed!("demo", "tokenizer/special_tokens_map.json"),
+    embed!("demo", "tokenizer/tokenizer_config.json"),
+    embed!("demo", "tokenizer/vocab.json"),
+];
+const SD1_SPECIAL_TOKENS: &[u8] = br#"{"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}"#;
+const SD1_TOKENIZER_CONFIG: &[u8] =
+    br#"{"model_max_length": 77, "do_lower_case": true, "tokenizer_class": "CLIPTokenizer"}"#;
+const CLIP_TOKENIZER_SD1: &[EmbeddedFile] = &[
+    embed!("demo", "tokenizer/merges.txt"),
+    EmbeddedFile {
+        path: "tokenizer/special_tokens_map.json",
+        bytes: SD1_SPECIAL_TOKENS,
+    },
+    EmbeddedFile {
+        path: "tokenizer/tokenizer_config.json",
+        bytes: SD1_TOKENIZER_CONFIG,
+    },
+    embed!("demo", "tokenizer/vocab.json"),
+];
+
+/// The built-in CLIP tokenizer folder, padding with EOS (SD 1.x) or with `!` (SD 2.x); unpacked
+/// into the cache on first use, like the demo models.
+pub fn clip_tokenizer_folder(pad_with_eos: bool) -> Result<PathBuf> {
+    let (name, files) = if pad_with_eos {
+        ("clip-tokenizer-sd1", CLIP_TOKENIZER_SD1)
+    } else {
+        ("clip-tokenizer-sd2", CLIP_TOKENIZER_SD2)
+    };
+    let folder = cache_root().join(format!("{name}-{:016x}", content_hash(files)));
+    if !folder.join("tokenizer/vocab.json").is_file() {
+        extract(files, &folder, "tokenizer/vocab.json")
+            .context("cannot unpack the built-in CLIP tokenizer (set SDFIX_CACHE to a writable folder)")?;
+    }
+    Ok(folder.join("tokenizer"))
 }

@@ -15,7 +15,12 @@ use hf_hub::{Cache, CacheRepo, Repo, RepoType};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelLocation {
     Folder(PathBuf),
-    Hub { repo_id: String, revision: String },
+    Hub {
+        repo_id: String,
+        revision: String,
+    },
+    /// A single-file checkpoint in the LDM layout ([`super::single_file`]).
+    File(PathBuf),
 }
 
 /// The branch hf-hub and the Python tools use when no revision is given.
@@ -24,7 +29,7 @@ pub const DEFAULT_REVISION: &str = "main";
 impl fmt::Display for ModelLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Folder(path) => write!(f, "{}", path.display()),
+            Self::Folder(path) | Self::File(path) => write!(f, "{}", path.display()),
             Self::Hub { repo_id, revision } if revision == DEFAULT_REVISION => f.write_str(repo_id),
             Self::Hub { repo_id, revision } => write!(f, "{repo_id}@{revision}"),
         }
@@ -39,7 +44,8 @@ fn is_repo_id(s: &str) -> bool {
 
 impl ModelLocation {
     /// Interprets the `--model` argument: the built-in demo models by name (`demo`,
-    /// `demo-flawed`), then an existing folder, then a hub repo id.
+    /// `demo-flawed`), then an existing folder, then a single-file checkpoint (`.safetensors`,
+    /// `.ckpt`), then a hub repo id.
     pub fn parse(model: &str, revision: Option<&str>) -> Result<Self> {
         if let Some(folder) = super::demo::folder(model)? {
             if revision.is_some() {
@@ -54,8 +60,20 @@ impl ModelLocation {
             }
             return Ok(Self::Folder(path.to_path_buf()));
         }
+        if super::single_file::is_single_file(path) {
+            if revision.is_some() {
+                bail!("--revision applies to Hugging Face repos, but --model {model} is a local file");
+            }
+            if super::lora::is_lora_file(path) {
+                bail!("--model {model} is a LoRA file; pass it as --lora {model} with a base --model");
+            }
+            return Ok(Self::File(path.to_path_buf()));
+        }
         if path.exists() {
-            bail!("--model {model} is a file; give the model's folder (the one holding model_index.json)");
+            bail!(
+                "--model {model} is a file sdfix does not read as a model; give a diffusers folder (the one \
+                 holding model_index.json) or a .safetensors / .ckpt checkpoint"
+            );
         }
         if is_repo_id(model) {
             let revision = revision.unwrap_or(DEFAULT_REVISION).to_string();
@@ -95,6 +113,10 @@ impl ModelFiles {
     pub fn new(location: ModelLocation) -> Result<Self> {
         let store = match &location {
             ModelLocation::Folder(folder) => Store::Folder(folder.clone()),
+            ModelLocation::File(path) => bail!(
+                "{} is a single-file checkpoint, not a diffusers folder or repo",
+                path.display()
+            ),
             ModelLocation::Hub { repo_id, revision } => {
                 let repo = Repo::with_revision(repo_id.clone(), RepoType::Model, revision.clone());
                 let cache = Cache::from_env().repo(repo.clone());

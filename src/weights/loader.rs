@@ -20,8 +20,10 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
-use super::files::ModelFiles;
+use super::files::{ModelFiles, ModelLocation};
+use super::lora::{Component as LoraComponent, Loras};
 use super::safetensors_reader::SafetensorsReader;
+use super::single_file::{Family, SingleFile, SingleFileOptions};
 use crate::config::clip::ClipTextConfig;
 use crate::config::read_json;
 use crate::config::scheduler::SchedulerConfig;
@@ -31,7 +33,7 @@ use crate::model::clip::ClipTextTransformer;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::vae::Vae;
+use crate::model::vae::{Vae, VaeEncoder};
 
 /// Tensors that checkpoints carry but no module reads: buffers, not weights.
 const IGNORED_TENSORS: &[&str] = &["text_model.embeddings.position_ids", "embeddings.position_ids"];
@@ -67,6 +69,29 @@ impl SimpleBackend for Tracked {
     }
 }
 
+/// A weights file's tensors by its extension: `.safetensors` (read, not mapped: see
+/// [`SafetensorsReader`]) or `.bin`/`.pt`/`.pth`/`.ckpt` (PyTorch pickle, checked first:
+/// [`super::pickle_check`]).
+fn open_backend(path: &Path) -> Result<(Box<dyn SimpleBackend>, BTreeSet<String>)> {
+    let label = path.display().to_string();
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    match extension {
+        "safetensors" => {
+            let tensors = SafetensorsReader::open(path)?;
+            let names = tensors.names().cloned().collect();
+            Ok((Box::new(tensors), names))
+        }
+        "bin" | "pt" | "pth" | "ckpt" => {
+            super::pickle_check::check(path)?;
+            let tensors = candle_core::pickle::PthTensors::new(path, None)
+                .with_context(|| format!("{label} is not a readable PyTorch checkpoint"))?;
+            let names = tensors.tensor_infos().keys().cloned().collect();
+            Ok((Box::new(tensors), names))
+        }
+        _ => bail!("{label}: unknown weights format (expected .safetensors or .bin)"),
+    }
+}
+
 /// One weights file, opened.
 pub struct Weights {
     label: String,
@@ -80,23 +105,14 @@ impl Weights {
     /// or `.bin`/`.pt`/`.pth`/`.ckpt` (PyTorch pickle). Tensors are converted to `dtype` on
     /// `device` as they are read.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let label = path.display().to_string();
-        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
-        let (backend, names): (Box<dyn SimpleBackend>, BTreeSet<String>) = match extension {
-            "safetensors" => {
-                let tensors = SafetensorsReader::open(path)?;
-                let names = tensors.names().cloned().collect();
-                (Box::new(tensors), names)
-            }
-            "bin" | "pt" | "pth" | "ckpt" => {
-                let tensors = candle_core::pickle::PthTensors::new(path, None)
-                    .with_context(|| format!("{label} is not a readable PyTorch checkpoint"))?;
-                let names = tensors.tensor_infos().keys().cloned().collect();
-                (Box::new(tensors), names)
-            }
-            _ => bail!("{label}: unknown weights format (expected .safetensors or .bin)"),
-        };
-        Ok(Self::from_backend(backend, names, label, dtype, device))
+        let (backend, names) = open_backend(path)?;
+        Ok(Self::from_backend(
+            backend,
+            names,
+            path.display().to_string(),
+            dtype,
+            device,
+        ))
     }
 
     /// Weights from tensors in memory (tests, renamed checkpoints).
@@ -110,7 +126,8 @@ impl Weights {
         Self::from_backend(Box::new(tensors), names, label.to_string(), dtype, device)
     }
 
-    fn from_backend(
+    /// Weights from any backend (a renamed single file, say); `names` are the tensors it holds.
+    pub fn from_backend(
         inner: Box<dyn SimpleBackend>,
         names: BTreeSet<String>,
         label: String,
@@ -129,6 +146,11 @@ impl Weights {
             used,
             var_builder,
         }
+    }
+
+    /// The file (or checkpoint component) these weights come from, for messages.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Whether the file holds `name`.
@@ -168,6 +190,10 @@ impl Weights {
     }
 }
 
+/// What to do when a single file's synthesised configs do not fit it.
+const CONFIG_HINT: &str =
+    "for a model whose sizes SD's defaults do not fit, pass --config DIR (a diffusers folder with its configs)";
+
 /// Where the scheduler config lives in the diffusers layout.
 pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 const TEXT_ENCODER_CONFIG: &str = "text_encoder/config.json";
@@ -206,6 +232,32 @@ pub struct ModelConfigs {
 
 impl ModelConfigs {
     /// Reads the scheduler, UNet, VAE and text-encoder configs of `files`' model.
+    /// The configs of a single-file checkpoint (synthesised, or from `--config`).
+    pub fn from_single_file(single: &SingleFile) -> Result<Self> {
+        let configs = &single.configs;
+        let what = |part: &str| format!("{} ({part} config {})", single.path.display(), configs.source);
+        let scheduler: SchedulerConfig =
+            serde_json::from_value(configs.scheduler.clone()).with_context(|| what("scheduler"))?;
+        let unet = serde_json::from_value::<UNetConfig>(configs.unet.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|c| c.resolve())
+            .with_context(|| format!("{}; {CONFIG_HINT}", what("UNet")))?;
+        let vae: VaeConfig = serde_json::from_value(configs.vae.clone()).with_context(|| what("VAE"))?;
+        vae.validate().with_context(|| what("VAE"))?;
+        let text_encoder: ClipTextConfig =
+            serde_json::from_value(configs.text_encoder.clone()).with_context(|| what("text encoder"))?;
+        text_encoder
+            .validate()
+            .with_context(|| format!("{}; {CONFIG_HINT}", what("text encoder")))?;
+        Ok(Self {
+            scheduler,
+            scheduler_path: format!("{} ({})", single.path.display(), configs.source),
+            unet,
+            vae,
+            text_encoder,
+        })
+    }
+
     pub fn read(files: &ModelFiles) -> Result<Self> {
         let scheduler = read_scheduler_config(files)?;
         let scheduler_path = format!("{}/{SCHEDULER_CONFIG}", files.location());
@@ -239,33 +291,155 @@ pub fn read_scheduler_config(files: &ModelFiles) -> Result<SchedulerConfig> {
     SchedulerConfig::from_file(&files.get(SCHEDULER_CONFIG)?)
 }
 
-/// The tokenizer and the CLIP text encoder of a model.
+/// Where a model's configs and weights come from: a diffusers layout (folder, hub repo, demo) or a
+/// single-file checkpoint.
+pub enum ModelSource {
+    Layout(ModelFiles),
+    Single(Box<SingleFile>),
+}
+
+impl ModelSource {
+    /// Opens `location`; `options` apply to single files (`--config`, `--ema`, the prediction
+    /// flags), and are refused for the other kinds when they would be ignored.
+    pub fn open(location: ModelLocation, options: &SingleFileOptions) -> Result<Self> {
+        match location {
+            ModelLocation::File(path) => Ok(Self::Single(Box::new(SingleFile::open(&path, options)?))),
+            location => {
+                if let Some(dir) = &options.config_dir {
+                    bail!(
+                        "--config {} applies to single-file checkpoints, but --model {location} is a diffusers model",
+                        dir.display()
+                    );
+                }
+                if options.ema {
+                    bail!("--ema applies to single-file checkpoints, but --model {location} is a diffusers model");
+                }
+                Ok(Self::Layout(ModelFiles::new(location)?))
+            }
+        }
+    }
+
+    /// The model's configs, read (or synthesised) and validated.
+    pub fn configs(&self) -> Result<ModelConfigs> {
+        match self {
+            Self::Layout(files) => ModelConfigs::read(files),
+            Self::Single(single) => ModelConfigs::from_single_file(single),
+        }
+    }
+
+    /// What to print once the model is open (a single file's family and detection).
+    pub fn describe(&self) -> Vec<String> {
+        match self {
+            Self::Layout(_) => Vec::new(),
+            Self::Single(single) => single.describe(),
+        }
+    }
+
+    /// Keys of a single file that nothing read and no rule ignores (printed with `-v`).
+    pub fn leftover_keys(&self) -> &[String] {
+        match self {
+            Self::Layout(_) => &[],
+            Self::Single(single) => &single.leftover,
+        }
+    }
+
+    /// One component's weights, with the LoRA updates for it.
+    fn weights(&self, component: &str, dtype: DType, device: &Device, loras: &Loras) -> Result<Weights> {
+        let (backend, names, label) = match self {
+            Self::Layout(files) => {
+                let stem = if component == "text_encoder" {
+                    "model"
+                } else {
+                    "diffusion_pytorch_model"
+                };
+                let path = files.first_present(&weight_candidates(component, stem, dtype))?;
+                let (backend, names) = open_backend(&path)?;
+                (backend, names, path.display().to_string())
+            }
+            Self::Single(single) => {
+                let map = match component {
+                    "unet" => &single.unet,
+                    "vae" => &single.vae,
+                    _ => &single.text_encoder,
+                };
+                let (backend, names) = single.backend(map);
+                (backend, names, format!("{} ({component})", single.path.display()))
+            }
+        };
+        let backend = match component {
+            "unet" => loras.patch(LoraComponent::Unet, backend, &names)?,
+            "text_encoder" => loras.patch(LoraComponent::TextEncoder, backend, &names)?,
+            _ => backend,
+        };
+        Ok(Weights::from_backend(backend, names, label, dtype, device))
+    }
+
+    fn tokenizer(&self) -> Result<ClipTokenizer> {
+        match self {
+            Self::Layout(files) => load_tokenizer(files),
+            Self::Single(single) => {
+                let folder = match &single.tokenizer_dir {
+                    Some(dir) => dir.clone(),
+                    None => super::demo::clip_tokenizer_folder(single.family == Family::Sd1)?,
+                };
+                ClipTokenizer::from_folder(&folder)
+            }
+        }
+    }
+}
+
+/// The tokenizer and the CLIP text encoder of a model, with its LoRA updates.
 pub fn load_model_text_encoder(
-    files: &ModelFiles,
+    source: &ModelSource,
     configs: &ModelConfigs,
     dtype: DType,
     device: &Device,
+    loras: &Loras,
 ) -> Result<TextEncoder> {
-    let tokenizer = load_tokenizer(files)?;
-    let weight_file = files.first_present(&weight_candidates("text_encoder", "model", dtype))?;
-    let model = build_text_encoder(&configs.text_encoder, &weight_file, dtype, device)?;
+    let tokenizer = source.tokenizer()?;
+    let model = source
+        .weights("text_encoder", dtype, device, loras)?
+        .build(|vb| ClipTextTransformer::new(vb, &configs.text_encoder))?;
     Ok(TextEncoder::new(tokenizer, model, device))
 }
 
-/// The UNet and the VAE decoder of a model; the VAE in f32 when its config says `force_upcast`
-/// and the model runs in f16 ([`Vae::decode_dtype`]).
+/// The UNet (with its LoRA updates) and the VAE decoder of a model; the VAE in f32 when its
+/// config says `force_upcast` and the model runs in f16 ([`Vae::decode_dtype`]).
 pub fn load_model_denoiser(
-    files: &ModelFiles,
+    source: &ModelSource,
     configs: &ModelConfigs,
     dtype: DType,
     device: &Device,
+    loras: &Loras,
 ) -> Result<StableDiffusion> {
-    let unet_file = files.first_present(&weight_candidates("unet", "diffusion_pytorch_model", dtype))?;
-    let unet = build_unet(&configs.unet, &unet_file, dtype, device)?;
+    let unet = source
+        .weights("unet", dtype, device, loras)?
+        .build(|vb| Ok(UNet2DConditionModel::new(vb, &configs.unet)?))?;
     let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
-    let vae_file = files.first_present(&weight_candidates("vae", "diffusion_pytorch_model", vae_dtype))?;
-    let vae = build_vae(&configs.vae, &vae_file, vae_dtype, device)?;
+    let vae = source
+        .weights("vae", vae_dtype, device, loras)?
+        .build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &configs.vae)?))?;
     Ok(StableDiffusion::new(unet, vae, dtype, vae_dtype, device))
+}
+
+/// The VAE encoder of a model (for img2img and inpainting), in the VAE's decode dtype: f32 under
+/// f16 with `force_upcast`, as diffusers' img2img pipelines upcast the VAE to encode too.
+pub fn load_model_vae_encoder(
+    source: &ModelSource,
+    configs: &ModelConfigs,
+    dtype: DType,
+    device: &Device,
+) -> Result<VaeEncoder> {
+    let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
+    let weights = source.weights("vae", vae_dtype, device, &Loras::default())?;
+    weights
+        .build_part(VaeEncoder::UNREAD_PREFIXES, |vb| Ok(VaeEncoder::new(vb, &configs.vae)?))
+        .with_context(|| {
+            format!(
+                "{}: the VAE encoder (needed by --init-image) could not be read; was the VAE saved without its encoder?",
+                weights.label()
+            )
+        })
 }
 
 /// Builds the UNet from a resolved config and its weights file.
@@ -287,6 +461,28 @@ pub fn build_text_encoder(
 /// deliberately not read ([`Vae::UNREAD_PREFIXES`]).
 pub fn build_vae(config: &VaeConfig, weights: &Path, dtype: DType, device: &Device) -> Result<Vae> {
     Weights::open(weights, dtype, device)?.build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, config)?))
+}
+
+/// The VAE encoder from a validated config and its weights file; the decoder's tensors are not
+/// read ([`VaeEncoder::UNREAD_PREFIXES`]). A VAE saved without its encoder is an error that says so.
+pub fn build_vae_encoder(config: &VaeConfig, weights: &Path, dtype: DType, device: &Device) -> Result<VaeEncoder> {
+    Weights::open(weights, dtype, device)?
+        .build_part(VaeEncoder::UNREAD_PREFIXES, |vb| Ok(VaeEncoder::new(vb, config)?))
+        .with_context(|| {
+            format!(
+                "{}: the VAE encoder (needed by --init-image) could not be read; was the VAE saved without its encoder?",
+                weights.display()
+            )
+        })
+}
+
+/// Builds the VAE encoder from its config.json and weights file.
+pub fn load_vae_encoder(config: &Path, weights: &Path, dtype: DType, device: &Device) -> Result<VaeEncoder> {
+    let config_values: VaeConfig = read_json(config)?;
+    config_values
+        .validate()
+        .with_context(|| format!("{}", config.display()))?;
+    build_vae_encoder(&config_values, weights, dtype, device)
 }
 
 /// Builds the UNet from its config.json and weights file (one component, outside a model folder).

@@ -29,7 +29,9 @@ const READ_PIECE_BYTES: usize = 8 << 20;
 
 /// One tensor's place in the file.
 struct Entry {
-    dtype: DType,
+    /// `Err(name)` for a dtype candle has no type for (I32 in many checkpoints'
+    /// `model_ema.num_updates`): listed, but an error only when read.
+    dtype: std::result::Result<DType, String>,
     shape: Shape,
     /// Absolute byte offset of the data.
     start: u64,
@@ -41,6 +43,8 @@ pub struct SafetensorsReader {
     label: String,
     file: Mutex<File>,
     entries: HashMap<String, Entry>,
+    /// The header's `__metadata__` strings (`modelspec.*` and the like).
+    metadata: HashMap<String, String>,
 }
 
 fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
@@ -86,9 +90,7 @@ impl SafetensorsReader {
             if *end as u64 > data_bytes {
                 bail!("{label} is truncated: tensor {name} ends at byte {end} of {data_bytes} data bytes");
             }
-            let Some(dtype) = candle_dtype(*dtype) else {
-                bail!("{label}: tensor {name} has dtype {dtype:?}, which sdfix cannot load");
-            };
+            let dtype = candle_dtype(*dtype).ok_or_else(|| format!("{dtype:?}"));
             entries.insert(
                 name,
                 Entry {
@@ -103,6 +105,7 @@ impl SafetensorsReader {
             label,
             file: Mutex::new(file),
             entries,
+            metadata: metadata.metadata().clone().unwrap_or_default(),
         })
     }
 
@@ -135,26 +138,59 @@ impl SafetensorsReader {
         self.entries.keys()
     }
 
+    /// The shape of tensor `name`, if the file has it.
+    pub fn shape(&self, name: &str) -> Option<&Shape> {
+        self.entries.get(name).map(|e| &e.shape)
+    }
+
+    /// The header's `__metadata__` strings.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
     /// Reads tensor `name` onto `device`, in the file's dtype.
     pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        self.load_part(name, 0, 1, device)
+    }
+
+    /// Part `k` of `parts` equal pieces of tensor `name` along its first dimension, read alone
+    /// (the rows are contiguous in the file): OpenCLIP's fused q/k/v projection, split without
+    /// reading it whole.
+    pub fn load_part(&self, name: &str, k: usize, parts: usize, device: &Device) -> candle_core::Result<Tensor> {
         let entry = self
             .entries
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let dtype = entry.dtype.clone().map_err(|dtype| {
+            candle_core::Error::Msg(format!(
+                "{}: tensor {name} has dtype {dtype}, which sdfix cannot load",
+                self.label
+            ))
+        })?;
+        let mut dims = entry.shape.dims().to_vec();
+        let rows = dims.first().copied().unwrap_or(1);
+        if parts == 0 || k >= parts || !rows.is_multiple_of(parts) {
+            candle_core::bail!("{}: tensor {name} {dims:?} has no part {k} of {parts}", self.label);
+        }
+        let bytes = entry.bytes / parts;
+        let start = entry.start + (k * bytes) as u64;
+        if let Some(first) = dims.first_mut() {
+            *first = rows / parts;
+        }
         let read = |buffer: &mut [u8]| -> candle_core::Result<()> {
-            self.read_at(entry.start, buffer)
+            self.read_at(start, buffer)
                 .map_err(|e| candle_core::Error::Msg(format!("{}: reading tensor {name}: {e}", self.label)))
         };
-        if entry.dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
+        if dtype == DType::F32 && device.is_cpu() && cfg!(target_endian = "little") {
             // Straight into the tensor's own buffer: the common CPU case, one copy from the cache.
-            let mut values = vec![0f32; entry.bytes / 4];
+            let mut values = vec![0f32; bytes / 4];
             // Any bit pattern is a valid f32, so bytemuck views the buffer as bytes without unsafe.
             read(bytemuck::cast_slice_mut(&mut values))?;
-            return Tensor::from_vec(values, entry.shape.clone(), device);
+            return Tensor::from_vec(values, dims, device);
         }
-        let mut bytes = vec![0u8; entry.bytes];
-        read(&mut bytes)?;
-        Tensor::from_raw_buffer(&bytes, entry.dtype, entry.shape.dims(), device)
+        let mut buffer = vec![0u8; bytes];
+        read(&mut buffer)?;
+        Tensor::from_raw_buffer(&buffer, dtype, &dims, device)
     }
 }
 
@@ -244,6 +280,25 @@ mod tests {
             small.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(),
             vec![1.0; 7]
         );
+    }
+
+    #[test]
+    fn a_part_along_the_first_dimension_is_those_rows() {
+        let device = Device::Cpu;
+        let values = Tensor::arange(0f32, 24., &device).unwrap().reshape((6, 4)).unwrap();
+        let file = write(&[("w", values.clone()), ("h", values.to_dtype(DType::F16).unwrap())]);
+        let reader = SafetensorsReader::open(file.path()).unwrap();
+        for name in ["w", "h"] {
+            let part = reader.load_part(name, 1, 3, &device).unwrap();
+            let expected = values.narrow(0, 2, 2).unwrap();
+            let part = part.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                part.to_vec2::<f32>().unwrap(),
+                expected.to_vec2::<f32>().unwrap(),
+                "{name}"
+            );
+        }
+        assert!(reader.load_part("w", 0, 5, &device).is_err());
     }
 
     #[test]

@@ -119,6 +119,8 @@ impl UNet2DConditionModel {
         cache: &mut CrossAttentionCache,
     ) -> Result<Tensor> {
         cache.start_pass();
+        // CUDA: the per-op dims/strides uploads, the same every step, from candle's cache.
+        let _uploads = crate::kernels::cuda_settings::htod_cache_guard(sample.device());
         let batch = sample.dim(0)?;
         let sample = if self.spec.center_input_sample {
             sample.affine(2.0, -1.0)?

@@ -1,0 +1,382 @@
+//! LoRA files merged into the weights as they load: `W += weight * scale * up @ down` (Hu et al.
+//! 2021), as diffusers' `load_lora_weights` + `fuse_lora` and AUTOMATIC1111 do.
+//!
+//! Two formats:
+//! - kohya / AUTOMATIC1111: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`
+//!   and `lora_te_<module>...`, where `<module>` is the diffusers (transformers, for the text
+//!   encoder) module path with `.` written `_`; scale = alpha / rank (1 without an alpha).
+//! - diffusers' PEFT format: `unet.<module>.lora_A.weight` (down), `.lora_B.weight` (up), and
+//!   `text_encoder.<module>...`; scale = alpha / rank when an `.alpha` is stored, else 1.
+//!
+//! Linear layers, 1x1 and 3x3 convolutions: `up` [out, r(, 1, 1)] and `down` [r, in(, k, k)] are
+//! multiplied as matrices ([out, r] @ [r, in k k]) and the product reshaped to the weight's
+//! shape. Keys that match no layer of the model are an error listing the first few. A weight of
+//! 0 leaves the model untouched (its LoRA is not even read).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+
+use super::safetensors_reader::SafetensorsReader;
+
+/// The weight of a `--lora FILE` without `:WEIGHT`.
+pub const DEFAULT_WEIGHT: f64 = 1.0;
+/// How many unmatched keys an error lists.
+const LISTED_KEYS: usize = 5;
+/// A1111's LoRA short hash: the first 12 hex digits.
+const SHORT_HASH_DIGITS: usize = 12;
+
+/// `--lora FILE[:WEIGHT]` as given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+impl std::str::FromStr for LoraSpec {
+    type Err = String;
+
+    /// `FILE` or `FILE:WEIGHT`; a `:` followed by something that is not a number is part of the
+    /// path.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some((path, weight)) = s.rsplit_once(':') {
+            if let Ok(weight) = weight.parse::<f64>() {
+                if !weight.is_finite() {
+                    return Err(format!("{s}: the weight must be a finite number"));
+                }
+                return Ok(Self {
+                    path: PathBuf::from(path),
+                    weight,
+                });
+            }
+        }
+        Ok(Self {
+            path: PathBuf::from(s),
+            weight: DEFAULT_WEIGHT,
+        })
+    }
+}
+
+/// The model parts a LoRA can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Unet => "UNet",
+            Self::TextEncoder => "text encoder",
+        }
+    }
+}
+
+/// How a module is named in the file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum ModuleName {
+    /// kohya: the module path with `_` for `.`.
+    Underscored(String),
+    /// PEFT: the module path as it is.
+    Dotted(String),
+}
+
+/// One low-rank update.
+struct Module {
+    key: String,
+    component: Component,
+    name: ModuleName,
+    up: Tensor,
+    down: Tensor,
+    scale: f64,
+}
+
+/// One LoRA file, read.
+pub struct LoraFile {
+    pub path: PathBuf,
+    /// The file's name without extension (A1111's name for it).
+    pub name: String,
+    pub weight: f64,
+    /// A1111's short hash (12 hex digits of the addnet hash).
+    pub hash: String,
+    modules: Vec<Module>,
+}
+
+/// What the PNG records about one LoRA.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRecord {
+    pub name: String,
+    pub hash: String,
+    pub weight: f64,
+}
+
+/// Every `--lora` of a run.
+#[derive(Default)]
+pub struct Loras {
+    pub files: Vec<LoraFile>,
+}
+
+fn as_f64(tensor: &Tensor) -> Result<f64> {
+    Ok(tensor
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .first()
+        .copied()
+        .unwrap_or(0.0))
+}
+
+impl LoraFile {
+    pub fn open(spec: &LoraSpec) -> Result<Self> {
+        let path = &spec.path;
+        let label = path.display().to_string();
+        let name = path
+            .file_stem()
+            .map_or_else(|| label.clone(), |s| s.to_string_lossy().into_owned());
+        ensure!(
+            path.extension().and_then(|e| e.to_str()) == Some("safetensors"),
+            "--lora {label}: LoRA files must be .safetensors"
+        );
+        let reader = SafetensorsReader::open(path).with_context(|| format!("--lora {label}"))?;
+        let hash = super::hash::addnet_hash(path)?[..SHORT_HASH_DIGITS].to_string();
+        let device = Device::Cpu;
+        // Group the keys by module: (prefix before .lora_*) -> parts.
+        let mut groups: BTreeMap<String, BTreeMap<&'static str, String>> = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for key in reader.names() {
+            let part = [
+                (".lora_down.weight", "down"),
+                (".lora_up.weight", "up"),
+                (".lora_A.weight", "down"),
+                (".lora_B.weight", "up"),
+                (".alpha", "alpha"),
+            ]
+            .iter()
+            .find_map(|(suffix, part)| key.strip_suffix(suffix).map(|m| (m.to_string(), *part)));
+            match part {
+                Some((module, part)) => {
+                    groups.entry(module).or_default().insert(part, key.clone());
+                }
+                None => unknown.push(key.clone()),
+            }
+        }
+        let mut modules = Vec::new();
+        for (module, parts) in &groups {
+            let (component, name) = if let Some(m) = module.strip_prefix("lora_unet_") {
+                (Component::Unet, ModuleName::Underscored(m.to_string()))
+            } else if let Some(m) = module.strip_prefix("lora_te_") {
+                (Component::TextEncoder, ModuleName::Underscored(m.to_string()))
+            } else if let Some(m) = module.strip_prefix("unet.") {
+                (Component::Unet, ModuleName::Dotted(m.to_string()))
+            } else if let Some(m) = module.strip_prefix("text_encoder.") {
+                (Component::TextEncoder, ModuleName::Dotted(m.to_string()))
+            } else {
+                unknown.push(module.clone());
+                continue;
+            };
+            let (Some(up), Some(down)) = (parts.get("up"), parts.get("down")) else {
+                bail!("--lora {label}: module {module} has no lora_up/lora_down (or lora_B/lora_A) pair");
+            };
+            let up = reader.load(up, &device)?.to_dtype(DType::F32)?;
+            let down = reader.load(down, &device)?.to_dtype(DType::F32)?;
+            let rank = down.dim(0)?;
+            ensure!(
+                up.dim(1)? == rank,
+                "--lora {label}: module {module}: up has rank {} but down {rank}",
+                up.dim(1)?
+            );
+            let scale = match parts.get("alpha") {
+                Some(alpha) => as_f64(&reader.load(alpha, &device)?)? / rank as f64,
+                None => 1.0,
+            };
+            modules.push(Module {
+                key: module.clone(),
+                component,
+                name,
+                up: up.flatten_from(1)?,
+                down: down.flatten_from(1)?,
+                scale,
+            });
+        }
+        if !unknown.is_empty() {
+            unknown.sort();
+            bail!(
+                "--lora {label}: {} key(s) of no known LoRA format (kohya lora_unet_/lora_te_, or diffusers unet./text_encoder.), first: {}",
+                unknown.len(),
+                unknown.iter().take(LISTED_KEYS).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(Self {
+            path: path.clone(),
+            name,
+            weight: spec.weight,
+            hash,
+            modules,
+        })
+    }
+}
+
+impl Loras {
+    /// Reads every LoRA (those of weight 0 are hashed for the record but not applied).
+    pub fn open(specs: &[LoraSpec]) -> Result<Self> {
+        Ok(Self {
+            files: specs.iter().map(LoraFile::open).collect::<Result<_>>()?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn records(&self) -> Vec<LoraRecord> {
+        self.files
+            .iter()
+            .map(|f| LoraRecord {
+                name: f.name.clone(),
+                hash: f.hash.clone(),
+                weight: f.weight,
+            })
+            .collect()
+    }
+
+    /// `inner` with every LoRA update for `component` added; `names` are the tensors the component
+    /// has (diffusers names). A LoRA module that matches none of them is an error.
+    pub fn patch(
+        &self,
+        component: Component,
+        inner: Box<dyn SimpleBackend>,
+        names: &BTreeSet<String>,
+    ) -> Result<Box<dyn SimpleBackend>> {
+        let active: Vec<&LoraFile> = self.files.iter().filter(|f| f.weight != 0.0).collect();
+        if active
+            .iter()
+            .all(|f| f.modules.iter().all(|m| m.component != component))
+        {
+            return Ok(inner);
+        }
+        // Text encoder weights are named with transformers 4's `text_model.` level or without it
+        // (transformers 5); LoRA files name them either way: both spellings find the weight.
+        let mut underscored: HashMap<String, &String> = HashMap::new();
+        let mut dotted: HashMap<String, &String> = HashMap::new();
+        for name in names {
+            let Some(module) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            let bare = module.strip_prefix("text_model.").unwrap_or(module);
+            for spelling in [bare.to_string(), format!("text_model.{bare}")] {
+                underscored.insert(spelling.replace('.', "_"), name);
+                dotted.insert(spelling, name);
+            }
+        }
+        let mut updates: HashMap<String, Vec<Update>> = HashMap::new();
+        for file in active {
+            let mut unmatched = Vec::new();
+            for module in file.modules.iter().filter(|m| m.component == component) {
+                let target = match &module.name {
+                    ModuleName::Underscored(m) => underscored.get(m).map(|n| (*n).clone()),
+                    ModuleName::Dotted(m) => dotted.get(m).map(|n| (*n).clone()),
+                };
+                match target {
+                    Some(target) => updates.entry(target).or_default().push(Update {
+                        up: module.up.clone(),
+                        down: module.down.clone(),
+                        factor: file.weight * module.scale,
+                    }),
+                    None => unmatched.push(module.key.clone()),
+                }
+            }
+            if !unmatched.is_empty() {
+                bail!(
+                    "--lora {}: {} module(s) match no layer of the model's {}, first: {}",
+                    file.path.display(),
+                    unmatched.len(),
+                    component.name(),
+                    unmatched
+                        .iter()
+                        .take(LISTED_KEYS)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        Ok(Box::new(Patched { inner, updates }))
+    }
+}
+
+/// `factor * up @ down`, added to one weight.
+struct Update {
+    up: Tensor,
+    down: Tensor,
+    factor: f64,
+}
+
+/// A backend whose weights get their LoRA updates as they are read.
+struct Patched {
+    inner: Box<dyn SimpleBackend>,
+    updates: HashMap<String, Vec<Update>>,
+}
+
+impl Patched {
+    fn apply(&self, name: &str, tensor: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let Some(updates) = self.updates.get(name) else {
+            return tensor.to_dtype(dtype);
+        };
+        let device = tensor.device().clone();
+        let shape: Shape = tensor.shape().clone();
+        let mut merged = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        for update in updates {
+            // (out, r) @ (r, in k k) -> (out, in k k), as the weight's shape.
+            let delta = (update.up.matmul(&update.down)? * update.factor)?.reshape(&shape)?;
+            merged = (merged + delta)?;
+        }
+        merged.to_dtype(dtype)?.to_device(&device)
+    }
+}
+
+impl SimpleBackend for Patched {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        // Read in f32 so the update adds at full precision, then convert.
+        let tensor = self.inner.get(s, name, h, DType::F32, dev)?;
+        self.apply(name, tensor, dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get_unchecked(name, DType::F32, dev)?;
+        self.apply(name, tensor, dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Whether `path` looks like a LoRA file (for `--model` messages).
+pub fn is_lora_file(path: &Path) -> bool {
+    SafetensorsReader::open(path)
+        .map(|r| {
+            r.names()
+                .any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te_"))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_with_and_without_weight() {
+        let spec: LoraSpec = "a/b.safetensors:0.5".parse().unwrap();
+        assert_eq!(spec.weight, 0.5);
+        assert_eq!(spec.path, PathBuf::from("a/b.safetensors"));
+        let spec: LoraSpec = "c:/x/b.safetensors".parse().unwrap();
+        assert_eq!(spec.weight, DEFAULT_WEIGHT);
+        assert_eq!(spec.path, PathBuf::from("c:/x/b.safetensors"));
+    }
+}

@@ -1,0 +1,623 @@
+//! Single-file checkpoints in the original LDM layout (`.safetensors`, or `.ckpt` zips whose
+//! pickle is checked first: [`super::pickle_check`]), as AUTOMATIC1111, ComfyUI and model hubs
+//! keep them.
+//!
+//! Opening one:
+//! 1. The keys are renamed to diffusers' ([`super::ldm_keys`]); junk keys (the training schedule's
+//!    buffers, `model_ema.*` unless `--ema`, `position_ids`, `logit_scale`) are ignored and
+//!    anything else no rule knows is kept as a leftover list (printed with `-v`).
+//! 2. The family comes from tensor shapes: SD 1.x (CLIP-L text encoder, cross-attention 768) or
+//!    SD 2.x (OpenCLIP ViT-H, 1024, linear `proj_in`); 9 input channels mark an inpainting UNet;
+//!    SDXL is refused.
+//! 3. Configs: from `--config DIR` (a diffusers folder whose configs fit these weights), or
+//!    synthesised: models/arch's SD 1.5 / 2.1 configs (built into the binary) with every size
+//!    the shapes tell (channels, levels, resnets and transformer depth per level, cross-attention
+//!    width, projection kind); heads as SD does (8 for SD 1.x, 64 channels each for SD 2.x).
+//! 4. Prediction type and zero terminal SNR ([`super::detect`]).
+//!
+//! Tensors are then read one at a time through [`Renamed`], as from a folder: a single file costs
+//! no more memory than the same weights as a folder.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::Init;
+use serde_json::{json, Value};
+
+use super::detect::{self, Detection, Marks};
+use super::ldm_keys::{
+    self, is_junk, RenameMap, Source, Transform, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_EMA_PREFIX, UNET_PREFIX,
+    VAE_PREFIX,
+};
+use super::pickle_check;
+use super::safetensors_reader::SafetensorsReader;
+
+/// File extensions `--model` takes as a single-file checkpoint.
+pub const EXTENSIONS: &[&str] = &["safetensors", "ckpt", "pt", "pth"];
+
+/// models/arch's configs, built in so that a single file needs nothing else.
+const SD1_UNET: &str = include_str!("../../models/arch/sd1.5/unet/config.json");
+const SD1_VAE: &str = include_str!("../../models/arch/sd1.5/vae/config.json");
+const SD1_TEXT: &str = include_str!("../../models/arch/sd1.5/text_encoder/config.json");
+const SD2_UNET: &str = include_str!("../../models/arch/sd2.1-base/unet/config.json");
+const SD2_TEXT: &str = include_str!("../../models/arch/sd2.1/text_encoder/config.json");
+
+/// SD's attention heads: 8 per transformer in SD 1.x; 64 channels per head in SD 2.x (and in
+/// both CLIP text encoders).
+const SD1_HEADS: usize = 8;
+const HEAD_CHANNELS: usize = 64;
+/// Latent sizes of SD's training resolutions: 512 px, and 768 px for SD 2.x v-models.
+const SAMPLE_SIZE_512: usize = 64;
+const SAMPLE_SIZE_768: usize = 96;
+/// SDXL's cross-attention width (its two text encoders' features concatenated).
+const SDXL_CROSS_ATTENTION: usize = 2048;
+
+/// What `--model FILE` is opened with besides the file.
+#[derive(Debug, Clone, Default)]
+pub struct SingleFileOptions {
+    /// A diffusers folder whose configs (and tokenizer, if it has one) replace the synthesised
+    /// ones.
+    pub config_dir: Option<PathBuf>,
+    /// Use the UNet's EMA weights (`model_ema.*`).
+    pub ema: bool,
+    /// `--prediction` and `--zero-snr`/`--no-zero-snr` as given, which win over any mark.
+    pub prediction: Option<String>,
+    pub zero_snr: Option<bool>,
+}
+
+/// The Stable Diffusion families a single file can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// CLIP-L text encoder (`cond_stage_model.transformer.*`), cross-attention 768.
+    Sd1,
+    /// OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`), cross-attention 1024.
+    Sd2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "SD 1.x",
+            Self::Sd2 => "SD 2.x",
+        }
+    }
+}
+
+/// The checkpoint's tensors: a safetensors file or a checked PyTorch zip.
+pub enum Checkpoint {
+    Safetensors(SafetensorsReader),
+    Pickle(candle_core::pickle::PthTensors),
+}
+
+impl Checkpoint {
+    /// Opens `path` by its extension; a pickle is checked ([`pickle_check`]) before anything is
+    /// read from it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let label = path.display();
+        match path.extension().and_then(|e| e.to_str()).unwrap_or_default() {
+            "safetensors" => Ok(Self::Safetensors(SafetensorsReader::open(path)?)),
+            "ckpt" | "pt" | "pth" => {
+                pickle_check::check(path)?;
+                // LDM checkpoints keep the weights under "state_dict"; some are the state dict.
+                let tensors = candle_core::pickle::PthTensors::new(path, Some("state_dict"))
+                    .or_else(|_| candle_core::pickle::PthTensors::new(path, None))
+                    .with_context(|| format!("{label} is not a readable PyTorch checkpoint"))?;
+                Ok(Self::Pickle(tensors))
+            }
+            other => bail!("{label}: unknown checkpoint format .{other} (expected .safetensors or .ckpt)"),
+        }
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        match self {
+            Self::Safetensors(r) => r.names().cloned().collect(),
+            Self::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+        }
+    }
+
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        match self {
+            Self::Safetensors(r) => r.shape(key).map(|s| s.dims().to_vec()),
+            Self::Pickle(p) => p.tensor_infos().get(key).map(|i| i.layout.dims().to_vec()),
+        }
+    }
+
+    /// The safetensors header's `__metadata__` (none for pickles).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        match self {
+            Self::Safetensors(r) => r.metadata().clone(),
+            Self::Pickle(_) => HashMap::new(),
+        }
+    }
+
+    /// Part `k` of 3 of `key` along its first dimension; from a safetensors file only those rows
+    /// are read (a single file then peaks no higher than the folder).
+    pub fn load_third(&self, key: &str, k: usize, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Safetensors(r) => r.load_part(key, k, 3, device),
+            Self::Pickle(_) => {
+                let tensor = self.load(key, device)?;
+                let rows = tensor.dim(0)? / 3;
+                tensor.narrow(0, k * rows, rows)?.contiguous()
+            }
+        }
+    }
+
+    /// Reads `key` in the file's dtype.
+    pub fn load(&self, key: &str, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Safetensors(r) => r.load(key, device),
+            Self::Pickle(p) => p
+                .get(key)?
+                .ok_or_else(|| candle_core::Error::CannotFindTensor { path: key.to_string() }.bt())?
+                .to_device(device),
+        }
+    }
+}
+
+/// One component's tensors under diffusers names, read from the checkpoint on demand.
+pub struct Renamed {
+    file: Arc<Checkpoint>,
+    map: Arc<RenameMap>,
+}
+
+impl Renamed {
+    pub fn new(file: Arc<Checkpoint>, map: Arc<RenameMap>) -> Self {
+        Self { file, map }
+    }
+
+    /// Tensor `name` (a diffusers name) as the module wants it.
+    pub fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        let source = self
+            .map
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        match source.transform {
+            Transform::Same => self.file.load(&source.key, device),
+            Transform::ConvToLinear => self.file.load(&source.key, device)?.flatten_from(1),
+            Transform::Third(k) => self.file.load_third(&source.key, k, device),
+        }
+    }
+}
+
+impl SimpleBackend for Renamed {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.load(name, dev)?;
+        if tensor.shape() != &s {
+            let key = self.map.get(name).map_or("?", |source| source.key.as_str());
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name} (checkpoint key {key})"),
+                expected: s,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        tensor.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+}
+
+/// The configs of a single file, as diffusers JSON values (written as they are by `convert`).
+#[derive(Debug, Clone)]
+pub struct Configs {
+    pub unet: Value,
+    pub vae: Value,
+    pub text_encoder: Value,
+    pub scheduler: Value,
+    /// Where they came from, for messages: "synthesised for SD 2.x" or the --config folder.
+    pub source: String,
+}
+
+/// A single-file checkpoint, opened: renames, configs and prediction type settled, no weight
+/// read yet (except for the SD 2.x UNet-output test, see [`super::detect`]).
+pub struct SingleFile {
+    pub path: PathBuf,
+    pub file: Arc<Checkpoint>,
+    pub family: Family,
+    pub unet: Arc<RenameMap>,
+    pub vae: Arc<RenameMap>,
+    pub text_encoder: Arc<RenameMap>,
+    pub configs: Configs,
+    pub detection: Detection,
+    /// Keys no rule consumed and no junk rule ignored.
+    pub leftover: Vec<String>,
+    /// The tokenizer folder of `--config`, when it has one (else the built-in CLIP BPE).
+    pub tokenizer_dir: Option<PathBuf>,
+}
+
+fn shape_of(file: &Checkpoint, map: &RenameMap, name: &str) -> Result<Vec<usize>> {
+    let source = map
+        .get(name)
+        .with_context(|| format!("the checkpoint has no tensor for {name}"))?;
+    file.shape(&source.key)
+        .with_context(|| format!("the checkpoint has no tensor {}", source.key))
+}
+
+fn read_config(dir: &Path, relative: &str) -> Result<Value> {
+    crate::config::read_json(&dir.join(relative)).with_context(|| {
+        format!(
+            "--config {}: needs {relative} (a diffusers model folder)",
+            dir.display()
+        )
+    })
+}
+
+/// Count of `prefix N.` distinct N among `names`.
+fn count_indices<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> usize {
+    names
+        .filter_map(|n| n.strip_prefix(prefix))
+        .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+/// One value for every block when they are all equal, else the list.
+fn per_block(values: &[usize]) -> Value {
+    if values.windows(2).all(|w| w[0] == w[1]) {
+        json!(values[0])
+    } else {
+        json!(values)
+    }
+}
+
+impl SingleFile {
+    pub fn open(path: &Path, options: &SingleFileOptions) -> Result<Self> {
+        let label = path.display().to_string();
+        let file = Arc::new(Checkpoint::open(path)?);
+        let keys = file.keys();
+        let key_set: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
+        if keys
+            .iter()
+            .any(|k| k.starts_with("conditioner.") || k.starts_with("model.diffusion_model.label_emb."))
+        {
+            bail!("{label} is an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are)");
+        }
+        let unet_keys: BTreeSet<&str> = keys.iter().filter_map(|k| k.strip_prefix(UNET_PREFIX)).collect();
+        if unet_keys.is_empty() {
+            bail!(
+                "{label} is not a Stable Diffusion checkpoint in the LDM layout (no {UNET_PREFIX}* keys); \
+                 for a diffusers model pass its folder"
+            );
+        }
+
+        // UNet.
+        let (unet_renames, layout, mut leftover) = ldm_keys::unet_renames(&unet_keys)?;
+        leftover.iter_mut().for_each(|k| k.insert_str(0, UNET_PREFIX));
+        let mut unet = RenameMap::new();
+        for (ours, rest) in unet_renames {
+            let key = if options.ema {
+                let ema = format!("{UNET_EMA_PREFIX}{}", rest.replace('.', ""));
+                if !key_set.contains(ema.as_str()) {
+                    bail!("--ema: {label} has no EMA weights ({ema} is missing); drop --ema");
+                }
+                ema
+            } else {
+                format!("{UNET_PREFIX}{rest}")
+            };
+            unet.insert(
+                ours,
+                Source {
+                    key,
+                    transform: Transform::Same,
+                },
+            );
+        }
+        let cross_attention = unet
+            .iter()
+            .find(|(name, _)| name.ends_with("attn2.to_k.weight"))
+            .and_then(|(_, source)| file.shape(&source.key))
+            .map(|shape| shape[1]);
+        if cross_attention == Some(SDXL_CROSS_ATTENTION) {
+            bail!("{label} is an SDXL checkpoint (cross-attention 2048); SDXL is not supported yet");
+        }
+        let has_open_clip = keys.iter().any(|k| k.starts_with(OPEN_CLIP_PREFIX));
+        let has_clip = keys.iter().any(|k| k.starts_with(CLIP_PREFIX));
+        let family = match (has_open_clip, has_clip) {
+            (true, _) => Family::Sd2,
+            (false, true) => Family::Sd1,
+            (false, false) => bail!(
+                "{label} has no text encoder (cond_stage_model.transformer.* or cond_stage_model.model.*); \
+                 sdfix needs the whole model in one file"
+            ),
+        };
+
+        // VAE.
+        let vae_keys: BTreeSet<&str> = keys.iter().filter_map(|k| k.strip_prefix(VAE_PREFIX)).collect();
+        if vae_keys.is_empty() {
+            bail!("{label} has no VAE (first_stage_model.*); sdfix needs the whole model in one file");
+        }
+        let (vae, vae_unknown) = ldm_keys::vae_renames(&vae_keys, |k| file.shape(&format!("{VAE_PREFIX}{k}")));
+        leftover.extend(vae_unknown);
+
+        // Configs, then the text encoder's renames (OpenCLIP's depth comes from the config).
+        let mut configs = match &options.config_dir {
+            Some(dir) => Configs {
+                unet: read_config(dir, "unet/config.json")?,
+                vae: read_config(dir, "vae/config.json")?,
+                text_encoder: read_config(dir, "text_encoder/config.json")?,
+                scheduler: crate::config::read_json(&dir.join("scheduler/scheduler_config.json"))
+                    .unwrap_or(Value::Null),
+                source: format!("--config {}", dir.display()),
+            },
+            None => Configs {
+                unet: synthesise_unet(&file, &unet, &layout, family)?,
+                vae: synthesise_vae(&file, &vae)?,
+                text_encoder: Value::Null,
+                scheduler: Value::Null,
+                source: format!("synthesised for {} from the tensor shapes", family.name()),
+            },
+        };
+        let text_keys: BTreeSet<&str> = match family {
+            Family::Sd1 => keys.iter().filter_map(|k| k.strip_prefix(CLIP_PREFIX)).collect(),
+            Family::Sd2 => keys.iter().filter_map(|k| k.strip_prefix(OPEN_CLIP_PREFIX)).collect(),
+        };
+        let text_encoder = match family {
+            Family::Sd1 => {
+                let (renames, unknown) = ldm_keys::clip_renames(&text_keys);
+                leftover.extend(unknown);
+                renames
+            }
+            Family::Sd2 => {
+                let resblocks = count_indices(keys.iter(), &format!("{OPEN_CLIP_PREFIX}transformer.resblocks."));
+                let layers = match configs.text_encoder.get("num_hidden_layers").and_then(Value::as_u64) {
+                    Some(n) => n as usize,
+                    // SD 2 conditions on the penultimate layer: one fewer than the file has.
+                    None => resblocks.saturating_sub(1),
+                };
+                let (renames, _dropped, unknown) = ldm_keys::open_clip_renames(&text_keys, layers);
+                leftover.extend(unknown);
+                renames
+            }
+        };
+        if configs.text_encoder.is_null() {
+            configs.text_encoder = synthesise_text_encoder(&file, &text_encoder, family)?;
+        }
+        let consumed: BTreeSet<&str> = [&unet, &vae, &text_encoder]
+            .iter()
+            .flat_map(|map| map.values().map(|s| s.key.as_str()))
+            .collect();
+        leftover.retain(|k| !is_junk(k) && !consumed.contains(k.as_str()));
+        let dropped_prefixes = [UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX];
+        for key in &keys {
+            let known = dropped_prefixes.iter().any(|p| key.starts_with(p)) || is_junk(key);
+            if !known && !leftover.contains(key) {
+                leftover.push(key.clone());
+            }
+        }
+        leftover.sort();
+
+        let mut single = Self {
+            path: path.to_path_buf(),
+            file,
+            family,
+            unet: Arc::new(unet),
+            vae: Arc::new(vae),
+            text_encoder: Arc::new(text_encoder),
+            configs,
+            detection: Detection::default(),
+            leftover,
+            tokenizer_dir: options
+                .config_dir
+                .as_ref()
+                .map(|d| d.join("tokenizer"))
+                .filter(|d| d.join("vocab.json").is_file() || d.join("tokenizer.json").is_file()),
+        };
+        let marks = Marks::read(&single, options)?;
+        single.detection = detect::detect(&single, &marks)?;
+        single.finish_configs(&marks);
+        Ok(single)
+    }
+
+    /// The synthesised scheduler config (or --config's, with the detected values written in),
+    /// and the sizes that depend on the prediction type.
+    fn finish_configs(&mut self, marks: &Marks) {
+        let v = self.detection.prediction == detect::V_PREDICTION;
+        let synthesised = self.configs.scheduler.is_null();
+        if synthesised {
+            self.configs.scheduler = json!({
+                "_class_name": "DDIMScheduler",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000,
+                "clip_sample": false,
+                "set_alpha_to_one": false,
+                "steps_offset": 1,
+                "timestep_spacing": "trailing",
+            });
+        }
+        self.configs.scheduler["prediction_type"] = json!(self.detection.prediction);
+        self.configs.scheduler["rescale_betas_zero_snr"] = json!(self.detection.zero_snr);
+        if self.configs.source.starts_with("synthesised") {
+            let sample_size = marks
+                .resolution
+                .map(|px| px / 8)
+                .unwrap_or(if v && self.family == Family::Sd2 {
+                    SAMPLE_SIZE_768
+                } else {
+                    SAMPLE_SIZE_512
+                });
+            self.configs.unet["sample_size"] = json!(sample_size);
+            self.configs.vae["sample_size"] = json!(sample_size * 8);
+            // diffusers' SD 2.x v-model configs upcast attention (the 768 model overflows in f16).
+            self.configs.unet["upcast_attention"] = json!(v && self.family == Family::Sd2);
+        }
+    }
+
+    /// The file's name without its extension: what AUTOMATIC1111 shows as `Model:`.
+    pub fn model_name(&self) -> String {
+        self.path
+            .file_stem()
+            .map_or_else(|| self.path.display().to_string(), |s| s.to_string_lossy().into_owned())
+    }
+
+    /// The lines to print when the model opens (the detection and its source).
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = vec![
+            format!(
+                "{}: {} checkpoint, configs {}",
+                self.path.display(),
+                self.family.name(),
+                self.configs.source
+            ),
+            self.detection.describe(),
+        ];
+        if self.unet_in_channels() == Some(9) {
+            lines.push("the UNet takes 9 channels: an inpainting model".into());
+        }
+        lines
+    }
+
+    fn unet_in_channels(&self) -> Option<usize> {
+        self.configs
+            .unet
+            .get("in_channels")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+    }
+
+    /// A backend serving `map`'s tensors by their diffusers names.
+    pub fn backend(&self, map: &Arc<RenameMap>) -> (Box<dyn SimpleBackend>, BTreeSet<String>) {
+        let names = map.keys().cloned().collect();
+        (Box::new(Renamed::new(self.file.clone(), map.clone())), names)
+    }
+}
+
+/// The UNet config: SD 1.5's or SD 2.1's, with every size the shapes tell.
+fn synthesise_unet(
+    file: &Checkpoint,
+    unet: &RenameMap,
+    layout: &ldm_keys::UNetLayout,
+    family: Family,
+) -> Result<Value> {
+    let mut config: Value = serde_json::from_str(match family {
+        Family::Sd1 => SD1_UNET,
+        Family::Sd2 => SD2_UNET,
+    })?;
+    let levels = layout.resnets.len();
+    let channels = (0..levels)
+        .map(|l| shape_of(file, unet, &format!("down_blocks.{l}.resnets.0.conv1.weight")).map(|s| s[0]))
+        .collect::<Result<Vec<_>>>()?;
+    let depth: Vec<usize> = (0..levels)
+        .map(|l| {
+            count_indices(
+                unet.keys(),
+                &format!("down_blocks.{l}.attentions.0.transformer_blocks."),
+            )
+            .max(1)
+        })
+        .collect();
+    let cross = unet
+        .iter()
+        .find(|(name, _)| name.ends_with("attn2.to_k.weight"))
+        .and_then(|(_, s)| file.shape(&s.key))
+        .map(|s| s[1]);
+    let proj_in = unet
+        .iter()
+        .find(|(name, _)| name.ends_with("proj_in.weight"))
+        .and_then(|(_, s)| file.shape(&s.key));
+    let down: Vec<&str> = layout
+        .attention
+        .iter()
+        .map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
+        .collect();
+    let up: Vec<&str> = layout
+        .attention
+        .iter()
+        .rev()
+        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .collect();
+    config["in_channels"] = json!(shape_of(file, unet, "conv_in.weight")?[1]);
+    config["out_channels"] = json!(shape_of(file, unet, "conv_out.weight")?[0]);
+    config["block_out_channels"] = json!(channels);
+    config["layers_per_block"] = per_block(&layout.resnets);
+    config["transformer_layers_per_block"] = per_block(&depth);
+    config["down_block_types"] = json!(down);
+    config["up_block_types"] = json!(up);
+    if let Some(cross) = cross {
+        config["cross_attention_dim"] = json!(cross);
+    }
+    if let Some(proj_in) = proj_in {
+        config["use_linear_projection"] = json!(proj_in.len() == 2);
+    }
+    config["attention_head_dim"] = match family {
+        Family::Sd1 => json!(SD1_HEADS),
+        Family::Sd2 => json!(channels.iter().map(|c| c / HEAD_CHANNELS).collect::<Vec<_>>()),
+    };
+    Ok(config)
+}
+
+/// The VAE config: SD's, with the channels, depth and latent width the shapes tell.
+fn synthesise_vae(file: &Checkpoint, vae: &RenameMap) -> Result<Value> {
+    let mut config: Value = serde_json::from_str(SD1_VAE)?;
+    let levels = count_indices(vae.keys(), "decoder.up_blocks.");
+    let channels = (0..levels)
+        .map(|l| {
+            shape_of(
+                file,
+                vae,
+                &format!("decoder.up_blocks.{}.resnets.0.conv2.weight", levels - 1 - l),
+            )
+            .map(|s| s[0])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let resnets = count_indices(vae.keys(), "decoder.up_blocks.0.resnets.");
+    config["block_out_channels"] = json!(channels);
+    config["layers_per_block"] = json!(resnets.saturating_sub(1));
+    config["latent_channels"] = json!(shape_of(file, vae, "decoder.conv_in.weight")?[1]);
+    config["down_block_types"] = json!(vec!["DownEncoderBlock2D"; levels]);
+    config["up_block_types"] = json!(vec!["UpDecoderBlock2D"; levels]);
+    Ok(config)
+}
+
+/// The text encoder config: SD 1.5's CLIP-L or SD 2.1's OpenCLIP-H, with the sizes the shapes
+/// tell.
+fn synthesise_text_encoder(file: &Checkpoint, text: &RenameMap, family: Family) -> Result<Value> {
+    let mut config: Value = serde_json::from_str(match family {
+        Family::Sd1 => SD1_TEXT,
+        Family::Sd2 => SD2_TEXT,
+    })?;
+    let embedding = shape_of(file, text, "text_model.embeddings.token_embedding.weight")?;
+    let positions = shape_of(file, text, "text_model.embeddings.position_embedding.weight")?;
+    let fc1 = shape_of(file, text, "text_model.encoder.layers.0.mlp.fc1.weight")?;
+    config["vocab_size"] = json!(embedding[0]);
+    config["hidden_size"] = json!(embedding[1]);
+    config["num_attention_heads"] = json!(embedding[1] / HEAD_CHANNELS);
+    config["max_position_embeddings"] = json!(positions[0]);
+    config["intermediate_size"] = json!(fc1[0]);
+    config["num_hidden_layers"] = json!(count_indices(text.keys(), "text_model.encoder.layers."));
+    Ok(config)
+}
+
+/// Whether `--model` names a single-file checkpoint by its extension.
+pub fn is_single_file(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e))
+}
+
+/// For tests and `convert`: every tensor of a component under its diffusers name.
+pub fn read_component(single: &SingleFile, map: &RenameMap, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let renamed = Renamed::new(single.file.clone(), Arc::new(map.clone()));
+    map.keys()
+        .map(|name| {
+            let tensor = renamed
+                .load(name, device)
+                .with_context(|| format!("{}: reading {name}", single.path.display()))?;
+            Ok((name.clone(), tensor))
+        })
+        .collect()
+}
