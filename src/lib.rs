@@ -2,12 +2,14 @@
 //! Sample Steps are Flawed" (WACV 2024): zero terminal SNR, v-prediction, trailing timesteps and
 //! rescaled classifier-free guidance.
 //!
-//! Data flows one way: front-ends ([`cli`]) -> [`engine`] -> [`pipeline`] -> {[`sampling`],
+//! Data flows one way: front-ends ([`cli`], [`serve`]) -> [`engine`] -> [`pipeline`] -> {[`sampling`],
 //! [`model`]} -> [`kernels`]; [`sampling`] -> [`schedule`] -> [`config`]; [`weights`] feeds
 //! [`model`]; [`output`] writes what the engine returns. `schedule` and `config` never touch
 //! candle; `engine` and `pipeline` write no files.
 //!
 //! - [`cli`]: the command line, one file per subcommand, shared flag groups in `cli::args`.
+//! - [`serve`]: `sdfix serve`, AUTOMATIC1111's HTTP API and a web page in front of one engine
+//!   thread with a bounded queue.
 //! - [`engine`]: a model opened once; requests checked into jobs, batched, made into images in
 //!   memory and handed to an observer; img2img's pictures and masks in pixel space.
 //! - [`pipeline`]: one batch: the denoising loop (with a per-step hook and inpainting's blend or
@@ -59,5 +61,6 @@ pub mod progress;
 pub mod prompts;
 pub mod sampling;
 pub mod schedule;
+pub mod serve;
 pub mod stats;
 pub mod weights;

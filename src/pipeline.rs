@@ -2,7 +2,8 @@
 //! decode. Reads and writes no files; the engine hands it a loaded model, the sampling settings
 //! and the initial latents (noise, or for img2img the init latents noised to the first step's
 //! level), and for inpainting the mask and init latents ([`Inpainting`]). A per-step hook sees the step
-//! index, the timestep, the latents and the x0 estimate (as diffusers' `callback_on_step_end`).
+//! index, the timestep, the latents and the x0 estimate (as diffusers' `callback_on_step_end`);
+//! an error from it stops the loop at that step.
 //!
 //! [`TextEncoder::encode`]: crate::model::stable_diffusion::TextEncoder::encode
 //!
@@ -157,7 +158,7 @@ pub fn denoise(
     model: &StableDiffusion,
     input: BatchInput,
     noise: &mut ImageNoise,
-    on_step: &mut dyn FnMut(&StepInfo),
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<Tensor> {
     let BatchInput {
         latents,
@@ -206,13 +207,14 @@ pub fn denoise(
             Some(inpainting) => inpainting.after_step(step.prev_sample, schedule, index)?,
             None => step.prev_sample,
         };
+        // An error from the hook (the engine's interrupt) stops the loop at this step.
         on_step(&StepInfo {
             index,
             steps,
             timestep,
             latents: &latents,
             x0: &step.pred_original_sample,
-        });
+        })?;
     }
     Ok(latents)
 }
@@ -266,7 +268,7 @@ pub fn run_batch(
     model: &StableDiffusion,
     input: BatchInput,
     noise: &mut ImageNoise,
-    on_step: &mut dyn FnMut(&StepInfo),
+    on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, Vec<Vec<u8>>)> {
     let final_latents = denoise(model, input, noise, on_step)?;
     ensure_finite(&final_latents, "UNet", model.dtype)?;

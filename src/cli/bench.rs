@@ -329,6 +329,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let now = Instant::now();
         unet_ms.push(now.duration_since(last).as_secs_f64() * 1000.0);
         last = now;
+        Ok(())
     })?;
     if let Some(err) = sync_error {
         return Err(err.into());

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod info;
 pub mod manifest;
 pub mod schedule;
+pub mod serve;
 pub mod shard;
 pub mod stats;
 
@@ -47,6 +48,9 @@ pub enum Command {
     /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
     /// manifest, its correlation with the initial-noise mean.
     Stats(stats::StatsArgs),
+    /// Keep a model loaded behind AUTOMATIC1111's HTTP API (txt2img, models, samplers, options,
+    /// progress, interrupt) and a web page at /, one job at a time.
+    Serve(Box<serve::ServeArgs>),
     /// Print a noise schedule: terminal SNR with and without the zero-SNR rescale, and the
     /// sampled timesteps with their alpha_bar and SNR.
     Schedule(schedule::ScheduleArgs),
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Schedule(args) => schedule::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Stats(args) => stats::run(&args),
     }
 }

@@ -25,8 +25,9 @@ pub struct Item {
 
 /// Images that can share a UNet batch: same sampler, noise schedule (zero SNR and its terminal
 /// alpha_bar), timesteps and noise levels (`--sigmas`), guidance, eta, prediction and size, and the same source of initial
-/// latents (seeded noise or the request's own).
-fn batch_key(job: &Job) -> String {
+/// latents (seeded noise or the request's own). Public so that a server can gather queued
+/// requests that will share batches into one run.
+pub fn batch_key(job: &Job) -> String {
     let s = &job.settings;
     format!(
         "{}|{:?}|{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}",

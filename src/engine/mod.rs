@@ -11,7 +11,8 @@
 //!
 //! Modules are loaded lazily and kept: the text encoder first, freed again before the UNet loads
 //! when a run's texts can all be encoded ahead (its weights are then never resident beside the
-//! UNet's); the UNet and VAE once, for every later run of the same engine.
+//! UNet's) unless [`Engine::keep_text_encoder`] asks to keep it for later runs (a server); the
+//! UNet and VAE once, for every later run of the same engine.
 //!
 //! [`pipeline`]: crate::pipeline
 
@@ -30,7 +31,7 @@ use self::request::RecordContext;
 pub use self::request::{Job, Request};
 pub use self::settings::ImageSettings;
 use crate::device;
-use crate::model::stable_diffusion::StableDiffusion;
+use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::vae::VaeEncoder;
 use crate::pipeline::Inpainting;
 use crate::pipeline::{self, BatchInput, StepInfo};
@@ -66,7 +67,8 @@ pub struct GeneratedImage {
 /// What a run reports besides its images.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The text encoder encoded `texts` distinct texts ahead of the UNet and was freed.
+    /// The text encoder encoded `texts` distinct texts ahead of the UNet and was freed (unless
+    /// [`Engine::keep_text_encoder`] keeps it).
     EncodedAhead { texts: usize, seconds: f64 },
     /// The UNet and VAE are loaded (`seconds` includes the text encoder's load).
     Loaded {
@@ -95,7 +97,27 @@ pub trait Observer {
     fn event(&mut self, _event: &Event) {}
     /// Something the user should see (a prompt past the token limit).
     fn warn(&mut self, _message: &str) {}
+    /// Asked after every denoising step and before every batch: `true` stops the run there,
+    /// and [`Engine::run`] fails with [`Interrupted`] (the images already handed over stay
+    /// made). A server's `/interrupt` and a client that hung up stop a run this way; a step
+    /// hook cannot, since it returns nothing.
+    fn interrupted(&mut self) -> bool {
+        false
+    }
 }
+
+/// The error of a run that its [`Observer::interrupted`] stopped; find it with
+/// `err.is::<Interrupted>()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// An observer that keeps every image.
 #[derive(Default)]
@@ -147,6 +169,9 @@ pub struct Engine {
     notes: Vec<String>,
     /// The VAE encoder, loaded by the first run with an init picture.
     encoder: Option<VaeEncoder>,
+    /// The text encoder kept between runs ([`Engine::keep_text_encoder`]).
+    text_encoder: Option<TextEncoder>,
+    keep_text_encoder: bool,
 }
 
 impl Engine {
@@ -192,7 +217,21 @@ impl Engine {
             denoiser: None,
             notes,
             encoder: None,
+            text_encoder: None,
+            keep_text_encoder: false,
         })
+    }
+
+    /// Keeps the text encoder loaded between runs, beside the UNet. Off by default: one run
+    /// (the CLI) encodes its texts ahead and frees the encoder before the UNet loads, so the two
+    /// are never resident together. A server runs once per request, and reloading the encoder
+    /// (1.4 GB in f32 for SD 2.x, with its tokenizer) each time would cost more than a small
+    /// request's sampling.
+    pub fn keep_text_encoder(&mut self, keep: bool) {
+        self.keep_text_encoder = keep;
+        if !keep {
+            self.text_encoder = None;
+        }
     }
 
     /// What the user should know about the model as opened (a single file's family, its
@@ -236,7 +275,8 @@ impl Engine {
     }
 
     /// Makes every image still to make of `jobs`, at most `batch_size` per UNet batch, handing
-    /// each to `observer` as soon as it is decoded. Returns how many were made.
+    /// each to `observer` as soon as it is decoded. Returns how many were made, or fails with
+    /// [`Interrupted`] when the observer asks to stop.
     pub fn run(&mut self, jobs: &[Job], batch_size: usize, observer: &mut dyn Observer) -> Result<usize> {
         let batches = plan_batches(jobs, batch_size);
         if batches.is_empty() {
@@ -244,7 +284,10 @@ impl Engine {
         }
         let texts = texts_to_encode(jobs, &batches);
         let started = Instant::now();
-        let encoder = load_model_text_encoder(&self.source, &self.configs, self.dtype, &self.device, &self.loras)?;
+        let encoder = match self.text_encoder.take() {
+            Some(encoder) => encoder,
+            None => load_model_text_encoder(&self.source, &self.configs, self.dtype, &self.device, &self.loras)?,
+        };
         let mut load_seconds = started.elapsed().as_secs_f64();
         let mut prompts = PromptEmbeddings::new(encoder);
         let mut warn = |message: &str| observer.warn(message);
@@ -253,7 +296,9 @@ impl Engine {
             for text in &texts {
                 prompts.get(text, &mut warn)?;
             }
-            prompts.encoder = None;
+            if !self.keep_text_encoder {
+                prompts.encoder = None;
+            }
             observer.event(&Event::EncodedAhead {
                 texts: texts.len(),
                 seconds: encode_started.elapsed().as_secs_f64(),
@@ -306,10 +351,25 @@ impl Engine {
             model,
             encoder: self.encoder.as_ref(),
         };
+        let mut outcome = Ok(());
         for batch in &batches {
-            made += run_batch(&modules, jobs, batch, &mut prompts, &record, observer)?;
+            if observer.interrupted() {
+                outcome = Err(Interrupted.into());
+                break;
+            }
+            match run_batch(&modules, jobs, batch, &mut prompts, &record, observer) {
+                Ok(n) => made += n,
+                Err(err) => {
+                    outcome = Err(err);
+                    break;
+                }
+            }
         }
-        Ok(made)
+        // Kept for the next run even when this one was interrupted.
+        if self.keep_text_encoder {
+            self.text_encoder = prompts.encoder.take();
+        }
+        outcome.map(|()| made)
     }
 }
 
@@ -533,6 +593,10 @@ fn run_batch(
     let (final_latents, images) = pipeline::run_batch(model, input, &mut noise, &mut |step| {
         observer.step(step);
         loop_done = Instant::now();
+        if observer.interrupted() {
+            return Err(Interrupted.into());
+        }
+        Ok(())
     })?;
     let unet_seconds = loop_done.duration_since(unet_started).as_secs_f64();
     let vae_seconds = loop_done.elapsed().as_secs_f64();
@@ -566,4 +630,81 @@ fn run_batch(
         })?;
     }
     Ok(batch.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts steps and images, and asks to stop after `stop_after` steps.
+    struct StopAfter {
+        stop_after: usize,
+        steps: usize,
+        images: usize,
+    }
+
+    impl Observer for StopAfter {
+        fn image(&mut self, _: GeneratedImage) -> Result<()> {
+            self.images += 1;
+            Ok(())
+        }
+
+        fn step(&mut self, _: &StepInfo) {
+            self.steps += 1;
+        }
+
+        fn interrupted(&mut self) -> bool {
+            self.steps >= self.stop_after
+        }
+    }
+
+    #[test]
+    fn an_observer_stops_a_run_at_the_next_step_and_the_engine_goes_on() {
+        let mut engine = Engine::open("demo", None, &Device::Cpu, DType::F32).unwrap();
+        let job = engine
+            .job(Request {
+                steps: 20,
+                num_images: Some(2),
+                ..Request::new("solid black background")
+            })
+            .unwrap();
+        let mut observer = StopAfter {
+            stop_after: 3,
+            steps: 0,
+            images: 0,
+        };
+        let err = engine.run(std::slice::from_ref(&job), 1, &mut observer).unwrap_err();
+        assert!(err.is::<Interrupted>(), "{err:#}");
+        assert_eq!((observer.steps, observer.images), (3, 0));
+        // Asked before the first batch: no step at all.
+        let mut observer = StopAfter {
+            stop_after: 0,
+            steps: 0,
+            images: 0,
+        };
+        assert!(engine.run(std::slice::from_ref(&job), 1, &mut observer).is_err());
+        assert_eq!(observer.steps, 0);
+        assert_eq!(engine.generate(&[job]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_kept_text_encoder_makes_the_same_images_run_after_run() {
+        let open = || Engine::open("demo", None, &Device::Cpu, DType::F32).unwrap();
+        let request = |prompt: &str| Request {
+            steps: 4,
+            ..Request::new(prompt)
+        };
+        let mut fresh = open();
+        let jobs = [fresh.job(request("a")).unwrap(), fresh.job(request("b")).unwrap()];
+        let expected: Vec<Vec<u8>> = fresh.generate(&jobs).unwrap().into_iter().map(|i| i.rgb).collect();
+        let mut kept = open();
+        kept.keep_text_encoder(true);
+        for (job, expected) in jobs.iter().zip(&expected) {
+            let image = kept.generate(std::slice::from_ref(job)).unwrap().remove(0);
+            assert!(kept.text_encoder.is_some());
+            assert_eq!(&image.rgb, expected);
+        }
+        kept.keep_text_encoder(false);
+        assert!(kept.text_encoder.is_none());
+    }
 }

@@ -140,40 +140,58 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     result.with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes an 8-bit RGB PNG, `rgb` row-major, with text chunks: `tEXt` when the text is Latin-1,
-/// else UTF-8 `iTXt` (what PIL, and so AUTOMATIC1111, do), so prompts in any script survive.
+/// Encodes an 8-bit RGB PNG, `rgb` row-major, with text chunks into `out`: `tEXt` when the text
+/// is Latin-1, else UTF-8 `iTXt` (what PIL, and so AUTOMATIC1111, do), so prompts in any script
+/// survive.
+pub fn encode_png(out: impl std::io::Write, rgb: &[u8], width: u32, height: u32, text: &[(&str, &str)]) -> Result<()> {
+    let mut encoder = png::Encoder::new(out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (keyword, value) in text {
+        if value.chars().all(|c| u32::from(c) < 256) {
+            encoder.add_text_chunk(keyword.to_string(), value.to_string())?;
+        } else {
+            encoder.add_itxt_chunk(keyword.to_string(), value.to_string())?;
+        }
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// Writes an 8-bit RGB PNG file atomically ([`encode_png`], [`write_atomic`]).
 pub fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32, text: &[(&str, &str)]) -> Result<()> {
     write_atomic(path, |temporary| {
         let file = std::io::BufWriter::new(std::fs::File::create(temporary)?);
-        let mut encoder = png::Encoder::new(file, width, height);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (keyword, value) in text {
-            if value.chars().all(|c| u32::from(c) < 256) {
-                encoder.add_text_chunk(keyword.to_string(), value.to_string())?;
-            } else {
-                encoder.add_itxt_chunk(keyword.to_string(), value.to_string())?;
-            }
-        }
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(rgb)?;
-        writer.finish()?;
-        Ok(())
+        encode_png(file, rgb, width, height, text)
     })
 }
 
-/// Writes a generated image as a PNG carrying its settings: the AUTOMATIC1111 `parameters` chunk
-/// and the sdfix JSON chunk ([`super::metadata`]). Equal settings give equal bytes.
+/// The text chunks a generated image carries: the AUTOMATIC1111 `parameters` chunk and the
+/// sdfix JSON chunk ([`super::metadata`]).
+fn image_text(image: &GeneratedImage) -> Result<[(&'static str, String); 2]> {
+    Ok([
+        (PARAMETERS_CHUNK, image.settings.a1111_parameters()),
+        (SETTINGS_CHUNK, serde_json::to_string(&image.settings)?),
+    ])
+}
+
+/// Writes a generated image as a PNG carrying its settings. Equal settings give equal bytes.
 pub fn write_image(path: &Path, image: &GeneratedImage) -> Result<()> {
-    let parameters = image.settings.a1111_parameters();
-    let settings_json = serde_json::to_string(&image.settings)?;
-    write_png(
-        path,
-        &image.rgb,
-        image.width as u32,
-        image.height as u32,
-        &[(PARAMETERS_CHUNK, &parameters), (SETTINGS_CHUNK, &settings_json)],
-    )
+    let text = image_text(image)?;
+    let text = text.each_ref().map(|(k, v)| (*k, v.as_str()));
+    write_png(path, &image.rgb, image.width as u32, image.height as u32, &text)
+}
+
+/// A generated image as PNG bytes in memory, with the same chunks as [`write_image`] writes
+/// (what the server sends).
+pub fn image_png_bytes(image: &GeneratedImage) -> Result<Vec<u8>> {
+    let text = image_text(image)?;
+    let text = text.each_ref().map(|(k, v)| (*k, v.as_str()));
+    let mut bytes = Vec::new();
+    encode_png(&mut bytes, &image.rgb, image.width as u32, image.height as u32, &text)?;
+    Ok(bytes)
 }
 
 /// The text chunks (`tEXt`, `zTXt`, `iTXt`) of a PNG, by keyword.

@@ -1,0 +1,497 @@
+//! `sdfix serve`, black-box: the binary on an ephemeral loopback port with the demo models,
+//! spoken to over plain HTTP/1.1 (a tiny client on `TcpStream`, so tests can also send broken
+//! bodies and hang up mid-request).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+/// A running `sdfix serve`, killed when dropped.
+struct Server {
+    child: Child,
+    address: String,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `sdfix serve --listen 127.0.0.1:0` plus `extra` in a fresh folder and reads the
+    /// bound address from its first line of output.
+    fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--out-dir", "out"])
+            .args(extra)
+            .current_dir(dir.path())
+            .env("SDFIX_CACHE", dir.path().join("cache"))
+            .env("HF_HUB_OFFLINE", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sdfix serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Server { child, address, dir }
+    }
+
+    /// Sends a request and leaves the connection open, unread (a client that may hang up).
+    fn send(&self, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> TcpStream {
+        let mut stream = TcpStream::connect(&self.address).unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n",
+            self.address,
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        // A server may answer (413) before reading all of a huge body, and close.
+        let _ = stream.write_all(body.as_bytes());
+        stream
+    }
+
+    fn request(&self, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> Response {
+        read_response(self.send(method, path, body, headers))
+    }
+
+    fn get(&self, path: &str) -> Response {
+        self.request("GET", path, "", &[])
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Response {
+        self.request("POST", path, &body.to_string(), &[])
+    }
+
+    fn progress(&self) -> Value {
+        self.get("/sdapi/v1/progress").json()
+    }
+
+    /// Polls /progress until `done` says so (or fails after `seconds`).
+    fn wait_for(&self, seconds: u64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let p = self.progress();
+            if done(&p) {
+                return p;
+            }
+            assert!(start.elapsed() < Duration::from_secs(seconds), "waited for {what}: {p}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Response {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {} {}", self.status, self.body))
+    }
+}
+
+fn read_response(mut stream: TcpStream) -> Response {
+    let mut bytes = Vec::new();
+    // A server that closes after an early answer may reset the connection; keep what came.
+    let _ = stream.read_to_end(&mut bytes);
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {text:?}"));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    Response {
+        status,
+        headers: head.to_lowercase(),
+        body: body.to_string(),
+    }
+}
+
+/// The decoded PNG of a base64 image, and its text chunks.
+fn decode_png(image: &Value) -> (Vec<u8>, std::collections::HashMap<String, String>) {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(image.as_str().unwrap())
+        .unwrap();
+    let file = std::env::temp_dir().join(format!("sdfix-serve-{}.png", std::process::id()));
+    std::fs::write(&file, &bytes).unwrap();
+    let text = sdfix::output::png::read_png_text(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let rgb = image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw();
+    (rgb, text)
+}
+
+/// A job long enough on the demo model to watch, interrupt and cancel (seconds unless stopped).
+fn long_job() -> Value {
+    json!({"prompt": "solid white background", "steps": 150, "width": 64, "height": 64, "n_iter": 8})
+}
+
+#[test]
+fn txt2img_draws_black_with_a1111_info_and_ignores_unknown_fields() {
+    let server = Server::start(&[]);
+    // Fields webuiapi sends that sdfix does not read, and nulls, are ignored.
+    let r = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({
+            "prompt": "solid black background", "seed": 7, "steps": 20, "batch_size": 2,
+            "sampler_name": "DDIM", "width": null, "height": null, "restore_faces": false,
+            "enable_hr": false, "styles": [], "alwayson_scripts": {}, "subseed": -1,
+            "override_settings": {"CLIP_stop_at_last_layers": 1}, "save_images": true,
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let body = r.json();
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], json!([7, 8]));
+    assert_eq!(info["seed"], 7);
+    assert_eq!((info["width"].as_u64(), info["height"].as_u64()), (Some(32), Some(32)));
+    assert_eq!(info["sampler_name"], "DDIM");
+    assert_eq!(info["steps"], 20);
+    assert_eq!(info["sd_model_name"], "demo");
+    // The paper's fixes, the defaults.
+    assert_eq!(info["zero_snr"], true);
+    assert_eq!(info["spacing"], "trailing");
+    assert_eq!(info["guidance_rescale"], 0.7);
+    assert_eq!(body["parameters"]["seed"], 7);
+    assert_eq!(body["parameters"]["restore_faces"], false);
+    let images = body["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    for (k, image) in images.iter().enumerate() {
+        let (rgb, text) = decode_png(image);
+        let luminance = sdfix::stats::mean_luminance(&rgb);
+        assert!(luminance <= 0.08, "image {k}: luminance {luminance}");
+        // The same metadata as `generate` writes, and the infotext A1111 clients read.
+        assert_eq!(text["parameters"], info["infotexts"][k].as_str().unwrap());
+        assert!(
+            text["parameters"].contains(&format!("Seed: {}", 7 + k)),
+            "{}",
+            text["parameters"]
+        );
+        assert!(text.contains_key("sdfix"));
+    }
+    // save_images: the same PNGs and a manifest in --out-dir.
+    let out = server.dir.path().join("out");
+    assert!(out.join("00000-00-7-solid-black-background.png").is_file());
+    assert!(out.join("00000-01-8-solid-black-background.png").is_file());
+    let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 2);
+}
+
+#[test]
+fn the_listings_speak_a1111() {
+    let server = Server::start(&[]);
+    let samplers = server.get("/sdapi/v1/samplers").json();
+    let names: Vec<&str> = samplers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "UniPC"]);
+    let schedulers = server.get("/sdapi/v1/schedulers").json();
+    assert!(schedulers.as_array().unwrap().iter().any(|s| s["label"] == "Karras"));
+    let models = server.get("/sdapi/v1/sd-models").json();
+    let titles: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["demo", "demo-flawed"]);
+    let page = server.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Compare fixes"), "{}", page.body);
+    // Idle progress is what webuiapi's util_wait_for_ready waits for.
+    let p = server.progress();
+    assert_eq!(
+        (p["progress"].as_f64(), p["state"]["job_count"].as_u64()),
+        (Some(0.0), Some(0))
+    );
+}
+
+#[test]
+fn bad_input_gets_a_json_error_naming_the_field() {
+    let server = Server::start(&["--max-pixels", "16384", "--max-steps", "100"]);
+    let cases: [(&str, u16, &str); 13] = [
+        (r#"{"prompt": "#, 422, "body"),
+        (r#"[1, 2]"#, 422, "body"),
+        (r#"{"steps": "many"}"#, 422, "steps"),
+        (r#"{"seed": 1.5}"#, 422, "seed"),
+        (r#"{"width": 30}"#, 422, "width"),
+        (r#"{"height": 12}"#, 422, "height: 12 must be a positive multiple of 8"),
+        (r#"{"width": 256, "height": 256}"#, 422, "--max-pixels"),
+        (r#"{"steps": 101}"#, 422, "steps"),
+        // The engine's own checks, its flag names turned into the fields.
+        (r#"{"cfg_scale": -1}"#, 422, "cfg_scale -1 must not be negative"),
+        (r#"{"guidance_rescale": 2}"#, 422, "guidance_rescale"),
+        (r#"{"sampler_name": "LMS"}"#, 422, "sampler_name"),
+        (
+            r#"{"override_settings": {"sd_model_checkpoint": "../demo"}}"#,
+            404,
+            "sd_model_checkpoint",
+        ),
+        (
+            r#"{"override_settings": {"sd_noise_schedule": "Zero"}}"#,
+            422,
+            "sd_noise_schedule",
+        ),
+    ];
+    for (body, status, field) in cases {
+        let r = server.request("POST", "/sdapi/v1/txt2img", body, &[]);
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        let error = r.json();
+        assert!(error["error"].is_string(), "{body}: {error}");
+        let detail = error["detail"].as_str().unwrap();
+        assert!(detail.contains(field), "{body}: {detail}");
+    }
+    // Over the body limit: 413, in the same shape.
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(17 << 20));
+    let r = server.request("POST", "/sdapi/v1/txt2img", &huge, &[]);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.json()["error"], "payload_too_large");
+    let r = server.get("/sdapi/v1/nothing");
+    assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("not_found")));
+    let r = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "/etc"}));
+    assert_eq!(r.status, 404, "{}", r.body);
+    // Nothing wedged: a good request still works.
+    let r = server.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 2}));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn auth_is_required_when_set() {
+    let server = Server::start(&["--api-auth", "user:secret"]);
+    let r = server.get("/sdapi/v1/samplers");
+    assert_eq!(r.status, 401);
+    assert!(r.headers.contains("www-authenticate: basic"), "{}", r.headers);
+    assert_eq!(r.json()["error"], "unauthorized");
+    let wrong = base64::engine::general_purpose::STANDARD.encode("user:guess");
+    let r = server.request(
+        "GET",
+        "/sdapi/v1/samplers",
+        "",
+        &[("Authorization", &format!("Basic {wrong}"))],
+    );
+    assert_eq!(r.status, 401);
+    let right = base64::engine::general_purpose::STANDARD.encode("user:secret");
+    let r = server.request(
+        "GET",
+        "/sdapi/v1/samplers",
+        "",
+        &[("Authorization", &format!("Basic {right}"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn options_switch_the_model_between_jobs() {
+    let server = Server::start(&[]);
+    assert_eq!(server.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "demo");
+    let r = server.post(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "demo-flawed", "show_progressbar": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let options = server.get("/sdapi/v1/options").json();
+    assert_eq!(options["sd_model_checkpoint"], "demo-flawed");
+    // demo-flawed's config: epsilon, no zero SNR.
+    assert_eq!(options["sd_noise_schedule"], "Default");
+    let info = |r: Response| -> Value {
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap()
+    };
+    let flawed = info(server.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 4, "seed": 1})));
+    assert_eq!(flawed["sd_model_name"], "demo-flawed");
+    assert_eq!(flawed["zero_snr"], false);
+    assert!(flawed["infotexts"][0].as_str().unwrap().contains("Prediction: epsilon"));
+    // Zero SNR on an epsilon model cannot work: refused, naming the field.
+    let r = server.post("/sdapi/v1/txt2img", &json!({"zero_snr": true}));
+    assert_eq!(r.status, 422);
+    assert!(r.json()["detail"].as_str().unwrap().contains("zero_snr"), "{}", r.body);
+    // One request on another model, without switching.
+    let one = info(server.post(
+        "/sdapi/v1/txt2img",
+        &json!({"steps": 4, "override_settings": {"sd_model_checkpoint": "demo"}}),
+    ));
+    assert_eq!(one["sd_model_name"], "demo");
+    assert_eq!(
+        server.get("/sdapi/v1/options").json()["sd_model_checkpoint"],
+        "demo-flawed"
+    );
+    let r = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "demo"}));
+    assert_eq!(r.status, 200);
+    let back = info(server.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 4, "seed": 1})));
+    assert_eq!(
+        (back["sd_model_name"].as_str(), back["zero_snr"].as_bool()),
+        (Some("demo"), Some(true))
+    );
+}
+
+#[test]
+fn progress_moves_and_interrupt_stops_the_run_at_the_next_step() {
+    let server = Server::start(&[]);
+    let job = server.send("POST", "/sdapi/v1/txt2img", &long_job().to_string(), &[]);
+    let first = server.wait_for(60, "a step", |p| p["state"]["sampling_step"].as_u64() > Some(0));
+    assert_eq!(first["state"]["job_count"], 1);
+    assert_eq!(first["state"]["sampling_steps"], 150);
+    let later = server.wait_for(60, "progress to move", |p| {
+        p["progress"].as_f64() > first["progress"].as_f64()
+    });
+    assert!(later["eta_relative"].as_f64().unwrap() > 0.0, "{later}");
+    let asked = Instant::now();
+    let r = server.post("/sdapi/v1/interrupt", &json!({}));
+    assert_eq!(r.status, 200);
+    let r = read_response(job);
+    let stopped = asked.elapsed();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["interrupted"], true);
+    assert!(r.json()["images"].as_array().unwrap().len() < 8);
+    // The next step comes within a fraction of a second on the demo model.
+    assert!(stopped < Duration::from_secs(10), "{stopped:?}");
+    server.wait_for(10, "idle", |p| p["state"]["job_count"] == 0 && p["progress"] == 0.0);
+    // And the server goes on.
+    let r = server.post("/sdapi/v1/txt2img", &json!({"steps": 2}));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn a_full_queue_answers_503_and_clients_that_hang_up_are_cancelled() {
+    let server = Server::start(&["--queue", "1"]);
+    let running = server.send("POST", "/sdapi/v1/txt2img", &long_job().to_string(), &[]);
+    server.wait_for(60, "the first job to run", |p| {
+        p["state"]["sampling_step"].as_u64() > Some(0)
+    });
+    // Different settings, so it cannot join the running run: it waits.
+    let waiting = server.send("POST", "/sdapi/v1/txt2img", &json!({"steps": 3}).to_string(), &[]);
+    server.wait_for(10, "the second to queue", |p| p["state"]["job_count"] == 2);
+    let r = server.post("/sdapi/v1/txt2img", &json!({"steps": 3}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.headers.contains("retry-after:"), "{}", r.headers);
+    assert_eq!(r.json()["error"], "queue_full");
+    // The waiting client hangs up: its request leaves the queue.
+    drop(waiting);
+    server.wait_for(10, "the hung-up request to leave the queue", |p| {
+        p["state"]["job_count"] == 1
+    });
+    // The running client hangs up: its run stops at the next step (it had seconds to go).
+    let hung_up = Instant::now();
+    drop(running);
+    server.wait_for(10, "the hung-up run to stop", |p| p["state"]["job_count"] == 0);
+    assert!(hung_up.elapsed() < Duration::from_secs(10));
+    let r = server.post("/sdapi/v1/txt2img", &json!({"steps": 2}));
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[test]
+fn equal_settings_share_a_run() {
+    let server = Server::start(&["--max-batch", "4"]);
+    let blocker = server.send("POST", "/sdapi/v1/txt2img", &long_job().to_string(), &[]);
+    server.wait_for(60, "the first job to run", |p| {
+        p["state"]["sampling_step"].as_u64() > Some(0)
+    });
+    // Three requests with equal settings (different prompts and seeds) queue behind it ...
+    let queued: Vec<TcpStream> = (0..3)
+        .map(|k| {
+            let body = json!({"prompt": format!("p{k}"), "seed": k, "steps": 30});
+            server.send("POST", "/sdapi/v1/txt2img", &body.to_string(), &[])
+        })
+        .collect();
+    server.wait_for(10, "three to queue", |p| p["state"]["job_count"] == 4);
+    server.post("/sdapi/v1/interrupt", &json!({}));
+    drop(blocker);
+    // ... and run as one: the worker reports them together.
+    let together = server.wait_for(30, "the batched run", |p| p["state"]["sampling_steps"] == 30);
+    assert_eq!(together["state"]["running_requests"], 3, "{together}");
+    assert_eq!(together["state"]["queued_requests"], 0, "{together}");
+    for (k, stream) in queued.into_iter().enumerate() {
+        let r = read_response(stream);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            (info["prompt"].as_str(), info["seed"].as_u64()),
+            (Some(format!("p{k}").as_str()), Some(k as u64))
+        );
+    }
+}
+
+#[test]
+fn models_dir_folders_are_offered_by_name() {
+    let models = tempfile::tempdir().unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    std::os::unix::fs::symlink(&demo, models.path().join("my-demo")).unwrap();
+    std::fs::create_dir(models.path().join("not-a-model")).unwrap();
+    let server = Server::start(&["--models-dir", models.path().to_str().unwrap()]);
+    let listed = server.get("/sdapi/v1/sd-models").json();
+    let titles: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["demo", "demo-flawed", "my-demo"]);
+    // Names only: no entry shows where it lives.
+    assert!(
+        !listed.to_string().contains(models.path().to_str().unwrap()),
+        "{listed}"
+    );
+    let r = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "my-demo"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = server.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "solid black background", "steps": 10, "seed": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_model_name"], "my-demo");
+    for bad in ["not-a-model", "../my-demo", "my-demo/unet"] {
+        let r = server.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": bad}));
+        assert_eq!(r.status, 404, "{bad}: {}", r.body);
+    }
+}
+
+#[test]
+fn a_non_loopback_address_without_auth_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .current_dir(dir.path())
+        .env("SDFIX_CACHE", dir.path().join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on http://0.0.0.0:"), "{line}");
+    child.kill().unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("warning: listening on 0.0.0.0:0 without --api-auth"),
+        "{stderr}"
+    );
+}
