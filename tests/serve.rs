@@ -495,3 +495,95 @@ fn a_non_loopback_address_without_auth_is_warned_about() {
         "{stderr}"
     );
 }
+
+/// A PNG of `image`, base64, with a `data:` prefix as browsers send it.
+fn png_base64(image: impl Into<image::DynamicImage>) -> String {
+    let image: image::DynamicImage = image.into();
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// img2img in A1111's shape: a grey picture asked for "solid black background" at strength 1
+/// comes back black (zero SNR starts from pure noise), with the strength in the info and the
+/// picture not echoed; a mask repaints only its white part and keeps the rest byte-exact.
+#[test]
+fn img2img_and_inpainting_in_a1111_shape() {
+    let server = Server::start(&[]);
+    let grey = image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]));
+    let r = server.post(
+        "/sdapi/v1/img2img",
+        &json!({
+            "prompt": "solid black background", "seed": 3, "steps": 10, "init_images": [png_base64(grey.clone())],
+            "denoising_strength": 1.0, "width": 32, "height": 32, "resize_mode": 0, "mask": null,
+            "inpainting_fill": 0, "inpaint_full_res": true, "include_init_images": false,
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let body = r.json();
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["denoising_strength"], 1.0);
+    assert_eq!(body["parameters"]["init_images"], Value::Null);
+    let (rgb, text) = decode_png(&body["images"][0]);
+    assert!(sdfix::stats::mean_luminance(&rgb) <= 0.08);
+    assert!(
+        text["parameters"].contains("Denoising strength: 1"),
+        "{}",
+        text["parameters"]
+    );
+
+    // Inpainting: repaint the right half black, keep the left half grey.
+    let mask = image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x >= 16 { 255 } else { 0 }]));
+    let r = server.post(
+        "/sdapi/v1/img2img",
+        &json!({
+            "prompt": "solid black background", "seed": 3, "steps": 10, "init_images": [png_base64(grey.clone())],
+            "mask": png_base64(mask.clone()), "mask_blur": 2, "denoising_strength": 1.0,
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (rgb, _) = decode_png(&r.json()["images"][0]);
+    for (i, pixel) in rgb.chunks(3).enumerate() {
+        let x = i % 32;
+        if x < 11 {
+            assert_eq!(pixel, [128, 128, 128], "kept pixel {i}");
+        }
+    }
+    let right: Vec<u8> = rgb
+        .chunks(3)
+        .enumerate()
+        .filter(|(i, _)| i % 32 >= 21)
+        .map(|(_, p)| p[0])
+        .collect();
+    let mean = right.iter().map(|&v| v as f64).sum::<f64>() / right.len() as f64 / 255.0;
+    assert!(mean < 0.2, "repainted half: {mean}");
+
+    // Bad pictures and fields are 422s naming the field.
+    for (body, field) in [
+        (json!({"prompt": "x"}), "init_images"),
+        (json!({"prompt": "x", "init_images": ["@@@"]}), "init_images[0]"),
+        (json!({"prompt": "x", "init_images": ["aGVsbG8="]}), "init_images[0]"),
+        (
+            json!({"prompt": "x", "init_images": [png_base64(grey.clone())], "denoising_strength": 1.5}),
+            "denoising_strength",
+        ),
+        (
+            json!({"prompt": "x", "init_images": [png_base64(grey.clone())], "resize_mode": 3}),
+            "resize_mode",
+        ),
+        (
+            json!({"prompt": "x", "init_images": [png_base64(grey.clone())], "mask": "@@@"}),
+            "mask",
+        ),
+    ] {
+        let r = server.post("/sdapi/v1/img2img", &body);
+        assert_eq!(r.status, 422, "{body}: {}", r.body);
+        let detail = r.json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains(field), "{body}: {detail}");
+    }
+}

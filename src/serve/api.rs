@@ -13,7 +13,10 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::Limits;
-use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
+use crate::engine::init_image::{InitImage, MaskImage, ResizeMode};
+use crate::engine::request::{
+    DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS, DEFAULT_STRENGTH,
+};
 use crate::engine::Request;
 use crate::sampling::Sampler;
 use crate::schedule::{SigmaSchedule, TimestepSpacing};
@@ -64,6 +67,88 @@ pub struct Txt2Img {
     pub save_images: Option<bool>,
     /// Return the images in the response [default true].
     pub send_images: Option<bool>,
+}
+
+/// The body of `POST /sdapi/v1/img2img`: txt2img's fields plus the picture, strength and mask
+/// (A1111's `StableDiffusionImg2ImgProcessingAPI`; its other fields are ignored).
+#[derive(Debug, Default, Deserialize)]
+pub struct Img2Img {
+    #[serde(flatten)]
+    pub base: Txt2Img,
+    /// Base64 pictures (a `data:image/...;base64,` prefix is stripped); the first is used.
+    pub init_images: Option<Vec<String>>,
+    /// A1111's strength [default 0.75].
+    pub denoising_strength: Option<f64>,
+    /// Base64 mask: white repaints, black keeps.
+    pub mask: Option<String>,
+    /// Blur of the mask's edge for the paste-back, px [default 4].
+    pub mask_blur: Option<f64>,
+    /// 1 repaints the black part instead.
+    pub inpainting_mask_invert: Option<u8>,
+    /// 0 just resize (stretch), 1 crop and resize, 2 resize and fill (fit) [default 0, as A1111].
+    pub resize_mode: Option<u8>,
+}
+
+/// A base64 picture of a request, decoded (its label names the field in errors and records).
+fn decode_base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(strip_data_url(value).trim())
+        .map_err(|e| ApiError::invalid(format!("{field}: not base64 ({e})")))
+}
+
+impl Img2Img {
+    /// [`Txt2Img::resolve`], then the picture and mask decoded and checked.
+    pub fn resolve(
+        self,
+        limits: &Limits,
+        noise_schedule: Option<bool>,
+        random_seed: u64,
+    ) -> Result<Resolved, ApiError> {
+        let mut resolved = self.base.resolve(limits, noise_schedule, random_seed)?;
+        let first = self
+            .init_images
+            .as_ref()
+            .and_then(|images| images.first())
+            .ok_or_else(|| ApiError::invalid("init_images: give one base64 picture to start from"))?;
+        let init = InitImage::decode(&decode_base64("init_images[0]", first)?, "init_images[0]")
+            .map_err(|e| ApiError::invalid(field_names(&format!("{e:#}")).replace("--init-image ", "")))?;
+        let request = &mut resolved.request;
+        request.init_image = Some(init);
+        if let Some(mask) = &self.mask {
+            let decoded = MaskImage::decode(&decode_base64("mask", mask)?, "mask")
+                .map_err(|e| ApiError::invalid(format!("{e:#}").replace("--mask ", "")))?;
+            let decoded = match self.inpainting_mask_invert {
+                None | Some(0) => decoded,
+                Some(1) => {
+                    let mut inverted = (*decoded).clone();
+                    image::imageops::invert(&mut inverted.pixels);
+                    std::sync::Arc::new(inverted)
+                }
+                Some(other) => {
+                    return Err(ApiError::invalid(format!(
+                        "inpainting_mask_invert: expected 0 or 1, got {other}"
+                    )))
+                }
+            };
+            request.mask = Some(decoded);
+            request.mask_blur = self.mask_blur;
+        }
+        request.strength = Some(self.denoising_strength.unwrap_or(DEFAULT_STRENGTH));
+        request.resize = match self.resize_mode.unwrap_or(0) {
+            0 => ResizeMode::Stretch,
+            1 => ResizeMode::Crop,
+            2 => ResizeMode::Fit,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "resize_mode: {other} is not one sdfix has; expected 0 (just resize), 1 (crop and resize) \
+                     or 2 (resize and fill)"
+                )))
+            }
+        };
+        // A1111 makes `width` x `height` (default 512); without them, the picture's own size.
+        Ok(resolved)
+    }
 }
 
 /// A request as the engine takes it, plus what the response reports.
@@ -312,7 +397,12 @@ impl Txt2Img {
 }
 
 /// The engine's messages name command-line flags; a client sees the request fields instead.
-const FLAG_FIELDS: [(&str, &str); 10] = [
+const FLAG_FIELDS: [(&str, &str); 15] = [
+    ("--strength", "denoising_strength"),
+    ("--init-image", "init_images"),
+    ("--mask-blur", "mask_blur"),
+    ("--mask", "mask"),
+    ("--resize", "resize_mode"),
     ("--guidance-rescale", "guidance_rescale"),
     ("--guidance", "cfg_scale"),
     ("--steps", "steps"),

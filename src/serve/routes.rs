@@ -26,7 +26,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use super::api::{self, Resolved, Txt2Img, NOISE_SCHEDULE_DEFAULT, NOISE_SCHEDULE_ZERO_SNR};
+use super::api::{self, Img2Img, Resolved, Txt2Img, NOISE_SCHEDULE_DEFAULT, NOISE_SCHEDULE_ZERO_SNR};
 use super::error::ApiError;
 use super::models::ModelEntry;
 use super::worker::{Finished, Shared, Task};
@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/sdapi/v1/txt2img", post(txt2img))
+        .route("/sdapi/v1/img2img", post(img2img))
         .route("/sdapi/v1/sd-models", get(sd_models))
         .route("/sdapi/v1/samplers", get(|| async { Json(api::samplers()) }))
         .route("/sdapi/v1/schedulers", get(|| async { Json(api::schedulers()) }))
@@ -145,6 +146,8 @@ fn with_checker<T>(state: &AppState, entry: &ModelEntry, check: impl FnOnce(&Eng
 struct Checked {
     entry: ModelEntry,
     job: Job,
+    /// The UNet's input channels (9 for an inpainting model).
+    in_channels: usize,
     width: usize,
     height: usize,
 }
@@ -163,6 +166,7 @@ fn check_request(state: &AppState, resolved: &Resolved) -> AppResult<Checked> {
         let (_, h, w) = job.latent_shape;
         Ok(Checked {
             entry: entry.clone(),
+            in_channels: engine.configs().unet.in_channels,
             job,
             width: w * factor,
             height: h * factor,
@@ -196,6 +200,24 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRe
     let (raw, request): (Value, Txt2Img) = parse_body(body)?;
     let noise_schedule = *lock(&state.noise_schedule);
     let resolved = request.resolve(&state.limits, noise_schedule, u64::from(rand::random::<u32>()))?;
+    generate(state, raw, resolved).await
+}
+
+/// `POST /sdapi/v1/img2img`: txt2img's fields plus `init_images`, `denoising_strength`, `mask`,
+/// `mask_blur`, `inpainting_mask_invert` and `resize_mode`, answered in txt2img's shape.
+async fn img2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let (raw, request): (Value, Img2Img) = parse_body(body)?;
+    let noise_schedule = *lock(&state.noise_schedule);
+    let resolved = blocking({
+        let limits = state.limits.clone();
+        move || request.resolve(&limits, noise_schedule, u64::from(rand::random::<u32>()))
+    })
+    .await?;
+    generate(state, raw, resolved).await
+}
+
+/// Checks a resolved request against its model, queues it, awaits it and answers with the images.
+async fn generate(state: Arc<AppState>, raw: Value, resolved: Resolved) -> AppResult<Json<Value>> {
     let checked = {
         let (state, resolved) = (state.clone(), resolved.clone());
         blocking(move || check_request(&state, &resolved)).await?
@@ -253,6 +275,15 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRe
         "zero_snr",
     ] {
         parameters.insert(key.to_string(), info[key].clone());
+    }
+    // The pictures are not echoed back (A1111 sets them to None in `parameters` too).
+    for key in ["init_images", "mask"] {
+        if parameters.contains_key(key) {
+            parameters.insert(key.to_string(), Value::Null);
+        }
+    }
+    if let Some(strength) = info.get("denoising_strength").filter(|v| !v.is_null()) {
+        parameters.insert("denoising_strength".to_string(), strength.clone());
     }
     let images = if resolved.send_images { images } else { Vec::new() };
     Ok(Json(json!({
@@ -323,7 +354,7 @@ fn info(resolved: &Resolved, checked: &Checked, infotexts: &[String], interrupte
         "sd_vae_hash": null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": null,
+        "denoising_strength": checked.job.init.as_ref().map(|init| init.strength),
         "extra_generation_params": {
             "Rescale CFG": request.guidance_rescale,
             "Noise Schedule": noise_schedule,
@@ -334,7 +365,8 @@ fn info(resolved: &Resolved, checked: &Checked, infotexts: &[String], interrupte
         "styles": [],
         "job_timestamp": job_timestamp,
         "clip_skip": 1,
-        "is_using_inpainting_conditioning": false,
+        "is_using_inpainting_conditioning": checked.job.init.as_ref().is_some_and(|init| init.mask.is_some())
+            && checked.job.latent_shape.0 != checked.in_channels,
         "version": format!("sdfix {}", env!("CARGO_PKG_VERSION")),
         "guidance_rescale": request.guidance_rescale,
         "spacing": request.spacing.to_string(),
