@@ -5,6 +5,7 @@
 pub mod ablate;
 pub mod args;
 pub mod bench;
+pub mod finetune;
 pub mod generate;
 pub mod info;
 pub mod manifest;
@@ -33,6 +34,9 @@ pub enum Command {
     Ablate(Box<ablate::AblateArgs>),
     /// Time the pipeline's stages on a real SD architecture with random weights (no download).
     Bench(bench::BenchArgs),
+    /// Fine-tune a model onto the zero terminal SNR schedule with the v-prediction loss (the
+    /// paper's training half): a diffusers-layout model that `generate` loads.
+    Finetune(Box<finetune::FinetuneArgs>),
     /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
@@ -53,6 +57,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Ablate(args) => ablate::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Finetune(args) => finetune::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),
