@@ -351,3 +351,58 @@ fn cli_finetune_writes_a_model_generate_loads() {
     );
     assert_eq!(common::pngs(&images).len(), 1);
 }
+
+/// Ctrl-C (SIGINT) during training saves a checkpoint and exits cleanly; `--resume` picks it up.
+#[test]
+fn ctrl_c_saves_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_data(&data);
+    let out = tmp.path().join("model");
+    let model = fixture("tiny-sd");
+    let args = |resume: bool| {
+        let mut args = vec![
+            "finetune".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            "--steps".into(),
+            if resume { "1" } else { "100000" }.into(),
+            "--batch-size".into(),
+            "2".into(),
+        ];
+        if resume {
+            args.push("--resume".into());
+        }
+        args
+    };
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(args(false))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = out.join("train_log.jsonl");
+    let started = std::time::Instant::now();
+    while fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 2 {
+        assert!(started.elapsed().as_secs() < 120, "no training steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let checkpoints: Vec<_> = fs::read_dir(out.join("checkpoints")).unwrap().collect();
+    assert_eq!(checkpoints.len(), 1, "one checkpoint, none partial");
+    // Resuming a run that is already past --steps 1 saves the model at once.
+    let resumed = sdfix(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(out.join("unet/diffusion_pytorch_model.safetensors").is_file());
+}
