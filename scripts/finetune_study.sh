@@ -38,6 +38,7 @@ mkdir -p "$run-eval"
   echo "|---:|---|---:|---:|"
   echo "| 0 | demo-flawed | $(luminance demo-flawed black) | $(luminance demo-flawed white) |"
   for ckpt in "$run"/checkpoints/step-*; do
+    case "$ckpt" in *.partial) continue ;; esac
     step=$((10#${ckpt##*step-}))
     echo "| $step | checkpoints/step-$(printf %06d "$step")/model | $(luminance "$ckpt/model" black) | $(luminance "$ckpt/model" white) |"
   done
