@@ -27,6 +27,8 @@
 //! - [`output`]: PNG names and atomic writes, metadata chunks, the manifest, grids.
 //! - [`prompts`]: prompt files; [`progress`]: what a run prints; [`stats`]: luminance and
 //!   summaries; [`device`]: `--device` and `--dtype`.
+//! - [`training`]: `sdfix finetune`, the paper's training half: zero-SNR v-prediction fine-tuning
+//!   through candle's autograd (a front-end beside the engine: it writes checkpoints and models).
 //!
 //! As a library: open a model, make three images, read their pixels and settings.
 //!
@@ -63,4 +65,5 @@ pub mod sampling;
 pub mod schedule;
 pub mod serve;
 pub mod stats;
+pub mod training;
 pub mod weights;

@@ -6,6 +6,7 @@ pub mod ablate;
 pub mod args;
 pub mod bench;
 pub mod convert;
+pub mod finetune;
 pub mod generate;
 pub mod info;
 pub mod manifest;
@@ -38,6 +39,9 @@ pub enum Command {
     /// Write a single-file checkpoint (.safetensors or .ckpt, LDM layout) as a diffusers folder:
     /// configs, tokenizer, f32 or f16 safetensors.
     Convert(convert::ConvertArgs),
+    /// Fine-tune a model onto the zero terminal SNR schedule with the v-prediction loss (the
+    /// paper's training half): a diffusers-layout model that `generate` loads.
+    Finetune(Box<finetune::FinetuneArgs>),
     /// Turn a prompt into PNG images with Stable Diffusion, the paper's fixes on by default.
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
@@ -48,7 +52,7 @@ pub enum Command {
     /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
     /// manifest, its correlation with the initial-noise mean.
     Stats(stats::StatsArgs),
-    /// Keep a model loaded behind AUTOMATIC1111's HTTP API (txt2img, models, samplers, options,
+    /// Keep a model loaded behind AUTOMATIC1111's HTTP API (txt2img, img2img, models, samplers, options,
     /// progress, interrupt) and a web page at /, one job at a time.
     Serve(Box<serve::ServeArgs>),
     /// Print a noise schedule: terminal SNR with and without the zero-SNR rescale, and the
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ablate(args) => ablate::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Convert(args) => convert::run(&args),
+        Command::Finetune(args) => finetune::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),

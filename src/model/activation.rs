@@ -1,12 +1,13 @@
 //! The GELU activations of the UNet's feed-forward (GEGLU) and of CLIP: our fused kernels
-//! ([`kernels::activation`]) on the CPU in f32, candle ops elsewhere.
+//! ([`kernels::activation`]) on the CPU in f32, candle ops elsewhere and whenever the input
+//! carries a gradient (see [`crate::model`], "Training").
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels;
 
 fn cpu_f32(xs: &Tensor) -> bool {
-    xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu)
+    xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && !xs.track_op()
 }
 
 /// The exact (erf) GELU.

@@ -2,7 +2,8 @@
 //! UNet, the VAE and the text encoder.
 //!
 //! On the CPU in f32 (with at most a 2-D mask) it runs our flash-style kernel
-//! ([`kernels::attention`]); elsewhere the composite path below, as candle ops. Scores and softmax
+//! ([`kernels::attention`]); elsewhere, and whenever an input carries a gradient
+//! (see [`crate::model`], "Training"), the composite path below, as candle ops. Scores and softmax
 //! are computed in f32 whatever the input dtype (diffusers' `upcast_attention` does this for q·k;
 //! SD 2.1 768-v overflows f16 without it), then cast back for the product with v. Callers pass
 //! (batch, tokens, heads * head_dim) tensors and never see the layout, so another kernel can
@@ -22,7 +23,7 @@ pub fn scaled_dot_product_attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op();
     let mask_2d = mask.map(|m| m.rank() == 2).unwrap_or(true);
     let kernel = cpu_f32(query) && cpu_f32(key) && cpu_f32(value) && mask_2d && mask.is_none_or(cpu_f32);
     kernels::profile::time("attention", || {
@@ -63,7 +64,13 @@ fn composite_attention(
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(score_dtype)?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    // candle-nn's fused softmax has no backward; its composite one (max, exp, sum, div) has.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.to_dtype(dtype)?;
     // (b, h, n, d) -> (b, n, h*d)
     probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, queries, inner))
 }

@@ -7,12 +7,13 @@
 //! without the `text_model.` prefix.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
 
 use crate::config::clip::{ClipActivation, ClipTextConfig};
 use crate::model::activation;
 use crate::model::attention::{causal_mask, scaled_dot_product_attention};
 use crate::model::linear::{linear, Linear};
+use crate::model::norm::{layer_norm, LayerNorm};
 
 /// `quick_gelu`'s constant: x * sigmoid(1.702 x) approximates GELU (OpenAI CLIP).
 const QUICK_GELU_SCALE: f64 = 1.702;

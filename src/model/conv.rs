@@ -2,6 +2,8 @@
 //!
 //! On the CPU in f32 it runs our kernel ([`kernels::conv`], weights laid out tap-major once at
 //! load); elsewhere (CUDA, Metal, other dtypes) candle's conv2d: cuDNN when built with `cudnn`.
+//! Training (see [`crate::model`], "Training"): a weight that is a `Var` stays as stored, and
+//! a call whose weight or input carries a gradient runs candle's conv2d, which has a backward.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -49,7 +51,8 @@ pub fn conv2d(
 
 impl Conv2d {
     fn new(weight: Tensor, bias: Option<Tensor>, spec: ConvSpec) -> Result<Self> {
-        let tap_major = matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32;
+        // A trainable weight keeps its identity (its gradient is looked up by it).
+        let tap_major = matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 && !weight.is_variable();
         let weight = if tap_major {
             // Prepared once at load, in the layout the kernel reads.
             kernels::conv::tap_major_weight(&weight)?
@@ -75,7 +78,7 @@ impl Conv2d {
     }
 
     fn forward_untimed(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.tap_major && xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) {
+        if self.tap_major && xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && !xs.track_op() {
             return kernels::conv::conv2d_f32(xs, &self.weight, self.bias.as_ref(), self.spec);
         }
         let weight = if self.tap_major {

@@ -1,7 +1,9 @@
 //! The linear layers (`x @ W^T + b`) of the UNet's transformers, the time embedding and CLIP.
 //!
 //! On the CPU in f32 they run our kernel ([`kernels::linear`], the weight transposed once at
-//! load); elsewhere candle-nn's Linear.
+//! load); elsewhere candle-nn's Linear. Training (see [`crate::model`], "Training"): a `Var`
+//! weight makes a candle-nn Linear (its matmul has a backward), and an input that carries a
+//! gradient skips the kernel.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -34,7 +36,7 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 impl Linear {
     /// Wraps existing weights (out, in) and bias (out).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        if weight.dtype() == DType::F32 && matches!(weight.device(), Device::Cpu) {
+        if weight.dtype() == DType::F32 && matches!(weight.device(), Device::Cpu) && !weight.is_variable() {
             Ok(Self::Cpu {
                 weight_t: kernels::linear::transposed_weight(&weight)?,
                 bias: bias.map(|b| b.contiguous()).transpose()?,
@@ -57,7 +59,14 @@ impl Module for Linear {
             format!("{}x{in_dim}x{out_dim}", xs.elem_count() / in_dim.max(1))
         };
         kernels::profile::time_detailed("linear", shape, || match self {
-            Self::Cpu { weight_t, bias } => kernels::linear::linear_f32(xs, weight_t, bias.as_ref()),
+            Self::Cpu { weight_t, bias } if !xs.track_op() => kernels::linear::linear_f32(xs, weight_t, bias.as_ref()),
+            Self::Cpu { weight_t, bias } => {
+                let ys = xs.broadcast_matmul(weight_t)?;
+                match bias {
+                    Some(bias) => ys.broadcast_add(bias),
+                    None => Ok(ys),
+                }
+            }
             Self::Candle(layer) => layer.forward(xs),
         })
     }

@@ -10,6 +10,16 @@
 //!   of them use), [`conv`], [`norm`], [`linear`] and [`activation`] (GELU/GEGLU). Each decides
 //!   which kernel runs (ours from [`crate::kernels`] for f32 on the CPU, candle's ops elsewhere)
 //!   and times the call with [`crate::kernels::profile`]; none holds kernel code.
+//!
+//! # Training
+//!
+//! Our CPU kernels have no backward. A layer therefore takes the path of candle ops that all
+//! have one (candle's conv2d and matmul, group and layer norm from basic ops, softmax from
+//! max/exp/sum/div) exactly when its result would carry a gradient: when its weights are
+//! `Var`s (a network built from a `VarMap`, [`crate::training`]) or its input already carries one
+//! (`Tensor::track_op`). Nothing global decides it, and inference, whose tensors never track
+//! ops, keeps the fast path; `training_path_forward_equals_inference` in tests/finetune.rs pins
+//! that both paths compute the same UNet and CLIP.
 
 pub mod activation;
 pub mod attention;

@@ -1,8 +1,10 @@
 //! The group normalisation layer, optionally followed by SiLU (every resnet and the output heads
 //! of the UNet and the VAE apply `silu(group_norm(x))`).
 //!
-//! On the CPU in f32 it runs our fused kernel ([`kernels::norm`]); elsewhere the same math as
-//! candle ops.
+//! On the CPU in f32 it runs our fused kernel ([`kernels::norm`]); elsewhere, and whenever the
+//! input or the weights carry a gradient (see [`crate::model`], "Training"), the same math as
+//! candle ops. Also the [`LayerNorm`] of the transformers and CLIP, for the same reason: candle-nn's
+//! fast layer norm has no backward.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -49,7 +51,12 @@ impl GroupNorm {
     }
 
     fn apply_untimed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        if xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && self.weight.dtype() == DType::F32 {
+        let differentiable = xs.track_op() || self.weight.track_op() || self.bias.track_op();
+        if xs.dtype() == DType::F32
+            && matches!(xs.device(), Device::Cpu)
+            && self.weight.dtype() == DType::F32
+            && !differentiable
+        {
             return kernels::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
         }
         let ys = self.composite(xs)?;
@@ -76,6 +83,41 @@ impl GroupNorm {
         normed
             .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
             .broadcast_add(&self.bias.reshape(shape.as_slice())?)
+    }
+}
+
+/// `LayerNorm(dim, eps)` over the last dimension (PyTorch's, with affine weight and bias).
+///
+/// candle-nn's fused layer norm (`apply_op3_no_bwd`) would drop the gradient silently, so a call
+/// whose input or weights carry a gradient runs the same math as basic candle ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+/// Loads `weight` and `bias` (dim) from `vb`; ones and zeros when `vb` creates them.
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.))?;
+    Ok(LayerNorm {
+        inner: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps),
+        weight,
+        bias,
+        eps,
+    })
+}
+
+impl candle_core::Module for LayerNorm {
+    /// `xs` (..., dim) normalised over the last dimension.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
+            candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
+        } else {
+            self.inner.forward(xs)
+        }
     }
 }
 

@@ -218,6 +218,17 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
     }
 }
 
+/// The weight file `component` (`unet`, `text_encoder`, `vae`) would load from at `dtype`
+/// (fine-tuning reads and copies them).
+pub fn component_weight_file(files: &ModelFiles, component: &str, dtype: DType) -> Result<PathBuf> {
+    let stem = if component == "text_encoder" {
+        "model"
+    } else {
+        "diffusion_pytorch_model"
+    };
+    files.first_present(&weight_candidates(component, stem, dtype))
+}
+
 /// A model's configs, read and validated once: enough to check every request before any weight
 /// is read, and then to build the modules.
 #[derive(Debug, Clone)]
@@ -512,9 +523,18 @@ pub fn load_vae(config: &Path, weights: &Path, dtype: DType, device: &Device) ->
     build_vae(&config_values, weights, dtype, device)
 }
 
+/// The tokenizer files that [`load_tokenizer`] reads when present (fine-tuning copies them).
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer/tokenizer.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+];
+
 /// The tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the optional
 /// special-token files fetched beside them.
-fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+pub fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
     let main = files.first_present(&["tokenizer/tokenizer.json".into(), "tokenizer/vocab.json".into()])?;
     for optional in [
         "tokenizer/merges.txt",

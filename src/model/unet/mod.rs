@@ -118,10 +118,30 @@ impl UNet2DConditionModel {
         context: &Tensor,
         cache: &mut CrossAttentionCache,
     ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        self.forward_timesteps_cached(sample, &vec![timestep; batch], context, cache)
+    }
+
+    /// [`Self::forward`] with one timestep per sample (training draws them independently, as
+    /// diffusers' `unet(noisy, timesteps)` takes a (b,) tensor).
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
+        self.forward_timesteps_cached(sample, timesteps, context, &mut CrossAttentionCache::new())
+    }
+
+    fn forward_timesteps_cached(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        cache: &mut CrossAttentionCache,
+    ) -> Result<Tensor> {
         cache.start_pass();
         // CUDA: the per-op dims/strides uploads, the same every step, from candle's cache.
         let _uploads = crate::kernels::cuda_settings::htod_cache_guard(sample.device());
         let batch = sample.dim(0)?;
+        if timesteps.len() != batch {
+            candle_core::bail!("{} timesteps for a batch of {batch}", timesteps.len());
+        }
         let sample = if self.spec.center_input_sample {
             sample.affine(2.0, -1.0)?
         } else {
@@ -129,7 +149,7 @@ impl UNet2DConditionModel {
         };
         let channels0 = self.spec.block_out_channels[0];
         let t_emb = timestep_embedding(
-            &vec![timestep; batch],
+            timesteps,
             channels0,
             self.spec.flip_sin_to_cos,
             self.spec.freq_shift,

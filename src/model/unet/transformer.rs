@@ -3,14 +3,14 @@
 //! residual.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{layer_norm, LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::unet::TransformerSpec;
 use crate::model::activation;
 use crate::model::attention::scaled_dot_product_attention;
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::linear::{linear, linear_no_bias, Linear};
-use crate::model::norm::{group_norm, GroupNorm};
+use crate::model::norm::{group_norm, layer_norm, GroupNorm, LayerNorm};
 
 /// diffusers' fixed epsilons inside `Transformer2DModel`: its group norm and its layer norms.
 const TRANSFORMER_GROUP_NORM_EPS: f64 = 1e-6;
