@@ -45,7 +45,8 @@ fn training_path_forward_equals_inference() {
     let nets = Networks::load(&files, &configs, true, &dev).unwrap();
     let unet_file = loader::component_weight_file(&files, "unet", DType::F32).unwrap();
     let inference_unet = loader::build_unet(&configs.unet, &unet_file, DType::F32, &dev).unwrap();
-    let text = loader::load_model_text_encoder(&files, &configs, DType::F32, &dev).unwrap();
+    let source = loader::ModelSource::Layout(tiny().0);
+    let text = loader::load_model_text_encoder(&source, &configs, DType::F32, &dev, &Default::default()).unwrap();
 
     let captions = vec!["a red circle".to_string(), String::new()];
     let context = nets.context(&captions).unwrap();
