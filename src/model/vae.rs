@@ -89,6 +89,52 @@ impl PixelAttention {
     }
 }
 
+/// A VAE resnet: no time embedding, the VAE's group norm, output scale 1.
+fn vae_resnet(vb: VarBuilder, config: &VaeConfig, c_in: usize, c_out: usize) -> Result<ResnetBlock2D> {
+    let norm = NormSpec {
+        groups: config.norm_num_groups,
+        eps: VAE_NORM_EPS,
+    };
+    ResnetBlock2D::new(vb, c_in, c_out, None, norm, 1.0)
+}
+
+/// `UNetMidBlock2D` as the encoder and decoder both build it: resnet, attention, resnet at the
+/// deepest channel count.
+#[derive(Debug)]
+struct MidBlock {
+    resnets: [ResnetBlock2D; 2],
+    attention: Option<PixelAttention>,
+}
+
+impl MidBlock {
+    /// `vb` is the `mid_block` prefix.
+    fn new(vb: VarBuilder, config: &VaeConfig, channels: usize) -> Result<Self> {
+        Ok(Self {
+            resnets: [
+                vae_resnet(vb.pp("resnets").pp(0), config, channels, channels)?,
+                vae_resnet(vb.pp("resnets").pp(1), config, channels, channels)?,
+            ],
+            attention: if config.mid_block_add_attention {
+                Some(PixelAttention::new(
+                    vb.pp("attentions").pp(0),
+                    channels,
+                    config.norm_num_groups,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, None)?;
+        if let Some(attention) = &self.attention {
+            xs = attention.forward(&xs)?;
+        }
+        self.resnets[1].forward(&xs, None)
+    }
+}
+
 #[derive(Debug)]
 struct UpDecoderBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -98,8 +144,7 @@ struct UpDecoderBlock {
 pub struct Vae {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: [ResnetBlock2D; 2],
-    mid_attention: Option<PixelAttention>,
+    mid_block: MidBlock,
     up_blocks: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -117,11 +162,7 @@ impl Vae {
         let Some(&deepest) = channels.last() else {
             candle_core::bail!("vae: block_out_channels is empty")
         };
-        let norm = NormSpec {
-            groups: config.norm_num_groups,
-            eps: VAE_NORM_EPS,
-        };
-        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize| ResnetBlock2D::new(vb, c_in, c_out, None, norm, 1.0);
+        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize| vae_resnet(vb, config, c_in, c_out);
         let post_quant_conv = if config.use_post_quant_conv {
             let c = config.latent_channels;
             Some(conv2d(c, c, 1, 0, 1, vb.pp("post_quant_conv"))?)
@@ -129,20 +170,7 @@ impl Vae {
             None
         };
         let vb = vb.pp("decoder");
-        let mid = vb.pp("mid_block");
-        let mid_resnets = [
-            resnet(mid.pp("resnets").pp(0), deepest, deepest)?,
-            resnet(mid.pp("resnets").pp(1), deepest, deepest)?,
-        ];
-        let mid_attention = if config.mid_block_add_attention {
-            Some(PixelAttention::new(
-                mid.pp("attentions").pp(0),
-                deepest,
-                config.norm_num_groups,
-            )?)
-        } else {
-            None
-        };
+        let mid_block = MidBlock::new(vb.pp("mid_block"), config, deepest)?;
         let reversed: Vec<usize> = channels.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(reversed.len());
         let mut previous = deepest;
@@ -162,8 +190,7 @@ impl Vae {
         Ok(Self {
             post_quant_conv,
             conv_in: conv2d(config.latent_channels, deepest, 3, 1, 1, vb.pp("conv_in"))?,
-            mid_resnets,
-            mid_attention,
+            mid_block,
             up_blocks,
             conv_norm_out: group_norm(
                 config.norm_num_groups,
@@ -199,12 +226,7 @@ impl Vae {
         if let Some(conv) = &self.post_quant_conv {
             xs = conv.forward(&xs)?;
         }
-        xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_resnets[0].forward(&xs, None)?;
-        if let Some(attention) = &self.mid_attention {
-            xs = attention.forward(&xs)?;
-        }
-        xs = self.mid_resnets[1].forward(&xs, None)?;
+        xs = self.mid_block.forward(&self.conv_in.forward(&xs)?)?;
         for block in &self.up_blocks {
             for resnet in &block.resnets {
                 xs = resnet.forward(&xs, None)?;
@@ -235,8 +257,7 @@ struct DownEncoderBlock {
 pub struct VaeEncoder {
     conv_in: Conv2d,
     down_blocks: Vec<DownEncoderBlock>,
-    mid_resnets: [ResnetBlock2D; 2],
-    mid_attention: Option<PixelAttention>,
+    mid_block: MidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -277,11 +298,7 @@ impl VaeEncoder {
         let Some(&deepest) = channels.last() else {
             candle_core::bail!("vae: block_out_channels is empty")
         };
-        let norm = NormSpec {
-            groups: config.norm_num_groups,
-            eps: VAE_NORM_EPS,
-        };
-        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize| ResnetBlock2D::new(vb, c_in, c_out, None, norm, 1.0);
+        let resnet = |vb: VarBuilder, c_in: usize, c_out: usize| vae_resnet(vb, config, c_in, c_out);
         let quant_conv = if config.use_quant_conv {
             let c = 2 * config.latent_channels;
             Some(conv2d(c, c, 1, 0, 1, vb.pp("quant_conv"))?)
@@ -304,23 +321,10 @@ impl VaeEncoder {
             down_blocks.push(DownEncoderBlock { resnets, downsampler });
             previous = out;
         }
-        let mid = vb.pp("mid_block");
         Ok(Self {
             conv_in: conv2d(config.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?,
             down_blocks,
-            mid_resnets: [
-                resnet(mid.pp("resnets").pp(0), deepest, deepest)?,
-                resnet(mid.pp("resnets").pp(1), deepest, deepest)?,
-            ],
-            mid_attention: if config.mid_block_add_attention {
-                Some(PixelAttention::new(
-                    mid.pp("attentions").pp(0),
-                    deepest,
-                    config.norm_num_groups,
-                )?)
-            } else {
-                None
-            },
+            mid_block: MidBlock::new(vb.pp("mid_block"), config, deepest)?,
             conv_norm_out: group_norm(config.norm_num_groups, deepest, VAE_NORM_EPS, vb.pp("conv_norm_out"))?,
             // double_z: mean and log variance.
             conv_out: conv2d(deepest, 2 * config.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
@@ -353,11 +357,7 @@ impl VaeEncoder {
                 xs = downsampler.forward(&xs)?;
             }
         }
-        xs = self.mid_resnets[0].forward(&xs, None)?;
-        if let Some(attention) = &self.mid_attention {
-            xs = attention.forward(&xs)?;
-        }
-        xs = self.mid_resnets[1].forward(&xs, None)?;
+        xs = self.mid_block.forward(&xs)?;
         let mut moments = self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)?;
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments)?;
