@@ -188,6 +188,12 @@ fn one_training_step_matches_diffusers() {
             .unwrap();
         let reference_grad = stored(name, reference_grad).abs().unwrap();
         let scale = reference_grad.max_all().unwrap().to_scalar::<f32>().unwrap();
+        if scale < ZERO_GRADIENT {
+            // A gradient that is 0 up to rounding (the key biases, above): Adam's first step
+            // moves each weight by about +-lr in the direction of its rounding noise, in either
+            // implementation; the check above pinned the optimizer on diffusers' gradients.
+            continue;
+        }
         let well_conditioned = reference_grad
             .ge(scale * WELL_CONDITIONED)
             .unwrap()

@@ -81,20 +81,20 @@ impl WeightedKernel for CpuConv {
 
 /// Sizes of the padded input and of the output grid.
 #[derive(Debug)]
-struct Geometry {
+pub(crate) struct Geometry {
     /// Padded input width: the output grid's row pitch.
-    padded_w: usize,
+    pub(crate) padded_w: usize,
     /// Elements per padded input channel, plus the slack the last channel's dropped columns read.
-    channel_len: usize,
-    out_h: usize,
-    out_w: usize,
+    pub(crate) channel_len: usize,
+    pub(crate) out_h: usize,
+    pub(crate) out_w: usize,
     padding: usize,
     height: usize,
     width: usize,
 }
 
 impl Geometry {
-    fn new(spec: ConvSpec, height: usize, width: usize) -> Result<Self> {
+    pub(crate) fn new(spec: ConvSpec, height: usize, width: usize) -> Result<Self> {
         let (padded_h, padded_w) = (height + 2 * spec.padding, width + 2 * spec.padding);
         if padded_h < spec.kernel || padded_w < spec.kernel || spec.stride == 0 {
             candle_core::bail!(
@@ -120,7 +120,7 @@ impl Geometry {
 
     /// One sample's channels zero-padded into `dst` (c_in x channel_len), every element written
     /// (so `dst` need not be zeroed first).
-    fn pad(&self, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
+    pub(crate) fn pad(&self, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
         let (h, w, p, wp) = (self.height, self.width, self.padding, self.padded_w);
         let zero = |dst: &mut [MaybeUninit<f32>]| dst.iter_mut().for_each(|d| _ = d.write(0.0));
         dst.par_chunks_mut(self.channel_len)
@@ -143,7 +143,16 @@ impl Geometry {
 /// Outputs per tile: 1 MB of f32, half this machine's 2 MB L2 per core.
 const TILE_OUTPUTS: usize = 262_144;
 
-fn conv_f32(spec: ConvSpec, g: &Geometry, batch: usize, x: &[f32], taps: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// The convolution of `batch` samples `x` (contiguous (b, c_in, h, w) for `g`'s h and w) with
+/// tap-major `taps`: (b, c_out, out_h, out_w) elements.
+pub(crate) fn conv_f32(
+    spec: ConvSpec,
+    g: &Geometry,
+    batch: usize,
+    x: &[f32],
+    taps: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let (c_in, c_out, k, s) = (spec.in_channels, spec.out_channels, spec.kernel, spec.stride);
     let wp = g.padded_w;
     // Padding copies the input; a 1x1, unpadded, stride-1 conv reads it in place.

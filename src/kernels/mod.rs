@@ -15,6 +15,8 @@
 //! - [`activation`]: the erf GELU and GEGLU.
 //! - [`attention`]: flash-style multi-head attention.
 //! - [`cpu_math`]: the vectorised exp/erf/softmax the kernels use.
+//! - [`grad`]: the training path's convolution, linear, group and layer norm, with backward
+//!   passes of our own (candle's were most of a training step).
 //! - [`cpu_op`]: their shared plumbing (candle-op wrappers, shared output pointer, transpose).
 //! - [`profile`]: time per kind of op, for `bench --profile`.
 //! - [`cuda_settings`]: process-wide CUDA switches (TF32, event tracking, the memory pool's
@@ -26,6 +28,7 @@ pub mod conv;
 pub mod cpu_math;
 pub mod cpu_op;
 pub mod cuda_settings;
+pub mod grad;
 pub mod linear;
 pub mod norm;
 pub mod profile;

@@ -17,10 +17,10 @@ pub fn group_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, ep
     xs.contiguous()?.apply_op3_no_bwd(weight, bias, &op)
 }
 
-struct CpuGroupNorm {
-    groups: usize,
-    eps: f64,
-    silu: bool,
+pub(crate) struct CpuGroupNorm {
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
 }
 
 impl CustomOp3 for CpuGroupNorm {

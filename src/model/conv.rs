@@ -3,7 +3,8 @@
 //! On the CPU in f32 it runs our kernel ([`kernels::conv`], weights laid out tap-major once at
 //! load); elsewhere (CUDA, Metal, other dtypes) candle's conv2d: cuDNN when built with `cudnn`.
 //! Training (see [`crate::model`], "Training"): a weight that is a `Var` stays as stored, and
-//! a call whose weight or input carries a gradient runs candle's conv2d, which has a backward.
+//! a call whose weight or input carries a gradient runs [`kernels::grad::conv2d`] (ours, with a
+//! backward) on the CPU in f32, candle's conv2d elsewhere.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -86,12 +87,20 @@ impl Conv2d {
         } else {
             &self.weight
         };
+        if cpu_f32(xs) && cpu_f32(weight) {
+            // The training path: our convolution with a backward.
+            return kernels::grad::conv2d(xs, weight, self.bias.as_ref(), self.spec);
+        }
         let ys = xs.conv2d(weight, self.spec.padding, self.spec.stride, 1, 1)?;
         match &self.bias {
             Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
             None => Ok(ys),
         }
     }
+}
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
 }
 
 impl candle_core::Module for Conv2d {

@@ -2,8 +2,8 @@
 //!
 //! On the CPU in f32 they run our kernel ([`kernels::linear`], the weight transposed once at
 //! load); elsewhere candle-nn's Linear. Training (see [`crate::model`], "Training"): a `Var`
-//! weight makes a candle-nn Linear (its matmul has a backward), and an input that carries a
-//! gradient skips the kernel.
+//! weight, or an input that carries a gradient, runs [`kernels::grad::linear`] (ours, with a
+//! backward) on the CPU in f32, candle-nn's Linear elsewhere.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -47,6 +47,10 @@ impl Linear {
     }
 }
 
+fn cpu_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
+}
+
 impl Module for Linear {
     /// `xs` (..., in) -> (..., out).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -60,12 +64,17 @@ impl Module for Linear {
         };
         kernels::profile::time_detailed("linear", shape, || match self {
             Self::Cpu { weight_t, bias } if !xs.track_op() => kernels::linear::linear_f32(xs, weight_t, bias.as_ref()),
+            Self::Cpu { weight_t, bias } if cpu_f32(xs) => kernels::grad::linear(xs, &weight_t.t()?, bias.as_ref()),
             Self::Cpu { weight_t, bias } => {
                 let ys = xs.broadcast_matmul(weight_t)?;
                 match bias {
                     Some(bias) => ys.broadcast_add(bias),
                     None => Ok(ys),
                 }
+            }
+            // The training path on the CPU: ours, with a backward.
+            Self::Candle(layer) if cpu_f32(xs) && cpu_f32(layer.weight()) => {
+                kernels::grad::linear(xs, layer.weight(), layer.bias())
             }
             Self::Candle(layer) => layer.forward(xs),
         })

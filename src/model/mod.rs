@@ -13,13 +13,14 @@
 //!
 //! # Training
 //!
-//! Our CPU kernels have no backward. A layer therefore takes the path of candle ops that all
-//! have one (candle's conv2d and matmul, group and layer norm from basic ops, softmax from
-//! max/exp/sum/div) exactly when its result would carry a gradient: when its weights are
-//! `Var`s (a network built from a `VarMap`, [`crate::training`]) or its input already carries one
-//! (`Tensor::track_op`). Nothing global decides it, and inference, whose tensors never track
-//! ops, keeps the fast path; `training_path_forward_equals_inference` in tests/finetune.rs pins
-//! that both paths compute the same UNet and CLIP.
+//! Our inference kernels have no backward. A layer therefore takes a path with one exactly
+//! when its result would carry a gradient: when its weights are `Var`s (a network built from a
+//! `VarMap`, [`crate::training`]) or its input already carries one (`Tensor::track_op`). On the
+//! CPU in f32 that path is [`crate::kernels::grad`] for convolutions, linear layers and the norms
+//! (our ops with their own backward); elsewhere, and for attention's softmax and the GELUs,
+//! candle ops that all have one. Nothing global decides it, and inference, whose tensors never
+//! track ops, keeps the fast path; `training_path_forward_equals_inference` in tests/finetune.rs
+//! pins that both paths compute the same UNet and CLIP.
 
 pub mod activation;
 pub mod attention;

@@ -1,10 +1,11 @@
 //! The group normalisation layer, optionally followed by SiLU (every resnet and the output heads
 //! of the UNet and the VAE apply `silu(group_norm(x))`).
 //!
-//! On the CPU in f32 it runs our fused kernel ([`kernels::norm`]); elsewhere, and whenever the
-//! input or the weights carry a gradient (see [`crate::model`], "Training"), the same math as
-//! candle ops. Also the [`LayerNorm`] of the transformers and CLIP, for the same reason: candle-nn's
-//! fast layer norm has no backward.
+//! On the CPU in f32 it runs our fused kernel ([`kernels::norm`]); whenever the input or the
+//! weights carry a gradient (see [`crate::model`], "Training"), [`kernels::grad::group_norm`]
+//! (fused too, with a backward) on the CPU in f32, the same math as candle ops elsewhere. Also
+//! the [`LayerNorm`] of the transformers and CLIP, for the same reason: candle-nn's fast layer
+//! norm has no backward.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -58,6 +59,10 @@ impl GroupNorm {
             && !differentiable
         {
             return kernels::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
+        }
+        if cpu_f32(xs) && cpu_f32(&self.weight) && cpu_f32(&self.bias) {
+            // The training path: fused, with a backward.
+            return kernels::grad::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
         }
         let ys = self.composite(xs)?;
         if silu {
@@ -114,11 +119,18 @@ impl candle_core::Module for LayerNorm {
     /// `xs` (..., dim) normalised over the last dimension.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
+            if cpu_f32(xs) && cpu_f32(&self.weight) && cpu_f32(&self.bias) {
+                return kernels::grad::layer_norm(xs, &self.weight, &self.bias, self.eps);
+            }
             candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
         } else {
             self.inner.forward(xs)
         }
     }
+}
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
 }
 
 impl candle_core::Module for GroupNorm {
