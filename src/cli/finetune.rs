@@ -13,12 +13,13 @@ use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::args::{at_least_one, DeviceArgs, ModelArgs, VerbosityArgs};
+use super::args::{at_least_one, DeviceArgs, VerbosityArgs};
 use crate::device::{self, DeviceChoice};
 use crate::progress::Verbosity;
 use crate::training::adamw::AdamWConfig;
 use crate::training::data::DataSource;
 use crate::training::{FinetuneSpec, Outcome, TrainEvent, Trainer};
+use crate::weights::demo::DEFAULT_MODEL;
 use crate::weights::files::{with_model_context, ModelFiles, ModelLocation};
 use crate::weights::loader::ModelConfigs;
 
@@ -34,13 +35,21 @@ const DEFAULT_WARMUP: &str = "20";
 /// runs them on one thread unless `CANDLE_NUM_THREADS` says otherwise. Our kernels and the
 /// matrix products keep their own (rayon) threads.
 const CANDLE_THREADS_VAR: &str = "CANDLE_NUM_THREADS";
+const RAYON_THREADS_VAR: &str = "RAYON_NUM_THREADS";
 /// Lines printed without a terminal: one every this many steps.
 const LOG_EVERY: usize = 10;
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// The model to fine-tune: a folder (diffusers layout), a Hugging Face repo id, or a
+    /// built-in demo model (demo-flawed: trained the stock way). Single files: convert them
+    /// first with `sdfix convert`.
+    #[arg(long, value_name = "DIR|REPO|demo", default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) of --model.
+    #[arg(long)]
+    pub revision: Option<String>,
 
     /// Training data: a folder of images with same-named .txt captions (or a metadata.jsonl of
     /// {"file_name", "text"}), or demo (the demo models' procedural set).
@@ -126,6 +135,13 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         // Before any candle op reads it (its pool starts at the first parallel op).
         std::env::set_var(CANDLE_THREADS_VAR, "1");
     }
+    if std::env::var_os(RAYON_THREADS_VAR).is_none() {
+        // candle asks for its thread count on every matrix product, and without this variable
+        // it counts the physical cores by reading /proc/cpuinfo each time (3-7% of a demo step
+        // under `perf`). The value is the one rayon's pool uses anyway.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var(RAYON_THREADS_VAR, threads.to_string());
+    }
     let verbosity = args.verbosity.resolve();
     let say = |message: &str| {
         if verbosity != Verbosity::Quiet {
@@ -137,14 +153,14 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         bail!("fine-tuning runs in f32 (mixed precision is not implemented); drop --dtype or pass --dtype f32");
     }
     let (device, _) = device::resolve(args.device.device.unwrap_or(DeviceChoice::Auto), Some(dtype))?;
-    let location = ModelLocation::parse(&args.model.model, args.model.revision.as_deref())?;
-    let files = ModelFiles::new(location).map_err(|e| with_model_context(e, &args.model.model))?;
-    let configs = ModelConfigs::read(&files).map_err(|e| with_model_context(e, &args.model.model))?;
+    let location = ModelLocation::parse(&args.model, args.revision.as_deref())?;
+    let files = ModelFiles::new(location).map_err(|e| with_model_context(e, &args.model))?;
+    let configs = ModelConfigs::read(&files).map_err(|e| with_model_context(e, &args.model))?;
     let scheduler = &configs.scheduler;
     if scheduler.prediction_type != "v_prediction" || !scheduler.rescale_betas_zero_snr {
         say(&format!(
             "{}: {} prediction{}: converting to v-prediction on the zero terminal SNR schedule (--from-epsilon implied)",
-            args.model.model,
+            args.model,
             scheduler.prediction_type,
             if scheduler.rescale_betas_zero_snr { "" } else { ", stock schedule" },
         ));
@@ -178,7 +194,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let mut trainer = Trainer::new(spec, files, &configs, &device, &mut |e| report.event(e))?;
     say(&format!(
         "fine-tuning {} on {} examples: {} steps of {} x {}, lr {}, from step {}",
-        args.model.model,
+        args.model,
         trainer.data.len(),
         args.steps,
         args.batch_size,

@@ -2,8 +2,9 @@
 //! UNet, the VAE and the text encoder.
 //!
 //! On the CPU in f32 (with at most a 2-D mask) it runs our flash-style kernel
-//! ([`kernels::attention`]); elsewhere, and whenever an input carries a gradient
-//! (see [`crate::model`], "Training"), the composite path below, as candle ops. Scores and softmax
+//! ([`kernels::attention`]); when an input carries a gradient (see [`crate::model`],
+//! "Training"), [`kernels::grad::attention`] on the CPU in f32; elsewhere the composite path
+//! below, as candle ops. Scores and softmax
 //! are computed in f32 whatever the input dtype (diffusers' `upcast_attention` does this for q·k;
 //! SD 2.1 768-v overflows f16 without it), then cast back for the product with v. Callers pass
 //! (batch, tokens, heads * head_dim) tensors and never see the layout, so another kernel can
@@ -26,9 +27,15 @@ pub fn scaled_dot_product_attention(
     let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op();
     let mask_2d = mask.map(|m| m.rank() == 2).unwrap_or(true);
     let kernel = cpu_f32(query) && cpu_f32(key) && cpu_f32(value) && mask_2d && mask.is_none_or(cpu_f32);
+    let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
+    let training_kernel =
+        on_cpu_f32(query) && on_cpu_f32(key) && on_cpu_f32(value) && mask.is_none_or(|m| m.rank() == 2);
     kernels::profile::time("attention", || {
         if kernel {
             kernels::attention::attention(query, key, value, heads, mask)
+        } else if training_kernel {
+            // An input carries a gradient: ours, with a backward.
+            kernels::grad::attention(query, key, value, heads, mask)
         } else {
             composite_attention(query, key, value, heads, mask)
         }
