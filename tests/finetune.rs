@@ -319,6 +319,9 @@ fn cli_finetune_writes_a_model_generate_loads() {
         "--save-every",
         "2",
         "--train-text-encoder",
+        // A value flag: it once clashed with the single-file loader's `--ema` switch.
+        "--ema",
+        "0.9",
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let config: serde_json::Value =

@@ -93,9 +93,15 @@ pub struct FinetuneArgs {
     #[arg(long, value_name = "PX")]
     pub size: Option<usize>,
 
-    /// Train the text encoder too.
-    #[arg(long)]
+    /// Train the text encoder too [default: with --data demo, whose models were trained with
+    /// their text encoders (scripts/train_demo.py); frozen otherwise, as diffusers'
+    /// train_text_to_image.py keeps it].
+    #[arg(long, conflicts_with = "freeze_text_encoder")]
     pub train_text_encoder: bool,
+
+    /// Keep the text encoder frozen, also with --data demo.
+    #[arg(long)]
+    pub freeze_text_encoder: bool,
 
     /// Continue from the latest checkpoint in --out (same flags).
     #[arg(long)]
@@ -128,6 +134,22 @@ pub struct FinetuneArgs {
 
     #[command(flatten)]
     pub verbosity: VerbosityArgs,
+}
+
+/// Whether the text encoder trains: the flags, else only with the demo data. The demo models
+/// were trained with their text encoders jointly, and demo-flawed's UNet came to ignore its text
+/// (an epsilon model barely needs it), so its text encoder tells "black" from "white" by a
+/// tenth of what demo's does: frozen, the fine-tuned UNet still ignored those prompts after 600
+/// steps; trained, it followed them after 250 (docs/brightness-study.md). Real checkpoints'
+/// text encoders are good and stay frozen.
+fn text_encoder_trained(args: &FinetuneArgs, data: &DataSource) -> bool {
+    if args.train_text_encoder {
+        true
+    } else if args.freeze_text_encoder {
+        false
+    } else {
+        *data == DataSource::Demo
+    }
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
@@ -165,8 +187,13 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
             if scheduler.rescale_betas_zero_snr { "" } else { ", stock schedule" },
         ));
     }
+    let data = DataSource::parse(&args.data);
+    let train_text_encoder = text_encoder_trained(args, &data);
+    if train_text_encoder && !args.train_text_encoder {
+        say("--data demo: training the text encoder too, as the demo models were trained (--freeze-text-encoder keeps it frozen)");
+    }
     let spec = FinetuneSpec {
-        data: DataSource::parse(&args.data),
+        data,
         out: args.out.clone(),
         steps: args.steps,
         batch_size: args.batch_size,
@@ -176,7 +203,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         ema_decay: args.ema,
         seed: args.seed,
         size: args.size,
-        train_text_encoder: args.train_text_encoder,
+        train_text_encoder,
         resume: args.resume,
         save_every: args.save_every,
         max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),

@@ -15,7 +15,7 @@
 //! - [`activation`]: the erf GELU and GEGLU.
 //! - [`attention`]: flash-style multi-head attention.
 //! - [`cpu_math`]: the vectorised exp/erf/softmax the kernels use.
-//! - [`grad`]: the training path's convolution, linear, group and layer norm, with backward
+//! - [`grad`]: the training path's convolution, linear, norms, attention and GELUs, with backward
 //!   passes of our own (candle's were most of a training step).
 //! - [`cpu_op`]: their shared plumbing (candle-op wrappers, shared output pointer, transpose).
 //! - [`profile`]: time per kind of op, for `bench --profile`.

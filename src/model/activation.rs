@@ -1,6 +1,6 @@
 //! The GELU activations of the UNet's feed-forward (GEGLU) and of CLIP: our fused kernels
-//! ([`kernels::activation`]) on the CPU in f32, candle ops elsewhere and whenever the input
-//! carries a gradient (see [`crate::model`], "Training").
+//! ([`kernels::activation`]) on the CPU in f32; when the input carries a gradient (see
+//! [`crate::model`], "Training"), [`kernels::grad`]'s, with a backward; candle ops elsewhere.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -10,11 +10,18 @@ fn cpu_f32(xs: &Tensor) -> bool {
     xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && !xs.track_op()
 }
 
+/// The training path on the CPU: ours, with a backward.
+fn cpu_f32_training(xs: &Tensor) -> bool {
+    xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && xs.track_op()
+}
+
 /// The exact (erf) GELU.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     kernels::profile::time("gelu", || {
         if cpu_f32(xs) {
             kernels::activation::gelu_erf(xs)
+        } else if cpu_f32_training(xs) {
+            kernels::grad::gelu_erf(xs)
         } else {
             xs.gelu_erf()
         }
@@ -26,6 +33,8 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     kernels::profile::time("gelu", || {
         if cpu_f32(projected) {
             kernels::activation::geglu(projected)
+        } else if cpu_f32_training(projected) {
+            kernels::grad::geglu(projected)
         } else {
             let chunks = projected.chunk(2, candle_core::D::Minus1)?;
             &chunks[0] * chunks[1].gelu_erf()?
