@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
@@ -293,6 +293,71 @@ fn resume_after_interrupt_equals_uninterrupted() {
         .err()
         .unwrap();
     assert!(format!("{err:#}").contains("--resume"), "{err:#}");
+}
+
+/// Every file under `dir`, by relative path, with its bytes.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                out.push((path.strip_prefix(dir).unwrap().to_path_buf(), fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The output folder links the source model's unchanged files. Continuing a finished run
+/// (`--resume` with more steps) writes that folder again: it must replace the links, not write
+/// through them. (It once truncated the source model's configs and VAE to 0 bytes.)
+#[test]
+fn continuing_a_finished_run_leaves_the_source_model_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_data(&data);
+    let source = tmp.path().join("source");
+    for (relative, bytes) in tree(&fixture("tiny-sd")) {
+        fs::create_dir_all(source.join(&relative).parent().unwrap()).unwrap();
+        fs::write(source.join(&relative), bytes).unwrap();
+    }
+    let before = tree(&source);
+    let out = tmp.path().join("out");
+    let run = |steps: &str, resume: bool| {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            source.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--size",
+            "16",
+            "--quiet",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        let result = sdfix(&args);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    };
+    run("2", false);
+    run("3", true);
+    assert!(tree(&source) == before, "the source model changed");
+    for config in ["unet/config.json", "vae/config.json", "text_encoder/config.json"] {
+        let text = fs::read_to_string(out.join(config)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap_or_else(|e| panic!("{config}: {e}"));
+    }
 }
 
 /// The command line: a short run writes a diffusers-layout folder with the paper's scheduler

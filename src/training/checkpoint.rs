@@ -38,14 +38,28 @@ pub struct TrainedWeights {
     pub text_encoder: Option<HashMap<String, Tensor>>,
 }
 
+/// Removes the file at `path` if there is one, so what is written there next is a new file.
+/// A model folder written before may hold hard links to the source model's files
+/// ([`copy_from`]): writing through one (`fs::write`, `fs::copy`, a safetensors save all
+/// truncate the file they open) would overwrite the source model itself.
+fn unlink_existing(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("replacing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Copies `relative` from the source model to `dir` (a hard link when possible: the source
-/// files never change).
+/// files never change, and no write ever goes through a link: [`unlink_existing`]).
 fn copy_from(files: &ModelFiles, relative: &str, dir: &Path) -> Result<()> {
     let source = fs::canonicalize(files.get(relative)?)?;
     let target = dir.join(relative);
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent)?;
     }
+    unlink_existing(&target)?;
     if fs::hard_link(&source, &target).is_err() {
         fs::copy(&source, &target).with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
     }
@@ -68,15 +82,20 @@ fn scheduler_config(files: &ModelFiles) -> Result<String> {
 pub fn write_model_folder(dir: &Path, files: &ModelFiles, weights: &TrainedWeights) -> Result<()> {
     fs::create_dir_all(dir.join("unet"))?;
     fs::create_dir_all(dir.join("scheduler"))?;
+    unlink_existing(&dir.join(SCHEDULER_CONFIG))?;
     fs::write(dir.join(SCHEDULER_CONFIG), scheduler_config(files)?)?;
     if files.has("model_index.json")? {
         copy_from(files, "model_index.json", dir)?;
     }
     copy_from(files, "unet/config.json", dir)?;
+    unlink_existing(&dir.join(UNET_WEIGHTS))?;
     save_safetensors(&weights.unet, &dir.join(UNET_WEIGHTS))?;
     copy_from(files, "text_encoder/config.json", dir)?;
     match &weights.text_encoder {
-        Some(tensors) => save_safetensors(tensors, &dir.join(TEXT_ENCODER_WEIGHTS))?,
+        Some(tensors) => {
+            unlink_existing(&dir.join(TEXT_ENCODER_WEIGHTS))?;
+            save_safetensors(tensors, &dir.join(TEXT_ENCODER_WEIGHTS))?
+        }
         None => {
             let source = component_weight_file(files, "text_encoder", DType::F32)?;
             copy_component_file(files, &source, "text_encoder", dir)?;
