@@ -3,7 +3,7 @@
 # `sdfix finetune --model demo-flawed --data demo` with default settings, timed, then mean
 # luminance of "solid black background" and "solid white background" (8 seeds, the default
 # sampler) for demo-flawed itself (step 0) and every checkpoint, and the loss curve as an SVG.
-# Run by hand (about 20-25 minutes on 2 CPU cores); needs only the release binary and python3.
+# Run by hand (about 10-15 minutes on 2 CPU cores); needs only the release binary and python3.
 #
 #   bash scripts/finetune_study.sh            # SKIP_TRAIN=1 reuses outputs/finetune-demo
 set -euo pipefail
@@ -28,14 +28,14 @@ luminance() { # model colour -> mean luminance over the seeds
   rm -rf "$dir"
   "$sdfix" generate --model "$1" --prompt "solid $2 background" --seed 0 --num-images "$SEEDS" \
     --batch-size "$SEEDS" --out-dir "$dir" --quiet
-  "$sdfix" stats --json "$dir" | python3 -c 'import json,sys; d=json.load(sys.stdin); v=[i["luminance"] for i in d["images"]]; print(f"{sum(v)/len(v):.3f}")'
+  "$sdfix" stats --json "$dir" | python3 -c 'import json,sys; d=json.load(sys.stdin); v=[i["luminance"] for i in d["images"]]; print(f"{sum(v)/len(v):.3f} ({min(v):.3f}..{max(v):.3f})")'
 }
 
 table=$run-eval/table.md
 mkdir -p "$run-eval"
 {
-  echo "| steps | model | black | white |"
-  echo "|---:|---|---:|---:|"
+  echo "| steps | model | black: mean (min..max) | white: mean (min..max) |"
+  echo "|---:|---|---|---|"
   echo "| 0 | demo-flawed | $(luminance demo-flawed black) | $(luminance demo-flawed white) |"
   for ckpt in "$run"/checkpoints/step-*; do
     case "$ckpt" in *.partial) continue ;; esac
