@@ -402,3 +402,20 @@ fn bad_loras_entries_fail_their_line_naming_file_line_and_key() {
         .collect();
     assert_eq!(files, ["00006-00-0-six.png"]);
 }
+
+#[test]
+fn a_lora_given_as_the_model_says_to_pass_it_with_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        fixture(LORA).to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is a LoRA file; pass it as --lora"), "{stderr}");
+}

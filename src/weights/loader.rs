@@ -374,7 +374,7 @@ impl ModelSource {
                     "vae" => &single.vae,
                     _ => &single.text_encoder,
                 };
-                let (backend, names) = single.backend(map);
+                let (backend, names) = single.backend(map)?;
                 (backend, names, format!("{} ({component})", single.path.display()))
             }
         })

@@ -450,14 +450,9 @@ impl SimpleBackend for Patched {
     }
 }
 
-/// Whether `path` looks like a LoRA file (for `--model` messages).
-pub fn is_lora_file(path: &Path) -> bool {
-    SafetensorsReader::open(path)
-        .map(|r| {
-            r.names()
-                .any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te_"))
-        })
-        .unwrap_or(false)
+/// Whether a file with these tensor names is a kohya LoRA (for `--model` messages).
+pub fn looks_like_lora<'a>(mut names: impl Iterator<Item = &'a String>) -> bool {
+    names.any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te_"))
 }
 
 #[cfg(test)]
