@@ -3,9 +3,10 @@
 //! - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
 //! - `.jsonl`: one JSON object per line with `prompt` (required) and any of `negative_prompt`,
 //!   `seed`, `steps`, `guidance`, `guidance_rescale`, `spacing`, `zero_snr`, `sampler`, `width`,
-//!   `height`, `num_images`, `init_image`, `strength`, `mask`, overriding the command line for that
-//!   line (`init_image` and `mask` are paths relative to the prompt file). Blank and `#` lines are
-//!   skipped too.
+//!   `height`, `num_images`, `init_image`, `strength`, `mask`, `loras`, overriding the command line
+//!   for that line (`init_image`, `mask` and the files of `loras` are paths relative to the prompt
+//!   file; `loras` is a list of `FILE[:WEIGHT]` as `--lora` takes, replacing the `--lora` set, `[]`
+//!   for none). Blank and `#` lines are skipped too.
 //! - `-`: standard input, as `.txt` unless its first entry starts with `{`.
 //!
 //! A bad line is an error for that line only (with its file:line), so a run can go on with the
@@ -42,6 +43,32 @@ pub struct LineOverrides {
     pub strength: Option<f64>,
     /// Inpainting's mask, relative to the prompt file.
     pub mask: Option<String>,
+    /// `FILE[:WEIGHT]` entries as `--lora` takes them, files relative to the prompt file: the
+    /// line's LoRA set, instead of `--lora`'s (`[]`: none). Parsed by the front-end, which names
+    /// the key in its errors.
+    #[serde(default, deserialize_with = "lora_list")]
+    pub loras: Option<Vec<String>>,
+}
+
+/// `loras`: a list of strings, or an error that names the key (serde's own would not).
+fn lora_list<'de, D>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let Some(value) = Option::<serde_json::Value>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let items = value.as_array().and_then(|items| {
+        items
+            .iter()
+            .map(|item| item.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+    });
+    items.map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "\"loras\": expected a list of \"FILE[:WEIGHT]\" strings, as [\"style.safetensors:0.8\"], not {value}"
+        ))
+    })
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
@@ -189,6 +216,19 @@ not json
         assert!(errors[0].message.contains("colour"), "{}", errors[0].message);
         assert!(errors[3].message.contains("sideways"), "{}", errors[3].message);
         assert_eq!(entries[5].as_ref().unwrap().overrides.steps, Some(10));
+        let loras = parse(
+            r#"{"prompt": "a", "loras": ["style.safetensors:0.8", "b.safetensors"]}
+{"prompt": "b", "loras": []}
+{"prompt": "c", "loras": "style.safetensors"}"#,
+            Format::Jsonl,
+        );
+        assert_eq!(
+            loras[0].as_ref().unwrap().overrides.loras.as_deref(),
+            Some(&["style.safetensors:0.8".to_string(), "b.safetensors".to_string()][..])
+        );
+        assert_eq!(loras[1].as_ref().unwrap().overrides.loras, Some(Vec::new()));
+        let err = loras[2].as_ref().unwrap_err();
+        assert!(err.message.starts_with("\"loras\": expected a list"), "{}", err.message);
         assert_eq!(entries[5].as_ref().unwrap().overrides.sampler, Some(Sampler::DpmPp2m));
     }
 }

@@ -202,3 +202,220 @@ fn keys_that_match_no_layer_are_listed() {
         "{stderr}"
     );
 }
+
+/// Runs `generate` on the tiny model, 10 steps, seed 0, with `extra`; returns its output.
+fn generate(out_dir: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        fixture_str("tiny-sd"),
+        "--seed",
+        "0",
+        "--steps",
+        "10",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    sdfix(&args)
+}
+
+fn fixture_str(path: &str) -> &'static str {
+    Box::leak(fixture(path).to_string_lossy().into_owned().into_boxed_str())
+}
+
+/// The pixels of a PNG and the `Lora hashes` / `Lora weights` of its `sdfix info`.
+fn pixels_and_loras(png: &Path) -> (Vec<u8>, String) {
+    let pixels = image::open(png).unwrap().to_rgb8().into_raw();
+    let info = String::from_utf8_lossy(&sdfix(&["info", png.to_str().unwrap()]).stdout).into_owned();
+    // The quoted values of the two fields (their lists are comma-separated too).
+    let loras = ["Lora hashes: \"", "Lora weights: \""]
+        .iter()
+        .filter_map(|key| {
+            let rest = &info[info.find(key)? + key.len()..];
+            Some(format!("{key}{}\"", &rest[..rest.find('"')?]))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    (pixels, loras)
+}
+
+/// The kohya fixture's UNet modules alone, their updates doubled: a second LoRA that leaves the
+/// text encoder as it is.
+fn write_unet_only_lora(path: &Path) {
+    let kohya = candle_core::safetensors::load(fixture(LORA), &Device::Cpu).unwrap();
+    let unet: HashMap<String, Tensor> = kohya
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("lora_unet_"))
+        .map(|(name, t)| {
+            let t = if name.ends_with("lora_up.weight") {
+                (t * 2.0).unwrap()
+            } else {
+                t
+            };
+            (name, t)
+        })
+        .collect();
+    candle_core::safetensors::save(&unet, path).unwrap();
+}
+
+#[test]
+fn each_prompt_line_gets_its_own_loras_as_separate_runs_with_lora_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    // The prompt file's LoRAs are relative to it.
+    std::fs::copy(fixture(LORA), dir.path().join("tiny-lora.safetensors")).unwrap();
+    write_unet_only_lora(&dir.path().join("unet-only.safetensors"));
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        r#"{"prompt": "a red circle", "loras": ["tiny-lora.safetensors:0.6"]}
+{"prompt": "a red circle"}
+{"prompt": "a red circle", "loras": ["unet-only.safetensors", "tiny-lora.safetensors:0.6"]}
+{"prompt": "a red circle", "loras": []}
+{"prompt": "a red circle", "loras": ["tiny-lora.safetensors:0.6"]}
+"#,
+    )
+    .unwrap();
+    let lora = |name: &str, weight: &str| format!("{}:{weight}", dir.path().join(name).display());
+    let cli_lora = lora("tiny-lora.safetensors", "0.3");
+    let out = dir.path().join("file");
+    let run = generate(
+        &out,
+        &["--prompts", prompts.to_str().unwrap(), "--lora", &cli_lora, "-v"],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    // Four distinct sets, lines 1 and 5 sharing one: four loads, not five.
+    assert_eq!(
+        stderr.matches("\nloaded ").count() + usize::from(stderr.starts_with("loaded ")),
+        4,
+        "{stderr}"
+    );
+    let made = pngs(&out);
+    assert_eq!(made.len(), 5);
+    let (a, both, unet_only) = (
+        lora("tiny-lora.safetensors", "0.6"),
+        lora("tiny-lora.safetensors", "0.6"),
+        lora("unet-only.safetensors", "1"),
+    );
+    let flags: [Vec<&str>; 5] = [
+        vec!["--lora", &a],
+        vec!["--lora", &cli_lora],
+        vec!["--lora", &unet_only, "--lora", &both],
+        vec![],
+        vec!["--lora", &a],
+    ];
+    for (line, flags) in flags.iter().enumerate() {
+        let single = dir.path().join(format!("line{}", line + 1));
+        let mut extra = vec!["--prompt", "a red circle"];
+        extra.extend(flags);
+        let alone = generate(&single, &extra);
+        assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+        let expected = pixels_and_loras(&pngs(&single)[0]);
+        let name = format!("{:05}-00-0-a-red-circle.png", line + 1);
+        let got = pixels_and_loras(&out.join(&name));
+        assert!(got.0 == expected.0, "line {}: pixels differ from {flags:?}", line + 1);
+        assert_eq!(got.1, expected.1, "line {}", line + 1);
+    }
+    let (pixels, records): (Vec<Vec<u8>>, Vec<String>) = made.iter().map(|png| pixels_and_loras(png)).unzip();
+    for i in 0..4 {
+        for j in i + 1..4 {
+            assert!(
+                pixels[i] != pixels[j],
+                "lines {} and {} drew the same pixels",
+                i + 1,
+                j + 1
+            );
+        }
+    }
+    assert!(pixels[0] == pixels[4]);
+    assert!(records[1].contains("tiny-lora: 0.3"), "{records:?}");
+    assert!(
+        records[2].ends_with("Lora weights: \"unet-only: 1, tiny-lora: 0.6\""),
+        "{records:?}"
+    );
+    assert_eq!(records[3], "", "a line with \"loras\": [] records none");
+}
+
+#[test]
+fn bad_loras_entries_fail_their_line_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture(LORA), dir.path().join("tiny-lora.safetensors")).unwrap();
+    let stray = HashMap::from([
+        (
+            "lora_unet_no_such_block_to_q.lora_down.weight".to_string(),
+            Tensor::zeros((2, 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "lora_unet_no_such_block_to_q.lora_up.weight".to_string(),
+            Tensor::zeros((16, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ]);
+    candle_core::safetensors::save(&stray, dir.path().join("stray.safetensors")).unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        r#"{"prompt": "one", "loras": ["missing.safetensors:0.5"]}
+{"prompt": "two", "loras": ["tiny-lora.safetensors:high"]}
+{"prompt": "three", "loras": ["tiny-lora.safetensors:inf"]}
+{"prompt": "four", "loras": ["stray.safetensors"]}
+{"prompt": "five", "loras": "tiny-lora.safetensors"}
+{"prompt": "six", "loras": ["tiny-lora.safetensors:0.5"]}
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let run = generate(&out, &["--prompts", prompts.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    let file = prompts.display().to_string();
+    let expected = [
+        (1, "\"loras\": LoRA ", "missing.safetensors: cannot open"),
+        (
+            2,
+            "\"loras\": tiny-lora.safetensors:high: ",
+            "the weight after ':' must be a number",
+        ),
+        (
+            3,
+            "\"loras\": tiny-lora.safetensors:inf: ",
+            "the weight must be a finite number",
+        ),
+        (4, "\"loras\": LoRA ", "1 module(s) match no layer of the model's UNet"),
+        (5, "\"loras\": ", "expected a list of"),
+    ];
+    for (line, key, what) in expected {
+        let prefix = format!("error: {file}:{line}: ");
+        let error = errors
+            .iter()
+            .find(|e| e.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no error for line {line}: {stderr}"));
+        assert!(error.contains(key) && error.contains(what), "line {line}: {error}");
+    }
+    assert!(stderr.contains("5 prompt line(s) failed"), "{stderr}");
+    // Only the good line made an image; nothing half-written is left.
+    let files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "manifest.jsonl")
+        .collect();
+    assert_eq!(files, ["00006-00-0-six.png"]);
+}
+
+#[test]
+fn a_lora_given_as_the_model_says_to_pass_it_with_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        fixture(LORA).to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is a LoRA file; pass it as --lora"), "{stderr}");
+}

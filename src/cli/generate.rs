@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -26,6 +27,7 @@ use crate::pipeline::StepInfo;
 use crate::progress::{Progress, Verbosity};
 use crate::prompts::{self, LineError, LineOverrides, PromptEntry};
 use crate::weights::demo::DEMO_MODELS;
+use crate::weights::lora::{LoraSpec, Loras};
 
 pub use super::shard::{Shard, ShardArg};
 
@@ -126,10 +128,11 @@ struct LineRequest {
 /// The requests of a run, in order, with the lines that could not become one.
 fn requests(
     args: &GenerateArgs,
+    engine: &Engine,
     base_seed: u64,
     pictures: &Img2ImgInputs,
 ) -> Result<(String, Vec<Result<LineRequest, LineError>>)> {
-    // Prompt-file pictures are relative to the prompt file, each read once.
+    // Prompt-file pictures and LoRAs are relative to the prompt file, each read once.
     let folder = args
         .prompts
         .prompts
@@ -165,14 +168,41 @@ fn requests(
         }
         Ok(inputs)
     };
+    // A line's `loras` replace --lora's set; each distinct list is read and checked once.
+    let mut read_sets: HashMap<Vec<String>, Result<Arc<Loras>, String>> = HashMap::new();
+    let mut line_loras = |entry: &PromptEntry| -> Result<Option<Arc<Loras>>, String> {
+        let Some(list) = &entry.overrides.loras else {
+            return Ok(None);
+        };
+        read_sets
+            .entry(list.clone())
+            .or_insert_with(|| {
+                let specs = list
+                    .iter()
+                    .map(|item| {
+                        let spec: LoraSpec = item.parse()?;
+                        Ok(LoraSpec {
+                            path: folder.join(&spec.path),
+                            ..spec
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                engine.open_loras(&specs).map_err(|e| format!("{e:#}"))
+            })
+            .clone()
+            .map(Some)
+            .map_err(|e| format!("\"loras\": {e}"))
+    };
     let mut base = |entry: &PromptEntry| -> Result<LineRequest, LineError> {
         let o: &LineOverrides = &entry.overrides;
         let mut defaults = base_request(&entry.prompt, &args.prompts, &args.sampler, &args.size);
-        let inputs = line_pictures(entry).map_err(|message| LineError {
+        let line_error = |message| LineError {
             line: entry.line,
             index: entry.index,
             message,
-        })?;
+        };
+        let inputs = line_pictures(entry).map_err(line_error)?;
+        let loras = line_loras(entry).map_err(line_error)?;
         args.img2img.apply(&inputs, &mut defaults);
         let request = Request {
             strength: o.strength.or(defaults.strength),
@@ -187,6 +217,7 @@ fn requests(
             width: o.width.or(defaults.width),
             height: o.height.or(defaults.height),
             num_images: o.num_images.or(args.num_images),
+            loras,
             ..defaults
         };
         let request = if args.baseline {
@@ -457,7 +488,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let base_seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
     let pictures = args.img2img.read()?;
-    let (source, requests) = requests(args, base_seed, &pictures)?;
+    let (source, requests) = requests(args, &engine, base_seed, &pictures)?;
     let mut failed: Vec<String> = Vec::new();
     let mut jobs: Vec<Job> = Vec::new();
     let mut lines: Vec<usize> = Vec::new();

@@ -48,15 +48,24 @@ pub fn batch_key(job: &Job) -> String {
 /// Every image still to make, grouped by settings in first-seen order, then cut into batches of at
 /// most `batch_size`.
 pub fn plan_batches(jobs: &[Job], batch_size: usize) -> Vec<Vec<Item>> {
-    let mut groups: Vec<(String, Vec<Item>)> = Vec::new();
+    plan_batches_in_sets(jobs, &vec![0; jobs.len()], batch_size)
+}
+
+/// [`plan_batches`] for jobs on different model weights: `sets[j]` numbers job j's weights (its
+/// LoRA set), and the batches come set by set, in set order, so that each set's weights are
+/// loaded once however the jobs interleave.
+pub fn plan_batches_in_sets(jobs: &[Job], sets: &[usize], batch_size: usize) -> Vec<Vec<Item>> {
+    let mut groups: Vec<((usize, String), Vec<Item>)> = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
-        let key = batch_key(job);
+        let key = (sets[j], batch_key(job));
         let items = job.images.iter().map(|&image| Item { job: j, image });
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, group)) => group.extend(items),
             None => groups.push((key, items.collect())),
         }
     }
+    // Stable: within a set, settings keep their first-seen order.
+    groups.sort_by_key(|((set, _), _)| *set);
     groups
         .iter()
         .flat_map(|(_, group)| group.chunks(batch_size.max(1)).map(<[Item]>::to_vec))
@@ -96,6 +105,11 @@ impl PromptEmbeddings {
             encoder: Some(encoder),
             cache: HashMap::new(),
         }
+    }
+
+    /// Whether `text` is encoded already.
+    pub fn has(&self, text: &str) -> bool {
+        self.cache.contains_key(text)
     }
 
     /// The embeddings of `text`, (1, tokens, dim); a text past the encoder's token limit is

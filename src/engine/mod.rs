@@ -14,6 +14,12 @@
 //! UNet's) unless [`Engine::keep_text_encoder`] asks to keep it for later runs (a server); the
 //! UNet and VAE once, for every later run of the same engine.
 //!
+//! LoRAs are merged into the weights as they load: the engine's set (`--lora`) unless a request
+//! brings its own ([`Request::loras`], a prompt-file line's `loras`). A run makes its images set
+//! by set (file names do not depend on the order), and a set whose merged UNet or text encoder
+//! differs from the loaded one reloads that part from the source, the old one freed first: the
+//! weights are then exactly those of an engine opened with that set (nothing is subtracted).
+//!
 //! [`pipeline`]: crate::pipeline
 
 pub mod batch;
@@ -21,12 +27,13 @@ pub mod init_image;
 pub mod request;
 pub mod settings;
 
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use self::batch::{plan_batches, texts_to_encode, Item, PromptEmbeddings, ENCODE_AHEAD_TEXTS};
+use self::batch::{plan_batches_in_sets, texts_to_encode, Item, PromptEmbeddings, ENCODE_AHEAD_TEXTS};
 use self::request::RecordContext;
 pub use self::request::{Job, Request};
 pub use self::settings::ImageSettings;
@@ -38,9 +45,9 @@ use crate::pipeline::{self, BatchInput, StepInfo};
 use crate::sampling::noise::ImageNoise;
 use crate::weights::files::{with_model_context, ModelLocation};
 use crate::weights::loader::{
-    load_model_denoiser, load_model_text_encoder, load_model_vae_encoder, ModelConfigs, ModelSource,
+    load_model_denoiser, load_model_text_encoder, load_model_unet, load_model_vae_encoder, ModelConfigs, ModelSource,
 };
-use crate::weights::lora::{LoraSpec, Loras};
+use crate::weights::lora::{Component, LoraCache, LoraSpec, Loras, MergeKey};
 use crate::weights::single_file::SingleFileOptions;
 
 /// One finished image, with everything known about how it was made.
@@ -161,17 +168,30 @@ pub struct Engine {
     revision: Option<String>,
     /// A1111's short hash of a single-file checkpoint (`Model hash:`).
     model_hash: Option<String>,
-    loras: Loras,
+    /// `--lora`: the set of every request that brings none.
+    loras: Arc<Loras>,
+    /// The LoRA files requests' own sets named, each read once.
+    lora_cache: Mutex<LoraCache>,
+    /// The tensors LoRA modules must match, read from the headers on first need.
+    lora_targets: OnceLock<LoraTargets>,
     configs: ModelConfigs,
     device: Device,
     dtype: DType,
     denoiser: Option<StableDiffusion>,
+    /// The LoRAs merged into the loaded UNet.
+    unet_key: MergeKey,
     notes: Vec<String>,
     /// The VAE encoder, loaded by the first run with an init picture.
     encoder: Option<VaeEncoder>,
-    /// The text encoder kept between runs ([`Engine::keep_text_encoder`]).
-    text_encoder: Option<TextEncoder>,
+    /// The text encoder kept between runs ([`Engine::keep_text_encoder`]), with its LoRAs.
+    text_encoder: Option<(MergeKey, TextEncoder)>,
     keep_text_encoder: bool,
+}
+
+/// The tensor names of the components LoRAs change.
+struct LoraTargets {
+    unet: std::collections::BTreeSet<String>,
+    text_encoder: std::collections::BTreeSet<String>,
 }
 
 impl Engine {
@@ -203,23 +223,66 @@ impl Engine {
             }
             _ => None,
         };
-        let loras = Loras::open(&options.loras)?;
-        Ok(Self {
+        let mut lora_cache = LoraCache::default();
+        let loras = Arc::new(lora_cache.open(&options.loras)?);
+        let engine = Self {
             source,
             location,
             model: model.to_string(),
             revision: options.revision.clone(),
             model_hash,
             loras,
+            lora_cache: Mutex::new(lora_cache),
+            lora_targets: OnceLock::new(),
             configs,
             device: device.clone(),
             dtype,
             denoiser: None,
+            unet_key: MergeKey::default(),
             notes,
             encoder: None,
             text_encoder: None,
             keep_text_encoder: false,
-        })
+        };
+        engine.check_loras(&engine.loras)?;
+        Ok(engine)
+    }
+
+    /// Reads the LoRA set `specs` names for [`Request::loras`] (each file once per engine) and
+    /// checks that every module matches a layer of this model; nothing is merged yet.
+    pub fn open_loras(&self, specs: &[LoraSpec]) -> Result<Arc<Loras>> {
+        let loras = self
+            .lora_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .open(specs)?;
+        self.check_loras(&loras)?;
+        Ok(Arc::new(loras))
+    }
+
+    /// Checks that `loras` fit this model (read from the weights' headers on first need).
+    fn check_loras(&self, loras: &Loras) -> Result<()> {
+        let components = [Component::Unet, Component::TextEncoder];
+        if components.iter().all(|&c| loras.merge_key(c).is_empty()) {
+            return Ok(());
+        }
+        let targets = match self.lora_targets.get() {
+            Some(targets) => targets,
+            None => {
+                let targets = LoraTargets {
+                    unet: self.source.tensor_names("unet", self.dtype)?,
+                    text_encoder: self.source.tensor_names("text_encoder", self.dtype)?,
+                };
+                self.lora_targets.get_or_init(|| targets)
+            }
+        };
+        loras.check(Component::Unet, &targets.unet)?;
+        loras.check(Component::TextEncoder, &targets.text_encoder)
+    }
+
+    /// The LoRA set `job` is made with.
+    fn loras_of<'a>(&'a self, job: &'a Job) -> &'a Arc<Loras> {
+        job.request.loras.as_ref().unwrap_or(&self.loras)
     }
 
     /// Keeps the text encoder loaded between runs, beside the UNet. Off by default: one run
@@ -261,8 +324,11 @@ impl Engine {
         self.dtype
     }
 
-    /// Resolves and checks one request against this model.
+    /// Resolves and checks one request against this model (its own LoRAs too).
     pub fn job(&self, request: Request) -> Result<Job> {
+        if let Some(loras) = &request.loras {
+            self.check_loras(loras)?;
+        }
         request::resolve(&self.configs, request)
     }
 
@@ -276,46 +342,138 @@ impl Engine {
 
     /// Makes every image still to make of `jobs`, at most `batch_size` per UNet batch, handing
     /// each to `observer` as soon as it is decoded. Returns how many were made, or fails with
-    /// [`Interrupted`] when the observer asks to stop.
+    /// [`Interrupted`] when the observer asks to stop. Jobs on different LoRA sets run set by
+    /// set, in first-seen order.
     pub fn run(&mut self, jobs: &[Job], batch_size: usize, observer: &mut dyn Observer) -> Result<usize> {
-        let batches = plan_batches(jobs, batch_size);
+        // Each job's set, numbered in first-seen order by what its weights depend on.
+        let mut keys: Vec<(MergeKey, MergeKey)> = Vec::new();
+        let sets: Vec<usize> = jobs
+            .iter()
+            .map(|job| {
+                let loras = self.loras_of(job);
+                let key = (
+                    loras.merge_key(Component::Unet),
+                    loras.merge_key(Component::TextEncoder),
+                );
+                keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                    keys.push(key);
+                    keys.len() - 1
+                })
+            })
+            .collect();
+        let batches = plan_batches_in_sets(jobs, &sets, batch_size);
         if batches.is_empty() {
             return Ok(0);
         }
-        let texts = texts_to_encode(jobs, &batches);
-        let started = Instant::now();
-        let encoder = match self.text_encoder.take() {
-            Some(encoder) => encoder,
-            None => load_model_text_encoder(&self.source, &self.configs, self.dtype, &self.device, &self.loras)?,
-        };
-        let mut load_seconds = started.elapsed().as_secs_f64();
-        let mut prompts = PromptEmbeddings::new(encoder);
-        let mut warn = |message: &str| observer.warn(message);
-        if texts.len() <= ENCODE_AHEAD_TEXTS {
-            let encode_started = Instant::now();
-            for text in &texts {
-                prompts.get(text, &mut warn)?;
+        let mut prompts = self
+            .text_encoder
+            .take()
+            .map(|(key, encoder)| (key, PromptEmbeddings::new(encoder)));
+        let mut made = 0;
+        let mut outcome = Ok(());
+        for (n, segment) in batches.chunk_by(|a, b| sets[a[0].job] == sets[b[0].job]).enumerate() {
+            let loras = self.loras_of(&jobs[segment[0][0].job]).clone();
+            let part = Segment {
+                jobs,
+                batches: segment,
+                loras: &loras,
+                first: n == 0,
+            };
+            match self.run_segment(&part, &mut prompts, observer) {
+                Ok(count) => made += count,
+                Err(err) => {
+                    outcome = Err(err);
+                    break;
+                }
             }
-            if !self.keep_text_encoder {
-                prompts.encoder = None;
-            }
-            observer.event(&Event::EncodedAhead {
-                texts: texts.len(),
-                seconds: encode_started.elapsed().as_secs_f64(),
-            });
         }
-        if self.denoiser.is_none() {
-            let unet_started = Instant::now();
-            self.denoiser = Some(load_model_denoiser(
+        // Kept for the next run even when this one was interrupted.
+        if self.keep_text_encoder {
+            self.text_encoder = prompts.and_then(|(key, p)| p.encoder.map(|encoder| (key, encoder)));
+        }
+        outcome.map(|()| made)
+    }
+
+    /// The batches of one LoRA set: its text encoder and UNet loaded when the ones in memory were
+    /// merged with other LoRAs (freed first), its texts encoded, then each batch.
+    fn run_segment(
+        &mut self,
+        part: &Segment,
+        prompts: &mut Option<(MergeKey, PromptEmbeddings)>,
+        observer: &mut dyn Observer,
+    ) -> Result<usize> {
+        let (jobs, batches, loras) = (part.jobs, part.batches, part.loras);
+        let text_key = loras.merge_key(Component::TextEncoder);
+        if prompts.as_ref().is_some_and(|(key, _)| *key != text_key) {
+            // Embeddings and encoder of other LoRAs: freed before anything loads.
+            *prompts = None;
+        }
+        let texts = texts_to_encode(jobs, batches);
+        let encoded = texts.len() <= ENCODE_AHEAD_TEXTS
+            && prompts
+                .as_ref()
+                .is_some_and(|(_, p)| texts.iter().all(|text| p.has(text)));
+        let mut load_seconds = 0.0;
+        // Whether this set loaded anything (reported as [`Event::Loaded`]).
+        let mut loaded = part.first;
+        if !encoded {
+            let started = Instant::now();
+            let encoder = match prompts.take().and_then(|(_, p)| p.encoder) {
+                Some(encoder) => encoder,
+                None => {
+                    loaded = true;
+                    load_model_text_encoder(&self.source, &self.configs, self.dtype, &self.device, loras)?
+                }
+            };
+            load_seconds += started.elapsed().as_secs_f64();
+            // A fresh cache holds every text encoded ahead (the cache empties itself when full).
+            let mut fresh = PromptEmbeddings::new(encoder);
+            let mut warn = |message: &str| observer.warn(message);
+            if texts.len() <= ENCODE_AHEAD_TEXTS {
+                let encode_started = Instant::now();
+                for text in &texts {
+                    fresh.get(text, &mut warn)?;
+                }
+                if !self.keep_text_encoder {
+                    fresh.encoder = None;
+                }
+                observer.event(&Event::EncodedAhead {
+                    texts: texts.len(),
+                    seconds: encode_started.elapsed().as_secs_f64(),
+                });
+            }
+            *prompts = Some((text_key, fresh));
+        }
+        let unet_key = loras.merge_key(Component::Unet);
+        let unet_started = Instant::now();
+        loaded |= self.denoiser.is_none() || self.unet_key != unet_key;
+        self.denoiser = match self.denoiser.take() {
+            Some(model) if self.unet_key == unet_key => Some(model),
+            Some(model) => {
+                // The old UNet is freed before the new one loads: two are never resident.
+                let StableDiffusion {
+                    unet,
+                    vae,
+                    dtype,
+                    vae_dtype,
+                    device,
+                } = model;
+                drop(unet);
+                let unet = load_model_unet(&self.source, &self.configs, self.dtype, &self.device, loras)?;
+                Some(StableDiffusion::new(unet, vae, dtype, vae_dtype, &device))
+            }
+            None => Some(load_model_denoiser(
                 &self.source,
                 &self.configs,
                 self.dtype,
                 &self.device,
-                &self.loras,
-            )?);
-            load_seconds += unet_started.elapsed().as_secs_f64();
-        }
-        if self.encoder.is_none() && jobs.iter().any(|job| job.init.is_some()) {
+                loras,
+            )?),
+        };
+        self.unet_key = unet_key;
+        load_seconds += unet_started.elapsed().as_secs_f64();
+        if self.encoder.is_none() && batches.iter().flatten().any(|item| jobs[item.job].init.is_some()) {
+            loaded = true;
             let encoder_started = Instant::now();
             self.encoder = Some(load_model_vae_encoder(
                 &self.source,
@@ -325,16 +483,19 @@ impl Engine {
             )?);
             load_seconds += encoder_started.elapsed().as_secs_f64();
         }
-        observer.event(&Event::Loaded {
-            location: self.location.to_string(),
-            seconds: load_seconds,
-            dtype: self.dtype,
-            device: device::describe(&self.device),
-        });
+        if loaded {
+            observer.event(&Event::Loaded {
+                location: self.location.to_string(),
+                seconds: load_seconds,
+                dtype: self.dtype,
+                device: device::describe(&self.device),
+            });
+        }
         let model = self
             .denoiser
             .as_ref()
             .context("internal: the denoiser was not loaded")?;
+        let (_, prompts) = prompts.as_mut().context("internal: no text embeddings")?;
         let dtype_name = device::dtype_name(self.dtype);
         let device_name = device::describe(&self.device);
         let record = RecordContext {
@@ -342,35 +503,32 @@ impl Engine {
             model: &self.model,
             revision: self.revision.as_deref(),
             model_hash: self.model_hash.as_deref(),
-            loras: self.loras.records(),
+            default_loras: &self.loras,
             dtype: dtype_name,
             device: &device_name,
         };
-        let mut made = 0;
         let modules = Modules {
             model,
             encoder: self.encoder.as_ref(),
         };
-        let mut outcome = Ok(());
-        for batch in &batches {
+        let mut made = 0;
+        for batch in batches {
             if observer.interrupted() {
-                outcome = Err(Interrupted.into());
-                break;
+                return Err(Interrupted.into());
             }
-            match run_batch(&modules, jobs, batch, &mut prompts, &record, observer) {
-                Ok(n) => made += n,
-                Err(err) => {
-                    outcome = Err(err);
-                    break;
-                }
-            }
+            made += run_batch(&modules, jobs, batch, prompts, &record, observer)?;
         }
-        // Kept for the next run even when this one was interrupted.
-        if self.keep_text_encoder {
-            self.text_encoder = prompts.encoder.take();
-        }
-        outcome.map(|()| made)
+        Ok(made)
     }
+}
+
+/// One LoRA set's share of a run.
+struct Segment<'a> {
+    jobs: &'a [Job],
+    batches: &'a [Vec<Item>],
+    loras: &'a Loras,
+    /// The run's first set (which always reports [`Event::Loaded`]).
+    first: bool,
 }
 
 /// The loaded networks a batch runs on.

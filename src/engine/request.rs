@@ -17,6 +17,7 @@ use crate::sampling::ddim::DdimParams;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{BetaSource, Schedule, ScheduleSpec, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::loader::ModelConfigs;
+use crate::weights::lora::Loras;
 
 /// Sampling steps unless told otherwise.
 pub const DEFAULT_STEPS: usize = 50;
@@ -81,6 +82,9 @@ pub struct Request {
     pub resize: ResizeMode,
     /// The init picture's latents: a sample of the VAE's Gaussian, or its mean.
     pub vae_encode: VaeEncodeMode,
+    /// The LoRAs merged into the model for this request, instead of the engine's own (`--lora`);
+    /// `None` uses the engine's. Open them with [`crate::engine::Engine::open_loras`].
+    pub loras: Option<Arc<Loras>>,
 }
 
 impl Request {
@@ -112,6 +116,7 @@ impl Request {
             paste_back: true,
             resize: ResizeMode::default(),
             vae_encode: VaeEncodeMode::default(),
+            loras: None,
         }
     }
 
@@ -469,7 +474,8 @@ pub(super) struct RecordContext<'a> {
     pub model: &'a str,
     pub revision: Option<&'a str>,
     pub model_hash: Option<&'a str>,
-    pub loras: Vec<crate::weights::lora::LoraRecord>,
+    /// The engine's LoRAs (`--lora`), recorded for requests that name none of their own.
+    pub default_loras: &'a Loras,
     pub dtype: &'a str,
     pub device: &'a str,
 }
@@ -512,8 +518,12 @@ impl RecordContext<'_> {
             model: self.model.to_string(),
             revision: self.revision.map(str::to_string),
             model_hash: self.model_hash.map(str::to_string),
-            loras: self
+            loras: job
+                .request
                 .loras
+                .as_deref()
+                .unwrap_or(self.default_loras)
+                .records()
                 .iter()
                 .map(|l| LoraSetting {
                     name: l.name.clone(),

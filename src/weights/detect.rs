@@ -110,8 +110,9 @@ fn yaml_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 impl Marks {
     pub fn read(single: &SingleFile, options: &SingleFileOptions) -> Result<Self> {
-        let keys = single.file.keys();
-        let metadata = single.file.metadata();
+        let file = single.checkpoint()?;
+        let keys = file.keys();
+        let metadata = file.metadata();
         let yaml_path = single.path.with_extension("yaml");
         let yaml = if yaml_path.is_file() {
             let text = std::fs::read_to_string(&yaml_path)
@@ -226,7 +227,7 @@ fn unet_output_test(single: &SingleFile) -> Result<bool> {
         "the synthesised UNet config (for a model whose sizes SD's defaults do not fit, pass --config DIR, a \
          diffusers folder with its configs)",
     )?;
-    let (backend, names) = single.backend(&single.unet);
+    let (backend, names) = single.backend(&single.unet)?;
     let label = format!("{} (UNet-output test)", single.path.display());
     let unet = Weights::from_backend(backend, names, label, DType::F32, &device)
         .build(|vb| Ok(UNet2DConditionModel::new(vb, &spec)?))?;

@@ -64,9 +64,6 @@ impl ModelLocation {
             if revision.is_some() {
                 bail!("--revision applies to Hugging Face repos, but --model {model} is a local file");
             }
-            if super::lora::is_lora_file(path) {
-                bail!("--model {model} is a LoRA file; pass it as --lora {model} with a base --model");
-            }
             return Ok(Self::File(path.to_path_buf()));
         }
         if path.exists() {

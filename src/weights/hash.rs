@@ -59,6 +59,40 @@ pub fn addnet_hash(path: &Path) -> Result<String> {
     sha256_from(&mut file).with_context(|| format!("cannot read {label}"))
 }
 
+/// kohya's addnet hash of a safetensors file and the SHA-256 of the whole file, in one read.
+pub fn addnet_and_file_sha256(path: &Path) -> Result<(String, String)> {
+    let label = path.display();
+    let mut file = File::open(path).with_context(|| format!("cannot open {label}"))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)
+        .with_context(|| format!("{label} is too short for a safetensors file"))?;
+    let header_bytes = usize::try_from(u64::from_le_bytes(length))
+        .with_context(|| format!("{label} is not a safetensors file (header length)"))?;
+    let mut header = Vec::new();
+    (&mut file)
+        .take(header_bytes as u64)
+        .read_to_end(&mut header)
+        .with_context(|| format!("cannot read {label}"))?;
+    anyhow::ensure!(
+        header.len() == header_bytes,
+        "{label} is too short for its safetensors header"
+    );
+    let mut whole = Sha256::new();
+    whole.update(length);
+    whole.update(&header);
+    let mut data = Sha256::new();
+    let mut buffer = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = file.read(&mut buffer).with_context(|| format!("cannot read {label}"))?;
+        if n == 0 {
+            break;
+        }
+        whole.update(&buffer[..n]);
+        data.update(&buffer[..n]);
+    }
+    Ok((to_hex(&data.finalize()), to_hex(&whole.finalize())))
+}
+
 /// FNV-1a of the cache key's text.
 fn key_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
@@ -107,5 +141,16 @@ mod tests {
             sha256(file.path()).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn one_read_gives_the_addnet_hash_and_the_file_digest() {
+        let file = tempfile::Builder::new().suffix(".safetensors").tempfile().unwrap();
+        let mut bytes = 4u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}  data after the header");
+        std::fs::write(file.path(), &bytes).unwrap();
+        let (addnet, whole) = addnet_and_file_sha256(file.path()).unwrap();
+        assert_eq!(addnet, addnet_hash(file.path()).unwrap());
+        assert_eq!(whole, sha256(file.path()).unwrap());
     }
 }

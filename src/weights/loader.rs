@@ -354,9 +354,10 @@ impl ModelSource {
         }
     }
 
-    /// One component's weights, with the LoRA updates for it.
-    fn weights(&self, component: &str, dtype: DType, device: &Device, loras: &Loras) -> Result<Weights> {
-        let (backend, names, label) = match self {
+    /// One component's tensors (`unet`, `vae`, `text_encoder`) as a backend, with their names and
+    /// a label for messages; nothing is read but a file's header.
+    fn backend(&self, component: &str, dtype: DType) -> Result<(Box<dyn SimpleBackend>, BTreeSet<String>, String)> {
+        Ok(match self {
             Self::Layout(files) => {
                 let stem = if component == "text_encoder" {
                     "model"
@@ -373,10 +374,21 @@ impl ModelSource {
                     "vae" => &single.vae,
                     _ => &single.text_encoder,
                 };
-                let (backend, names) = single.backend(map);
+                let (backend, names) = single.backend(map)?;
                 (backend, names, format!("{} ({component})", single.path.display()))
             }
-        };
+        })
+    }
+
+    /// The names of the tensors a component loads from at `dtype` (what LoRA modules must
+    /// match), read from headers only.
+    pub fn tensor_names(&self, component: &str, dtype: DType) -> Result<BTreeSet<String>> {
+        Ok(self.backend(component, dtype)?.1)
+    }
+
+    /// One component's weights, with the LoRA updates for it.
+    fn weights(&self, component: &str, dtype: DType, device: &Device, loras: &Loras) -> Result<Weights> {
+        let (backend, names, label) = self.backend(component, dtype)?;
         let backend = match component {
             "unet" => loras.patch(LoraComponent::Unet, backend, &names)?,
             "text_encoder" => loras.patch(LoraComponent::TextEncoder, backend, &names)?,
@@ -423,14 +435,25 @@ pub fn load_model_denoiser(
     device: &Device,
     loras: &Loras,
 ) -> Result<StableDiffusion> {
-    let unet = source
-        .weights("unet", dtype, device, loras)?
-        .build(|vb| Ok(UNet2DConditionModel::new(vb, &configs.unet)?))?;
+    let unet = load_model_unet(source, configs, dtype, device, loras)?;
     let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
     let vae = source
         .weights("vae", vae_dtype, device, loras)?
         .build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &configs.vae)?))?;
     Ok(StableDiffusion::new(unet, vae, dtype, vae_dtype, device))
+}
+
+/// The UNet of a model with its LoRA updates (to swap a loaded one for another LoRA set).
+pub fn load_model_unet(
+    source: &ModelSource,
+    configs: &ModelConfigs,
+    dtype: DType,
+    device: &Device,
+    loras: &Loras,
+) -> Result<UNet2DConditionModel> {
+    source
+        .weights("unet", dtype, device, loras)?
+        .build(|vb| Ok(UNet2DConditionModel::new(vb, &configs.unet)?))
 }
 
 /// The VAE encoder of a model (for img2img and inpainting), in the VAE's decode dtype: f32 under

@@ -11,10 +11,14 @@
 //! Linear layers, 1x1 and 3x3 convolutions: `up` [out, r(, 1, 1)] and `down` [r, in(, k, k)] are
 //! multiplied as matrices ([out, r] @ [r, in k k]) and the product reshaped to the weight's
 //! shape. Keys that match no layer of the model are an error listing the first few. A weight of
-//! 0 leaves the model untouched (its LoRA is not even read).
+//! 0 leaves the model untouched (its updates are not applied).
+//!
+//! A file is read once ([`LoraCache`]) and shared by every set ([`Loras`]) that names it, whatever
+//! its weight there: a prompt file may give each line its own set.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -41,17 +45,22 @@ impl std::str::FromStr for LoraSpec {
     type Err = String;
 
     /// `FILE` or `FILE:WEIGHT`; a `:` followed by something that is not a number is part of the
-    /// path.
+    /// path (`c:/x.safetensors`), unless what comes before it is already a `.safetensors` file
+    /// name: `a.safetensors:high` is a bad weight, not a file of that name.
     fn from_str(s: &str) -> Result<Self, String> {
         if let Some((path, weight)) = s.rsplit_once(':') {
-            if let Ok(weight) = weight.parse::<f64>() {
-                if !weight.is_finite() {
-                    return Err(format!("{s}: the weight must be a finite number"));
+            match weight.parse::<f64>() {
+                Ok(weight) if weight.is_finite() => {
+                    return Ok(Self {
+                        path: PathBuf::from(path),
+                        weight,
+                    })
                 }
-                return Ok(Self {
-                    path: PathBuf::from(path),
-                    weight,
-                });
+                Ok(_) => return Err(format!("{s}: the weight must be a finite number")),
+                Err(_) if path.ends_with(".safetensors") => {
+                    return Err(format!("{s}: the weight after ':' must be a number, as in {path}:0.8"))
+                }
+                Err(_) => {}
             }
         }
         Ok(Self {
@@ -96,15 +105,24 @@ struct Module {
     scale: f64,
 }
 
-/// One LoRA file, read.
+/// One LoRA file, read (its weight belongs to the set that uses it: [`AppliedLora`]).
 pub struct LoraFile {
     pub path: PathBuf,
     /// The file's name without extension (A1111's name for it).
     pub name: String,
-    pub weight: f64,
     /// A1111's short hash (12 hex digits of the addnet hash).
     pub hash: String,
+    /// SHA-256 of the whole file (the addnet hash skips the header, whose key names decide where
+    /// each update goes): equal digests, equal updates.
+    digest: String,
     modules: Vec<Module>,
+}
+
+/// One LoRA of a set, with its weight there.
+#[derive(Clone)]
+pub struct AppliedLora {
+    pub file: Arc<LoraFile>,
+    pub weight: f64,
 }
 
 /// What the PNG records about one LoRA.
@@ -115,10 +133,59 @@ pub struct LoraRecord {
     pub weight: f64,
 }
 
-/// Every `--lora` of a run.
-#[derive(Default)]
+/// A set of LoRAs merged into one model, in order: `--lora`, or a prompt-file line's `loras`.
+#[derive(Clone, Default)]
 pub struct Loras {
-    pub files: Vec<LoraFile>,
+    pub files: Vec<AppliedLora>,
+}
+
+impl std::fmt::Debug for Loras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.files.iter().map(|l| (l.file.path.display(), l.weight)))
+            .finish()
+    }
+}
+
+/// What one component's merged weights depend on: the LoRAs that change it (weight not 0, some
+/// module for it), in order, by content and weight. Equal keys give equal weights, bit for bit,
+/// so a model loaded for one key serves every set with that key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct MergeKey(Vec<(String, u64)>);
+
+impl MergeKey {
+    /// Whether no LoRA changes the component.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// LoRA files by path, each read once however many sets name it.
+#[derive(Default)]
+pub struct LoraCache {
+    files: HashMap<PathBuf, Arc<LoraFile>>,
+}
+
+impl LoraCache {
+    /// The set `specs` names, reading the files not read yet.
+    pub fn open(&mut self, specs: &[LoraSpec]) -> Result<Loras> {
+        let mut files = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let file = match self.files.get(&spec.path) {
+                Some(file) => file.clone(),
+                None => {
+                    let file = Arc::new(LoraFile::open(&spec.path)?);
+                    self.files.insert(spec.path.clone(), file.clone());
+                    file
+                }
+            };
+            files.push(AppliedLora {
+                file,
+                weight: spec.weight,
+            });
+        }
+        Ok(Loras { files })
+    }
 }
 
 fn as_f64(tensor: &Tensor) -> Result<f64> {
@@ -132,18 +199,19 @@ fn as_f64(tensor: &Tensor) -> Result<f64> {
 }
 
 impl LoraFile {
-    pub fn open(spec: &LoraSpec) -> Result<Self> {
-        let path = &spec.path;
+    /// Reads `path`'s updates; errors start with `LoRA <path>:`.
+    pub fn open(path: &Path) -> Result<Self> {
         let label = path.display().to_string();
         let name = path
             .file_stem()
             .map_or_else(|| label.clone(), |s| s.to_string_lossy().into_owned());
         ensure!(
             path.extension().and_then(|e| e.to_str()) == Some("safetensors"),
-            "--lora {label}: LoRA files must be .safetensors"
+            "LoRA {label}: LoRA files must be .safetensors"
         );
-        let reader = SafetensorsReader::open(path).with_context(|| format!("--lora {label}"))?;
-        let hash = super::hash::addnet_hash(path)?[..SHORT_HASH_DIGITS].to_string();
+        let reader = SafetensorsReader::open(path).with_context(|| format!("LoRA {label}"))?;
+        let (addnet, digest) = super::hash::addnet_and_file_sha256(path)?;
+        let hash = addnet[..SHORT_HASH_DIGITS].to_string();
         let device = Device::Cpu;
         // Group the keys by module: (prefix before .lora_*) -> parts.
         let mut groups: BTreeMap<String, BTreeMap<&'static str, String>> = BTreeMap::new();
@@ -180,14 +248,14 @@ impl LoraFile {
                 continue;
             };
             let (Some(up), Some(down)) = (parts.get("up"), parts.get("down")) else {
-                bail!("--lora {label}: module {module} has no lora_up/lora_down (or lora_B/lora_A) pair");
+                bail!("LoRA {label}: module {module} has no lora_up/lora_down (or lora_B/lora_A) pair");
             };
             let up = reader.load(up, &device)?.to_dtype(DType::F32)?;
             let down = reader.load(down, &device)?.to_dtype(DType::F32)?;
             let rank = down.dim(0)?;
             ensure!(
                 up.dim(1)? == rank,
-                "--lora {label}: module {module}: up has rank {} but down {rank}",
+                "LoRA {label}: module {module}: up has rank {} but down {rank}",
                 up.dim(1)?
             );
             let scale = match parts.get("alpha") {
@@ -206,27 +274,25 @@ impl LoraFile {
         if !unknown.is_empty() {
             unknown.sort();
             bail!(
-                "--lora {label}: {} key(s) of no known LoRA format (kohya lora_unet_/lora_te_, or diffusers unet./text_encoder.), first: {}",
+                "LoRA {label}: {} key(s) of no known LoRA format (kohya lora_unet_/lora_te_, or diffusers unet./text_encoder.), first: {}",
                 unknown.len(),
                 unknown.iter().take(LISTED_KEYS).cloned().collect::<Vec<_>>().join(", ")
             );
         }
         Ok(Self {
-            path: path.clone(),
+            path: path.to_path_buf(),
             name,
-            weight: spec.weight,
             hash,
+            digest,
             modules,
         })
     }
 }
 
 impl Loras {
-    /// Reads every LoRA (those of weight 0 are hashed for the record but not applied).
+    /// Reads every LoRA of `specs` (those of weight 0 are hashed for the record but not applied).
     pub fn open(specs: &[LoraSpec]) -> Result<Self> {
-        Ok(Self {
-            files: specs.iter().map(LoraFile::open).collect::<Result<_>>()?,
-        })
+        LoraCache::default().open(specs)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -236,12 +302,34 @@ impl Loras {
     pub fn records(&self) -> Vec<LoraRecord> {
         self.files
             .iter()
-            .map(|f| LoraRecord {
-                name: f.name.clone(),
-                hash: f.hash.clone(),
-                weight: f.weight,
+            .map(|l| LoraRecord {
+                name: l.file.name.clone(),
+                hash: l.file.hash.clone(),
+                weight: l.weight,
             })
             .collect()
+    }
+
+    /// The LoRAs whose updates `component` gets.
+    fn active(&self, component: Component) -> impl Iterator<Item = &AppliedLora> {
+        self.files
+            .iter()
+            .filter(move |l| l.weight != 0.0 && l.file.modules.iter().any(|m| m.component == component))
+    }
+
+    /// What `component`'s weights depend on ([`MergeKey`]).
+    pub fn merge_key(&self, component: Component) -> MergeKey {
+        MergeKey(
+            self.active(component)
+                .map(|l| (l.file.digest.clone(), l.weight.to_bits()))
+                .collect(),
+        )
+    }
+
+    /// Checks that every module of every LoRA for `component` matches one of `names` (the
+    /// component's tensors, diffusers names), as [`Loras::patch`] will need.
+    pub fn check(&self, component: Component, names: &BTreeSet<String>) -> Result<()> {
+        self.updates(component, names).map(|_| ())
     }
 
     /// `inner` with every LoRA update for `component` added; `names` are the tensors the component
@@ -252,12 +340,18 @@ impl Loras {
         inner: Box<dyn SimpleBackend>,
         names: &BTreeSet<String>,
     ) -> Result<Box<dyn SimpleBackend>> {
-        let active: Vec<&LoraFile> = self.files.iter().filter(|f| f.weight != 0.0).collect();
-        if active
-            .iter()
-            .all(|f| f.modules.iter().all(|m| m.component != component))
-        {
+        if self.active(component).next().is_none() {
             return Ok(inner);
+        }
+        let updates = self.updates(component, names)?;
+        Ok(Box::new(Patched { inner, updates }))
+    }
+
+    /// The updates for `component`, by the tensor they change.
+    fn updates(&self, component: Component, names: &BTreeSet<String>) -> Result<HashMap<String, Vec<Update>>> {
+        let mut updates: HashMap<String, Vec<Update>> = HashMap::new();
+        if self.active(component).next().is_none() {
+            return Ok(updates);
         }
         // Text encoder weights are named with transformers 4's `text_model.` level or without it
         // (transformers 5); LoRA files name them either way: both spellings find the weight.
@@ -273,8 +367,8 @@ impl Loras {
                 dotted.insert(spelling, name);
             }
         }
-        let mut updates: HashMap<String, Vec<Update>> = HashMap::new();
-        for file in active {
+        for applied in self.active(component) {
+            let file = &applied.file;
             let mut unmatched = Vec::new();
             for module in file.modules.iter().filter(|m| m.component == component) {
                 let target = match &module.name {
@@ -285,14 +379,14 @@ impl Loras {
                     Some(target) => updates.entry(target).or_default().push(Update {
                         up: module.up.clone(),
                         down: module.down.clone(),
-                        factor: file.weight * module.scale,
+                        factor: applied.weight * module.scale,
                     }),
                     None => unmatched.push(module.key.clone()),
                 }
             }
             if !unmatched.is_empty() {
                 bail!(
-                    "--lora {}: {} module(s) match no layer of the model's {}, first: {}",
+                    "LoRA {}: {} module(s) match no layer of the model's {}, first: {}",
                     file.path.display(),
                     unmatched.len(),
                     component.name(),
@@ -305,7 +399,7 @@ impl Loras {
                 );
             }
         }
-        Ok(Box::new(Patched { inner, updates }))
+        Ok(updates)
     }
 }
 
@@ -356,14 +450,9 @@ impl SimpleBackend for Patched {
     }
 }
 
-/// Whether `path` looks like a LoRA file (for `--model` messages).
-pub fn is_lora_file(path: &Path) -> bool {
-    SafetensorsReader::open(path)
-        .map(|r| {
-            r.names()
-                .any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te_"))
-        })
-        .unwrap_or(false)
+/// Whether a file with these tensor names is a kohya LoRA (for `--model` messages).
+pub fn looks_like_lora<'a>(mut names: impl Iterator<Item = &'a String>) -> bool {
+    names.any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te_"))
 }
 
 #[cfg(test)]
@@ -378,5 +467,18 @@ mod tests {
         let spec: LoraSpec = "c:/x/b.safetensors".parse().unwrap();
         assert_eq!(spec.weight, DEFAULT_WEIGHT);
         assert_eq!(spec.path, PathBuf::from("c:/x/b.safetensors"));
+    }
+
+    #[test]
+    fn a_weight_that_is_not_a_finite_number_is_an_error() {
+        for bad in [
+            "a.safetensors:high",
+            "a.safetensors:inf",
+            "a.safetensors:NaN",
+            "a.safetensors:",
+        ] {
+            let err = bad.parse::<LoraSpec>().unwrap_err();
+            assert!(err.starts_with(bad) && err.contains("weight"), "{bad}: {err}");
+        }
     }
 }
