@@ -140,15 +140,15 @@ fn all_threads() -> gemm::Parallelism {
 }
 
 /// The packed output of a backward op, split back into gradients of the given shapes.
-fn unpack(packed: &Tensor, shapes: &[&[usize]]) -> Result<Vec<Tensor>> {
+fn unpack<const N: usize>(packed: &Tensor, shapes: [&[usize]; N]) -> Result<[Tensor; N]> {
     let mut start = 0;
-    let mut out = Vec::with_capacity(shapes.len());
+    let mut out = Vec::with_capacity(N);
     for shape in shapes {
         let len: usize = shape.iter().product();
-        out.push(packed.narrow(0, start, len)?.reshape(*shape)?);
+        out.push(packed.narrow(0, start, len)?.reshape(shape)?);
         start += len;
     }
-    Ok(out)
+    Ok(out.try_into().expect("one tensor per shape"))
 }
 
 /// Sums `values` (rows of `width`) over the rows, in f64.
@@ -224,8 +224,7 @@ impl TrainLinear {
         let packed = grad.contiguous()?.apply_op3_no_bwd(x, w, &LinearBackward)?;
         let (rows, in_dim) = x.dims2()?;
         let (out_dim, _) = w.dims2()?;
-        let parts = unpack(&packed, &[&[rows, in_dim], &[out_dim, in_dim], &[out_dim]])?;
-        let [dx, dw, db] = <[Tensor; 3]>::try_from(parts).map_err(|_| candle_core::Error::Msg("unpack".into()))?;
+        let [dx, dw, db] = unpack(&packed, [&[rows, in_dim], &[out_dim, in_dim], &[out_dim]])?;
         Ok((dx, dw, with_bias.then_some(db)))
     }
 }
@@ -417,14 +416,13 @@ impl TrainConv {
         };
         let packed = grad.apply_op2_no_bwd(x, &ConvWeightGrad(self.0))?;
         let spec = self.0;
-        let parts = unpack(
+        let [dw, db] = unpack(
             &packed,
-            &[
+            [
                 &[spec.out_channels, spec.in_channels, spec.kernel, spec.kernel],
                 &[spec.out_channels],
             ],
         )?;
-        let [dw, db] = <[Tensor; 2]>::try_from(parts).map_err(|_| candle_core::Error::Msg("unpack".into()))?;
         Ok((dx, dw, db))
     }
 }
@@ -709,8 +707,7 @@ impl CustomOp3 for TrainGroupNorm {
         let params = Tensor::cat(&[weight, bias], 0)?;
         let packed = xs.apply_op3_no_bwd(&grad.contiguous()?, &params, &GroupNormBackward(*self))?;
         let channels = weight.elem_count();
-        let parts = unpack(&packed, &[xs.dims(), &[channels], &[channels]])?;
-        let [dx, dw, db] = <[Tensor; 3]>::try_from(parts).map_err(|_| candle_core::Error::Msg("unpack".into()))?;
+        let [dx, dw, db] = unpack(&packed, [xs.dims(), &[channels], &[channels]])?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -897,8 +894,7 @@ impl CustomOp3 for TrainLayerNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = xs.apply_op3_no_bwd(&grad.contiguous()?, weight, &LayerNormBackward(*self))?;
         let d = bias.elem_count();
-        let parts = unpack(&packed, &[xs.dims(), &[d], &[d]])?;
-        let [dx, dw, db] = <[Tensor; 3]>::try_from(parts).map_err(|_| candle_core::Error::Msg("unpack".into()))?;
+        let [dx, dw, db] = unpack(&packed, [xs.dims(), &[d], &[d]])?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -1200,8 +1196,7 @@ impl CustomOp3 for TrainAttention {
                 kv_shape: k.shape().clone(),
             },
         )?;
-        let parts = unpack(&packed, &[q.dims(), k.dims(), v.dims()])?;
-        let [dq, dk, dv] = <[Tensor; 3]>::try_from(parts).map_err(|_| candle_core::Error::Msg("unpack".into()))?;
+        let [dq, dk, dv] = unpack(&packed, [q.dims(), k.dims(), v.dims()])?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
