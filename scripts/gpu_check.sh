@@ -7,7 +7,8 @@
 #    2/255 (f32) / 8/255 (f16);
 # 3. sdfix bench and scripts/bench_diffusers.py, same settings, same card, same run, alternating;
 #    peak device memory both as each tool reports it and as nvidia-smi sees the process;
-# 4. a table: per-step ms, end-to-end s, peak memory, ratio to diffusers, fraction of the FLOP floor.
+# 4. a table: per-step ms, end-to-end s, peak memory, ratio to diffusers, fraction of the FLOP floor;
+# with TRAIN=1 also one fine-tuning step against PyTorch (scripts/bench_train.py, issue 21).
 #
 #   SDFIX="target-cudnn/release/sdfix target-cuda/release/sdfix" bash scripts/gpu_check.sh
 #
@@ -117,6 +118,14 @@ if [ "$SECONDS" -lt "${LEVERS_BEFORE_S:-420}" ]; then
   lever htod-cache-off "SDFIX_CUDA_HTOD_CACHE=0" f16
   lever f32 "SDFIX_CUDA_TF32=0" f32
   lever f32-tf32 "SDFIX_CUDA_TF32=1" f32
+fi
+
+if [ -n "${TRAIN:-}" ]; then
+  # Issue 21: one fine-tuning step of SD 2.1-base (random weights, 512 px, batch 4, f32, text
+  # encoder frozen) against PyTorch + diffusers in the same run; off unless TRAIN=1.
+  echo "== 3c. fine-tuning step: ${binaries[0]} vs PyTorch, sd2.1-base 512 px, batch 4"
+  "$PYTHON" scripts/bench_train.py --arch models/arch/sd2.1-base --size 512 --batch 4 --device cuda \
+    --sdfix "${binaries[0]}" --rounds 2 --threads 16 | tee "$out/train.jsonl" || status=1
 fi
 
 echo "== 4. table"
