@@ -7,7 +7,7 @@ mod common;
 use common::{fixture, max_abs_diff, pngs, reference_case_args, reference_tensors, sdfix};
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
@@ -27,83 +27,24 @@ fn case_args(name: &str) -> Vec<String> {
 
 /// Runs one reference case through the binary; returns (our final latents, our images) per image.
 fn run_case(name: &str, extra: &[&str]) -> (Vec<Tensor>, Vec<image::RgbImage>) {
-    let refs = refs();
-    let dir = tempfile::tempdir().unwrap();
-    let latents_file = dir.path().join("initial.safetensors");
-    let initial = HashMap::from([("latents".to_string(), refs[&format!("{name}.initial")].clone())]);
-    candle_core::safetensors::save(&initial, &latents_file).unwrap();
-    let out_dir = dir.path().join("out");
-    let mut args: Vec<String> = vec![
-        "generate".into(),
-        "--model".into(),
-        fixture("tiny-sd").to_string_lossy().into_owned(),
-        "--latents".into(),
-        latents_file.to_string_lossy().into_owned(),
-        "--save-latents".into(),
-        "--seed".into(),
-        "0".into(),
-        "--out-dir".into(),
-        out_dir.to_string_lossy().into_owned(),
-    ];
+    let mut args = vec!["--model".to_string(), fixture("tiny-sd").to_string_lossy().into_owned()];
+    args.extend(["--seed".to_string(), "0".to_string()]);
     args.extend(case_args(name));
     args.extend(extra.iter().map(|s| s.to_string()));
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = sdfix(&arg_refs);
-    assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-    let images: Vec<PathBuf> = pngs(&out_dir);
-    let latents = images
-        .iter()
-        .map(|p| {
-            let mut t = candle_core::safetensors::load(p.with_extension("latents.safetensors"), &Device::Cpu).unwrap();
-            t.remove("latents").unwrap()
-        })
-        .collect();
-    let pictures = images.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect();
-    (latents, pictures)
+    common::generate_from_latents(&refs()[&format!("{name}.initial")], &args)
 }
 
 fn assert_case_matches_diffusers(name: &str) {
     let refs = refs();
     let (latents, images) = run_case(name, &[]);
-    let reference_latents = &refs[&format!("{name}.final")];
-    let reference_images = refs[&format!("{name}.image")]
-        .permute((0, 2, 3, 1))
-        .unwrap()
-        .contiguous()
-        .unwrap();
-    assert_eq!(latents.len(), reference_latents.dim(0).unwrap(), "{name}: image count");
-    for (k, (ours, picture)) in latents.iter().zip(&images).enumerate() {
-        let diff = max_abs_diff(ours, &reference_latents.get(k).unwrap());
-        assert!(
-            diff <= LATENT_TOLERANCE,
-            "{name} image {k}: final latents differ by {diff:e}; {REGENERATE}"
-        );
-        let expected = reference_images
-            .get(k)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let (h, w, _) = reference_images.get(k).unwrap().dims3().unwrap();
-        assert_eq!(
-            (picture.height() as usize, picture.width() as usize),
-            (h, w),
-            "{name}: image size"
-        );
-        let worst = picture
-            .as_raw()
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        assert!(
-            worst <= PIXEL_TOLERANCE,
-            "{name} image {k}: a pixel differs by {worst}/255; {REGENERATE}"
-        );
-        eprintln!("{name} image {k}: latents {diff:e}, pixels {worst}/255");
-    }
+    common::assert_matches_reference(
+        name,
+        (&latents, &images),
+        &refs[&format!("{name}.final")],
+        &refs[&format!("{name}.image")],
+        (LATENT_TOLERANCE, PIXEL_TOLERANCE),
+        REGENERATE,
+    );
 }
 
 #[test]

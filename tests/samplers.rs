@@ -12,7 +12,7 @@ use common::{fixture, max_abs_diff, pngs, reference_case_args, reference_tensors
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 
 const REGENERATE: &str = "regenerate with: .venv-oracle/bin/python scripts/make_sampler_refs.py";
 /// The bars: final latents within 2e-3 max abs, PNG within 2/255.
@@ -33,78 +33,23 @@ fn case_args(name: &str) -> Vec<String> {
 
 /// Runs one reference case through the binary; returns our final latents and images, per image.
 fn run_case(name: &str) -> (Vec<Tensor>, Vec<image::RgbImage>) {
-    let refs = refs();
-    let dir = tempfile::tempdir().unwrap();
-    let latents_file = dir.path().join("initial.safetensors");
-    let initial = HashMap::from([("latents".to_string(), refs[&format!("{name}.initial")].clone())]);
-    candle_core::safetensors::save(&initial, &latents_file).unwrap();
-    let out_dir = dir.path().join("out");
-    let model = fixture("tiny-sd").to_string_lossy().into_owned();
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        &model,
-        "--latents",
-        latents_file.to_str().unwrap(),
-        "--save-latents",
-        "--seed",
-        "0",
-        "--quiet",
-        "--out-dir",
-        out_dir.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = vec!["--model".to_string(), fixture("tiny-sd").to_string_lossy().into_owned()];
+    args.extend(["--seed".to_string(), "0".to_string()]);
     args.extend(case_args(name));
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = sdfix(&arg_refs);
-    assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-    let images = pngs(&out_dir);
-    let latents = images
-        .iter()
-        .map(|p| {
-            let mut t = candle_core::safetensors::load(p.with_extension("latents.safetensors"), &Device::Cpu).unwrap();
-            t.remove("latents").unwrap()
-        })
-        .collect();
-    (
-        latents,
-        images.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect(),
-    )
+    common::generate_from_latents(&refs()[&format!("{name}.initial")], &args)
 }
 
 fn assert_case_matches_diffusers(name: &str) {
     let refs = refs();
     let (latents, images) = run_case(name);
-    let reference = &refs[&format!("{name}.final")];
-    let reference_images = refs[&format!("{name}.image")].permute((0, 2, 3, 1)).unwrap();
-    assert_eq!(latents.len(), reference.dim(0).unwrap(), "{name}: image count");
-    for (k, (ours, picture)) in latents.iter().zip(&images).enumerate() {
-        let diff = max_abs_diff(ours, &reference.get(k).unwrap());
-        let expected = reference_images
-            .get(k)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
-        let worst = picture
-            .as_raw()
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        eprintln!("{name} image {k}: latents {diff:e}, pixels {worst}/255");
-        assert!(
-            diff <= LATENT_TOLERANCE,
-            "{name} image {k}: final latents differ by {diff:e}; {REGENERATE}"
-        );
-        assert!(
-            worst <= PIXEL_TOLERANCE,
-            "{name} image {k}: a pixel differs by {worst}/255; {REGENERATE}"
-        );
-    }
+    common::assert_matches_reference(
+        name,
+        (&latents, &images),
+        &refs[&format!("{name}.final")],
+        &refs[&format!("{name}.image")],
+        (LATENT_TOLERANCE, PIXEL_TOLERANCE),
+        REGENERATE,
+    );
 }
 
 #[test]

@@ -53,3 +53,85 @@ pub fn pngs(dir: &Path) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// Runs `sdfix generate` with `args` from the initial latents `initial` (saved to a file and
+/// passed as `--latents`), saving each image's final latents; returns those latents and the
+/// images, in file order. The reference-case tests (generate, samplers, img2img) share it.
+pub fn generate_from_latents(
+    initial: &candle_core::Tensor,
+    args: &[String],
+) -> (Vec<candle_core::Tensor>, Vec<image::RgbImage>) {
+    let dir = tempfile::tempdir().unwrap();
+    let latents_file = dir.path().join("initial.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([("latents".to_string(), initial.clone())]),
+        &latents_file,
+    )
+    .unwrap();
+    let out_dir = dir.path().join("out");
+    let mut all: Vec<String> = vec!["generate".into(), "--save-latents".into(), "--quiet".into()];
+    all.extend(["--latents".into(), latents_file.to_string_lossy().into_owned()]);
+    all.extend(["--out-dir".into(), out_dir.to_string_lossy().into_owned()]);
+    all.extend(args.iter().cloned());
+    let arg_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = sdfix(&arg_refs);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = pngs(&out_dir);
+    let latents = images
+        .iter()
+        .map(|p| {
+            let mut t =
+                candle_core::safetensors::load(p.with_extension("latents.safetensors"), &candle_core::Device::Cpu)
+                    .unwrap();
+            t.remove("latents").unwrap()
+        })
+        .collect();
+    let pictures = images.iter().map(|p| image::open(p).unwrap().to_rgb8()).collect();
+    (latents, pictures)
+}
+
+/// Asserts that `latents` and `images` (from [`generate_from_latents`]) match the reference
+/// batch `reference_latents` (b, c, h, w) and `reference_images` (b, 3, h, w, u8): latents within
+/// `latent_tolerance`, every pixel within `pixel_tolerance`; `hint` says how to regenerate.
+pub fn assert_matches_reference(
+    name: &str,
+    (latents, images): (&[candle_core::Tensor], &[image::RgbImage]),
+    reference_latents: &candle_core::Tensor,
+    reference_images: &candle_core::Tensor,
+    (latent_tolerance, pixel_tolerance): (f32, u8),
+    hint: &str,
+) {
+    let reference_images = reference_images.permute((0, 2, 3, 1)).unwrap();
+    assert_eq!(latents.len(), reference_latents.dim(0).unwrap(), "{name}: image count");
+    for (k, (ours, picture)) in latents.iter().zip(images).enumerate() {
+        let diff = max_abs_diff(ours, &reference_latents.get(k).unwrap());
+        assert!(
+            diff <= latent_tolerance,
+            "{name} image {k}: final latents differ by {diff:e}; {hint}"
+        );
+        let expected = reference_images.get(k).unwrap();
+        let (h, w, _) = expected.dims3().unwrap();
+        assert_eq!(
+            (picture.height() as usize, picture.width() as usize),
+            (h, w),
+            "{name}: image size"
+        );
+        let expected = expected.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let worst = picture
+            .as_raw()
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        eprintln!("{name} image {k}: latents {diff:e}, pixels {worst}/255");
+        assert!(
+            worst <= pixel_tolerance,
+            "{name} image {k}: a pixel differs by {worst}/255; {hint}"
+        );
+    }
+}
