@@ -2,17 +2,19 @@
 //! ([`kernels::activation`]) on the CPU in f32; when the input carries a gradient (see
 //! [`crate::model`], "Training"), [`kernels::grad`]'s, with a backward; candle ops elsewhere.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::kernels;
+use crate::model::on_cpu_f32;
 
+/// Inference on the CPU in f32: our fused kernels.
 fn cpu_f32(xs: &Tensor) -> bool {
-    xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && !xs.track_op()
+    on_cpu_f32(xs) && !xs.track_op()
 }
 
 /// The training path on the CPU: ours, with a backward.
 fn cpu_f32_training(xs: &Tensor) -> bool {
-    xs.dtype() == DType::F32 && matches!(xs.device(), Device::Cpu) && xs.track_op()
+    on_cpu_f32(xs) && xs.track_op()
 }
 
 /// The exact (erf) GELU.
@@ -46,6 +48,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::kernels::cpu_op::max_abs_diff;
+    use candle_core::{DType, Device};
 
     /// The CPU f32 path (our kernels) and the candle-op path (f64 here) agree.
     #[test]

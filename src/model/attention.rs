@@ -13,6 +13,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels;
+use crate::model::on_cpu_f32;
 
 /// Multi-head attention of `query` (b, n, h*d) over `key`/`value` (b, m, h*d), `heads` heads,
 /// scores scaled by 1/sqrt(d), plus `mask` (broadcastable to (b, h, n, m), f32) when given.
@@ -24,10 +25,9 @@ pub fn scaled_dot_product_attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op();
+    let cpu_f32 = |t: &Tensor| on_cpu_f32(t) && !t.track_op();
     let mask_2d = mask.map(|m| m.rank() == 2).unwrap_or(true);
     let kernel = cpu_f32(query) && cpu_f32(key) && cpu_f32(value) && mask_2d && mask.is_none_or(cpu_f32);
-    let on_cpu_f32 = |t: &Tensor| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu);
     let training_kernel =
         on_cpu_f32(query) && on_cpu_f32(key) && on_cpu_f32(value) && mask.is_none_or(|m| m.rank() == 2);
     kernels::profile::time("attention", || {

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use crate::kernels;
 use crate::kernels::conv::ConvSpec;
+use crate::model::on_cpu_f32;
 
 /// A convolution with square kernels, equal padding on all sides, dilation 1, one group: what
 /// SD's UNet and VAE use.
@@ -87,7 +88,7 @@ impl Conv2d {
         } else {
             &self.weight
         };
-        if cpu_f32(xs) && cpu_f32(weight) {
+        if on_cpu_f32(xs) && on_cpu_f32(weight) {
             // The training path: our convolution with a backward.
             return kernels::grad::conv2d(xs, weight, self.bias.as_ref(), self.spec);
         }
@@ -97,10 +98,6 @@ impl Conv2d {
             None => Ok(ys),
         }
     }
-}
-
-fn cpu_f32(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
 }
 
 impl candle_core::Module for Conv2d {

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels;
+use crate::model::on_cpu_f32;
 
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -47,10 +48,6 @@ impl Linear {
     }
 }
 
-fn cpu_f32(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
-}
-
 impl Module for Linear {
     /// `xs` (..., in) -> (..., out).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -64,7 +61,7 @@ impl Module for Linear {
         };
         kernels::profile::time_detailed("linear", shape, || match self {
             Self::Cpu { weight_t, bias } if !xs.track_op() => kernels::linear::linear_f32(xs, weight_t, bias.as_ref()),
-            Self::Cpu { weight_t, bias } if cpu_f32(xs) => kernels::grad::linear(xs, &weight_t.t()?, bias.as_ref()),
+            Self::Cpu { weight_t, bias } if on_cpu_f32(xs) => kernels::grad::linear(xs, &weight_t.t()?, bias.as_ref()),
             Self::Cpu { weight_t, bias } => {
                 let ys = xs.broadcast_matmul(weight_t)?;
                 match bias {
@@ -73,7 +70,7 @@ impl Module for Linear {
                 }
             }
             // The training path on the CPU: ours, with a backward.
-            Self::Candle(layer) if cpu_f32(xs) && cpu_f32(layer.weight()) => {
+            Self::Candle(layer) if on_cpu_f32(xs) && on_cpu_f32(layer.weight()) => {
                 kernels::grad::linear(xs, layer.weight(), layer.bias())
             }
             Self::Candle(layer) => layer.forward(xs),

@@ -33,3 +33,9 @@ pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+
+/// Whether `t` is f32 on the CPU: where our kernels (inference, and [`crate::kernels::grad`] for
+/// training) run.
+pub(crate) fn on_cpu_f32(t: &candle_core::Tensor) -> bool {
+    t.dtype() == candle_core::DType::F32 && matches!(t.device(), candle_core::Device::Cpu)
+}

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels;
+use crate::model::on_cpu_f32;
 
 /// diffusers' / PyTorch's `GroupNorm(num_groups, num_channels, eps, affine=True)`.
 #[derive(Debug, Clone)]
@@ -60,7 +61,7 @@ impl GroupNorm {
         {
             return kernels::norm::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
         }
-        if cpu_f32(xs) && cpu_f32(&self.weight) && cpu_f32(&self.bias) {
+        if on_cpu_f32(xs) && on_cpu_f32(&self.weight) && on_cpu_f32(&self.bias) {
             // The training path: fused, with a backward.
             return kernels::grad::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu);
         }
@@ -119,7 +120,7 @@ impl candle_core::Module for LayerNorm {
     /// `xs` (..., dim) normalised over the last dimension.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.track_op() || self.weight.track_op() || self.bias.track_op() {
-            if cpu_f32(xs) && cpu_f32(&self.weight) && cpu_f32(&self.bias) {
+            if on_cpu_f32(xs) && on_cpu_f32(&self.weight) && on_cpu_f32(&self.bias) {
                 return kernels::grad::layer_norm(xs, &self.weight, &self.bias, self.eps);
             }
             candle_nn::ops::layer_norm_slow(xs, &self.weight, &self.bias, self.eps as f32)
@@ -127,10 +128,6 @@ impl candle_core::Module for LayerNorm {
             self.inner.forward(xs)
         }
     }
-}
-
-fn cpu_f32(t: &Tensor) -> bool {
-    t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu)
 }
 
 impl candle_core::Module for GroupNorm {
