@@ -163,6 +163,76 @@ fn column_sums(values: &[f32], width: usize) -> Vec<f64> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layers with a weight and an optional bias
+
+/// A training op over an input, a weight and an optional bias (linear, convolution): the
+/// forward on contiguous f32 storage, and every gradient from the output's.
+trait WeightedGrad: Send + Sync + 'static {
+    /// The op's name in candle and in errors.
+    const NAME: &'static str;
+
+    fn forward(
+        &self,
+        input: (&CpuStorage, &Layout),
+        weight: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)>;
+
+    /// (d input, or None when nothing upstream wants it; d weight; d bias, dropped when the
+    /// call had no bias).
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Tensor, Tensor)>;
+}
+
+/// A [`WeightedGrad`] as a candle op with a backward: two operands without a bias, three with
+/// one (as [`crate::kernels::cpu_op`]'s wrapper does for the inference kernels).
+struct WithGrad<K>(K);
+
+impl<K: WeightedGrad> CustomOp2 for WithGrad<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.0.backward(x, w, grad)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+impl<K: WeightedGrad> CustomOp3 for WithGrad<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.forward((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.0.backward(x, w, grad)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Linear
 
 /// `x (..., in) @ weight^T + bias`, `weight` (out, in) and `bias` (out) as stored: f32 on the
@@ -177,8 +247,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let x2 = x.reshape((rows, in_dim))?.contiguous()?;
     let weight = weight.contiguous()?;
     let ys = match bias {
-        Some(bias) => x2.apply_op3(&weight, &bias.contiguous()?, TrainLinear)?,
-        None => x2.apply_op2(&weight, TrainLinear)?,
+        Some(bias) => x2.apply_op3(&weight, &bias.contiguous()?, WithGrad(TrainLinear))?,
+        None => x2.apply_op2(&weight, WithGrad(TrainLinear))?,
     };
     let mut shape = dims;
     *shape.last_mut().expect("checked non-empty") = out_dim;
@@ -187,8 +257,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 struct TrainLinear;
 
-impl TrainLinear {
+impl WeightedGrad for TrainLinear {
+    const NAME: &'static str = "sdfix-train-linear";
+
     fn forward(
+        &self,
         (x, x_l): (&CpuStorage, &Layout),
         (w, w_l): (&CpuStorage, &Layout),
         bias: Option<(&CpuStorage, &Layout)>,
@@ -220,57 +293,12 @@ impl TrainLinear {
     }
 
     /// (dx, dW, db) for the output gradient `grad` (rows, out).
-    fn backward(x: &Tensor, w: &Tensor, grad: &Tensor, with_bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let packed = grad.contiguous()?.apply_op3_no_bwd(x, w, &LinearBackward)?;
         let (rows, in_dim) = x.dims2()?;
         let (out_dim, _) = w.dims2()?;
         let [dx, dw, db] = unpack(&packed, [&[rows, in_dim], &[out_dim, in_dim], &[out_dim]])?;
-        Ok((dx, dw, with_bias.then_some(db)))
-    }
-}
-
-impl CustomOp2 for TrainLinear {
-    fn name(&self) -> &'static str {
-        "sdfix-train-linear"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::forward((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::backward(x, w, grad, false)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp3 for TrainLinear {
-    fn name(&self) -> &'static str {
-        "sdfix-train-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::forward((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = Self::backward(x, w, grad, true)?;
-        Ok((Some(dx), Some(dw), db))
+        Ok((Some(dx), dw, db))
     }
 }
 
@@ -331,7 +359,7 @@ impl CustomOp3 for LinearBackward {
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: ConvSpec) -> Result<Tensor> {
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
-    let op = TrainConv(spec);
+    let op = WithGrad(TrainConv(spec));
     match bias {
         Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op),
         None => x.apply_op2(&weight, op),
@@ -377,6 +405,10 @@ impl TrainConv {
         }
         Ok((batch, h, w))
     }
+}
+
+impl WeightedGrad for TrainConv {
+    const NAME: &'static str = "sdfix-train-conv2d";
 
     fn forward(
         &self,
@@ -424,51 +456,6 @@ impl TrainConv {
             ],
         )?;
         Ok((dx, dw, db))
-    }
-}
-
-impl CustomOp2 for TrainConv {
-    fn name(&self) -> &'static str {
-        "sdfix-train-conv2d"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, grad)?;
-        Ok((dx, Some(dw)))
-    }
-}
-
-impl CustomOp3 for TrainConv {
-    fn name(&self) -> &'static str {
-        "sdfix-train-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.forward((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.backward(x, w, grad)?;
-        Ok((dx, Some(dw), Some(db)))
     }
 }
 
