@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff, pngs, reference_case_args, reference_tensors, sdfix};
+use common::{fixture, max_abs_diff, pngs, reference_tensors, sdfix};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,30 +21,13 @@ fn refs() -> HashMap<String, Tensor> {
     reference_tensors("pipeline")
 }
 
-fn case_args(name: &str) -> Vec<String> {
-    reference_case_args("pipeline", name)
-}
-
-/// Runs one reference case through the binary; returns (our final latents, our images) per image.
+/// Runs one reference case through the binary; returns our final latents and images.
 fn run_case(name: &str, extra: &[&str]) -> (Vec<Tensor>, Vec<image::RgbImage>) {
-    let mut args = vec!["--model".to_string(), fixture("tiny-sd").to_string_lossy().into_owned()];
-    args.extend(["--seed".to_string(), "0".to_string()]);
-    args.extend(case_args(name));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    common::generate_from_latents(&refs()[&format!("{name}.initial")], &args)
+    common::run_reference_case("pipeline", name, extra)
 }
 
 fn assert_case_matches_diffusers(name: &str) {
-    let refs = refs();
-    let (latents, images) = run_case(name, &[]);
-    common::assert_matches_reference(
-        name,
-        (&latents, &images),
-        &refs[&format!("{name}.final")],
-        &refs[&format!("{name}.image")],
-        (LATENT_TOLERANCE, PIXEL_TOLERANCE),
-        REGENERATE,
-    );
+    common::assert_reference_case("pipeline", name, (LATENT_TOLERANCE, PIXEL_TOLERANCE), REGENERATE);
 }
 
 #[test]

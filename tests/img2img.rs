@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{fixture, max_abs_diff, pngs, reference_case_args, reference_tensors, sdfix};
+use common::{fixture, max_abs_diff, pngs, reference_tensors, sdfix};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,39 +23,8 @@ fn refs() -> HashMap<String, Tensor> {
     reference_tensors("img2img")
 }
 
-/// A reference case's sdfix arguments, `fixtures:` paths made absolute.
-fn case_args(name: &str) -> Vec<String> {
-    reference_case_args("img2img", name)
-        .into_iter()
-        .map(|a| match a.strip_prefix("fixtures:") {
-            Some(rest) => fixture(rest).to_string_lossy().into_owned(),
-            None => a,
-        })
-        .collect()
-}
-
-/// Runs one reference case through the binary; returns our final latents and images.
-fn run_case(name: &str) -> (Vec<Tensor>, Vec<image::RgbImage>) {
-    let mut args = vec!["--seed".to_string(), "0".to_string()];
-    let case = case_args(name);
-    if !case.iter().any(|a| a == "--model") {
-        args.extend(["--model".into(), fixture("tiny-sd").to_string_lossy().into_owned()]);
-    }
-    args.extend(case);
-    common::generate_from_latents(&refs()[&format!("{name}.initial")], &args)
-}
-
 fn assert_case_matches_diffusers(name: &str) {
-    let refs = refs();
-    let (latents, images) = run_case(name);
-    common::assert_matches_reference(
-        name,
-        (&latents, &images),
-        &refs[&format!("{name}.final")],
-        &refs[&format!("{name}.image")],
-        (LATENT_TOLERANCE, PIXEL_TOLERANCE),
-        REGENERATE,
-    );
+    common::assert_reference_case("img2img", name, (LATENT_TOLERANCE, PIXEL_TOLERANCE), REGENERATE);
 }
 
 #[test]

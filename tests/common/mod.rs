@@ -36,11 +36,47 @@ pub fn reference_tensors(stem: &str) -> HashMap<String, candle_core::Tensor> {
     candle_core::safetensors::load(fixture(&format!("refs/{stem}.safetensors")), &candle_core::Device::Cpu).unwrap()
 }
 
-/// The sdfix arguments of reference case `name` in tests/fixtures/refs/STEM.json.
+/// The sdfix arguments of reference case `name` in tests/fixtures/refs/STEM.json, `fixtures:`
+/// paths made absolute.
 pub fn reference_case_args(stem: &str, name: &str) -> Vec<String> {
     let text = std::fs::read_to_string(fixture(&format!("refs/{stem}.json"))).unwrap();
     let cases: HashMap<String, Vec<String>> = serde_json::from_str(&text).unwrap();
-    cases[name].clone()
+    cases[name]
+        .iter()
+        .map(|a| match a.strip_prefix("fixtures:") {
+            Some(rest) => fixture(rest).to_string_lossy().into_owned(),
+            None => a.clone(),
+        })
+        .collect()
+}
+
+/// Runs reference case `name` of tests/fixtures/refs/STEM.* through `sdfix generate` (seed 0,
+/// the tiny-sd fixture unless the case names a model, then `extra`) from the case's initial
+/// latents; returns the final latents and images.
+pub fn run_reference_case(stem: &str, name: &str, extra: &[&str]) -> (Vec<candle_core::Tensor>, Vec<image::RgbImage>) {
+    let mut args = vec!["--seed".to_string(), "0".to_string()];
+    let case = reference_case_args(stem, name);
+    if !case.iter().any(|a| a == "--model") {
+        args.extend(["--model".into(), fixture("tiny-sd").to_string_lossy().into_owned()]);
+    }
+    args.extend(case);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    generate_from_latents(&reference_tensors(stem)[&format!("{name}.initial")], &args)
+}
+
+/// Asserts that reference case `name` of STEM matches diffusers' final latents and images
+/// within the tolerances; `hint` says how to regenerate the references.
+pub fn assert_reference_case(stem: &str, name: &str, tolerances: (f32, u8), hint: &str) {
+    let refs = reference_tensors(stem);
+    let (latents, images) = run_reference_case(stem, name, &[]);
+    assert_matches_reference(
+        name,
+        (&latents, &images),
+        &refs[&format!("{name}.final")],
+        &refs[&format!("{name}.image")],
+        tolerances,
+        hint,
+    );
 }
 
 /// The PNG files of `dir`, sorted.
