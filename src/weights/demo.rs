@@ -6,7 +6,8 @@
 //!
 //! The files are embedded at compile time and written once to a cache folder
 //! (`$SDFIX_CACHE`, else `$XDG_CACHE_HOME/sdfix`, else `~/.cache/sdfix`, else the temp dir), named
-//! by a hash of their bytes; from there they load like any diffusers-layout folder.
+//! by a hash of their bytes computed at build time (`build.rs`); from there they load like any
+//! diffusers-layout folder.
 
 use std::path::{Path, PathBuf};
 
@@ -62,17 +63,10 @@ fn files_of(name: &str) -> Option<&'static [EmbeddedFile]> {
     }
 }
 
-/// FNV-1a over every file's path and bytes: a cheap, stable name for this build's copy.
-fn content_hash(files: &[EmbeddedFile]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for file in files {
-        for &byte in file.path.as_bytes().iter().chain(file.bytes) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    hash
-}
+/// A hash of the embedded files' content, computed by `build.rs` when they change: it names their
+/// cache folders without the program reading its own embedded bytes (which would make them
+/// resident on every run).
+const EMBEDDED_HASH: &str = env!("SDFIX_EMBEDDED_HASH");
 
 /// The sdfix cache folder: `$SDFIX_CACHE`, else `$XDG_CACHE_HOME/sdfix`, else `~/.cache/sdfix`,
 /// else the temp dir.
@@ -120,7 +114,7 @@ fn extract(files: &[EmbeddedFile], folder: &Path, marker: &str) -> Result<()> {
 /// The folder of built-in model `name`, extracting it on first use; `None` for other names.
 pub fn folder(name: &str) -> Result<Option<PathBuf>> {
     let Some(files) = files_of(name) else { return Ok(None) };
-    let folder = cache_root().join(format!("{name}-{:016x}", content_hash(files)));
+    let folder = cache_root().join(format!("{name}-{EMBEDDED_HASH}"));
     if !folder.join("model_index.json").is_file() {
         extract(files, &folder, "model_index.json").with_context(|| {
             format!("cannot unpack the built-in model {name} (set SDFIX_CACHE to a writable folder)")
@@ -162,7 +156,7 @@ pub fn clip_tokenizer_folder(pad_with_eos: bool) -> Result<PathBuf> {
     } else {
         ("clip-tokenizer-sd2", CLIP_TOKENIZER_SD2)
     };
-    let folder = cache_root().join(format!("{name}-{:016x}", content_hash(files)));
+    let folder = cache_root().join(format!("{name}-{EMBEDDED_HASH}"));
     if !folder.join("tokenizer/vocab.json").is_file() {
         extract(files, &folder, "tokenizer/vocab.json")
             .context("cannot unpack the built-in CLIP tokenizer (set SDFIX_CACHE to a writable folder)")?;
