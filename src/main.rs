@@ -3,19 +3,13 @@ use clap::Parser;
 /// Exit code for every error, as clap uses for usage errors.
 const EXIT_ERROR: i32 = 2;
 
-/// mimalloc, told never to hand freed pages back to the OS: every large tensor glibc maps fresh
-/// costs page faults and kernel zeroing on first touch (6% of a CPU VAE decode in
-/// docs/performance.md); reused pages cost nothing. Peak RSS is unchanged.
+/// mimalloc, which keeps freed pages for reuse while a phase computes and hands them back to the
+/// OS between phases ([`sdfix::kernels::host_memory`]).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 2.x's `mi_option_e` (libmimalloc-sys 0.1.49 names no
-/// constant for it); -1 = never purge.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
 fn main() {
-    // SAFETY: sets a process-wide allocator option; no allocation depends on it yet.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    sdfix::kernels::host_memory::keep_freed_memory();
     let cli = sdfix::cli::Cli::parse();
     if let Err(err) = sdfix::cli::run(cli) {
         // A reader that stopped early (`sdfix stats DIR | head -1`) is not a failure.

@@ -38,6 +38,7 @@ use self::request::RecordContext;
 pub use self::request::{Job, Request};
 pub use self::settings::ImageSettings;
 use crate::device;
+use crate::kernels::host_memory;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::vae::VaeEncoder;
 use crate::pipeline::Inpainting;
@@ -436,6 +437,8 @@ impl Engine {
                 }
                 if !self.keep_text_encoder {
                     fresh.encoder = None;
+                    // Its 1.4 GB (SD 2) is not what the UNet allocates: not kept resident.
+                    host_memory::release_freed();
                 }
                 observer.event(&Event::EncodedAhead {
                     texts: texts.len(),
@@ -484,6 +487,8 @@ impl Engine {
             load_seconds += encoder_started.elapsed().as_secs_f64();
         }
         if loaded {
+            // The read buffers and re-laid copies the loads freed.
+            host_memory::release_freed();
             observer.event(&Event::Loaded {
                 location: self.location.to_string(),
                 seconds: load_seconds,

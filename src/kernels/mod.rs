@@ -21,6 +21,8 @@
 //! - [`profile`]: time per kind of op, for `bench --profile`.
 //! - [`cuda_settings`]: process-wide CUDA switches (TF32, event tracking, the memory pool's
 //!   release threshold, the small-upload cache), each behind an environment variable.
+//! - [`host_memory`]: the host allocator's policy: freed memory kept while a phase computes,
+//!   handed back to the OS between phases.
 
 pub mod activation;
 pub mod attention;
@@ -29,6 +31,7 @@ pub mod cpu_math;
 pub mod cpu_op;
 pub mod cuda_settings;
 pub mod grad;
+pub mod host_memory;
 pub mod linear;
 pub mod norm;
 pub mod profile;
