@@ -5,24 +5,25 @@
 
 use sdfix::kernels::host_memory::{keep_freed_memory, release_freed};
 
-/// This process's resident bytes (`/proc/self/statm`'s second field, in pages).
+/// This process's resident bytes (`VmRSS` in `/proc/self/status`, in kB whatever the page size).
 fn resident_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-    let pages: usize = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("resident pages");
-    pages * 4096
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kb * 1024
 }
 
 #[test]
 fn freed_memory_stays_resident_until_released() {
     const BYTES: usize = 256 << 20;
     keep_freed_memory();
+    let before = resident_bytes();
     // mimalloc directly: the test binary's global allocator is the system's.
     // SAFETY: a plain allocation, checked for null, written within its size, then freed once.
-    let before = resident_bytes();
     unsafe {
         let block = libmimalloc_sys::mi_malloc(BYTES).cast::<u8>();
         assert!(!block.is_null());

@@ -415,8 +415,8 @@ impl Engine {
                 .as_ref()
                 .is_some_and(|(_, p)| texts.iter().all(|text| p.has(text)));
         let mut load_seconds = 0.0;
-        // Whether this set loaded anything (reported as [`Event::Loaded`]).
-        let mut loaded = part.first;
+        // Whether this set loaded anything (reported as [`Event::Loaded`], as is a run's first set).
+        let mut loaded = false;
         if !encoded {
             let started = Instant::now();
             let encoder = match prompts.take().and_then(|(_, p)| p.encoder) {
@@ -487,8 +487,11 @@ impl Engine {
             load_seconds += encoder_started.elapsed().as_secs_f64();
         }
         if loaded {
-            // The read buffers and re-laid copies the loads freed.
+            // The read buffers and re-laid copies the loads freed; a warm engine (the server's
+            // next request) keeps what its last run freed, for this run's activations to reuse.
             host_memory::release_freed();
+        }
+        if loaded || part.first {
             observer.event(&Event::Loaded {
                 location: self.location.to_string(),
                 seconds: load_seconds,

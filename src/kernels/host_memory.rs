@@ -4,8 +4,9 @@
 //! `src/main.rs` makes mimalloc the global allocator. Reusing freed pages matters while a phase
 //! computes: fresh pages cost a page fault and the kernel's zeroing on first touch (glibc, which
 //! maps every large tensor fresh, spent 6% of a CPU VAE decode there, docs/performance.md), and
-//! mimalloc's own timer (purging what stays free for 10 ms) made a 512x512 VAE decode 39% slower
-//! (`sdfix bench`, issue 19's notes in docs/performance.md). Between phases it is the other way
+//! purging on mimalloc's own timer made a 512x512 VAE decode take 29.8 s (its default 10 ms) or
+//! 22.7 s (at once) instead of 16.3 s (`sdfix bench`, issue 19's notes in docs/performance.md).
+//! Between phases it is the other way
 //! round: what a finished phase freed (the text encoder's 1.4 GB once the prompts are encoded,
 //! the read buffers of a load) is not what the next phase allocates, and kept, it stays counted
 //! in the process's memory and spreads the next phase's weights over more pages. So mimalloc
