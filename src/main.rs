@@ -4,9 +4,9 @@ use clap::Parser;
 const EXIT_ERROR: i32 = 2;
 
 /// mimalloc, which keeps freed pages for reuse while a phase computes and hands them back to the
-/// OS between phases ([`sdfix::kernels::host_memory`]).
+/// OS between phases, with weights in their own mappings ([`sdfix::kernels::host_memory`]).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: sdfix::kernels::host_memory::HostAllocator = sdfix::kernels::host_memory::HostAllocator;
 
 fn main() {
     sdfix::kernels::host_memory::keep_freed_memory();
