@@ -1,7 +1,8 @@
 //! The host allocator's policy: freed memory is kept for reuse while a phase computes, and handed
 //! back to the OS between phases.
 //!
-//! `src/main.rs` makes mimalloc the global allocator. Reusing freed pages matters while a phase
+//! `src/main.rs` makes [`HostAllocator`] the global allocator: mimalloc for small blocks, an arena
+//! of our own for large ones (below). Reusing freed pages matters while a phase
 //! computes: fresh pages cost a page fault and the kernel's zeroing on first touch (glibc, which
 //! maps every large tensor fresh, spent 6% of a CPU VAE decode there, docs/performance.md), and
 //! purging on mimalloc's own timer made a 512x512 VAE decode take 29.8 s (its default 10 ms) or
@@ -21,12 +22,12 @@
 //! (the 1228-entry header of a single file against a folder's three small ones) moved SD 2's
 //! 193 MB token embedding, and every weight after it, 32 MB on, and which free range a 33.5 MB
 //! VAE activation found changed the peak by 30 MB from run to run. In an arena of large blocks
-//! only, the layout follows the large blocks alone: SD 2.1-base's peak went from 4.21-4.25 GB,
-//! on two or three levels, to 3.91-3.92 GB for a folder and a single file alike (issue 19,
-//! docs/performance.md).
+//! only, the layout follows the large blocks alone: SD 2.1-base's 256 px peak went from 4.21-4.25 GB
+//! to 3.92-3.93 GB for a folder and a single file alike, with no consistent cost in speed (issue
+//! 19, docs/performance.md).
 //!
-//! Harmless where mimalloc is not the global allocator (the library's tests): the options and the
-//! collection then apply to mimalloc's own, unused, heap.
+//! Harmless where [`HostAllocator`] is not the global allocator (the library's tests): the options
+//! and the collection then apply to mimalloc's own, unused, heap, and the arena is never reserved.
 
 use std::alloc::{GlobalAlloc, Layout};
 

@@ -21,8 +21,9 @@
 //! - [`profile`]: time per kind of op, for `bench --profile`.
 //! - [`cuda_settings`]: process-wide CUDA switches (TF32, event tracking, the memory pool's
 //!   release threshold, the small-upload cache), each behind an environment variable.
-//! - [`host_memory`]: the host allocator's policy: freed memory kept while a phase computes,
-//!   handed back to the OS between phases.
+//! - [`host_memory`]: the global allocator (mimalloc for small blocks, our own arena for blocks
+//!   over 512 KiB) and its policy: freed memory kept while a phase computes, handed back to the
+//!   OS between phases.
 
 pub mod activation;
 pub mod attention;
