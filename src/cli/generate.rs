@@ -72,7 +72,7 @@ pub struct GenerateArgs {
     pub latents: Option<PathBuf>,
 
     /// Also write the final latents (before the VAE, not divided by its scaling factor) as
-    /// <image>.latents.safetensors.
+    /// IMAGE.latents.safetensors beside each IMAGE.png.
     #[arg(long)]
     pub save_latents: bool,
 

@@ -14,7 +14,7 @@ use crate::engine::GeneratedImage;
 const SLUG_MAX_CHARS: usize = 60;
 
 /// A file-name-safe form of `prompt`: lowercase ASCII letters and digits, runs of anything else
-/// as one `-`, at most [`SLUG_MAX_CHARS`] characters; `empty` for a prompt with none.
+/// as one `-`, at most 60 characters (`SLUG_MAX_CHARS`); `empty` for a prompt with none.
 pub fn slug(prompt: &str) -> String {
     let mut slug = String::new();
     for c in prompt.chars().flat_map(char::to_lowercase) {

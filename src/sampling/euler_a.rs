@@ -4,7 +4,7 @@
 //!
 //! k-diffusion splits the step to sigma_k' into a deterministic Euler step down to
 //! sigma_down = sigma_k'^2 / sigma_k and fresh noise of std sigma_up = sigma_k' sqrt(1 -
-//! sigma_k'^2 / sigma_k^2). With e = sigma_k' / sigma_k = exp(-h) ([`exp_neg_h`]) that is, back in
+//! sigma_k'^2 / sigma_k^2). With e = sigma_k' / sigma_k = exp(-h) (`exp_neg_h`) that is, back in
 //! VP form, `x' = alpha_t' x0 + sigma_t' (e eps + sqrt(1 - e^2) z)`: exactly DDIM with eta 1,
 //! and finite at a zero-SNR t = T, where e = 0 and the step draws the whole noise afresh. The
 //! noise z comes from the image's step stream ([`super::noise::ImageNoise::sample_step`]).

@@ -1,7 +1,7 @@
 //! The one worker: a std thread that owns the [`Engine`] and runs queued tasks in order.
 //!
 //! A1111 and stable-diffusion.cpp serialise jobs too: parallel jobs on one device do not raise
-//! throughput, they only split memory. The queue is a bounded FIFO ([`Queue::push`] refuses past
+//! throughput, they only split memory. The queue is a bounded FIFO ([`Shared::push`] refuses past
 //! `--queue`); the worker takes the oldest task and with it every later task of the same model
 //! whose settings can share a UNet batch ([`batch_key`]), up to `--max-batch` images, and runs
 //! them as one [`Engine::run`]. A model switch happens between runs: the engine of the next
