@@ -195,6 +195,14 @@ struct LoraTargets {
     text_encoder: std::collections::BTreeSet<String>,
 }
 
+/// Hands the memory that finished runs freed back to the OS, for a long-lived caller with nothing
+/// to do (the server's worker once its queue is empty): kept, it holds the last run's peak for as
+/// long as the process idles (`host_memory`: freed memory is kept for reuse until a phase ends).
+/// The next run's first allocations then cost page faults again.
+pub fn release_idle_memory() {
+    host_memory::release_freed();
+}
+
 impl Engine {
     /// Opens `model` (a diffusers folder, a hub repo id, a built-in demo name or a single-file
     /// checkpoint) at `revision` for `device` and `dtype`: its configs are read and checked; no

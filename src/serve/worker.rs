@@ -292,6 +292,11 @@ fn work(shared: &Shared, config: &WorkerConfig) {
             }
         }
         *lock(&shared.progress) = Progress::default();
+        if lock(&shared.queue).is_empty() {
+            // Idle: the last run's freed activations go back to the OS (milliseconds, outside the
+            // queue's lock; a request arriving meanwhile waits that long).
+            crate::engine::release_idle_memory();
+        }
     }
 }
 
