@@ -3,8 +3,9 @@ use clap::Parser;
 /// Exit code for every error, as clap uses for usage errors.
 const EXIT_ERROR: i32 = 2;
 
-/// mimalloc, which keeps freed pages for reuse while a phase computes and hands them back to the
-/// OS between phases, with weights in their own mappings ([`sdfix::kernels::host_memory`]).
+/// mimalloc for small blocks, our own arena for blocks over 512 KiB; freed memory is kept for
+/// reuse while a phase computes and handed back to the OS between phases
+/// ([`sdfix::kernels::host_memory`]).
 #[global_allocator]
 static ALLOCATOR: sdfix::kernels::host_memory::HostAllocator = sdfix::kernels::host_memory::HostAllocator;
 

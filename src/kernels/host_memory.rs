@@ -55,7 +55,7 @@ pub fn keep_freed_memory() {
 /// so call it only where a phase ends.
 pub fn release_freed() {
     #[cfg(target_os = "linux")]
-    large::release_pool();
+    large::release_free_ranges();
     // SAFETY: a collection of this thread's heap and of the arenas, safe at any point.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
@@ -99,31 +99,41 @@ fn is_large(layout: Layout) -> bool {
     cfg!(target_os = "linux") && layout.size() > LARGE_BLOCK_OVER_BYTES && layout.align() <= large::PAGE_BYTES
 }
 
+/// A block for `layout` (`zeroed`: all zero): the arena's when it is large and the arena has room,
+/// else mimalloc's.
+///
+/// # Safety
+/// `layout` has a non-zero size, as [`GlobalAlloc::alloc`] requires.
+unsafe fn allocate(layout: Layout, zeroed: bool) -> *mut u8 {
+    if is_large(layout) {
+        let block = large::allocate(layout.size(), zeroed);
+        if !block.is_null() {
+            return block;
+        }
+    }
+    // SAFETY: the caller's layout, passed on.
+    unsafe {
+        if zeroed {
+            MiMalloc.alloc_zeroed(layout)
+        } else {
+            MiMalloc.alloc(layout)
+        }
+    }
+}
+
 // SAFETY: a block is the arena's exactly when its address lies in the arena's range (mimalloc's
 // memory never does), so every call that receives a block sends it to its owner: the arena's for
 // sizes `is_large` could have given it (the size a block was made with, as GlobalAlloc requires),
 // mimalloc's for the rest, unchanged.
 unsafe impl GlobalAlloc for HostAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if is_large(layout) {
-            let block = large::allocate(layout.size(), false);
-            if !block.is_null() {
-                return block;
-            }
-        }
         // SAFETY: the caller's layout, passed on.
-        unsafe { MiMalloc.alloc(layout) }
+        unsafe { allocate(layout, false) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if is_large(layout) {
-            let block = large::allocate(layout.size(), true);
-            if !block.is_null() {
-                return block;
-            }
-        }
         // SAFETY: the caller's layout, passed on.
-        unsafe { MiMalloc.alloc_zeroed(layout) }
+        unsafe { allocate(layout, true) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -239,7 +249,8 @@ mod large {
         impl Arena {
             /// Reserves the address range on first use: no memory is committed until touched
             /// (MAP_NORESERVE), and the kernel is asked for huge pages in it, as mimalloc does for
-            /// its arenas (on 4 KiB pages a UNet step ran 6-8% slower, docs/performance.md).
+            /// its arenas: the large blocks stay on 2 MiB pages, as they were under mimalloc
+            /// (`AnonHugePages` in /proc/PID/smaps_rollup covers nearly all of the RSS).
             fn reserve(&mut self) -> bool {
                 if self.start != 0 {
                     return self.start != usize::MAX;
@@ -287,41 +298,43 @@ mod large {
                     .min_by_key(|(_, range)| range.length)
                     .map(|(index, _)| index);
                 if let Some(index) = best {
-                    let range = self.free[index];
-                    if range.length == length {
-                        self.free.copy_within(index + 1..self.free_count, index);
-                        self.free_count -= 1;
-                    } else {
-                        self.free[index] = Range {
-                            start: range.start + length,
-                            length: range.length - length,
-                        };
-                    }
-                    self.free_bytes -= length;
-                    self.live_bytes += length;
-                    return Some((range.start, false));
+                    let start = self.free[index].start;
+                    self.take_front(index, length);
+                    return Some((start, false));
                 }
                 // A free range that ends at `top` grows there instead of leaving a hole.
-                let (start, fresh) = match self.free_count.checked_sub(1).map(|last| self.free[last]) {
-                    Some(last) if last.start + last.length == self.top => {
-                        self.free_count -= 1;
-                        self.free_bytes -= last.length;
-                        (last.start, false)
-                    }
-                    _ => (self.top, true),
-                };
+                let at_top = self
+                    .free_count
+                    .checked_sub(1)
+                    .filter(|&last| self.free[last].start + self.free[last].length == self.top);
+                let start = at_top.map_or(self.top, |last| self.free[last].start);
                 if start + length > self.end {
-                    if !fresh {
-                        self.give_back_range(Range {
-                            start,
-                            length: self.top - start,
-                        });
-                    }
                     return None;
+                }
+                if let Some(last) = at_top {
+                    self.free_count -= 1;
+                    self.free_bytes -= self.free[last].length;
                 }
                 self.top = start + length;
                 self.live_bytes += length;
-                Some((start, fresh))
+                Some((start, at_top.is_none()))
+            }
+
+            /// Moves the first `length` bytes of free range `index` (which holds them) into use:
+            /// the range shrinks from the front, or leaves the list when that is all of it.
+            fn take_front(&mut self, index: usize, length: usize) {
+                let range = self.free[index];
+                if range.length == length {
+                    self.free.copy_within(index + 1..self.free_count, index);
+                    self.free_count -= 1;
+                } else {
+                    self.free[index] = Range {
+                        start: range.start + length,
+                        length: range.length - length,
+                    };
+                }
+                self.free_bytes -= length;
+                self.live_bytes += length;
             }
 
             /// Returns `range` to the free list, merged with free neighbours; false when the
@@ -388,7 +401,7 @@ mod large {
         }
 
         /// Frees the block of `size` bytes at `ptr` if it is the arena's (its pages stay
-        /// resident for the next large block, until [`release_pool`]); false for mimalloc's.
+        /// resident for the next large block, until [`release_free_ranges`]); false for mimalloc's.
         pub fn free(ptr: *mut u8, size: usize) -> bool {
             if !owns(ptr) {
                 return false;
@@ -441,19 +454,8 @@ mod large {
             let count = arena.free_count;
             let index = arena.free[..count].partition_point(|r| r.start < end);
             if index < count && arena.free[index].start == end && arena.free[index].length >= extra {
-                let next = arena.free[index];
-                if next.length == extra {
-                    arena.free.copy_within(index + 1..count, index);
-                    arena.free_count -= 1;
-                } else {
-                    arena.free[index] = Range {
-                        start: end + extra,
-                        length: next.length - extra,
-                    };
-                }
-                arena.free_bytes -= extra;
-                arena.live_bytes += extra;
-                // Taken from a free range: its pages may hold old bytes, which realloc allows.
+                // Its pages may hold old bytes, which realloc allows.
+                arena.take_front(index, extra);
                 return true;
             }
             false
@@ -461,7 +463,7 @@ mod large {
 
         /// Hands the free ranges' pages back to the OS; a free range that ends at `top` lowers
         /// it (its addresses read as zero again).
-        pub fn release_pool() {
+        pub fn release_free_ranges() {
             let mut arena = arena();
             if arena.start == 0 || arena.start == usize::MAX {
                 return;
