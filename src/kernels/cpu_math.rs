@@ -88,12 +88,16 @@ macro_rules! dispatch {
                 unsafe fn avx512($($arg: $ty),*) { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features the function was compiled for.
+                let avx2_fma = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+                if avx2_fma && std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: calling a #[target_feature] function is sound exactly when the CPU
+                    // has those features: avx512f, avx2 and fma were all detected just above. The
+                    // body takes its arguments as the safe caller gave them.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
+                if avx2_fma {
+                    // SAFETY: avx2 and fma, the features `avx2` is compiled for, were detected
+                    // just above; the arguments are the safe caller's.
                     return unsafe { avx2($($arg),*) };
                 }
             }

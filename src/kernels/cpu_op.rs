@@ -171,7 +171,8 @@ pub struct SharedOut(*mut f32);
 // SAFETY: callers give each task a disjoint set of elements, and keep the buffer alive (and
 // unmoved) until the parallel loop ends.
 unsafe impl Send for SharedOut {}
-// SAFETY: as for Send: tasks share the pointer only to write disjoint elements.
+// SAFETY: shared references only hand out the pointer; as for Send, the tasks that hold it at
+// once write disjoint elements of a buffer that outlives them, so no element is raced on.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {

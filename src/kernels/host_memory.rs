@@ -111,7 +111,8 @@ unsafe fn allocate(layout: Layout, zeroed: bool) -> *mut u8 {
             return block;
         }
     }
-    // SAFETY: the caller's layout, passed on.
+    // SAFETY: `layout` has a non-zero size (this function's contract), the one requirement of
+    // GlobalAlloc::alloc and alloc_zeroed.
     unsafe {
         if zeroed {
             MiMalloc.alloc_zeroed(layout)
@@ -127,12 +128,13 @@ unsafe fn allocate(layout: Layout, zeroed: bool) -> *mut u8 {
 // mimalloc's for the rest, unchanged.
 unsafe impl GlobalAlloc for HostAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's layout, passed on.
+        // SAFETY: GlobalAlloc::alloc's caller guarantees a non-zero size, `allocate`'s contract.
         unsafe { allocate(layout, false) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's layout, passed on.
+        // SAFETY: GlobalAlloc::alloc_zeroed's caller guarantees a non-zero size, `allocate`'s
+        // contract.
         unsafe { allocate(layout, true) }
     }
 
@@ -140,7 +142,8 @@ unsafe impl GlobalAlloc for HostAllocator {
         if layout.size() > LARGE_BLOCK_OVER_BYTES && large::free(ptr, layout.size()) {
             return;
         }
-        // SAFETY: not the arena's, so mimalloc's block, with the layout it was made with.
+        // SAFETY: `large::free` declined it, so it is not the arena's: a live block mimalloc made,
+        // and GlobalAlloc::dealloc's caller passes the layout it was made with.
         unsafe { MiMalloc.dealloc(ptr, layout) }
     }
 
@@ -153,7 +156,9 @@ unsafe impl GlobalAlloc for HostAllocator {
             return ptr;
         }
         if !in_arena && !is_large(new_layout) {
-            // SAFETY: mimalloc's block, resized by mimalloc as the caller asked.
+            // SAFETY: not in the arena, so a live block of mimalloc's made with `layout`; `new_size`
+            // is non-zero and rounds to a valid Layout with this alignment (checked just above),
+            // as GlobalAlloc::realloc requires.
             return unsafe { MiMalloc.realloc(ptr, layout, new_size) };
         }
         // Moved (to the other owner, or elsewhere in the arena): a new block, the common bytes
@@ -255,13 +260,15 @@ mod large {
                 if self.start != 0 {
                     return self.start != usize::MAX;
                 }
-                // SAFETY: sysconf reads two limits of the machine.
+                // SAFETY: sysconf takes no pointers and only reads two limits of the machine
+                // (-1 on error, clamped to 0).
                 let memory = unsafe {
                     libc::sysconf(libc::_SC_PHYS_PAGES).max(0) as usize
                         * libc::sysconf(libc::_SC_PAGESIZE).max(0) as usize
                 };
                 let bytes = memory.saturating_mul(2).min(MAX_ARENA_BYTES) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
-                // SAFETY: a new private anonymous mapping that nothing else refers to.
+                // SAFETY: a new private anonymous mapping at an address the kernel picks (null
+                // hint, no MAP_FIXED), so it cannot replace memory anything else refers to.
                 let address = unsafe {
                     libc::mmap(
                         std::ptr::null_mut(),
@@ -277,7 +284,9 @@ mod large {
                     return false;
                 }
                 let start = (address as usize).next_multiple_of(HUGE_PAGE_BYTES);
-                // SAFETY: advice on the range just mapped; a hint, failure changes nothing.
+                // SAFETY: start..start + bytes lies inside the mapping just made (start rounds
+                // `address` up by less than the extra HUGE_PAGE_BYTES mapped); MADV_HUGEPAGE
+                // only hints the page size and leaves contents alone, so failure changes nothing.
                 unsafe { libc::madvise(start as *mut _, bytes, libc::MADV_HUGEPAGE) };
                 self.start = start;
                 self.end = start + bytes;
@@ -387,7 +396,8 @@ mod large {
                 return std::ptr::null_mut();
             };
             if zeroed && !fresh {
-                // SAFETY: the block's `length >= size` bytes are this call's alone.
+                // SAFETY: `take` handed this call the range start..start + length, inside the
+                // mapped arena and owned by no other block, and length >= size.
                 unsafe { std::ptr::write_bytes(start as *mut u8, 0, size) };
             }
             start as *mut u8

@@ -1,13 +1,23 @@
-//! The CPU kernels: our f32 implementations of the ops that dominate a Stable Diffusion step,
-//! each run as a candle custom op, and all of the library's `unsafe` code (uninitialised output
-//! buffers, raw-pointer matrix products, outputs shared by parallel tasks), each `unsafe` block
-//! with a `// SAFETY:` comment saying why it holds. The one exception for now is the byte read in
-//! `model::safetensors_reader`.
+//! The crate's one unsafe room: everything below the model that needs `unsafe`, and nothing that
+//! does not. `src/lib.rs` denies `unsafe_code` everywhere else (`#[allow(unsafe_code)]` on this
+//! module alone), and clippy's `undocumented_unsafe_blocks` holds every `unsafe` block and impl
+//! here to a `// SAFETY:` comment saying why it is sound (bounds, initialisation, lifetimes, which
+//! task owns which elements). Three things live here, each because it needs `unsafe`:
+//!
+//! - the CPU kernels: our f32 implementations of the ops that dominate a Stable Diffusion step,
+//!   each a candle custom op, whose `unsafe` is uninitialised output buffers, raw-pointer matrix
+//!   products (the gemm crate) and outputs shared by parallel tasks;
+//! - the host allocator ([`host_memory`]): the `GlobalAlloc` impl and its mmap'd arena;
+//! - the CUDA runtime switches ([`cuda_settings`]): cudarc's unsafe event-tracking switch and raw
+//!   calls into the CUDA driver.
+//!
+//! (CUDA kernels of our own would come here too; there are none yet: on a GPU the model runs
+//! candle's ops.)
 //!
 //! The kernels know nothing of layers: they take tensors (and weights already laid out the way
 //! they read them) and return tensors. The thin layers in [`crate::model`] decide when to call
 //! them (f32 on the CPU) and when to call candle's ops instead, and time each call with
-//! [`profile`]. GPU kernels will go to `kernels/cuda/`.
+//! [`profile`].
 //!
 //! - [`conv`]: 2-D convolution as accumulated per-tap matrix products, no im2col.
 //! - [`linear`]: `x @ W + b`, split over the thread pool.
@@ -16,7 +26,7 @@
 //! - [`attention`]: flash-style multi-head attention.
 //! - [`cpu_math`]: the vectorised exp/erf/softmax the kernels use.
 //! - [`grad`]: the training path's convolution, linear, norms, attention and GELUs, with backward
-//!   passes of our own (candle's were most of a training step).
+//!   passes of our own (candle's were most of a training step), one file per op.
 //! - [`cpu_op`]: their shared plumbing (candle-op wrappers, shared output pointer, transpose).
 //! - [`profile`]: time per kind of op, for `bench --profile`.
 //! - [`cuda_settings`]: process-wide CUDA switches (TF32, event tracking, the memory pool's
