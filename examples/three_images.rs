@@ -24,7 +24,7 @@ fn main() -> Result<()> {
                 ..Request::new(&prompt)
             })
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     for image in engine.generate(&jobs)? {
         let mean = image.rgb.iter().map(|&v| f64::from(v)).sum::<f64>() / image.rgb.len() as f64;
         println!(

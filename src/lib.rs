@@ -2,31 +2,38 @@
 //! Sample Steps are Flawed" (WACV 2024): zero terminal SNR, v-prediction, trailing timesteps and
 //! rescaled classifier-free guidance.
 //!
-//! Data flows one way: front-ends ([`cli`], [`serve`]) -> [`engine`] -> [`pipeline`] -> {[`sampling`],
-//! [`model`]} -> [`kernels`]; [`sampling`] -> [`schedule`] -> [`config`]; [`weights`] feeds
-//! [`model`]; [`output`] writes what the engine returns. `schedule` and `config` never touch
-//! candle; `engine` and `pipeline` write no files.
+//! Data flows one way: front-ends ([`cli`], [`serve`]) -> [`engine`] -> [`pipeline`] ->
+//! {[`sampling`], [`model`]} -> [`kernels`]; [`sampling`] -> [`schedule`]; [`config`] -> [`schedule`]
+//! (a scheduler config resolves into its types); [`weights`] -> {[`model`], [`config`]} (it builds
+//! the networks from their configs); [`output`] writes what the engine returns. `schedule` and
+//! `config` never touch candle; `engine` and `pipeline` write no files; no module imports one
+//! that imports it back (tests/architecture.rs checks all three, and that no file in src/ is
+//! over 800 lines).
 //!
-//! - [`cli`]: the command line, one file per subcommand, shared flag groups in `cli::args`.
+//! - [`cli`]: the command line, one file per subcommand, shared flag groups in `cli::args`,
+//!   prompt files, progress output and luminance statistics.
 //! - [`serve`]: `sdfix serve`, AUTOMATIC1111's HTTP API and a web page in front of one engine
 //!   thread with a bounded queue.
-//! - [`engine`]: a model opened once; requests checked into jobs, batched, made into images in
-//!   memory and handed to an observer; img2img's pictures and masks in pixel space.
+//! - [`engine`]: a model opened once; the one settings type ([`engine::Request`]), its
+//!   all-optional form every other source applies ([`engine::Overrides`]) and the error that
+//!   names a setting ([`engine::RequestError`]); requests checked into jobs, batched by a typed
+//!   key, made into images in memory and handed to an observer; img2img's pictures and masks in
+//!   pixel space.
 //! - [`pipeline`]: one batch: the denoising loop (with a per-step hook and inpainting's blend or
 //!   extra channels) and the decode.
 //! - [`sampling`]: prediction conversions, the samplers (DDIM, Euler, Euler a, DPM++ 2M and its
-//!   SDE), CFG and its rescale, seeded noise.
+//!   SDE, UniPC) and what their steps share, CFG and its rescale, seeded noise.
 //! - [`schedule`]: pure f64: betas, the zero terminal SNR rescale (Algorithm 1), timestep
-//!   spacing (Table 2), the `Schedule` a sampler walks.
+//!   spacing (Table 2), noise-level ramps, the `Schedule` a sampler walks.
 //! - [`config`]: serde mirrors of diffusers' config files.
 //! - [`model`]: the networks (UNet, CLIP, VAE decoder and encoder, tokenizer) and thin layers that pick a kernel.
-//! - [`kernels`]: the CPU kernels and all their unsafe code; per-op profiling.
+//! - [`kernels`]: the crate's only unsafe code: the CPU kernels (inference and gradients), the
+//!   host allocator, the CUDA runtime switches; per-op profiling.
 //! - [`weights`]: model folders and the hub, single-file LDM checkpoints (renames, synthesised
 //!   configs, prediction-type detection, checked pickles), LoRA merged at load, A1111 hashes,
 //!   `convert`, the built-in demo models, the safetensors reader, the one loader.
 //! - [`output`]: PNG names and atomic writes, metadata chunks, the manifest, grids.
-//! - [`prompts`]: prompt files; [`progress`]: what a run prints; [`stats`]: luminance and
-//!   summaries; [`device`]: `--device` and `--dtype`.
+//! - [`device`]: `--device` and `--dtype`.
 //! - [`training`]: `sdfix finetune`, the paper's training half: zero-SNR v-prediction fine-tuning
 //!   through candle's autograd (a front-end beside the engine: it writes checkpoints and models).
 //!
@@ -42,7 +49,7 @@
 //! let jobs = [1, 2, 3]
 //!     .map(|seed| engine.job(Request { seed, steps: 10, ..Request::new("solid black background") }))
 //!     .into_iter()
-//!     .collect::<anyhow::Result<Vec<_>>>()?;
+//!     .collect::<Result<Vec<_>, _>>()?;
 //! for image in engine.generate(&jobs)? {
 //!     assert_eq!(image.rgb.len(), image.width * image.height * 3);
 //!     println!("{}x{} {}", image.width, image.height, image.settings.a1111_parameters());
@@ -51,19 +58,22 @@
 //! # }
 //! ```
 
+// Unsafe code lives in `kernels` alone (allowed on its `mod` line below), each block with a
+// `// SAFETY:` comment that clippy checks.
+#![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;
+#[allow(unsafe_code)]
 pub mod kernels;
 pub mod model;
 pub mod output;
 pub mod pipeline;
-pub mod progress;
-pub mod prompts;
 pub mod sampling;
 pub mod schedule;
 pub mod serve;
-pub mod stats;
 pub mod training;
 pub mod weights;

@@ -20,10 +20,10 @@ use candle_core::{DType, Tensor};
 
 use crate::model::stable_diffusion::StableDiffusion;
 use crate::model::unet::CrossAttentionCache;
-use crate::sampling::ddim::DdimParams;
 use crate::sampling::guidance;
 use crate::sampling::noise::ImageNoise;
-use crate::sampling::sampler::{self, History, Sampler, StepInput, StepOutput};
+use crate::sampling::sampler::{self, Sampler};
+use crate::sampling::step::{MultistepState, StepInput, StepOutput, StepParams};
 use crate::schedule::Schedule;
 
 /// How to sample, resolved and checked.
@@ -32,7 +32,7 @@ pub struct SamplingSettings {
     pub schedule: Schedule,
     pub sampler: Sampler,
     /// The prediction type, and DDIM's eta and x0 clipping (used by `Sampler::Ddim` only).
-    pub ddim: DdimParams,
+    pub step: StepParams,
     /// Classifier-free guidance scale w; at or below 1 the UNet runs on the prompt alone.
     pub guidance: f64,
     /// phi of the CFG rescale (0 = off).
@@ -179,7 +179,7 @@ pub fn denoise(
     let mut latents = latents.to_dtype(DType::F32)?;
     // The context's cross-attention keys and values, made at the first step, reused after.
     let mut cache = CrossAttentionCache::new();
-    let mut history = History::default();
+    let mut history = MultistepState::default();
     for (index, &timestep) in schedule.timesteps.iter().enumerate() {
         let input = latents.to_dtype(model.dtype)?;
         let input = match &inpainting {
@@ -197,7 +197,7 @@ pub fn denoise(
             .to_dtype(DType::F32)?;
         let step_noise = if settings.sampler.is_stochastic() {
             Some(noise.sample_step((c, h, w), latents.device())?)
-        } else if settings.sampler == Sampler::Ddim && settings.ddim.eta > 0.0 {
+        } else if settings.sampler == Sampler::Ddim && settings.step.eta > 0.0 {
             Some(noise.sample((c, h, w), latents.device())?)
         } else {
             None
@@ -227,7 +227,7 @@ pub fn sampler_step(
     index: usize,
     latents: &Tensor,
     unet_output: &Tensor,
-    history: &mut History,
+    history: &mut MultistepState,
     noise: Option<&Tensor>,
 ) -> Result<StepOutput> {
     let guided = if settings.uses_cfg() {
@@ -243,7 +243,7 @@ pub fn sampler_step(
         sample: latents,
         model_output: &guided,
     };
-    Ok(sampler::step(settings.sampler, &input, &settings.ddim, history, noise)?)
+    Ok(sampler::step(settings.sampler, &input, &settings.step, history, noise)?)
 }
 
 /// Decodes final latents to images in [-1, 1], (b, 3, H, W) f32.
@@ -264,7 +264,7 @@ pub fn to_u8(images: &Tensor) -> Result<Tensor> {
 /// One batch end to end: [`denoise`], then [`decode`] to 8-bit RGB buffers, failing with a hint
 /// when either stage produced NaN or infinity. Returns the final latents, f32, and one row-major
 /// RGB buffer per image.
-pub fn run_batch(
+pub fn denoise_and_decode(
     model: &StableDiffusion,
     input: BatchInput,
     noise: &mut ImageNoise,

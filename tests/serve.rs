@@ -179,7 +179,7 @@ fn txt2img_draws_black_with_a1111_info_and_ignores_unknown_fields() {
     assert_eq!(images.len(), 2);
     for (k, image) in images.iter().enumerate() {
         let (rgb, text) = decode_png(image);
-        let luminance = sdfix::stats::mean_luminance(&rgb);
+        let luminance = sdfix::cli::luminance::mean_luminance(&rgb);
         assert!(luminance <= 0.08, "image {k}: luminance {luminance}");
         // The same metadata as `generate` writes, and the infotext A1111 clients read.
         assert_eq!(text["parameters"], info["infotexts"][k].as_str().unwrap());
@@ -530,7 +530,7 @@ fn img2img_and_inpainting_in_a1111_shape() {
     assert_eq!(info["denoising_strength"], 1.0);
     assert_eq!(body["parameters"]["init_images"], Value::Null);
     let (rgb, text) = decode_png(&body["images"][0]);
-    assert!(sdfix::stats::mean_luminance(&rgb) <= 0.08);
+    assert!(sdfix::cli::luminance::mean_luminance(&rgb) <= 0.08);
     assert!(
         text["parameters"].contains("Denoising strength: 1"),
         "{}",

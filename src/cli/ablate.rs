@@ -17,12 +17,12 @@ use serde_json::json;
 use super::args::{
     at_least_one, base_request, DeviceArgs, ModelArgs, PromptArgs, SamplerArgs, SizeArgs, VerbosityArgs,
 };
-use crate::engine::{Engine, Event, GeneratedImage, Observer, Request};
+use super::progress::{Progress, Verbosity};
+use super::prompts;
+use crate::engine::{Engine, Event, GeneratedImage, Observer, Request, Words};
 use crate::output::grid::{self, Cell};
 use crate::output::{manifest, png};
 use crate::pipeline::StepInfo;
-use crate::progress::{Progress, Verbosity};
-use crate::prompts;
 use crate::schedule::TimestepSpacing;
 
 /// A setting an axis varies, with its values as typed.
@@ -378,7 +378,7 @@ pub fn run(args: &AblateArgs) -> Result<()> {
             let made = column
                 .apply(&mut request)
                 .and_then(|()| group.map_or(Ok(()), |g| g.apply(&mut request)))
-                .and_then(|()| engine.job(request));
+                .and_then(|()| engine.job(request).map_err(|e| anyhow::anyhow!(e.render(Words::Flags))));
             match made {
                 Ok(job) => {
                     cell_jobs.push(Ok(jobs.len()));
@@ -440,7 +440,7 @@ fn write_grid(
                     .as_ref()
                     .with_context(|| format!("internal: cell {r},{c} was not made"))?;
                 size = (image.width, image.height);
-                let luminance = crate::stats::mean_luminance(&image.rgb);
+                let luminance = super::luminance::mean_luminance(&image.rgb);
                 let file = relative(path, &args.out_dir);
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
                 records.push(manifest::record(name, r, image)?);

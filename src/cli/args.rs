@@ -8,11 +8,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 
+use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
 use crate::engine::{ModelOptions, Request};
-use crate::progress::Verbosity;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
@@ -60,7 +60,7 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// What the engine opens; the prediction flags of `sampler` (when the command has them) also
-    /// tell a single file's detection that they win ([`crate::weights::detect`]).
+    /// tell a single file's detection that they win ([`crate::weights::single_file::detect`]).
     pub fn resolve(&self, sampler: Option<&SamplerArgs>) -> ModelOptions {
         ModelOptions {
             model: self.model.clone(),
@@ -268,13 +268,13 @@ pub struct Img2ImgArgs {
 /// Reads and decodes an init picture; `name` is how it is recorded.
 pub fn read_init_image(path: &Path) -> Result<Arc<InitImage>> {
     let bytes = std::fs::read(path).with_context(|| format!("--init-image {}: cannot read it", path.display()))?;
-    InitImage::decode(&bytes, &path.display().to_string())
+    InitImage::decode(&bytes, &path.display().to_string()).map_err(|e| anyhow::anyhow!("--init-image {e:#}"))
 }
 
 /// Reads and decodes a mask.
 pub fn read_mask(path: &Path) -> Result<Arc<MaskImage>> {
     let bytes = std::fs::read(path).with_context(|| format!("--mask {}: cannot read it", path.display()))?;
-    MaskImage::decode(&bytes, &path.display().to_string())
+    MaskImage::decode(&bytes, &path.display().to_string()).map_err(|e| anyhow::anyhow!("--mask {e:#}"))
 }
 
 /// The pictures of [`Img2ImgArgs`], read once for every request of a run.

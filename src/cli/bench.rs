@@ -35,9 +35,9 @@ use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::Vae;
 use crate::pipeline::{self, BatchInput, SamplingSettings};
-use crate::sampling::ddim::DdimParams;
 use crate::sampling::noise::ImageNoise;
-use crate::sampling::sampler::{History, Sampler};
+use crate::sampling::sampler::Sampler;
+use crate::sampling::step::{MultistepState, StepParams};
 use crate::sampling::Prediction;
 use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
 
@@ -226,7 +226,7 @@ fn bench_settings(steps: usize) -> Result<SamplingSettings> {
             set_alpha_to_one: false,
         })?,
         sampler: Sampler::Ddim,
-        ddim: DdimParams {
+        step: StepParams {
             prediction: Prediction::VPrediction,
             eta: 0.0,
             clip_sample_range: None,
@@ -350,7 +350,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let mut ddim_ms = time(&device, args.steps, || {
-        pipeline::sampler_step(&settings, 0, &latents, &unet_output, &mut History::default(), None)?;
+        pipeline::sampler_step(
+            &settings,
+            0,
+            &latents,
+            &unet_output,
+            &mut MultistepState::default(),
+            None,
+        )?;
         Ok(())
     })?;
 

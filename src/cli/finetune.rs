@@ -1,5 +1,5 @@
 //! `sdfix finetune`: fine-tune a model onto the zero-SNR schedule with the v-prediction loss
-//! (Lin et al. 2023, Sections 3.1-3.2); the loop is [`crate::training`]. Flags -> spec, a
+//! (Lin et al. 2024, Sections 3.1-3.2); the loop is [`crate::training`]. Flags -> spec, a
 //! progress bar (step, running loss, it/s, ETA) and Ctrl-C -> a checkpoint.
 
 use std::io::IsTerminal;
@@ -14,8 +14,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::args::{at_least_one, DeviceArgs, VerbosityArgs};
+use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
-use crate::progress::Verbosity;
 use crate::training::adamw::AdamWConfig;
 use crate::training::data::DataSource;
 use crate::training::{FinetuneSpec, Outcome, TrainEvent, Trainer};

@@ -15,17 +15,19 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 
 use super::args::{
-    at_least_one, base_request, read_init_image, read_mask, DeviceArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs,
-    PromptArgs, SamplerArgs, SizeArgs, VerbosityArgs,
+    at_least_one, base_request, DeviceArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs, PromptArgs, SamplerArgs,
+    ScheduleFlags, SizeArgs, VerbosityArgs,
 };
+use super::progress::{Progress, Verbosity};
+use super::prompts::{self, LineError, PromptEntry};
 use crate::device::{self, DeviceChoice};
+use crate::engine::init_image::{self, InitImage, MaskImage};
+use crate::engine::overrides::InputReader;
 use crate::engine::request::check_latents;
-use crate::engine::{Engine, GeneratedImage, ImageSettings, Job, Observer, Request};
+use crate::engine::{Engine, GeneratedImage, ImageRecord, Job, Observer, Overrides, Request, RequestError, Words};
 use crate::output::metadata;
 use crate::output::{manifest, png};
 use crate::pipeline::StepInfo;
-use crate::progress::{Progress, Verbosity};
-use crate::prompts::{self, LineError, LineOverrides, PromptEntry};
 use crate::weights::demo::DEMO_MODELS;
 use crate::weights::lora::{LoraSpec, Loras};
 
@@ -119,128 +121,223 @@ fn read_latents(path: &Path, channels: usize) -> Result<Tensor> {
     check_latents(latents, channels, &what)
 }
 
+/// Reads the pictures and LoRA sets that overrides name (paths relative to `folder`), each
+/// once. For `--from-image`, each picture must have the SHA-256 its PNG recorded.
+struct FileInputs<'a> {
+    folder: PathBuf,
+    engine: &'a Engine,
+    /// `--from-image`: the PNG, and the SHA-256 of each picture it was made from, by name.
+    recorded: Option<(&'a Path, HashMap<String, String>)>,
+    images: HashMap<PathBuf, Result<Arc<InitImage>, String>>,
+    masks: HashMap<PathBuf, Result<Arc<MaskImage>, String>>,
+    loras: HashMap<Vec<String>, Result<Arc<Loras>, String>>,
+}
+
+impl<'a> FileInputs<'a> {
+    fn new(folder: PathBuf, engine: &'a Engine) -> Self {
+        Self {
+            folder,
+            engine,
+            recorded: None,
+            images: HashMap::new(),
+            masks: HashMap::new(),
+            loras: HashMap::new(),
+        }
+    }
+
+    /// The bytes of picture `name` (relative to the folder), checked against the PNG's record for `--from-image`.
+    fn read(&self, name: &str) -> Result<(PathBuf, Vec<u8>)> {
+        let path = self.folder.join(name);
+        let bytes = std::fs::read(&path);
+        if let Some((png, hashes)) = &self.recorded {
+            let bytes = bytes.with_context(|| {
+                format!(
+                    "{name}: {} was made from it, but it cannot be read from here; run from the folder it was \
+                     made in, or put the picture back at that path",
+                    png.display()
+                )
+            })?;
+            ensure!(
+                hashes.get(name).is_some_and(|h| *h == init_image::sha256_hex(&bytes)),
+                "{name} is not the picture {} was made from (its SHA-256 differs)",
+                png.display()
+            );
+            return Ok((path, bytes));
+        }
+        let bytes = bytes.with_context(|| format!("{}: cannot read it", path.display()))?;
+        Ok((path, bytes))
+    }
+}
+
+impl InputReader for FileInputs<'_> {
+    fn init_image(&mut self, reference: &str) -> Result<Arc<InitImage>> {
+        let key = self.folder.join(reference);
+        if !self.images.contains_key(&key) {
+            let read = self
+                .read(reference)
+                .and_then(|(path, bytes)| InitImage::decode(&bytes, &path.display().to_string()));
+            self.images.insert(key.clone(), read.map_err(|e| format!("{e:#}")));
+        }
+        self.images[&key].clone().map_err(anyhow::Error::msg)
+    }
+
+    fn mask(&mut self, reference: &str) -> Result<Arc<MaskImage>> {
+        let key = self.folder.join(reference);
+        if !self.masks.contains_key(&key) {
+            let read = self
+                .read(reference)
+                .and_then(|(path, bytes)| MaskImage::decode(&bytes, &path.display().to_string()));
+            self.masks.insert(key.clone(), read.map_err(|e| format!("{e:#}")));
+        }
+        self.masks[&key].clone().map_err(anyhow::Error::msg)
+    }
+
+    fn loras(&mut self, list: &[String]) -> Result<Arc<Loras>> {
+        if !self.loras.contains_key(list) {
+            let specs = list
+                .iter()
+                .map(|item| {
+                    let spec: LoraSpec = item.parse().map_err(anyhow::Error::msg)?;
+                    Ok(LoraSpec {
+                        path: self.folder.join(&spec.path),
+                        ..spec
+                    })
+                })
+                .collect::<Result<Vec<_>>>();
+            let opened = specs.and_then(|specs| self.engine.open_loras(&specs));
+            self.loras.insert(list.to_vec(), opened.map_err(|e| format!("{e:#}")));
+        }
+        self.loras[list].clone().map_err(anyhow::Error::msg)
+    }
+}
+
 /// One request of the run, with the prompt-file line it came from (0 for `--prompt`).
 struct LineRequest {
     line: usize,
     request: Request,
+    /// The keys the line gave (all of them for `--from-image`), to word its errors.
+    keys: Vec<String>,
 }
 
-/// The requests of a run, in order, with the lines that could not become one.
-fn requests(
-    args: &GenerateArgs,
-    engine: &Engine,
-    base_seed: u64,
-    pictures: &Img2ImgInputs,
-) -> Result<(String, Vec<Result<LineRequest, LineError>>)> {
-    // Prompt-file pictures and LoRAs are relative to the prompt file, each read once.
-    let folder = args
-        .prompts
-        .prompts
-        .as_deref()
-        .filter(|p| *p != Path::new("-"))
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let mut read_images: HashMap<PathBuf, Result<Img2ImgInputs, String>> = HashMap::new();
-    let mut line_pictures = |entry: &PromptEntry| -> Result<Img2ImgInputs, String> {
-        let o = &entry.overrides;
-        let mut inputs = pictures.clone();
-        for (key, value) in [("init_image", &o.init_image), ("mask", &o.mask)] {
-            let Some(value) = value else { continue };
-            let path = folder.join(value);
-            let read = read_images
-                .entry(path.clone())
-                .or_insert_with(|| {
-                    let mut one = Img2ImgInputs::default();
-                    let result = if key == "mask" {
-                        read_mask(&path).map(|m| one.mask = Some(m))
-                    } else {
-                        read_init_image(&path).map(|i| one.init_image = Some(i))
-                    };
-                    result.map(|()| one).map_err(|e| format!("\"{key}\": {e:#}"))
-                })
-                .clone()?;
-            if key == "mask" {
-                inputs.mask = read.mask;
-            } else {
-                inputs.init_image = read.init_image;
+/// A request error in the words of where the setting came from: the line's key when the
+/// prompt-file line (or the PNG of `--from-image`) gave it, the flag otherwise.
+fn describe(err: &RequestError, entry_keys: &[String], from_file: bool) -> String {
+    if from_file && entry_keys.iter().any(|k| k == err.field.key()) {
+        err.render(Words::Keys)
+    } else {
+        err.render(Words::Flags)
+    }
+}
+
+/// What `--from-image` takes from a PNG made by sdfix: its recorded settings as overrides of
+/// the command line (so a flag given now, e.g. `--steps`, is replaced by the recorded value),
+/// and the model, device and dtype it was made with.
+struct FromImage {
+    png: PathBuf,
+    overrides: Overrides,
+    record: ImageRecord,
+}
+
+impl FromImage {
+    fn read(png_path: &Path, args: &GenerateArgs) -> Result<Self> {
+        let label = png_path.display();
+        let text = png::read_png_text(png_path)?;
+        let json = text
+            .get(metadata::SETTINGS_CHUNK)
+            .with_context(|| format!("--from-image {label}: no sdfix settings in this PNG"))?;
+        let record: ImageRecord =
+            serde_json::from_str(json).with_context(|| format!("--from-image {label}: unreadable sdfix settings"))?;
+        ensure!(
+            !record.from_latents_file,
+            "--from-image {label}: the image started from a --latents file; rerun it with that file"
+        );
+        if !record.loras.is_empty() && args.model.lora.is_empty() {
+            let names: Vec<&str> = record.loras.iter().map(|l| l.name.as_str()).collect();
+            bail!(
+                "--from-image {label}: it was made with LoRA {}; pass them again with --lora FILE:WEIGHT",
+                names.join(", ")
+            );
+        }
+        let overrides = Overrides::from_record(&record)
+            .map_err(|e| anyhow::anyhow!("--from-image {label}: {}", e.render(Words::Keys)))?;
+        if let Some(img2img) = &record.img2img {
+            eprintln!(
+                "re-running img2img from {} (the same picture: SHA-256 checked)",
+                img2img.init_image
+            );
+        }
+        Ok(Self {
+            png: png_path.to_path_buf(),
+            overrides,
+            record,
+        })
+    }
+
+    /// The SHA-256 of each picture the image was made from, by recorded name.
+    fn picture_hashes(&self) -> HashMap<String, String> {
+        let mut hashes = HashMap::new();
+        if let Some(img2img) = &self.record.img2img {
+            hashes.insert(img2img.init_image.clone(), img2img.init_image_sha256.clone());
+            if let (Some(name), Some(sha)) = (&img2img.mask, &img2img.mask_sha256) {
+                hashes.insert(name.clone(), sha.clone());
             }
         }
-        Ok(inputs)
-    };
-    // A line's `loras` replace --lora's set; each distinct list is read and checked once.
-    let mut read_sets: HashMap<Vec<String>, Result<Arc<Loras>, String>> = HashMap::new();
-    let mut line_loras = |entry: &PromptEntry| -> Result<Option<Arc<Loras>>, String> {
-        let Some(list) = &entry.overrides.loras else {
-            return Ok(None);
-        };
-        read_sets
-            .entry(list.clone())
-            .or_insert_with(|| {
-                let specs = list
-                    .iter()
-                    .map(|item| {
-                        let spec: LoraSpec = item.parse()?;
-                        Ok(LoraSpec {
-                            path: folder.join(&spec.path),
-                            ..spec
-                        })
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
-                engine.open_loras(&specs).map_err(|e| format!("{e:#}"))
-            })
-            .clone()
-            .map(Some)
-            .map_err(|e| format!("\"loras\": {e}"))
-    };
-    let mut base = |entry: &PromptEntry| -> Result<LineRequest, LineError> {
-        let o: &LineOverrides = &entry.overrides;
-        let mut defaults = base_request(&entry.prompt, &args.prompts, &args.sampler, &args.size);
-        let line_error = |message| LineError {
-            line: entry.line,
-            index: entry.index,
-            message,
-        };
-        let inputs = line_pictures(entry).map_err(line_error)?;
-        let loras = line_loras(entry).map_err(line_error)?;
-        args.img2img.apply(&inputs, &mut defaults);
-        let request = Request {
-            strength: o.strength.or(defaults.strength),
-            negative_prompt: o.negative_prompt.clone().unwrap_or(defaults.negative_prompt.clone()),
-            seed: o.seed.or(args.seed).unwrap_or(base_seed),
-            steps: o.steps.unwrap_or(defaults.steps),
-            guidance: o.guidance.unwrap_or(defaults.guidance),
-            guidance_rescale: o.guidance_rescale.unwrap_or(defaults.guidance_rescale),
-            spacing: o.spacing.unwrap_or(defaults.spacing),
-            zero_snr: o.zero_snr.or(defaults.zero_snr),
-            sampler: o.sampler.unwrap_or(defaults.sampler),
-            width: o.width.or(defaults.width),
-            height: o.height.or(defaults.height),
-            num_images: o.num_images.or(args.num_images),
-            loras,
-            ..defaults
-        };
-        let request = if args.baseline {
-            request.into_baseline()
-        } else {
-            request
-        };
-        Ok(LineRequest {
-            line: entry.line,
-            request,
+        hashes
+    }
+
+    /// The model the image was made with, keeping the other model flags (`--lora`, `--config`).
+    fn model(&self, args: &ModelArgs) -> ModelArgs {
+        ModelArgs {
+            model: self.record.model.clone(),
+            revision: self.record.revision.clone(),
+            ..args.clone()
+        }
+    }
+
+    /// Its device and dtype, unless `--device` or `--dtype` says otherwise.
+    fn device(&self, args: &DeviceArgs) -> Result<DeviceArgs> {
+        Ok(DeviceArgs {
+            device: match args.device {
+                Some(d) => Some(d),
+                None => Some(self.record.device.parse::<DeviceChoice>().map_err(anyhow::Error::msg)?),
+            },
+            dtype: match args.dtype {
+                Some(d) => Some(d),
+                None => Some(device::parse_dtype(&self.record.dtype).map_err(anyhow::Error::msg)?),
+            },
         })
-    };
-    let (label, entries) = match (&args.prompts.prompt, &args.prompts.prompts) {
-        (Some(prompt), _) => {
+    }
+}
+
+/// The run's prompt entries: `--prompt`, the PNG of `--from-image`, or every line of
+/// `--prompts` (shard taken), with the label errors are reported under.
+fn entries(
+    args: &GenerateArgs,
+    from_image: Option<&FromImage>,
+) -> Result<(String, Vec<Result<PromptEntry, LineError>>)> {
+    let (label, entries) = match (&args.prompts.prompt, &args.prompts.prompts, from_image) {
+        (_, _, Some(from)) => {
+            let keys = crate::engine::Field::ALL.iter().map(|f| f.key().to_string()).collect();
+            let entry = PromptEntry {
+                line: 0,
+                index: 0,
+                prompt: from.record.prompt.clone(),
+                overrides: from.overrides.clone(),
+                keys,
+            };
+            (format!("--from-image {}", from.png.display()), vec![Ok(entry)])
+        }
+        (Some(prompt), _, None) => {
             let entry = PromptEntry {
                 line: 0,
                 index: 0,
                 prompt: prompt.clone(),
-                overrides: LineOverrides::default(),
+                overrides: Overrides::default(),
+                keys: Vec::new(),
             };
             ("--prompt".to_string(), vec![Ok(entry)])
         }
-        (None, Some(path)) => {
+        (None, Some(path), None) => {
             let (label, entries) = prompts::read_prompt_file(path)?;
             // A file with nothing to draw is a mistake, not a run that made nothing; a shard
             // that gets no entries of a non-empty file is fine (checked before sharding).
@@ -250,13 +347,13 @@ fn requests(
             );
             (label, entries)
         }
-        (None, None) => bail!("give --prompt, --prompts or --from-image"),
+        (None, None, None) => bail!("give --prompt, --prompts or --from-image"),
     };
     let shard = match args.shard {
         Some(shard) => shard.resolve(args.shard_count)?,
         None => Shard::ALL,
     };
-    let requests = entries
+    let entries = entries
         .into_iter()
         .filter(|entry| {
             let index = match entry {
@@ -265,146 +362,29 @@ fn requests(
             };
             shard.takes(index)
         })
-        .map(|entry| entry.and_then(|e| base(&e)))
         .collect();
-    Ok((label, requests))
+    Ok((label, entries))
 }
 
-/// The arguments recorded in a PNG made by sdfix, for --from-image.
-fn args_from_image(args: &GenerateArgs, image: &Path) -> Result<GenerateArgs> {
-    let text = png::read_png_text(image)?;
-    let json = text
-        .get(metadata::SETTINGS_CHUNK)
-        .with_context(|| format!("--from-image {}: no sdfix settings in this PNG", image.display()))?;
-    let s: ImageSettings = serde_json::from_str(json)
-        .with_context(|| format!("--from-image {}: unreadable sdfix settings", image.display()))?;
-    ensure!(
-        !s.from_latents_file,
-        "--from-image {}: the image started from a --latents file; rerun it with that file",
-        image.display()
-    );
-    let mut sampler = args.sampler.clone();
-    sampler.schedule.steps = s.steps;
-    sampler.schedule.spacing = Some(s.spacing.parse().map_err(anyhow::Error::msg)?);
-    sampler.schedule.zero_snr = s.zero_snr;
-    sampler.schedule.no_zero_snr = !s.zero_snr;
-    sampler.schedule.steps_offset = Some(s.scheduler.steps_offset);
-    sampler.guidance = s.guidance;
-    sampler.guidance_rescale = s.guidance_rescale;
-    sampler.prediction = Some(s.prediction.parse().map_err(anyhow::Error::msg)?);
-    sampler.eta = s.eta;
-    sampler.sampler = s
-        .sampler
-        .parse()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("--from-image {}", image.display()))?;
-    sampler.terminal_alpha_bar = s
-        .terminal_alpha_bar
-        .parse()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("--from-image {}", image.display()))?;
-    sampler.sigmas = s
-        .sigmas
-        .parse()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("--from-image {}", image.display()))?;
-    if !s.loras.is_empty() && args.model.lora.is_empty() {
-        let names: Vec<&str> = s.loras.iter().map(|l| l.name.as_str()).collect();
-        bail!(
-            "--from-image {}: it was made with LoRA {}; pass them again with --lora FILE:WEIGHT",
-            image.display(),
-            names.join(", ")
-        );
-    }
-    let img2img = match &s.img2img {
-        None => Img2ImgArgs {
-            init_image: None,
-            strength: None,
-            resize: Default::default(),
-            mask: None,
-            mask_blur: None,
-            no_paste_back: false,
-            vae_encode: Default::default(),
-        },
-        Some(record) => {
-            let found = |flag: &str, name: &str, sha256: &str| -> Result<PathBuf> {
-                let path = PathBuf::from(name);
-                let bytes = std::fs::read(&path).with_context(|| {
-                    format!(
-                        "--from-image {}: it was made from {flag} {name}, which cannot be read from here; \
-                         run from the folder it was made in, or put the picture back at that path",
-                        image.display()
-                    )
-                })?;
-                ensure!(
-                    crate::engine::init_image::sha256_hex(&bytes) == sha256,
-                    "--from-image {}: {flag} {name} is not the picture it was made from (its SHA-256 differs)",
-                    image.display()
-                );
-                Ok(path)
-            };
-            let mask = match (&record.mask, &record.mask_sha256) {
-                (Some(name), Some(sha256)) => Some(found("--mask", name, sha256)?),
-                _ => None,
-            };
-            Img2ImgArgs {
-                init_image: Some(found("--init-image", &record.init_image, &record.init_image_sha256)?),
-                strength: Some(record.strength),
-                resize: record.resize.parse().map_err(anyhow::Error::msg)?,
-                mask,
-                mask_blur: record.mask_blur,
-                no_paste_back: !record.paste_back,
-                vae_encode: record.vae_encode.parse().map_err(anyhow::Error::msg)?,
-            }
-        }
+/// The request of `entry`: the command line's settings, then the entry's overrides on top.
+fn entry_request(
+    args: &GenerateArgs,
+    entry: &PromptEntry,
+    base_seed: u64,
+    pictures: &Img2ImgInputs,
+    inputs: &mut FileInputs,
+) -> Result<Request, RequestError> {
+    let mut request = Request {
+        seed: args.seed.unwrap_or(base_seed),
+        num_images: args.num_images,
+        ..base_request(&entry.prompt, &args.prompts, &args.sampler, &args.size)
     };
-    if img2img.init_image.is_some() {
-        eprintln!(
-            "re-running img2img from {} (the same picture: SHA-256 checked)",
-            s.img2img.as_ref().map_or("", |r| r.init_image.as_str())
-        );
+    args.img2img.apply(pictures, &mut request);
+    if args.baseline {
+        request = request.into_baseline();
     }
-    Ok(GenerateArgs {
-        img2img,
-        model: ModelArgs {
-            model: s.model,
-            revision: s.revision,
-            ..args.model.clone()
-        },
-        prompts: PromptArgs {
-            prompt: Some(s.prompt),
-            prompts: None,
-            negative_prompt: s.negative_prompt,
-        },
-        from_image: None,
-        sampler,
-        seed: Some(s.seed),
-        num_images: Some(1),
-        batch_size: 1,
-        size: SizeArgs {
-            width: Some(s.width),
-            height: Some(s.height),
-        },
-        latents: None,
-        save_latents: args.save_latents,
-        out_dir: args.out_dir.clone(),
-        overwrite: args.overwrite,
-        skip_existing: args.skip_existing,
-        shard: None,
-        shard_count: None,
-        device: DeviceArgs {
-            device: args
-                .device
-                .device
-                .or(Some(s.device.parse::<DeviceChoice>().map_err(anyhow::Error::msg)?)),
-            dtype: args
-                .device
-                .dtype
-                .or(Some(device::parse_dtype(&s.dtype).map_err(anyhow::Error::msg)?)),
-        },
-        baseline: false,
-        verbosity: args.verbosity.clone(),
-    })
+    entry.overrides.apply(&mut request, inputs)?;
+    Ok(request)
 }
 
 /// Writes each image as it arrives: the PNG, its latents when asked, its manifest line.
@@ -449,24 +429,42 @@ impl Observer for Writer<'_> {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let owned;
-    let args = match &args.from_image {
-        Some(image) => {
-            owned = args_from_image(args, image)?;
-            &owned
-        }
-        None => args,
+    let from_image = args
+        .from_image
+        .as_deref()
+        .map(|png| FromImage::read(png, args))
+        .transpose()?;
+    let model_args = match &from_image {
+        Some(from) => from.model(&args.model),
+        None => args.model.clone(),
+    };
+    let device_args = match &from_image {
+        Some(from) => from.device(&args.device)?,
+        None => args.device.clone(),
     };
     let verbosity = args.verbosity.resolve();
-    let model_arg = args.model.model.as_str();
+    let model_arg = model_args.model.as_str();
     if DEMO_MODELS.contains(&model_arg) && verbosity != Verbosity::Quiet {
         eprintln!(
             "note: using the built-in 32x32 {model_arg} model; for real images pass --model \
              ByteDance/sd2.1-base-zsnr-laionaes5 (or another SD 2.x repo or folder)"
         );
     }
-    let (device, dtype) = args.device.resolve()?;
-    let mut engine = Engine::open_with(&args.model.resolve(Some(&args.sampler)), &device, dtype)?;
+    let (device, dtype) = device_args.resolve()?;
+    // A PNG's recorded prediction and zero SNR settle a single file's detection as flags would.
+    let sampler_args = match &from_image {
+        Some(from) => SamplerArgs {
+            prediction: from.overrides.prediction,
+            schedule: ScheduleFlags {
+                zero_snr: from.record.zero_snr,
+                no_zero_snr: !from.record.zero_snr,
+                ..args.sampler.schedule.clone()
+            },
+            ..args.sampler.clone()
+        },
+        None => args.sampler.clone(),
+    };
+    let mut engine = Engine::open_with(&model_args.resolve(Some(&sampler_args)), &device, dtype)?;
     if verbosity != Verbosity::Quiet {
         for note in engine.notes() {
             eprintln!("{note}");
@@ -488,23 +486,57 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let base_seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
     let pictures = args.img2img.read()?;
-    let (source, requests) = requests(args, &engine, base_seed, &pictures)?;
+    let (source, entries) = entries(args, from_image.as_ref())?;
+    // Prompt-file pictures and LoRAs are relative to the prompt file; --from-image's to here.
+    let folder = args
+        .prompts
+        .prompts
+        .as_deref()
+        .filter(|p| *p != Path::new("-") && from_image.is_none())
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut inputs = FileInputs::new(folder, &engine);
+    inputs.recorded = from_image
+        .as_ref()
+        .map(|from| (from.png.as_path(), from.picture_hashes()));
     let mut failed: Vec<String> = Vec::new();
+    let mut requests: Vec<LineRequest> = Vec::new();
+    let single = args.prompts.prompt.is_some() || from_image.is_some();
+    let from_file = args.prompts.prompts.is_some() || from_image.is_some();
+    let mut fail = |line: usize, message: String| -> Result<()> {
+        // A single --prompt has no other lines to go on with.
+        if single {
+            match &from_image {
+                Some(_) => bail!("{source}: {message}"),
+                None => bail!("{message}"),
+            }
+        }
+        eprintln!("error: {source}:{line}: {message}");
+        failed.push(format!("{source}:{line}"));
+        Ok(())
+    };
+    for entry in entries {
+        match entry {
+            Err(e) => fail(e.line, e.message)?,
+            Ok(entry) => match entry_request(args, &entry, base_seed, &pictures, &mut inputs) {
+                Ok(request) => requests.push(LineRequest {
+                    line: entry.line,
+                    request: Request {
+                        latents: initial_latents.clone(),
+                        ..request
+                    },
+                    keys: entry.keys,
+                }),
+                Err(err) => fail(entry.line, describe(&err, &entry.keys, from_file))?,
+            },
+        }
+    }
+    drop(inputs);
     let mut jobs: Vec<Job> = Vec::new();
     let mut lines: Vec<usize> = Vec::new();
-    let single = args.prompts.prompt.is_some();
-    for request in requests {
-        let line = match &request {
-            Ok(r) => r.line,
-            Err(e) => e.line,
-        };
-        let job = request.map_err(|e| anyhow::anyhow!(e.message)).and_then(|r| {
-            engine.job(Request {
-                latents: initial_latents.clone(),
-                ..r.request
-            })
-        });
-        match job {
+    for LineRequest { line, request, keys } in requests {
+        match engine.job(request) {
             Ok(job) => {
                 for warning in &job.warnings {
                     eprintln!("{warning}");
@@ -512,12 +544,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 jobs.push(job);
                 lines.push(line);
             }
-            // A single --prompt has no other lines to go on with.
-            Err(err) if single => return Err(err),
-            Err(err) => {
-                eprintln!("error: {source}:{line}: {err:#}");
-                failed.push(format!("{source}:{line}"));
-            }
+            Err(err) => fail(line, describe(&err, &keys, from_file))?,
         }
     }
 

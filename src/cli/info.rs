@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::output::metadata::{ImageSettings, PARAMETERS_CHUNK, SETTINGS_CHUNK};
+use crate::output::metadata::{ImageRecord, PARAMETERS_CHUNK, SETTINGS_CHUNK};
 use crate::output::png::read_png_text;
 
 #[derive(Debug, Args)]
@@ -27,7 +27,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         let settings = text.get(SETTINGS_CHUNK);
         if args.json {
             let json = settings.with_context(|| format!("{}: no sdfix settings chunk", path.display()))?;
-            let parsed: ImageSettings =
+            let parsed: ImageRecord =
                 serde_json::from_str(json).with_context(|| format!("{}: unreadable sdfix settings", path.display()))?;
             writeln!(out, "{}", serde_json::to_string(&parsed)?)?;
             continue;

@@ -21,8 +21,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::args::at_least_one;
+use super::prompts;
 use crate::output::{manifest, png};
-use crate::prompts;
 
 #[derive(Debug, Args)]
 pub struct ManifestArgs {

@@ -1,12 +1,13 @@
 //! Prompt files for batch runs.
 //!
 //! - `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
-//! - `.jsonl`: one JSON object per line with `prompt` (required) and any of `negative_prompt`,
-//!   `seed`, `steps`, `guidance`, `guidance_rescale`, `spacing`, `zero_snr`, `sampler`, `width`,
-//!   `height`, `num_images`, `init_image`, `strength`, `mask`, `loras`, overriding the command line
-//!   for that line (`init_image`, `mask` and the files of `loras` are paths relative to the prompt
-//!   file; `loras` is a list of `FILE[:WEIGHT]` as `--lora` takes, replacing the `--lora` set, `[]`
-//!   for none). Blank and `#` lines are skipped too.
+//! - `.jsonl`: one JSON object per line with `prompt` (required) and any setting of a request by
+//!   its key ([`Overrides`]: `negative_prompt`, `seed`, `steps`, `guidance`, `sampler`, `width`,
+//!   `init_image`, `strength`, `mask`, `loras`, ...), overriding the command line for that line
+//!   (`init_image`, `mask` and the files of `loras` are paths relative to the prompt file;
+//!   `loras` is a list of `FILE[:WEIGHT]` as `--lora` takes, replacing the `--lora` set, `[]`
+//!   for none). A key that is no setting is an error for that line. Blank and `#` lines are
+//!   skipped too.
 //! - `-`: standard input, as `.txt` unless its first entry starts with `{`.
 //!
 //! A bad line is an error for that line only (with its file:line), so a run can go on with the
@@ -16,79 +17,8 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
 
-use crate::sampling::Sampler;
-use crate::schedule::TimestepSpacing;
-
-/// What one line may override; `None` keeps the command line's value.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LineOverrides {
-    pub negative_prompt: Option<String>,
-    pub seed: Option<u64>,
-    pub steps: Option<usize>,
-    pub guidance: Option<f64>,
-    pub guidance_rescale: Option<f64>,
-    #[serde(default, deserialize_with = "parsed")]
-    pub spacing: Option<TimestepSpacing>,
-    pub zero_snr: Option<bool>,
-    #[serde(default, deserialize_with = "parsed")]
-    pub sampler: Option<Sampler>,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub num_images: Option<usize>,
-    /// img2img's picture, relative to the prompt file.
-    pub init_image: Option<String>,
-    pub strength: Option<f64>,
-    /// Inpainting's mask, relative to the prompt file.
-    pub mask: Option<String>,
-    /// `FILE[:WEIGHT]` entries as `--lora` takes them, files relative to the prompt file: the
-    /// line's LoRA set, instead of `--lora`'s (`[]`: none). Parsed by the front-end, which names
-    /// the key in its errors.
-    #[serde(default, deserialize_with = "lora_list")]
-    pub loras: Option<Vec<String>>,
-}
-
-/// `loras`: a list of strings, or an error that names the key (serde's own would not).
-fn lora_list<'de, D>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    let Some(value) = Option::<serde_json::Value>::deserialize(d)? else {
-        return Ok(None);
-    };
-    let items = value.as_array().and_then(|items| {
-        items
-            .iter()
-            .map(|item| item.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-    });
-    items.map(Some).ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "\"loras\": expected a list of \"FILE[:WEIGHT]\" strings, as [\"style.safetensors:0.8\"], not {value}"
-        ))
-    })
-}
-
-/// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
-fn parsed<'de, D, T>(d: D) -> std::result::Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
-{
-    Option::<String>::deserialize(d)?
-        .map(|s| s.parse().map_err(serde::de::Error::custom))
-        .transpose()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonLine {
-    prompt: String,
-    #[serde(flatten)]
-    overrides: LineOverrides,
-}
+use crate::engine::Overrides;
 
 /// One prompt of a file.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +28,10 @@ pub struct PromptEntry {
     /// Position among the file's entries, from 0 (what `--shard` divides).
     pub index: usize,
     pub prompt: String,
-    pub overrides: LineOverrides,
+    /// The line's settings (its `prompt` included).
+    pub overrides: Overrides,
+    /// The keys the line gave: its errors name these by key, the others by flag.
+    pub keys: Vec<String>,
 }
 
 /// A line that could not be used, with its place in the file.
@@ -157,32 +90,48 @@ fn parse(text: &str, format: Format) -> Vec<Result<PromptEntry, LineError>> {
         }
         let (line, index) = (number + 1, entries.len());
         let parsed = match format {
-            Format::Text => Ok((trimmed.to_string(), LineOverrides::default())),
-            Format::Jsonl => serde_json::from_str::<JsonLine>(trimmed)
-                .map(|j| (j.prompt, j.overrides))
-                .map_err(|e| e.to_string()),
+            Format::Text => Ok((Overrides::default(), Vec::new())),
+            Format::Jsonl => parse_json_line(trimmed),
         };
-        entries.push(match parsed {
-            Ok((prompt, _)) if prompt.trim().is_empty() => Err(LineError {
-                line,
-                index,
-                message: "empty prompt".into(),
-            }),
-            Ok((prompt, overrides)) => Ok(PromptEntry {
+        let entry = parsed.and_then(|(overrides, keys)| {
+            let prompt = match format {
+                Format::Text => trimmed.to_string(),
+                Format::Jsonl => overrides.prompt.clone().unwrap_or_default(),
+            };
+            if prompt.trim().is_empty() {
+                return Err("empty prompt".to_string());
+            }
+            Ok(PromptEntry {
                 line,
                 index,
                 prompt,
                 overrides,
-            }),
-            Err(message) => Err(LineError { line, index, message }),
+                keys,
+            })
         });
+        entries.push(entry.map_err(|message| LineError { line, index, message }));
     }
     entries
+}
+
+/// A `.jsonl` line: an object with a string `prompt` and settings by key.
+fn parse_json_line(line: &str) -> Result<(Overrides, Vec<String>), String> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let keys: Vec<String> = match value.as_object() {
+        Some(object) => object.keys().cloned().collect(),
+        None => return Err("expected a JSON object with \"prompt\"".to_string()),
+    };
+    if !value.get("prompt").is_some_and(serde_json::Value::is_string) {
+        return Err("\"prompt\": missing; every line needs one (a string)".to_string());
+    }
+    Ok((Overrides::parse_object(value, true)?, keys))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::Sampler;
+    use crate::schedule::TimestepSpacing;
 
     #[test]
     fn text_skips_blanks_and_comments() {

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::stats::{correlation, mean_luminance, summarize};
+use super::luminance::{correlation, mean_luminance, summarize};
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {

@@ -6,8 +6,10 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 
-use super::request::Job;
+use super::init_image::VaeEncodeMode;
+use super::request::{BatchMode, Job};
 use crate::model::stable_diffusion::TextEncoder;
+use crate::sampling::{Prediction, Sampler};
 
 /// Runs with at most this many distinct texts (prompts and negative prompts) encode them all
 /// first and free the text encoder before the UNet loads: its weights (1.4 GB in f32 for SD 2.x)
@@ -23,26 +25,65 @@ pub struct Item {
     pub image: usize,
 }
 
-/// Images that can share a UNet batch: same sampler, noise schedule (zero SNR and its terminal
-/// alpha_bar), timesteps and noise levels (`--sigmas`), guidance, eta, prediction and size, and the same source of initial
-/// latents (seeded noise or the request's own). Public so that a server can gather queued
-/// requests that will share batches into one run.
-pub fn batch_key(job: &Job) -> String {
-    let s = &job.settings;
-    format!(
-        "{}|{:?}|{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}",
-        s.sampler,
-        s.schedule.continuous,
-        job.zero_snr,
-        s.schedule.noise.alphas_cumprod.last(),
-        s.schedule.timesteps,
-        s.guidance,
-        s.guidance_rescale,
-        s.ddim.eta,
-        s.ddim.prediction,
-        job.latent_shape,
-        job.request.latents.is_some()
-    )
+/// What images must agree on to share a UNet batch: everything the batch's numbers depend on
+/// beyond each image's own seed, prompt, picture and mask. Built from the one settings type
+/// ([`BatchKey::of`]); a new setting that changes the numbers belongs here, and the compiler
+/// points at the one place that builds it. Floats are kept as their bits (two settings batch
+/// together only when exactly equal). Public so that a server gathers queued requests that will
+/// share batches into one run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    mode: BatchMode,
+    sampler: Sampler,
+    prediction: Prediction,
+    eta: u64,
+    clip_sample_range: Option<u64>,
+    guidance: u64,
+    guidance_rescale: u64,
+    /// Per step: the timestep, alpha_bar and the model's (fractional) timestep; then where the
+    /// last step goes.
+    steps: Vec<(usize, u64, u64)>,
+    final_alpha_cumprod: u64,
+    /// (channels, height, width) of one image's latents.
+    latent_shape: (usize, usize, usize),
+    /// The request's own initial latents instead of seeded noise.
+    own_latents: bool,
+    /// img2img: how the pictures' latents are taken, and the strength (inpainting at strength 1
+    /// starts from the noise alone).
+    vae_encode: Option<VaeEncodeMode>,
+    strength: Option<u64>,
+}
+
+impl BatchKey {
+    pub fn of(job: &Job) -> Self {
+        let s = &job.settings;
+        let schedule = &s.schedule;
+        let steps = (0..schedule.timesteps.len())
+            .map(|i| {
+                (
+                    schedule.timesteps[i],
+                    schedule.alpha_cumprod(i).to_bits(),
+                    schedule.model_timestep(i).to_bits(),
+                )
+            })
+            .collect();
+        Self {
+            mode: job.mode,
+            sampler: s.sampler,
+            prediction: s.step.prediction,
+            eta: s.step.eta.to_bits(),
+            clip_sample_range: s.step.clip_sample_range.map(f64::to_bits),
+            // At or below 1 no unconditional pass runs; the scale is then unused.
+            guidance: if s.uses_cfg() { s.guidance.to_bits() } else { 0 },
+            guidance_rescale: if s.uses_cfg() { s.guidance_rescale.to_bits() } else { 0 },
+            steps,
+            final_alpha_cumprod: schedule.final_alpha_cumprod.to_bits(),
+            latent_shape: job.latent_shape,
+            own_latents: job.request.latents.is_some(),
+            vae_encode: job.init.as_ref().map(|_| job.request.vae_encode),
+            strength: job.init.as_ref().map(|init| init.strength.to_bits()),
+        }
+    }
 }
 
 /// Every image still to make, grouped by settings in first-seen order, then cut into batches of at
@@ -55,13 +96,17 @@ pub fn plan_batches(jobs: &[Job], batch_size: usize) -> Vec<Vec<Item>> {
 /// LoRA set), and the batches come set by set, in set order, so that each set's weights are
 /// loaded once however the jobs interleave.
 pub fn plan_batches_in_sets(jobs: &[Job], sets: &[usize], batch_size: usize) -> Vec<Vec<Item>> {
-    let mut groups: Vec<((usize, String), Vec<Item>)> = Vec::new();
+    let mut groups: Vec<((usize, BatchKey), Vec<Item>)> = Vec::new();
+    let mut group_of: HashMap<(usize, BatchKey), usize> = HashMap::new();
     for (j, job) in jobs.iter().enumerate() {
-        let key = (sets[j], batch_key(job));
+        let key = (sets[j], BatchKey::of(job));
         let items = job.images.iter().map(|&image| Item { job: j, image });
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, group)) => group.extend(items),
-            None => groups.push((key, items.collect())),
+        match group_of.get(&key) {
+            Some(&g) => groups[g].1.extend(items),
+            None => {
+                group_of.insert(key.clone(), groups.len());
+                groups.push((key, items.collect()));
+            }
         }
     }
     // Stable: within a set, settings keep their first-seen order.

@@ -111,20 +111,18 @@ pub type MaskImage = SourcePicture<GrayImage>;
 
 pub use crate::weights::hash::sha256_bytes as sha256_hex;
 
-fn decode(bytes: &[u8], name: &str, what: &str) -> Result<image::DynamicImage> {
+/// Decodes a picture; errors name it by `name` only (each front end adds its field's name).
+fn decode(bytes: &[u8], name: &str) -> Result<image::DynamicImage> {
     let image = image::load_from_memory(bytes)
-        .with_context(|| format!("{what} {name}: not a picture sdfix can read (PNG, JPEG or WebP)"))?;
-    ensure!(
-        image.width() > 0 && image.height() > 0,
-        "{what} {name}: the picture is empty"
-    );
+        .with_context(|| format!("{name}: not a picture sdfix can read (PNG, JPEG or WebP)"))?;
+    ensure!(image.width() > 0 && image.height() > 0, "{name}: the picture is empty");
     Ok(image)
 }
 
 impl InitImage {
     /// Decodes an init picture from its file's bytes; `name` labels it in errors and records.
     pub fn decode(bytes: &[u8], name: &str) -> Result<Arc<Self>> {
-        let pixels = decode(bytes, name, "--init-image")?.to_rgb8();
+        let pixels = decode(bytes, name)?.to_rgb8();
         Ok(Arc::new(Self {
             pixels,
             name: name.to_string(),
@@ -137,7 +135,7 @@ impl MaskImage {
     /// Decodes a mask from its file's bytes; colour masks are turned to grey (luma) and an alpha
     /// channel is ignored.
     pub fn decode(bytes: &[u8], name: &str) -> Result<Arc<Self>> {
-        let pixels = decode(bytes, name, "--mask")?.to_luma8();
+        let pixels = decode(bytes, name)?.to_luma8();
         Ok(Arc::new(Self {
             pixels,
             name: name.to_string(),
@@ -152,7 +150,7 @@ pub fn own_size(width: u32, height: u32, factor: usize, name: &str) -> Result<(u
     let (w, h) = (width as usize / factor * factor, height as usize / factor * factor);
     ensure!(
         w > 0 && h > 0,
-        "--init-image {name}: {width}x{height} is smaller than the VAE's {factor} px"
+        "{name}: {width}x{height} is smaller than the VAE's {factor} px"
     );
     Ok((w, h))
 }

@@ -4,6 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::request::{Job, ResolvedInit, DEFAULT_MASK_BLUR};
+use crate::schedule::BetaSource;
+use crate::weights::loader::ModelConfigs;
+use crate::weights::lora::Loras;
+
 /// The scheduler values an image was sampled with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SchedulerRecord {
@@ -88,7 +93,7 @@ pub struct LoraSetting {
 
 /// Everything needed to make an image again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ImageSettings {
+pub struct ImageRecord {
     /// `sdfix <version>`.
     pub version: String,
     /// Folder path or hub repo id, as given to --model.
@@ -135,4 +140,101 @@ pub struct ImageSettings {
     /// img2img and inpainting: the init picture, strength and mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub img2img: Option<Img2ImgRecord>,
+}
+
+/// What the engine records in image `k` of `job`.
+pub(super) struct RecordContext<'a> {
+    pub configs: &'a ModelConfigs,
+    pub model: &'a str,
+    pub revision: Option<&'a str>,
+    pub model_hash: Option<&'a str>,
+    /// The engine's LoRAs (`--lora`), recorded for requests that name none of their own.
+    pub default_loras: &'a Loras,
+    pub dtype: &'a str,
+    pub device: &'a str,
+}
+
+impl RecordContext<'_> {
+    fn img2img_record(&self, job: &Job, init: &ResolvedInit) -> Img2ImgRecord {
+        let request = &job.request;
+        let source = request.init_image.as_ref();
+        Img2ImgRecord {
+            init_image: source.map(|i| i.name.clone()).unwrap_or_default(),
+            init_image_sha256: source.map(|i| i.sha256.clone()).unwrap_or_default(),
+            strength: init.strength,
+            resize: request.resize.to_string(),
+            vae_encode: request.vae_encode.to_string(),
+            mask: request.mask.as_ref().map(|m| m.name.clone()),
+            mask_sha256: request.mask.as_ref().map(|m| m.sha256.clone()),
+            mask_blur: init
+                .mask
+                .as_ref()
+                .map(|_| request.mask_blur.unwrap_or(DEFAULT_MASK_BLUR)),
+            paste_back: request.paste_back,
+        }
+    }
+
+    pub fn image_record(&self, job: &Job, k: usize) -> ImageRecord {
+        let (_, h, w) = job.latent_shape;
+        let factor = self.configs.vae.downscale_factor();
+        let scheduler = &self.configs.scheduler;
+        let (beta_schedule, beta_start, beta_end, trained) = match scheduler.beta_source() {
+            Ok(BetaSource::Named {
+                schedule,
+                beta_start,
+                beta_end,
+                ..
+            }) => (schedule.name().to_string(), beta_start, beta_end, false),
+            _ => ("trained_betas".to_string(), 0.0, 0.0, true),
+        };
+        ImageRecord {
+            version: format!("sdfix {}", env!("CARGO_PKG_VERSION")),
+            model: self.model.to_string(),
+            revision: self.revision.map(str::to_string),
+            model_hash: self.model_hash.map(str::to_string),
+            loras: job
+                .request
+                .loras
+                .as_deref()
+                .unwrap_or(self.default_loras)
+                .records()
+                .iter()
+                .map(|l| LoraSetting {
+                    name: l.name.clone(),
+                    hash: l.hash.clone(),
+                    weight: l.weight,
+                })
+                .collect(),
+            prompt: job.request.prompt.clone(),
+            negative_prompt: job.request.negative_prompt.clone(),
+            seed: job.seeds[k],
+            steps: job.request.steps,
+            guidance: job.settings.guidance,
+            guidance_rescale: job.settings.guidance_rescale,
+            spacing: job.request.spacing.to_string(),
+            zero_snr: job.zero_snr,
+            prediction: job.settings.step.prediction.name().to_string(),
+            eta: job.settings.step.eta,
+            sampler: job.settings.sampler.name().to_string(),
+            terminal_alpha_bar: job.request.terminal_alpha_bar.name().to_string(),
+            sigmas: job.request.sigmas.name().to_string(),
+            width: w * factor,
+            height: h * factor,
+            dtype: self.dtype.to_string(),
+            device: self.device.to_string(),
+            from_latents_file: job.request.latents.is_some(),
+            scheduler: SchedulerRecord {
+                beta_schedule,
+                beta_start,
+                beta_end,
+                num_train_timesteps: scheduler.num_train_timesteps,
+                trained_betas: trained,
+                steps_offset: job.steps_offset,
+                set_alpha_to_one: scheduler.set_alpha_to_one,
+                clip_sample: scheduler.clip_sample,
+                timesteps: job.settings.schedule.timesteps.clone(),
+            },
+            img2img: job.init.as_ref().map(|init| self.img2img_record(job, init)),
+        }
+    }
 }

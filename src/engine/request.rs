@@ -6,16 +6,16 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
+use super::field::{Field, RequestError};
 use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
-use super::settings::{ImageSettings, Img2ImgRecord, LoraSetting, SchedulerRecord};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
-use crate::sampling::ddim::DdimParams;
+use crate::sampling::step::StepParams;
 use crate::sampling::{Prediction, Sampler};
-use crate::schedule::{BetaSource, Schedule, ScheduleSpec, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
+use crate::schedule::{Schedule, ScheduleSpec, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::loader::ModelConfigs;
 use crate::weights::lora::Loras;
 
@@ -32,8 +32,11 @@ pub const DEFAULT_STRENGTH: f64 = 0.75;
 /// The paste-back's mask blur in px unless told otherwise (AUTOMATIC1111's default).
 pub const DEFAULT_MASK_BLUR: f64 = 4.0;
 
-/// What one prompt asks for. `None` fields take the model's value (its scheduler config, its
-/// UNet's sample size) or, for `num_images`, 1 (or the batch of `latents`).
+/// What one prompt asks for: the one settings type of sdfix, everything a picture depends on
+/// besides the model. Every front end builds one (the command line's flags, then a prompt-file
+/// line's, an API body's or a PNG's [`Overrides`](super::Overrides) applied onto it), and the
+/// engine checks it once ([`resolve`]). `None` fields take the model's value (its scheduler
+/// config, its UNet's sample size) or, for `num_images`, 1 (or the batch of `latents`).
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
@@ -130,6 +133,21 @@ impl Request {
     }
 }
 
+/// How a batch starts and what its UNet takes besides the latents: one per batch, since each
+/// builds the batch's inputs differently ([`super::execute`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BatchMode {
+    /// From seeded noise (or the request's own latents).
+    Text,
+    /// From the init picture's latents noised to the first step's level.
+    Img2Img,
+    /// img2img whose kept region is put back after every step (an ordinary UNet).
+    InpaintBlend,
+    /// img2img with the mask and the masked picture's latents beside the latents at every step
+    /// (an inpainting UNet, `in_channels` = 2 c + 1).
+    InpaintCondition,
+}
+
 /// One request, resolved and checked: everything to make its images.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -148,6 +166,8 @@ pub struct Job {
     /// img2img / inpainting: the picture and mask at the size to make; `settings.schedule` then
     /// holds only the steps that run.
     pub init: Option<Arc<ResolvedInit>>,
+    /// How the batch starts and what the UNet takes besides the latents.
+    pub mode: BatchMode,
 }
 
 /// An init picture (and mask) resolved against the model and the size to make.
@@ -179,28 +199,30 @@ impl Job {
 }
 
 /// Zero SNR and prediction type, with the one combination that cannot work caught; a config
-/// that asks for it gets a warning and the rescale off, a flag that asks for it an error.
+/// that asks for it gets a warning and the rescale off, a request that asks for it an error.
 fn resolve_prediction(
     request: &Request,
     config: &SchedulerConfig,
     config_path: &str,
     warnings: &mut Vec<String>,
-) -> Result<(Prediction, bool)> {
+) -> Result<(Prediction, bool), RequestError> {
     let prediction = match request.prediction {
         Some(p) => p,
-        None => config
-            .prediction_type
-            .parse()
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("{config_path}: bad prediction_type (override with --prediction)"))?,
+        None => config.prediction_type.parse().map_err(|e: String| {
+            RequestError::new(
+                Field::Prediction,
+                format!("is needed: {config_path} has a bad prediction_type ({e})"),
+            )
+        })?,
     };
     let zero_snr = request.zero_snr.unwrap_or(config.rescale_betas_zero_snr);
     if zero_snr && prediction == Prediction::Epsilon {
         if request.zero_snr == Some(true) {
-            bail!(
-                "--zero-snr needs a v_prediction (or sample) model: with epsilon the first step divides by \
-                 sqrt(alpha_bar_T) = 0; pass --no-zero-snr or --prediction v_prediction"
-            );
+            return Err(RequestError::new(
+                Field::ZeroSnr,
+                "needs a v_prediction (or sample) model: with epsilon the first step divides by \
+                 sqrt(alpha_bar_T) = 0; pass {zero_snr=false} or {prediction=v_prediction}",
+            ));
         }
         warnings.push(format!(
             "warning: {config_path} asks for zero terminal SNR but the prediction type is epsilon, which cannot \
@@ -227,31 +249,43 @@ pub fn check_latents(latents: Tensor, channels: usize, what: &str) -> Result<Ten
     Ok(latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
 
+/// A failed check of `field`: shorthand for the many checks below.
+fn check(ok: bool, field: Field, reason: impl FnOnce() -> String) -> Result<(), RequestError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(RequestError::new(field, reason()))
+    }
+}
+
 /// Width and height in latent pixels, checked against the VAE factor. Any multiple of it works,
 /// as in diffusers: where the latents are not a multiple of the UNet's total stride, its
 /// downsamplers round up and its upsamplers go back to the skip connections' sizes.
-fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usize)> {
+fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usize), RequestError> {
     let factor = configs.vae.downscale_factor();
     if let Some(latents) = &request.latents {
-        let (_, _, h, w) = latents.dims4()?;
-        for (flag, given, derived) in [
-            ("--height", request.height, h * factor),
-            ("--width", request.width, w * factor),
+        let (_, _, h, w) = latents
+            .dims4()
+            .map_err(|e| RequestError::new(Field::Latents, format!("must be [B, C, H, W]: {e}")))?;
+        for (field, given, derived) in [
+            (Field::Height, request.height, h * factor),
+            (Field::Width, request.width, w * factor),
         ] {
-            ensure!(
-                given.is_none_or(|g| g == derived),
-                "{flag} {} disagrees with --latents ({derived} px)",
-                given.unwrap_or(0)
-            );
+            if let Some(given) = given {
+                check(given == derived, field, || {
+                    format!("{given} disagrees with {{latents}} ({derived} px)")
+                })?;
+            }
         }
         return Ok((h, w));
     }
-    // Without --width/--height, img2img makes its picture's own size (rounded down), text to
+    // Without a width/height, img2img makes its picture's own size (rounded down), text to
     // image the UNet's sample size.
     let own = match &request.init_image {
         Some(init) => {
             let (w, h) = init.pixels.dimensions();
-            let (w, h) = init_image::own_size(w, h, factor, &init.name)?;
+            let (w, h) = init_image::own_size(w, h, factor, &init.name)
+                .map_err(|e| RequestError::new(Field::InitImage, format!("{e:#}")))?;
             (Some(w), Some(h))
         }
         None => {
@@ -259,48 +293,46 @@ fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usiz
             (default, default)
         }
     };
-    let size = |flag: &str, value: Option<usize>, own: Option<usize>| -> Result<usize> {
-        let value = value
-            .or(own)
-            .with_context(|| format!("{flag} is required: the UNet config has no sample_size"))?;
-        ensure!(
-            value > 0 && value.is_multiple_of(factor),
-            "{flag} {value} must be a positive multiple of {factor} (the VAE's factor)"
-        );
+    let size = |field: Field, value: Option<usize>| -> Result<usize, RequestError> {
+        let value = value.ok_or_else(|| RequestError::new(field, "is required: the UNet config has no sample_size"))?;
+        check(value > 0 && value.is_multiple_of(factor), field, || {
+            format!("{value} must be a positive multiple of {factor} (the VAE's factor)")
+        })?;
         Ok(value / factor)
     };
     Ok((
-        size("--height", request.height, own.1)?,
-        size("--width", request.width, own.0)?,
+        size(Field::Height, request.height.or(own.1))?,
+        size(Field::Width, request.width.or(own.0))?,
     ))
 }
 
-/// Resolves one request into a job; every error is about this request's settings.
 /// What replaces a zero-SNR alpha_bar_T = 0 when a Karras or exponential ramp needs a finite
 /// sigma_max and the user asked for `exact`: ComfyUI's and AUTOMATIC1111's value, the tools whose
 /// users pick these ramps (with a warning that says so).
 const RAMP_TERMINAL_ALPHA_BAR: TerminalAlphaBar = TerminalAlphaBar::Comfy;
 
-pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Job> {
+/// Resolves one request into a job; every error names the setting it is about.
+pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Job, RequestError> {
     let scheduler = &configs.scheduler;
     let mut warnings = Vec::new();
     let (prediction, zero_snr) = resolve_prediction(&request, scheduler, &configs.scheduler_path, &mut warnings)?;
-    ensure!(
-        request.guidance >= 0.0,
-        "--guidance {} must not be negative",
-        request.guidance
-    );
-    ensure!(
-        (0.0..=1.0).contains(&request.guidance_rescale),
-        "--guidance-rescale {} must be within 0..1",
-        request.guidance_rescale
-    );
-    ensure!(request.eta >= 0.0, "--eta {} must not be negative", request.eta);
-    ensure!(
-        request.eta == 0.0 || request.sampler == Sampler::Ddim,
-        "--eta is DDIM's; with --sampler {} drop --eta (for fresh noise at each step use --sampler euler_a or dpmpp_2m_sde)",
-        request.sampler
-    );
+    let guidance = request.guidance;
+    check(guidance >= 0.0, Field::Guidance, || {
+        format!("{guidance} must not be negative")
+    })?;
+    let rescale = request.guidance_rescale;
+    check((0.0..=1.0).contains(&rescale), Field::GuidanceRescale, || {
+        format!("{rescale} must be within 0..1")
+    })?;
+    let eta = request.eta;
+    check(eta >= 0.0, Field::Eta, || format!("{eta} must not be negative"))?;
+    check(eta == 0.0 || request.sampler == Sampler::Ddim, Field::Eta, || {
+        format!(
+            "is DDIM's; with {{sampler={}}} drop it (for fresh noise at each step use {{sampler=euler_a}} or \
+             {{sampler=dpmpp_2m_sde}})",
+            request.sampler
+        )
+    })?;
     if request.sigmas != SigmaSchedule::Schedule && zero_snr && request.terminal_alpha_bar == TerminalAlphaBar::Exact {
         warnings.push(format!(
             "warning: --sigmas {} needs a finite sigma_max, which zero terminal SNR does not have; using \
@@ -309,13 +341,14 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         ));
         request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
     }
-    let betas = scheduler.beta_source()?;
+    let betas = scheduler
+        .beta_source()
+        .map_err(|e| RequestError::new(Field::Steps, format!("cannot be scheduled: {e:#}")))?;
     let train_timesteps = betas.train_timesteps();
     let steps = request.steps;
-    ensure!(
-        (1..=train_timesteps).contains(&steps),
-        "--steps {steps} must be between 1 and the model's {train_timesteps} training timesteps"
-    );
+    check((1..=train_timesteps).contains(&steps), Field::Steps, || {
+        format!("{steps} must be between 1 and the model's {train_timesteps} training timesteps")
+    })?;
     let spacing = request.spacing;
     let steps_offset = request.steps_offset.unwrap_or(scheduler.steps_offset);
     let spec = ScheduleSpec {
@@ -327,21 +360,24 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         set_alpha_to_one: scheduler.set_alpha_to_one,
     };
     let schedule = Schedule::new(&spec)
-        .with_context(|| format!("--steps {steps} with --spacing {spacing}"))?
+        .map_err(|e| RequestError::new(Field::Steps, format!("{steps} with {{spacing={spacing}}}: {e:#}")))?
         .with_terminal_alpha_bar(request.terminal_alpha_bar)
-        .with_sigmas(request.sigmas)?;
-    check_channels(configs, &request)?;
+        .with_sigmas(request.sigmas)
+        .map_err(|e| RequestError::new(Field::Sigmas, format!("{}: {e:#}", request.sigmas)))?;
+    let mode = check_channels(configs, &request)?;
     let (h, w) = latent_size(configs, &request)?;
     let factor = configs.vae.downscale_factor();
     let init = resolve_init(&request, steps, (w * factor, h * factor), &mut warnings)?;
     let schedule = match &init {
-        Some(init) => schedule.skip_steps(init.skipped_steps)?,
+        Some(init) => schedule
+            .skip_steps(init.skipped_steps)
+            .map_err(|e| RequestError::new(Field::Strength, format!("{e:#}")))?,
         None => schedule,
     };
     let settings = SamplingSettings {
         schedule,
         sampler: request.sampler,
-        ddim: DdimParams {
+        step: StepParams {
             prediction,
             eta: request.eta,
             clip_sample_range: scheduler.clip_sample.then_some(scheduler.clip_sample_range),
@@ -349,17 +385,25 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         guidance: request.guidance,
         guidance_rescale: request.guidance_rescale,
     };
-    let num_images = match (&request.latents, request.num_images) {
-        (Some(latents), Some(n)) if n != latents.dim(0)? => {
-            bail!(
-                "--num-images {n} disagrees with --latents, which holds {} images",
-                latents.dim(0)?
-            )
+    let in_latents = match &request.latents {
+        Some(latents) => Some(
+            latents
+                .dim(0)
+                .map_err(|e| RequestError::new(Field::Latents, format!("must be [B, C, H, W]: {e}")))?,
+        ),
+        None => None,
+    };
+    let num_images = match (in_latents, request.num_images) {
+        (Some(held), Some(n)) if n != held => {
+            return Err(RequestError::new(
+                Field::NumImages,
+                format!("{n} disagrees with {{latents}}, which holds {held} images"),
+            ))
         }
-        (Some(latents), _) => latents.dim(0)?,
+        (Some(held), _) => held,
         (None, n) => n.unwrap_or(1),
     };
-    ensure!(num_images > 0, "--num-images must be at least 1");
+    check(num_images > 0, Field::NumImages, || "must be at least 1".to_string())?;
     let seeds: Vec<u64> = (0..num_images as u64).map(|k| request.seed.wrapping_add(k)).collect();
     Ok(Job {
         request,
@@ -370,29 +414,44 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         images: (0..seeds.len()).collect(),
         seeds,
         warnings,
+        mode: match (&init, mode) {
+            (None, _) => BatchMode::Text,
+            (Some(init), _) if init.mask.is_none() => BatchMode::Img2Img,
+            (Some(_), mode) => mode,
+        },
         init: init.map(Arc::new),
     })
 }
 
 /// The UNet's input channels: the latents' (text to image, img2img, blended inpainting), or
-/// latents + mask + masked-picture latents (an inpainting UNet, which needs a mask).
-fn check_channels(configs: &ModelConfigs, request: &Request) -> Result<()> {
+/// latents + mask + masked-picture latents (an inpainting UNet, which needs a mask). Returns how
+/// this model inpaints.
+fn check_channels(configs: &ModelConfigs, request: &Request) -> Result<BatchMode, RequestError> {
     let latent = configs.vae.latent_channels;
     match configs.unet.in_channels {
-        c if c == latent => Ok(()),
+        c if c == latent => Ok(BatchMode::InpaintBlend),
         c if c == 2 * latent + 1 => {
-            ensure!(
-                request.init_image.is_some() && request.mask.is_some(),
-                "this is an inpainting model (its UNet takes {c} channels: latents, mask and masked picture); \
-                 give --init-image and --mask"
-            );
-            Ok(())
+            let field = if request.init_image.is_none() {
+                Field::InitImage
+            } else {
+                Field::Mask
+            };
+            check(request.init_image.is_some() && request.mask.is_some(), field, || {
+                format!(
+                    "is needed: this is an inpainting model (its UNet takes {c} channels: latents, mask and \
+                     masked picture); give {{init_image}} and {{mask}}"
+                )
+            })?;
+            Ok(BatchMode::InpaintCondition)
         }
-        c => bail!(
-            "the UNet takes {c} input channels, which is neither the VAE's {latent} latent channels nor an \
-             inpainting model's {}",
-            2 * latent + 1
-        ),
+        c => Err(RequestError::new(
+            Field::Prompt,
+            format!(
+                "cannot be drawn: the UNet takes {c} input channels, which is neither the VAE's {latent} latent \
+                 channels nor an inpainting model's {}",
+                2 * latent + 1
+            ),
+        )),
     }
 }
 
@@ -403,30 +462,29 @@ fn resolve_init(
     steps: usize,
     (width, height): (usize, usize),
     warnings: &mut Vec<String>,
-) -> Result<Option<ResolvedInit>> {
+) -> Result<Option<ResolvedInit>, RequestError> {
+    let needs = |field: Field, what: &str| RequestError::new(field, format!("needs {what}"));
     let Some(init) = &request.init_image else {
-        ensure!(
-            request.strength.is_none(),
-            "--strength needs --init-image (the picture to start from)"
-        );
-        ensure!(
-            request.mask.is_none(),
-            "--mask needs --init-image (the picture to inpaint)"
-        );
-        ensure!(request.mask_blur.is_none(), "--mask-blur needs --mask");
+        if request.strength.is_some() {
+            return Err(needs(Field::Strength, "{init_image} (the picture to start from)"));
+        }
+        if request.mask.is_some() {
+            return Err(needs(Field::Mask, "{init_image} (the picture to inpaint)"));
+        }
+        if request.mask_blur.is_some() {
+            return Err(needs(Field::MaskBlur, "{mask}"));
+        }
         return Ok(None);
     };
     let strength = request.strength.unwrap_or(DEFAULT_STRENGTH);
-    ensure!(
-        strength > 0.0 && strength <= 1.0,
-        "--strength {strength} must be within (0, 1]: 1 starts from noise, smaller values keep more of the picture"
-    );
+    check(strength > 0.0 && strength <= 1.0, Field::Strength, || {
+        format!("{strength} must be within (0, 1]: 1 starts from noise, smaller values keep more of the picture")
+    })?;
     // diffusers' `get_timesteps`: int(n * strength) steps run, the first n - that are skipped.
     let run = ((steps as f64 * strength) as usize).min(steps);
-    ensure!(
-        run > 0,
-        "--strength {strength} with --steps {steps} runs no step (int({steps} x {strength}) = 0); raise --strength or --steps"
-    );
+    check(run > 0, Field::Strength, || {
+        format!("{strength} with {{steps={steps}}} runs no step (int({steps} x {strength}) = 0); raise either")
+    })?;
     let (iw, ih) = init.pixels.dimensions();
     if (iw as usize, ih as usize) != (width, height) {
         warnings.push(format!(
@@ -437,7 +495,9 @@ fn resolve_init(
     let image = init_image::resize_image(&init.pixels, width, height, request.resize);
     let mask = match &request.mask {
         None => {
-            ensure!(request.mask_blur.is_none(), "--mask-blur needs --mask");
+            if request.mask_blur.is_some() {
+                return Err(needs(Field::MaskBlur, "{mask}"));
+            }
             None
         }
         Some(mask) => {
@@ -451,10 +511,9 @@ fn resolve_init(
                 ));
             }
             let blur = request.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
-            ensure!(
-                blur.is_finite() && blur >= 0.0,
-                "--mask-blur {blur} must be 0 or more (px)"
-            );
+            check(blur.is_finite() && blur >= 0.0, Field::MaskBlur, || {
+                format!("{blur} must be 0 or more (px)")
+            })?;
             let binary = init_image::resize_mask(&mask.pixels, width, height, request.resize);
             let paste_weights = request.paste_back.then(|| init_image::paste_weights(&binary, blur));
             Some(ResolvedMask { binary, paste_weights })
@@ -466,101 +525,4 @@ fn resolve_init(
         skipped_steps: steps - run,
         mask,
     }))
-}
-
-/// What the engine records in image `k` of `job`.
-pub(super) struct RecordContext<'a> {
-    pub configs: &'a ModelConfigs,
-    pub model: &'a str,
-    pub revision: Option<&'a str>,
-    pub model_hash: Option<&'a str>,
-    /// The engine's LoRAs (`--lora`), recorded for requests that name none of their own.
-    pub default_loras: &'a Loras,
-    pub dtype: &'a str,
-    pub device: &'a str,
-}
-
-impl RecordContext<'_> {
-    fn img2img_record(&self, job: &Job, init: &ResolvedInit) -> Img2ImgRecord {
-        let request = &job.request;
-        let source = request.init_image.as_ref();
-        Img2ImgRecord {
-            init_image: source.map(|i| i.name.clone()).unwrap_or_default(),
-            init_image_sha256: source.map(|i| i.sha256.clone()).unwrap_or_default(),
-            strength: init.strength,
-            resize: request.resize.to_string(),
-            vae_encode: request.vae_encode.to_string(),
-            mask: request.mask.as_ref().map(|m| m.name.clone()),
-            mask_sha256: request.mask.as_ref().map(|m| m.sha256.clone()),
-            mask_blur: init
-                .mask
-                .as_ref()
-                .map(|_| request.mask_blur.unwrap_or(DEFAULT_MASK_BLUR)),
-            paste_back: request.paste_back,
-        }
-    }
-
-    pub fn image_settings(&self, job: &Job, k: usize) -> ImageSettings {
-        let (_, h, w) = job.latent_shape;
-        let factor = self.configs.vae.downscale_factor();
-        let scheduler = &self.configs.scheduler;
-        let (beta_schedule, beta_start, beta_end, trained) = match scheduler.beta_source() {
-            Ok(BetaSource::Named {
-                schedule,
-                beta_start,
-                beta_end,
-                ..
-            }) => (schedule.name().to_string(), beta_start, beta_end, false),
-            _ => ("trained_betas".to_string(), 0.0, 0.0, true),
-        };
-        ImageSettings {
-            version: format!("sdfix {}", env!("CARGO_PKG_VERSION")),
-            model: self.model.to_string(),
-            revision: self.revision.map(str::to_string),
-            model_hash: self.model_hash.map(str::to_string),
-            loras: job
-                .request
-                .loras
-                .as_deref()
-                .unwrap_or(self.default_loras)
-                .records()
-                .iter()
-                .map(|l| LoraSetting {
-                    name: l.name.clone(),
-                    hash: l.hash.clone(),
-                    weight: l.weight,
-                })
-                .collect(),
-            prompt: job.request.prompt.clone(),
-            negative_prompt: job.request.negative_prompt.clone(),
-            seed: job.seeds[k],
-            steps: job.request.steps,
-            guidance: job.settings.guidance,
-            guidance_rescale: job.settings.guidance_rescale,
-            spacing: job.request.spacing.to_string(),
-            zero_snr: job.zero_snr,
-            prediction: job.settings.ddim.prediction.name().to_string(),
-            eta: job.settings.ddim.eta,
-            sampler: job.settings.sampler.name().to_string(),
-            terminal_alpha_bar: job.request.terminal_alpha_bar.name().to_string(),
-            sigmas: job.request.sigmas.name().to_string(),
-            width: w * factor,
-            height: h * factor,
-            dtype: self.dtype.to_string(),
-            device: self.device.to_string(),
-            from_latents_file: job.request.latents.is_some(),
-            scheduler: SchedulerRecord {
-                beta_schedule,
-                beta_start,
-                beta_end,
-                num_train_timesteps: scheduler.num_train_timesteps,
-                trained_betas: trained,
-                steps_offset: job.steps_offset,
-                set_alpha_to_one: scheduler.set_alpha_to_one,
-                clip_sample: scheduler.clip_sample,
-                timesteps: job.settings.schedule.timesteps.clone(),
-            },
-            img2img: job.init.as_ref().map(|init| self.img2img_record(job, init)),
-        }
-    }
 }

@@ -2,14 +2,14 @@
 //!
 //! Each PNG carries two text chunks: `parameters`, in the AUTOMATIC1111 format that PNG-info
 //! readers know (prompt line, `Negative prompt:` line, then `Key: value` pairs), and `sdfix`, the
-//! full [`ImageSettings`] (made by the engine) as JSON, from which `generate --from-image` re-runs the image. Nothing
+//! full [`ImageRecord`] (made by the engine) as JSON, from which `generate --from-image` re-runs the image. Nothing
 //! time-dependent goes in a PNG, so equal settings give equal bytes; timings go to the manifest.
 
 use std::collections::BTreeMap;
 
 use crate::sampling::Sampler;
 
-pub use crate::engine::settings::{ImageSettings, SchedulerRecord};
+pub use crate::engine::record::{ImageRecord, SchedulerRecord};
 
 /// The PNG text chunk keywords.
 pub const PARAMETERS_CHUNK: &str = "parameters";
@@ -51,7 +51,7 @@ fn a1111_sampler(name: &str) -> &str {
     name.parse::<Sampler>().map_or(name, |s| s.a1111_name())
 }
 
-impl ImageSettings {
+impl ImageRecord {
     /// The AUTOMATIC1111 `parameters` text.
     pub fn a1111_parameters(&self) -> String {
         let mut text = self.prompt.clone();
@@ -150,8 +150,8 @@ pub fn parse_parameters(text: &str) -> Parameters {
 mod tests {
     use super::*;
 
-    pub(crate) fn example() -> ImageSettings {
-        ImageSettings {
+    pub(crate) fn example() -> ImageRecord {
+        ImageRecord {
             version: "sdfix 0.1.0".into(),
             model: "ByteDance/sd2.1-base-zsnr-laionaes5".into(),
             revision: None,
@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn img2img_fields_in_a1111_parameters() {
         let mut settings = example();
-        settings.img2img = Some(crate::engine::settings::Img2ImgRecord {
+        settings.img2img = Some(crate::engine::record::Img2ImgRecord {
             init_image: "in.png".into(),
             init_image_sha256: "ab".into(),
             strength: 0.6,
@@ -264,14 +264,14 @@ mod tests {
         euler.sigmas = "karras".into();
         assert!(euler.a1111_parameters().contains("Schedule type: Karras,"));
         let json = serde_json::to_string(&euler).unwrap();
-        assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), euler);
+        assert_eq!(serde_json::from_str::<ImageRecord>(&json).unwrap(), euler);
     }
 
     #[test]
     fn model_and_lora_hashes_as_a1111_writes_them() {
         let mut settings = example();
         settings.model_hash = Some("0123456789".into());
-        settings.loras = vec![crate::engine::settings::LoraSetting {
+        settings.loras = vec![crate::engine::record::LoraSetting {
             name: "detail".into(),
             hash: "abcdef012345".into(),
             weight: 0.8,
@@ -283,7 +283,7 @@ mod tests {
         );
         assert!(text.contains(", Lora hashes: \"detail: abcdef012345\", "), "{text}");
         let json = serde_json::to_string(&settings).unwrap();
-        assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), settings);
+        assert_eq!(serde_json::from_str::<ImageRecord>(&json).unwrap(), settings);
         assert!(!serde_json::to_string(&example()).unwrap().contains("model_hash"));
     }
 
@@ -291,6 +291,6 @@ mod tests {
     fn settings_round_trip_through_json() {
         let settings = example();
         let json = serde_json::to_string(&settings).unwrap();
-        assert_eq!(serde_json::from_str::<ImageSettings>(&json).unwrap(), settings);
+        assert_eq!(serde_json::from_str::<ImageRecord>(&json).unwrap(), settings);
     }
 }

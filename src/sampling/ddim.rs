@@ -23,18 +23,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::prediction::{x0_and_eps, Prediction};
+use super::prediction::x0_and_eps;
+use super::step::{StepOutput, StepParams};
 use crate::schedule::Schedule;
-
-/// Settings of the DDIM update that do not change from step to step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DdimParams {
-    pub prediction: Prediction,
-    /// 0 = deterministic DDIM; 1 = DDPM-like ancestral noise.
-    pub eta: f64,
-    /// diffusers' `clip_sample`: clamp x0 to [-range, range] (SD configs turn it off).
-    pub clip_sample_range: Option<f64>,
-}
 
 /// The standard deviation of the DDIM noise (Song et al. 2021, eq. 16): eta times the DDPM
 /// posterior's, sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)).
@@ -46,15 +37,6 @@ pub fn sigma(alpha: f64, alpha_prev: f64, eta: f64) -> f64 {
     eta * variance.max(0.0).sqrt()
 }
 
-/// The result of one step, as diffusers' `DDIMSchedulerOutput`.
-#[derive(Debug, Clone)]
-pub struct DdimOutput {
-    /// x_{t_prev}: the latents for the next step.
-    pub prev_sample: Tensor,
-    /// x0: the clean-sample estimate at this step (`pred_original_sample`).
-    pub pred_original_sample: Tensor,
-}
-
 /// One DDIM step from sampling step `index` of `schedule` to the next; stages numbered as in
 /// diffusers' `DDIMScheduler.step`.
 ///
@@ -64,9 +46,9 @@ pub fn ddim_step(
     index: usize,
     sample: &Tensor,
     model_output: &Tensor,
-    params: &DdimParams,
+    params: &StepParams,
     noise: Option<&Tensor>,
-) -> Result<DdimOutput> {
+) -> Result<StepOutput> {
     if index >= schedule.timesteps.len() {
         candle_core::bail!(
             "DDIM step {index} is past the schedule's {} steps",
@@ -94,7 +76,7 @@ pub fn ddim_step(
         (true, Some(noise)) => (prev + (noise * sigma)?)?,
         (true, None) => candle_core::bail!("eta > 0 needs noise for the DDIM step"),
     };
-    Ok(DdimOutput {
+    Ok(StepOutput {
         prev_sample,
         pred_original_sample: x0,
     })
@@ -103,6 +85,7 @@ pub fn ddim_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::Prediction;
     use crate::schedule::{BetaSource, ScheduleSpec, TimestepSpacing};
     use candle_core::Device;
 
@@ -128,7 +111,7 @@ mod tests {
         assert_eq!(s.alpha_cumprod(0), 0.0);
         let x = Tensor::new(&[0.7f32], &Device::Cpu).unwrap();
         let v = Tensor::new(&[-0.3f32], &Device::Cpu).unwrap();
-        let params = DdimParams {
+        let params = StepParams {
             prediction: Prediction::VPrediction,
             eta: 0.0,
             clip_sample_range: None,
@@ -145,7 +128,7 @@ mod tests {
         // Why sdfix refuses zero SNR with an epsilon model: x0 divides by sqrt(alpha_bar_T) = 0.
         let s = schedule(10, true);
         let x = Tensor::new(&[0.7f32], &Device::Cpu).unwrap();
-        let params = DdimParams {
+        let params = StepParams {
             prediction: Prediction::Epsilon,
             eta: 0.0,
             clip_sample_range: None,
@@ -163,7 +146,7 @@ mod tests {
         let s = schedule(7, true);
         let x0 = Tensor::new(&[0.25f32], &Device::Cpu).unwrap();
         let mut x = Tensor::new(&[1.3f32], &Device::Cpu).unwrap();
-        let params = DdimParams {
+        let params = StepParams {
             prediction: Prediction::Sample,
             eta: 0.0,
             clip_sample_range: None,

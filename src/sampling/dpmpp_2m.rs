@@ -24,12 +24,12 @@
 use candle_core::{Result, Tensor};
 
 use super::prediction::{x0_and_eps, Prediction};
-use super::sampler::{alpha_sigma, combine, exp_neg_h, lambda, History, StepInput, StepOutput};
+use super::step::{alpha_sigma, combine, exp_neg_h, lambda, MultistepState, StepInput, StepOutput};
 
 /// The second-order correction `coefficient * D1` of a step from alpha_bar `a_s` to `a_t` whose
 /// previous step started at `history`, or `None` where it is first order: no history, a history
 /// point at lambda = -inf (D1 = 0 in the limit), or a step to sigma = 0.
-pub(super) fn midpoint_d1(a_s: f64, a_t: f64, x0: &Tensor, history: &History) -> Result<Option<Tensor>> {
+pub(super) fn midpoint_d1(a_s: f64, a_t: f64, x0: &Tensor, history: &MultistepState) -> Result<Option<Tensor>> {
     let Some((a_prev, x0_prev)) = &history.previous else {
         return Ok(None);
     };
@@ -42,7 +42,7 @@ pub(super) fn midpoint_d1(a_s: f64, a_t: f64, x0: &Tensor, history: &History) ->
 }
 
 /// One DPM-Solver++(2M) step; `history` holds the previous step's x0 and is updated.
-pub fn step(input: &StepInput, prediction: Prediction, history: &mut History) -> Result<StepOutput> {
+pub fn step(input: &StepInput, prediction: Prediction, history: &mut MultistepState) -> Result<StepOutput> {
     let (a_s, a_t) = (input.alpha(), input.next_alpha());
     let (x0, eps) = x0_and_eps(input.sample, input.model_output, prediction, a_s)?;
     let (alpha_t, sigma_t) = alpha_sigma(a_t);
@@ -71,7 +71,7 @@ mod tests {
         let s = schedule(10, false, false);
         let mut x = 0.8f64;
         let mut x_ours = tensor(&[x as f32]);
-        let mut history = History::default();
+        let mut history = MultistepState::default();
         let mut prev: Option<(f64, f64)> = None;
         for index in 0..9 {
             let out = -0.4 + 0.05 * index as f64;
@@ -105,7 +105,7 @@ mod tests {
     fn history_starts_at_the_first_finite_lambda() {
         let s = schedule(6, true, false);
         let x0_t = tensor(&[0.3]);
-        let mut history = History::default();
+        let mut history = MultistepState::default();
         assert!(
             midpoint_d1(s.alpha_cumprod(0), s.prev_alpha_cumprod(0), &x0_t, &history)
                 .unwrap()

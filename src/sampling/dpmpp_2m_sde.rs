@@ -15,10 +15,10 @@ use candle_core::{Result, Tensor};
 
 use super::dpmpp_2m::midpoint_d1;
 use super::prediction::{x0_and_eps, Prediction};
-use super::sampler::{alpha_sigma, combine, exp_neg_h, History, StepInput, StepOutput};
+use super::step::{alpha_sigma, combine, exp_neg_h, MultistepState, StepInput, StepOutput};
 
 /// One DPM-Solver++(2M) SDE step with noise `z`; `history` is updated.
-pub fn step(input: &StepInput, prediction: Prediction, history: &mut History, z: &Tensor) -> Result<StepOutput> {
+pub fn step(input: &StepInput, prediction: Prediction, history: &mut MultistepState, z: &Tensor) -> Result<StepOutput> {
     let (a_s, a_t) = (input.alpha(), input.next_alpha());
     let (x0, eps) = x0_and_eps(input.sample, input.model_output, prediction, a_s)?;
     let (alpha_t, sigma_t) = alpha_sigma(a_t);
@@ -37,7 +37,8 @@ pub fn step(input: &StepInput, prediction: Prediction, history: &mut History, z:
 
 #[cfg(test)]
 mod tests {
-    use super::super::sampler::{lambda, Sampler};
+    use super::super::sampler::Sampler;
+    use super::super::step::lambda;
     use super::super::testing::*;
     use super::*;
 
@@ -47,7 +48,7 @@ mod tests {
         let s = schedule(10, false, false);
         let mut x = 0.8f64;
         let mut x_ours = tensor(&[x as f32]);
-        let mut history = History::default();
+        let mut history = MultistepState::default();
         let mut prev: Option<(f64, f64)> = None;
         for index in 0..9 {
             let (out, z) = (-0.4 + 0.05 * index as f64, 0.7 - 0.2 * index as f64);

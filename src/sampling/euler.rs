@@ -13,7 +13,7 @@
 use candle_core::Result;
 
 use super::prediction::{x0_and_eps, Prediction};
-use super::sampler::{alpha_sigma, combine, StepInput, StepOutput};
+use super::step::{alpha_sigma, combine, StepInput, StepOutput};
 
 /// One Euler step from `input.index` to the next timestep (or to sigma = 0 after the last).
 pub fn step(input: &StepInput, prediction: Prediction) -> Result<StepOutput> {
@@ -28,7 +28,8 @@ pub fn step(input: &StepInput, prediction: Prediction) -> Result<StepOutput> {
 #[cfg(test)]
 mod tests {
     use super::super::ddim::ddim_step;
-    use super::super::sampler::{History, Sampler};
+    use super::super::sampler::Sampler;
+    use super::super::step::MultistepState;
     use super::super::testing::*;
     use super::*;
 
@@ -47,8 +48,14 @@ mod tests {
                 sample: &x_euler,
                 model_output: &v,
             };
-            let ours = super::super::sampler::step(Sampler::Euler, &input, &v_params(), &mut History::default(), None)
-                .unwrap();
+            let ours = super::super::sampler::step(
+                Sampler::Euler,
+                &input,
+                &v_params(),
+                &mut MultistepState::default(),
+                None,
+            )
+            .unwrap();
             let ddim = ddim_step(&s, index, &x_ddim, &v, &v_params(), None).unwrap();
             assert_close(&ours.prev_sample, &ddim.prev_sample, 1e-6, "Euler vs DDIM");
             x_euler = ours.prev_sample;

@@ -12,7 +12,7 @@
 use candle_core::{Result, Tensor};
 
 use super::prediction::{x0_and_eps, Prediction};
-use super::sampler::{alpha_sigma, combine, exp_neg_h, StepInput, StepOutput};
+use super::step::{alpha_sigma, combine, exp_neg_h, StepInput, StepOutput};
 
 /// One Euler-ancestral step with noise `z` (standard normal, shaped like the sample).
 pub fn step(input: &StepInput, prediction: Prediction, z: &Tensor) -> Result<StepOutput> {
@@ -29,8 +29,9 @@ pub fn step(input: &StepInput, prediction: Prediction, z: &Tensor) -> Result<Ste
 
 #[cfg(test)]
 mod tests {
-    use super::super::ddim::{ddim_step, DdimParams};
+    use super::super::ddim::ddim_step;
     use super::super::sampler::Sampler;
+    use super::super::step::StepParams;
     use super::super::testing::*;
     use super::*;
 
@@ -72,7 +73,7 @@ mod tests {
         let x = tensor(&[0.9, -1.2]);
         let v = tensor(&[0.2, 0.4]);
         let z = tensor(&[-0.3, 1.1]);
-        let eta_one = DdimParams { eta: 1.0, ..v_params() };
+        let eta_one = StepParams { eta: 1.0, ..v_params() };
         for index in 0..8 {
             let input = StepInput {
                 schedule: &s,

@@ -1,5 +1,5 @@
 //! The paper's math on tensors: what the network predicts and how to turn it into x0 and eps
-//! ([`prediction`]), the samplers ([`sampler`] chooses and dispatches; one file each: [`ddim`],
+//! ([`prediction`]), the samplers ([`sampler`] chooses and dispatches, [`step`] holds what every step takes and gives; one file each: [`ddim`],
 //! [`euler`], [`euler_a`], [`dpmpp_2m`], [`dpmpp_2m_sde`], [`unipc`]), classifier-free guidance and its
 //! rescale ([`guidance`], Section 3.4), and the seeded initial and per-step noise ([`noise`]).
 //! Schedules come in as plain data ([`crate::schedule::Schedule`]); nothing here loads a model or
@@ -14,6 +14,7 @@ pub mod guidance;
 pub mod noise;
 pub mod prediction;
 pub mod sampler;
+pub mod step;
 #[cfg(test)]
 mod testing;
 pub mod unipc;

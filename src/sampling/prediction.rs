@@ -17,7 +17,7 @@ use std::str::FromStr;
 use candle_core::{Result, Tensor};
 
 /// What the model predicts (diffusers' `prediction_type`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Prediction {
     /// The added noise (SD 1.x, SD 2.x base).
     Epsilon,

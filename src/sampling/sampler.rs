@@ -17,9 +17,9 @@ use std::str::FromStr;
 
 use candle_core::{Result, Tensor};
 
-use super::ddim::{ddim_step, DdimParams};
+use super::ddim::ddim_step;
+use super::step::{MultistepState, StepInput, StepOutput, StepParams};
 use super::{dpmpp_2m, dpmpp_2m_sde, euler, euler_a, unipc};
-use crate::schedule::Schedule;
 
 /// `--sampler`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -97,57 +97,13 @@ impl FromStr for Sampler {
     }
 }
 
-/// One step's inputs: where in the schedule, the latents x_t and the (guided) model output.
-#[derive(Debug, Clone, Copy)]
-pub struct StepInput<'a> {
-    pub schedule: &'a Schedule,
-    /// 0-based sampling step.
-    pub index: usize,
-    pub sample: &'a Tensor,
-    pub model_output: &'a Tensor,
-}
-
-impl StepInput<'_> {
-    /// alpha_bar at this step's timestep.
-    pub fn alpha(&self) -> f64 {
-        self.schedule.alpha_cumprod(self.index)
-    }
-
-    /// alpha_bar of the next listed timestep, or 1 (sigma = 0) after the last: where the
-    /// non-DDIM samplers go.
-    pub fn next_alpha(&self) -> f64 {
-        self.schedule.next_alpha_cumprod_or_one(self.index)
-    }
-}
-
-/// The result of one step.
-#[derive(Debug, Clone)]
-pub struct StepOutput {
-    /// x_{t_prev}: the latents for the next step.
-    pub prev_sample: Tensor,
-    /// x0: the clean-sample estimate at this step.
-    pub pred_original_sample: Tensor,
-}
-
-/// What multistep samplers remember between steps.
-#[derive(Debug, Clone, Default)]
-pub struct History {
-    /// The previous step's alpha_bar and x0 (DPM++ 2M, UniPC).
-    pub previous: Option<(f64, Tensor)>,
-    /// The one before (UniPC's order-2 corrector).
-    pub older: Option<(f64, Tensor)>,
-    /// UniPC: the (corrected) sample the previous prediction started from, and its order.
-    pub last_sample: Option<Tensor>,
-    pub last_order: usize,
-}
-
 /// One step of `sampler` from `input.index` to the next timestep. `noise` (shaped like the
 /// sample) is required by the stochastic samplers and by DDIM with eta > 0.
 pub fn step(
     sampler: Sampler,
     input: &StepInput,
-    params: &DdimParams,
-    history: &mut History,
+    params: &StepParams,
+    history: &mut MultistepState,
     noise: Option<&Tensor>,
 ) -> Result<StepOutput> {
     if input.index >= input.schedule.timesteps.len() {
@@ -161,18 +117,14 @@ pub fn step(
         || noise.ok_or_else(|| candle_core::Error::Msg(format!("the {sampler} sampler needs per-step noise")));
     let output = match sampler {
         Sampler::Ddim => {
-            let out = ddim_step(
+            return ddim_step(
                 input.schedule,
                 input.index,
                 input.sample,
                 input.model_output,
                 params,
                 noise,
-            )?;
-            return Ok(StepOutput {
-                prev_sample: out.prev_sample,
-                pred_original_sample: out.pred_original_sample,
-            });
+            );
         }
         Sampler::Euler => euler::step(input, params.prediction)?,
         Sampler::EulerAncestral => euler_a::step(input, params.prediction, needs_noise()?)?,
@@ -181,43 +133,4 @@ pub fn step(
         Sampler::UniPc => unipc::step(input, params.prediction, history)?,
     };
     Ok(output)
-}
-
-/// (alpha, sigma) = (sqrt(a), sqrt(1 - a)) of alpha_bar `a`.
-pub(super) fn alpha_sigma(a: f64) -> (f64, f64) {
-    (a.sqrt(), (1.0 - a).sqrt())
-}
-
-/// The ratio e = exp(-h) = (sigma_t alpha_s) / (alpha_t sigma_s) of a step from alpha_bar `a_s` to
-/// `a_t` (h = lambda_t - lambda_s, lambda = log(alpha / sigma), the half log-SNR), written without
-/// lambda so that it is finite where lambda is not: 0 out of a_s = 0 (lambda_s = -inf) and into
-/// a_t = 1 (lambda_t = +inf).
-pub(super) fn exp_neg_h(a_s: f64, a_t: f64) -> f64 {
-    let ((alpha_s, sigma_s), (alpha_t, sigma_t)) = (alpha_sigma(a_s), alpha_sigma(a_t));
-    if alpha_s == 0.0 || sigma_t == 0.0 {
-        return 0.0;
-    }
-    (sigma_t * alpha_s) / (alpha_t * sigma_s)
-}
-
-/// lambda = log(alpha / sigma) = log(SNR) / 2; -inf at a = 0, +inf at a = 1.
-pub(super) fn lambda(a: f64) -> f64 {
-    0.5 * (a.ln() - (1.0 - a).ln())
-}
-
-/// `alpha_t x0 + sigma_t (c_eps eps + c_z z)`: the update every sampler here shares.
-pub(super) fn combine(
-    x0: &Tensor,
-    alpha_t: f64,
-    eps: &Tensor,
-    c_eps: f64,
-    noise: Option<(&Tensor, f64)>,
-) -> Result<Tensor> {
-    let mut x = ((x0 * alpha_t)? + (eps * c_eps)?)?;
-    if let Some((z, c_z)) = noise {
-        if c_z != 0.0 {
-            x = (x + (z * c_z)?)?;
-        }
-    }
-    Ok(x)
 }

@@ -2,9 +2,9 @@
 
 use candle_core::{Device, Tensor};
 
-use super::ddim::DdimParams;
 use super::prediction::Prediction;
-use super::sampler::{step, History, Sampler, StepInput};
+use super::sampler::{step, Sampler};
+use super::step::{MultistepState, StepInput, StepParams};
 use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
 
 pub fn schedule(steps: usize, zero_terminal_snr: bool, set_alpha_to_one: bool) -> Schedule {
@@ -27,8 +27,8 @@ pub fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
-pub fn v_params() -> DdimParams {
-    DdimParams {
+pub fn v_params() -> StepParams {
+    StepParams {
         prediction: Prediction::VPrediction,
         eta: 0.0,
         clip_sample_range: None,
@@ -52,7 +52,7 @@ pub fn run_perfect(
     noise: &Tensor,
 ) -> (Tensor, Vec<Tensor>) {
     let mut x = x_t.clone();
-    let mut history = History::default();
+    let mut history = MultistepState::default();
     let mut estimates = Vec::new();
     for index in 0..schedule.timesteps.len() {
         let v = perfect_v(&x, x0, schedule.alpha_cumprod(index));

@@ -19,7 +19,7 @@
 use candle_core::{Result, Tensor};
 
 use super::prediction::{x0_and_eps, Prediction};
-use super::sampler::{alpha_sigma, exp_neg_h, lambda, History, StepInput, StepOutput};
+use super::step::{alpha_sigma, exp_neg_h, lambda, MultistepState, StepInput, StepOutput};
 
 /// UniPC's solver order (diffusers' default for guided sampling is 2).
 const SOLVER_ORDER: usize = 2;
@@ -49,7 +49,7 @@ fn difference(m_i: &Tensor, m0: &Tensor, r_i: f64) -> Result<Tensor> {
 /// One UniPC step: correct `input.sample` with the new x0 (from the second step on), then predict
 /// the next sample. `history` keeps the last two x0 estimates, the sample the previous
 /// prediction started from and its order.
-pub fn step(input: &StepInput, prediction: Prediction, history: &mut History) -> Result<StepOutput> {
+pub fn step(input: &StepInput, prediction: Prediction, history: &mut MultistepState) -> Result<StepOutput> {
     let index = input.index;
     let steps = input.schedule.timesteps.len();
     let (a, a_next) = (input.alpha(), input.next_alpha());
@@ -112,7 +112,7 @@ mod tests {
         let mut alphas: Vec<f64> = (0..steps).map(|i| s.alpha_cumprod(i)).collect();
         alphas.push(1.0);
         let (mut x, mut x_ours) = (0.8f64, tensor(&[0.8]));
-        let mut history = History::default();
+        let mut history = MultistepState::default();
         let (mut outputs, mut last_sample, mut this_order): (Vec<f64>, Option<f64>, usize) = (vec![], None, 0);
         for i in 0..steps {
             let out = -0.4 + 0.07 * i as f64;
@@ -181,7 +181,7 @@ mod tests {
         let s = schedule(10, true, false);
         let (x_t, x0) = (tensor(&[1.3, -0.7]), tensor(&[0.25, -0.5]));
         let mut x = x_t.clone();
-        let mut history = History::default();
+        let mut history = MultistepState::default();
         for index in 0..10 {
             let v = (perfect_v(&x, &x0, s.alpha_cumprod(index)) + 0.05 * index as f64).unwrap();
             let input = StepInput {

@@ -4,9 +4,16 @@
 //!
 //! Every field is optional and unknown fields are ignored: A1111 clients (`webuiapi` sends about
 //! 45 fields) set many things sdfix has no use for (`restore_faces`, `enable_hr`, `styles`, ...),
-//! and a null means "the default". A field of the wrong type is an error that names it.
+//! and a null means "the default". The settings of a request come in as the engine's one
+//! [`Overrides`] (so every sdfix setting is a request field too: `guidance_rescale`, `spacing`,
+//! `zero_snr`, `sigmas`, `terminal_alpha_bar`, ...), with A1111's names as aliases
+//! (`cfg_scale`, `denoising_strength`); the A1111-only fields (`seed: -1`, `sampler_name`,
+//! `scheduler`, `batch_size`, `n_iter`, `resize_mode`, ...) are read here. A field of the wrong
+//! type is an error that names it, and so is any setting the engine refuses
+//! ([`RequestError::render`] in A1111's words).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -14,12 +21,11 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::Limits;
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode};
-use crate::engine::request::{
-    DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS, DEFAULT_STRENGTH,
-};
-use crate::engine::Request;
+use crate::engine::overrides::InputReader;
+use crate::engine::{Field, Overrides, Request, RequestError, Words};
 use crate::sampling::Sampler;
-use crate::schedule::{SigmaSchedule, TimestepSpacing};
+use crate::schedule::SigmaSchedule;
+use crate::weights::lora::Loras;
 
 /// A1111's `sd_noise_schedule` option values.
 pub const NOISE_SCHEDULE_ZERO_SNR: &str = "Zero Terminal SNR";
@@ -35,32 +41,22 @@ const RANDOM_SEED: i64 = -1;
 /// The body of `POST /sdapi/v1/txt2img`: the fields sdfix reads.
 #[derive(Debug, Default, Deserialize)]
 pub struct Txt2Img {
-    pub prompt: Option<String>,
-    pub negative_prompt: Option<String>,
+    /// Every setting of a request by its key or A1111 alias: `prompt`, `negative_prompt`,
+    /// `steps`, `cfg_scale`, `width`, `height`, `eta` (DDIM's only; other samplers ignore it, as
+    /// A1111's ancestral eta has no counterpart here), and sdfix's own.
+    #[serde(flatten)]
+    pub settings: Overrides,
     /// -1 (or absent) draws a random seed; image k uses seed + k (as A1111).
     pub seed: Option<i64>,
     /// Images per UNet batch in A1111; here images per repeat, at most `--max-batch`.
     pub batch_size: Option<usize>,
     /// Repeats of `batch_size` images.
     pub n_iter: Option<usize>,
-    pub steps: Option<usize>,
-    pub cfg_scale: Option<f64>,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
     pub sampler_name: Option<String>,
     /// Old A1111 clients name the sampler here.
     pub sampler_index: Option<String>,
     /// A1111's schedule type: Automatic, Uniform, Karras or Exponential.
     pub scheduler: Option<String>,
-    /// DDIM's eta; for the other samplers A1111's ancestral eta, which sdfix fixes at 1 for
-    /// `Euler a` and does not take.
-    pub eta: Option<f64>,
-    /// The paper's fix 4: CFG rescale phi [default 0.7].
-    pub guidance_rescale: Option<f64>,
-    /// The paper's fix 3: trailing (default), leading or linspace.
-    pub spacing: Option<String>,
-    /// The paper's fix 1 [default: the model's scheduler config].
-    pub zero_snr: Option<bool>,
     /// `sd_model_checkpoint` (a model for this request only) and `sd_noise_schedule`.
     pub override_settings: Option<BTreeMap<String, Value>>,
     /// Also write the images to `--out-dir` with the manifest.
@@ -70,72 +66,82 @@ pub struct Txt2Img {
 }
 
 /// The body of `POST /sdapi/v1/img2img`: txt2img's fields plus the picture, strength and mask
-/// (A1111's `StableDiffusionImg2ImgProcessingAPI`; its other fields are ignored).
+/// (A1111's `StableDiffusionImg2ImgProcessingAPI`; its other fields are ignored). `mask`,
+/// `mask_blur` and `denoising_strength` are settings ([`Overrides`]).
 #[derive(Debug, Default, Deserialize)]
 pub struct Img2Img {
     #[serde(flatten)]
     pub base: Txt2Img,
     /// Base64 pictures (a `data:image/...;base64,` prefix is stripped); the first is used.
     pub init_images: Option<Vec<String>>,
-    /// A1111's strength [default 0.75].
-    pub denoising_strength: Option<f64>,
-    /// Base64 mask: white repaints, black keeps.
-    pub mask: Option<String>,
-    /// Blur of the mask's edge for the paste-back, px [default 4].
-    pub mask_blur: Option<f64>,
     /// 1 repaints the black part instead.
     pub inpainting_mask_invert: Option<u8>,
     /// 0 just resize (stretch), 1 crop and resize, 2 resize and fill (fit) [default 0, as A1111].
     pub resize_mode: Option<u8>,
 }
 
-/// A base64 picture of a request, decoded (its label names the field in errors and records).
-fn decode_base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+/// A base64 picture of a request, decoded.
+fn decode_base64(value: &str) -> anyhow::Result<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
         .decode(strip_data_url(value).trim())
-        .map_err(|e| ApiError::invalid(format!("{field}: not base64 ({e})")))
+        .map_err(|e| anyhow::anyhow!("not base64 ({e})"))
+}
+
+/// Reads a request's pictures from base64 (`init_images[0]`, `mask`); LoRAs are the server's.
+#[derive(Default)]
+struct Base64Inputs {
+    invert_mask: bool,
+}
+
+impl InputReader for Base64Inputs {
+    fn init_image(&mut self, reference: &str) -> anyhow::Result<Arc<InitImage>> {
+        InitImage::decode(&decode_base64(reference)?, "init_images[0]")
+    }
+
+    fn mask(&mut self, reference: &str) -> anyhow::Result<Arc<MaskImage>> {
+        let mask = MaskImage::decode(&decode_base64(reference)?, "mask")?;
+        if !self.invert_mask {
+            return Ok(mask);
+        }
+        let mut inverted = (*mask).clone();
+        image::imageops::invert(&mut inverted.pixels);
+        Ok(Arc::new(inverted))
+    }
+
+    fn loras(&mut self, _: &[String]) -> anyhow::Result<Arc<Loras>> {
+        anyhow::bail!("are not taken per request by this server (start `sdfix serve` with --lora)")
+    }
+}
+
+/// A refused setting, in A1111's words.
+fn invalid(err: &RequestError) -> ApiError {
+    ApiError::invalid(err.render(Words::Api))
 }
 
 impl Img2Img {
-    /// [`Txt2Img::resolve`], then the picture and mask decoded and checked.
+    /// [`Txt2Img::resolve`] with the picture, strength and mask.
     pub fn resolve(
-        self,
+        mut self,
         limits: &Limits,
         noise_schedule: Option<bool>,
         random_seed: u64,
     ) -> Result<Resolved, ApiError> {
-        let mut resolved = self.base.resolve(limits, noise_schedule, random_seed)?;
         let first = self
             .init_images
-            .as_ref()
-            .and_then(|images| images.first())
+            .take()
+            .and_then(|images| images.into_iter().next())
             .ok_or_else(|| ApiError::invalid("init_images: give one base64 picture to start from"))?;
-        let init = InitImage::decode(&decode_base64("init_images[0]", first)?, "init_images[0]")
-            .map_err(|e| ApiError::invalid(field_names(&format!("{e:#}")).replace("--init-image ", "")))?;
-        let request = &mut resolved.request;
-        request.init_image = Some(init);
-        if let Some(mask) = &self.mask {
-            let decoded = MaskImage::decode(&decode_base64("mask", mask)?, "mask")
-                .map_err(|e| ApiError::invalid(format!("{e:#}").replace("--mask ", "")))?;
-            let decoded = match self.inpainting_mask_invert {
-                None | Some(0) => decoded,
-                Some(1) => {
-                    let mut inverted = (*decoded).clone();
-                    image::imageops::invert(&mut inverted.pixels);
-                    std::sync::Arc::new(inverted)
-                }
-                Some(other) => {
-                    return Err(ApiError::invalid(format!(
-                        "inpainting_mask_invert: expected 0 or 1, got {other}"
-                    )))
-                }
-            };
-            request.mask = Some(decoded);
-            request.mask_blur = self.mask_blur;
-        }
-        request.strength = Some(self.denoising_strength.unwrap_or(DEFAULT_STRENGTH));
-        request.resize = match self.resize_mode.unwrap_or(0) {
+        let invert_mask = match self.inpainting_mask_invert {
+            None | Some(0) => false,
+            Some(1) => true,
+            Some(other) => {
+                return Err(ApiError::invalid(format!(
+                    "inpainting_mask_invert: expected 0 or 1, got {other}"
+                )))
+            }
+        };
+        let resize = match self.resize_mode.unwrap_or(0) {
             0 => ResizeMode::Stretch,
             1 => ResizeMode::Crop,
             2 => ResizeMode::Fit,
@@ -146,8 +152,16 @@ impl Img2Img {
                 )))
             }
         };
+        let settings = &mut self.base.settings;
+        settings.init_image = Some(first);
+        settings.resize = Some(resize);
+        if settings.mask.is_none() {
+            // A1111 clients send a mask blur with every img2img request.
+            settings.mask_blur = None;
+        }
         // A1111 makes `width` x `height` (default 512); without them, the picture's own size.
-        Ok(resolved)
+        self.base
+            .resolve_with(limits, noise_schedule, random_seed, &mut Base64Inputs { invert_mask })
     }
 }
 
@@ -253,25 +267,33 @@ fn scheduler_label(sigmas: SigmaSchedule) -> &'static str {
         .map_or("Automatic", |(_, label, _)| label)
 }
 
-/// An image side: positive, a multiple of 8 (the VAE factor; the engine then checks the UNet's
-/// own multiple, 64 for SD).
-fn check_side(field: &str, value: Option<usize>) -> Result<Option<usize>, ApiError> {
-    match value {
-        Some(v) if v == 0 || v % 8 != 0 => Err(ApiError::invalid(format!(
-            "{field}: {v} must be a positive multiple of 8"
-        ))),
-        _ => Ok(value),
-    }
-}
-
 impl Txt2Img {
     /// Checks every field against `limits` and translates it; `noise_schedule` is the server's
     /// `sd_noise_schedule` option (None: the model's config), `random_seed` the seed for -1.
+    /// A1111's txt2img takes no picture: its `denoising_strength` is the hires fix's, and
+    /// `mask` and `mask_blur` are img2img's, so they are ignored here.
     pub fn resolve(
+        mut self,
+        limits: &Limits,
+        noise_schedule: Option<bool>,
+        random_seed: u64,
+    ) -> Result<Resolved, ApiError> {
+        let settings = &mut self.settings;
+        (
+            settings.init_image,
+            settings.mask,
+            settings.strength,
+            settings.mask_blur,
+        ) = (None, None, None, None);
+        self.resolve_with(limits, noise_schedule, random_seed, &mut Base64Inputs::default())
+    }
+
+    fn resolve_with(
         self,
         limits: &Limits,
         noise_schedule: Option<bool>,
         random_seed: u64,
+        inputs: &mut Base64Inputs,
     ) -> Result<Resolved, ApiError> {
         let overrides = self.override_settings.unwrap_or_default();
         let model = match overrides.get("sd_model_checkpoint") {
@@ -283,13 +305,13 @@ impl Txt2Img {
                 )))
             }
         };
-        let zero_snr = match (self.zero_snr, overrides.get("sd_noise_schedule")) {
+        let zero_snr = match (self.settings.zero_snr, overrides.get("sd_noise_schedule")) {
             (Some(z), _) => Some(z),
             (None, None | Some(Value::Null)) => noise_schedule,
             (None, Some(v)) => Some(parse_noise_schedule(v, "override_settings.sd_noise_schedule")?),
         };
         let (sampler, suffix_sigmas) = match self.sampler_name.or(self.sampler_index) {
-            None => (Sampler::Ddim, None),
+            None => (self.settings.sampler.unwrap_or_default(), None),
             Some(name) => parse_sampler(&name).ok_or_else(|| {
                 let names: Vec<&str> = Sampler::ALL.iter().map(|s| s.a1111_name()).collect();
                 ApiError::invalid(format!(
@@ -299,7 +321,7 @@ impl Txt2Img {
             })?,
         };
         let sigmas = match self.scheduler.as_deref() {
-            None => suffix_sigmas.unwrap_or_default(),
+            None => suffix_sigmas.or(self.settings.sigmas).unwrap_or_default(),
             Some(name) => {
                 let (_, sigmas) = parse_scheduler(name).ok_or_else(|| {
                     let names: Vec<&str> = SCHEDULERS.iter().map(|(_, label, _)| *label).collect();
@@ -316,22 +338,26 @@ impl Txt2Img {
                 }
             }
         };
-        let spacing = match self.spacing.as_deref() {
-            None => DEFAULT_SPACING,
-            Some(s) => s
-                .parse::<TimestepSpacing>()
-                .map_err(|e| ApiError::invalid(format!("spacing: {e}")))?,
-        };
-        let steps = self.steps.unwrap_or(DEFAULT_STEPS);
+        let mut request = Request::new("");
+        self.settings.apply(&mut request, inputs).map_err(|e| invalid(&e))?;
+        request.zero_snr = zero_snr;
+        request.sampler = sampler;
+        request.sigmas = sigmas;
+        // A1111's `eta` is DDIM's and the ancestral samplers'; only DDIM takes one here.
+        if sampler != Sampler::Ddim {
+            request.eta = 0.0;
+        }
+        let steps = request.steps;
         if steps == 0 || steps > limits.max_steps {
-            return Err(ApiError::invalid(format!(
-                "steps: {steps} must be between 1 and {} (the server's --max-steps)",
-                limits.max_steps
+            return Err(invalid(&RequestError::new(
+                Field::Steps,
+                format!(
+                    "{steps} must be between 1 and {} (the server's --max-steps)",
+                    limits.max_steps
+                ),
             )));
         }
-        let width = check_side("width", self.width)?;
-        let height = check_side("height", self.height)?;
-        if let (Some(w), Some(h)) = (width, height) {
+        if let (Some(w), Some(h)) = (request.width, request.height) {
             if w.saturating_mul(h) > limits.max_pixels {
                 return Err(ApiError::invalid(format!(
                     "width, height: {w}x{h} is {} pixels, over the server's --max-pixels {}",
@@ -353,7 +379,7 @@ impl Txt2Img {
                 "n_iter: {n_iter} must be between 1 and {MAX_N_ITER}"
             )));
         }
-        let seed = match self.seed {
+        request.seed = match self.seed {
             None | Some(RANDOM_SEED) => random_seed,
             Some(s) if s < 0 => {
                 return Err(ApiError::invalid(format!(
@@ -362,27 +388,7 @@ impl Txt2Img {
             }
             Some(s) => s as u64,
         };
-        let request = Request {
-            negative_prompt: self.negative_prompt.unwrap_or_default(),
-            seed,
-            num_images: Some(batch_size * n_iter),
-            steps,
-            guidance: self.cfg_scale.unwrap_or(DEFAULT_GUIDANCE),
-            guidance_rescale: self.guidance_rescale.unwrap_or(DEFAULT_GUIDANCE_RESCALE),
-            spacing,
-            zero_snr,
-            // A1111's `eta` is DDIM's and the ancestral samplers'; only DDIM takes one here.
-            eta: if sampler == Sampler::Ddim {
-                self.eta.unwrap_or(0.0)
-            } else {
-                0.0
-            },
-            sampler,
-            sigmas,
-            width,
-            height,
-            ..Request::new(&self.prompt.unwrap_or_default())
-        };
+        request.num_images = Some(batch_size * n_iter);
         Ok(Resolved {
             request,
             model,
@@ -396,32 +402,6 @@ impl Txt2Img {
     }
 }
 
-/// The engine's messages name command-line flags; a client sees the request fields instead.
-const FLAG_FIELDS: [(&str, &str); 15] = [
-    ("--strength", "denoising_strength"),
-    ("--init-image", "init_images"),
-    ("--mask-blur", "mask_blur"),
-    ("--mask", "mask"),
-    ("--resize", "resize_mode"),
-    ("--guidance-rescale", "guidance_rescale"),
-    ("--guidance", "cfg_scale"),
-    ("--steps", "steps"),
-    ("--width", "width"),
-    ("--height", "height"),
-    ("--eta", "eta"),
-    ("--no-zero-snr", "zero_snr: false"),
-    ("--zero-snr", "zero_snr"),
-    ("--spacing", "spacing"),
-    ("--sampler", "sampler_name"),
-];
-
-/// An engine error about a request, with flag names turned into field names.
-pub fn field_names(message: &str) -> String {
-    FLAG_FIELDS
-        .iter()
-        .fold(message.to_string(), |m, (flag, field)| m.replace(flag, field))
-}
-
 /// Strips a `data:image/png;base64,` prefix from an image a client sends (A1111 accepts both).
 pub fn strip_data_url(image: &str) -> &str {
     match image.split_once(";base64,") {
@@ -433,6 +413,8 @@ pub fn strip_data_url(image: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::request::DEFAULT_GUIDANCE_RESCALE;
+    use crate::schedule::TimestepSpacing;
 
     fn limits() -> Limits {
         Limits {
@@ -510,20 +492,25 @@ mod tests {
         }
     }
 
+    /// The engine's refusals are worded with A1111's field names (the request error's field,
+    /// not a rewrite of the command line's message).
     #[test]
     fn engine_messages_name_fields() {
-        assert_eq!(
-            field_names("--height 40 must be a positive multiple of 64"),
-            "height 40 must be a positive multiple of 64"
-        );
-        assert_eq!(
-            field_names("--guidance-rescale 2 must be within 0..1"),
-            "guidance_rescale 2 must be within 0..1"
-        );
-        assert_eq!(
-            field_names("--guidance -1 must not be negative"),
-            "cfg_scale -1 must not be negative"
-        );
+        let err = RequestError::new(Field::Guidance, "-1 must not be negative");
+        assert_eq!(invalid(&err).detail, "cfg_scale -1 must not be negative");
+        let err = RequestError::new(Field::Sigmas, "needs {terminal_alpha_bar=comfy}");
+        assert_eq!(invalid(&err).detail, "scheduler needs terminal_alpha_bar: \"comfy\"");
+    }
+
+    #[test]
+    fn txt2img_ignores_the_hires_strength_and_img2img_takes_the_picture_fields() {
+        let r = resolve(json!({"denoising_strength": 0.7, "mask_blur": 4})).unwrap();
+        assert_eq!((r.request.strength, r.request.mask_blur), (None, None));
+        let r = resolve(json!({"sampler": "euler_a", "sigmas": "karras", "terminal_alpha_bar": "comfy"})).unwrap();
+        assert_eq!(r.request.sampler, Sampler::EulerAncestral);
+        assert_eq!(r.request.sigmas, SigmaSchedule::Karras);
+        let err = resolve(json!({"sampler": "heun"})).unwrap_err();
+        assert!(err.detail.contains("heun"), "{}", err.detail);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use super::error::ApiError;
 use super::models::ModelEntry;
 use super::worker::{Finished, Shared, Task};
 use super::{AppState, MAX_BODY_BYTES};
-use crate::engine::{Engine, Job};
+use crate::engine::{Engine, Job, Words};
 use crate::output::{manifest, png};
 
 type AppResult<T> = Result<T, ApiError>;
@@ -161,7 +161,7 @@ fn check_request(state: &AppState, resolved: &Resolved) -> AppResult<Checked> {
     with_checker(state, &entry, |engine| {
         let job = engine
             .job(resolved.request.clone())
-            .map_err(|e| ApiError::invalid(api::field_names(&format!("{e:#}"))))?;
+            .map_err(|e| ApiError::invalid(e.render(Words::Api)))?;
         let factor = engine.configs().vae.downscale_factor();
         let (_, h, w) = job.latent_shape;
         Ok(Checked {

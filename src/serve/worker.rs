@@ -3,7 +3,7 @@
 //! A1111 and stable-diffusion.cpp serialise jobs too: parallel jobs on one device do not raise
 //! throughput, they only split memory. The queue is a bounded FIFO ([`Shared::push`] refuses past
 //! `--queue`); the worker takes the oldest task and with it every later task of the same model
-//! whose settings can share a UNet batch ([`batch_key`]), up to `--max-batch` images, and runs
+//! whose settings can share a UNet batch ([`BatchKey`]), up to `--max-batch` images, and runs
 //! them as one [`Engine::run`]. A model switch happens between runs: the engine of the next
 //! task's model is opened when the previous run is over.
 //!
@@ -21,7 +21,7 @@ use anyhow::{anyhow, Result};
 use candle_core::{DType, Device};
 use tokio::sync::oneshot;
 
-use crate::engine::batch::{batch_key, plan_batches};
+use crate::engine::batch::{plan_batches, BatchKey};
 use crate::engine::{Engine, Event, GeneratedImage, Interrupted, Job, Observer};
 use crate::pipeline::StepInfo;
 
@@ -158,14 +158,14 @@ impl Shared {
             queue = self.wake.wait(queue).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         let first = queue.pop_front().expect("the queue is not empty");
-        let key = batch_key(&first.job);
+        let key = BatchKey::of(&first.job);
         let mut images = first.job.images.len();
         let mut run = vec![first];
         let mut i = 0;
         while i < queue.len() {
             let task = &queue[i];
             let fits = images + task.job.images.len() <= max_images;
-            if fits && task.location == run[0].location && batch_key(&task.job) == key {
+            if fits && task.location == run[0].location && BatchKey::of(&task.job) == key {
                 images += task.job.images.len();
                 run.extend(queue.remove(i));
             } else {

@@ -1,4 +1,4 @@
-//! `sdfix finetune`: the paper's training half (Lin et al. 2023, Sections 3.1-3.2). A model
+//! `sdfix finetune`: the paper's training half (Lin et al. 2024, Sections 3.1-3.2). A model
 //! trained on the stock schedule is fine-tuned on the schedule rescaled to zero terminal SNR with
 //! the v-prediction loss; sampler-side fixes alone cannot make it draw true black or white.
 //!

@@ -1,4 +1,4 @@
-//! The training objective of Lin et al. 2023 (Sections 3.1 and 3.2): the noise schedule rescaled
+//! The training objective of Lin et al. 2024 (Sections 3.1 and 3.2): the noise schedule rescaled
 //! to zero terminal SNR (Algorithm 1) from the model's own betas, and the v-prediction loss
 //! (Salimans & Ho 2022), MSE between the UNet's output and
 //! `v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0`, with `t` drawn uniformly from all `T`

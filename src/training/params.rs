@@ -71,16 +71,6 @@ impl TrainableWeights {
     pub fn values(&self) -> Vec<Tensor> {
         self.vars.iter().map(|v| v.as_tensor().detach()).collect()
     }
-
-    /// Sets every var from `tensors` (a checkpoint), by name.
-    pub fn set_from(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        for (name, var) in self.names.iter().zip(&self.vars) {
-            let value = tensors.get(name).with_context(|| format!("checkpoint lacks {name}"))?;
-            var.set(&value.to_device(var.device())?.to_dtype(DType::F32)?)
-                .with_context(|| format!("restoring {name}"))?;
-        }
-        Ok(())
-    }
 }
 
 /// Writes `tensors` as a safetensors file (candle's writer, which sorts the keys).

@@ -90,15 +90,6 @@ pub fn check_pickle<R: Read>(reader: BufReader<R>) -> Result<()> {
     }
 }
 
-/// Whether `path` starts like a zip file (PyTorch's format since 1.6).
-pub fn is_zip(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == *b"PK\x03\x04"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! What a single file predicts (epsilon or v) and whether it was trained with zero terminal SNR
-//! (Lin et al. 2023, Section 3.1): nothing in an LDM checkpoint's weights says so, and sampling a
+//! (Lin et al. 2024, Section 3.1): nothing in an LDM checkpoint's weights says so, and sampling a
 //! v-model as epsilon (or the reverse) draws noise. Each answer is the first of these found, and
 //! is printed with its source (`docs/single-file.md`):
 //!
@@ -24,10 +24,10 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::loader::Weights;
-use super::single_file::{Family, SingleFile, SingleFileOptions};
+use super::{Family, SingleFile, SingleFileOptions};
 use crate::config::unet::UNetConfig;
 use crate::model::unet::UNet2DConditionModel;
+use crate::weights::weight_file::Weights;
 
 pub const EPSILON: &str = "epsilon";
 pub const V_PREDICTION: &str = "v_prediction";

@@ -13,12 +13,14 @@
 //!    synthesised: models/arch's SD 1.5 / 2.1 configs (built into the binary) with every size
 //!    the shapes tell (channels, levels, resnets and transformer depth per level, cross-attention
 //!    width, projection kind); heads as SD does (8 for SD 1.x, 64 channels each for SD 2.x).
-//! 4. Prediction type and zero terminal SNR ([`super::detect`]).
+//! 4. Prediction type and zero terminal SNR ([`detect`]).
 //!
 //! Tensors are then read one at a time through [`Renamed`], as from a folder, from the file opened
 //! again for each component load (its header freed with it, as a folder's per-file header is):
 //! the weights, reads and buffers are the folder's, and the live heap peaks within 0.6 MB of the
 //! folder's (docs/performance.md).
+
+pub mod detect;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,7 +32,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
 use serde_json::{json, Value};
 
-use super::detect::{self, Detection, Marks};
+use self::detect::{Detection, Marks};
 use super::ldm_keys::{
     self, is_junk, RenameMap, Source, Transform, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_EMA_PREFIX, UNET_PREFIX,
     VAE_PREFIX,
@@ -42,11 +44,11 @@ use super::safetensors_reader::SafetensorsReader;
 pub const EXTENSIONS: &[&str] = &["safetensors", "ckpt", "pt", "pth"];
 
 /// models/arch's configs, built in so that a single file needs nothing else.
-const SD1_UNET: &str = include_str!("../../models/arch/sd1.5/unet/config.json");
-const SD1_VAE: &str = include_str!("../../models/arch/sd1.5/vae/config.json");
-const SD1_TEXT: &str = include_str!("../../models/arch/sd1.5/text_encoder/config.json");
-const SD2_UNET: &str = include_str!("../../models/arch/sd2.1-base/unet/config.json");
-const SD2_TEXT: &str = include_str!("../../models/arch/sd2.1/text_encoder/config.json");
+const SD1_UNET: &str = include_str!("../../../models/arch/sd1.5/unet/config.json");
+const SD1_VAE: &str = include_str!("../../../models/arch/sd1.5/vae/config.json");
+const SD1_TEXT: &str = include_str!("../../../models/arch/sd1.5/text_encoder/config.json");
+const SD2_UNET: &str = include_str!("../../../models/arch/sd2.1-base/unet/config.json");
+const SD2_TEXT: &str = include_str!("../../../models/arch/sd2.1/text_encoder/config.json");
 
 /// SD's attention heads: 8 per transformer in SD 1.x; 64 channels per head in SD 2.x (and in
 /// both CLIP text encoders).
