@@ -12,11 +12,13 @@ with 2^-24. Deterministic cases store diffusers' final latents and 8-bit images;
 samplers (their noise comes from torch) store final latents of STOCHASTIC_IMAGES images for a
 comparison of statistics. Writes tests/fixtures/refs/samplers.safetensors (with the library
 versions in its metadata) and tests/fixtures/refs/samplers.json (each case's sdfix arguments).
+RANGE_CASES (Euler with Karras / exponential ramps on the stock schedule and with `--sigma-range
+spacing`) come last, so the initial latents of the cases before them do not move.
 
 The initial latents z given to sdfix are VP latents (x_T = z). diffusers' Euler-type schedulers
 keep x / alpha and multiply given latents by `init_noise_sigma`, which for trailing spacing is
 sigma_max rather than sqrt(sigma_max^2 + 1): we hand them z * sqrt(sigma_max^2 + 1) /
-init_noise_sigma, so that their UNet input at t = T is z too (README, "Where sdfix departs from
+init_noise_sigma, so that their UNet input at t = T is z too (docs/compatibility.md, "Where sdfix departs from
 diffusers").
 """
 
@@ -102,6 +104,37 @@ CASES = {
     "euler_karras": (
         ["--prompt", "solid black background", "--steps", "10", "--sampler", "euler", "--sigmas", "karras"],
         EulerDiscreteScheduler, dict(use_karras_sigmas=True), dict(BLACK, num_inference_steps=10), 1, 8, 8,
+    ),
+}
+
+# Made after every other case (their initial latents stay as they were), with run() like CASES.
+# The first sets the Karras ramp's sigma_min to sigma(t = 0) as euler_karras does, on the stock
+# schedule; the `--sigma-range spacing` ones leave diffusers' Euler at its defaults (the ramp
+# between the sigmas of the first and last spaced timesteps), which that flag reproduces.
+# name: (sdfix arguments, scheduler overrides, pipeline arguments, sigma_min = sigma(t = 0)?)
+STOCK = dict(rescale_betas_zero_snr=False)
+RANGE_CASES = {
+    "euler_karras_stock": (
+        ["--prompt", "solid black background", "--steps", "10", "--sampler", "euler", "--sigmas", "karras",
+         "--no-zero-snr"],
+        dict(STOCK, use_karras_sigmas=True), dict(BLACK, num_inference_steps=10), True,
+    ),
+    "euler_karras_spacing": (
+        ["--prompt", "solid black background", "--steps", "10", "--sampler", "euler", "--sigmas", "karras",
+         "--sigma-range", "spacing"],
+        dict(use_karras_sigmas=True), dict(BLACK, num_inference_steps=10), False,
+    ),
+    "euler_karras_stock_spacing": (
+        ["--prompt", "a red circle", "--steps", "14", "--sampler", "euler", "--sigmas", "karras",
+         "--sigma-range", "spacing", "--no-zero-snr"],
+        dict(STOCK, use_karras_sigmas=True),
+        dict(prompt="a red circle", num_inference_steps=14, guidance_scale=7.5, guidance_rescale=0.7), False,
+    ),
+    # leading spacing (steps_offset 1) never visits t = T: both ends of the ramp move.
+    "euler_exponential_leading_spacing": (
+        ["--prompt", "solid black background", "--steps", "10", "--sampler", "euler", "--sigmas", "exponential",
+         "--sigma-range", "spacing", "--spacing", "leading"],
+        dict(use_exponential_sigmas=True, timestep_spacing="leading"), dict(BLACK, num_inference_steps=10), False,
     ),
 }
 
@@ -211,6 +244,19 @@ def main() -> None:
         tensors[f"{name}.initial"] = initial
         tensors[f"{name}.final"] = final
         cases[name] = args + ["--terminal-alpha-bar", "diffusers", "--batch-size", str(STOCHASTIC_IMAGES)]
+        print(f"{name}: final latents mean {final.mean():.4f} std {final.std():.4f}")
+    for name, (args, overrides, call, sigma_min_at_0) in RANGE_CASES.items():
+        if sigma_min_at_0:
+            # sigma(t = 0) of the case's own schedule (stock or zero-SNR: alpha_bar_0 is the same).
+            stock = EulerDiscreteScheduler.from_config(dict(base_config, **overrides))
+            a0 = float(stock.alphas_cumprod[0])
+            overrides = dict(overrides, sigma_min=((1 - a0) / a0) ** 0.5)
+        initial = torch.randn((1, 4, 8, 8), generator=generator)
+        final = run(pipe, base_config, EulerDiscreteScheduler, overrides, call, initial)
+        tensors[f"{name}.initial"] = initial
+        tensors[f"{name}.final"] = final
+        tensors[f"{name}.image"] = to_uint8(pipe, final)
+        cases[name] = args + ["--terminal-alpha-bar", "diffusers"]
         print(f"{name}: final latents mean {final.mean():.4f} std {final.std():.4f}")
     safetensors.torch.save_file(
         {k: v.contiguous() for k, v in tensors.items()},

@@ -70,10 +70,42 @@ fn unipc_matches_diffusers_for_an_epsilon_model_without_zero_snr() {
 }
 
 /// Karras noise levels with Euler, against diffusers' `EulerDiscreteScheduler` with
-/// `use_karras_sigmas` (and its `sigma_min` set to sigma(t = 0), see README's departures).
+/// `use_karras_sigmas` (and its `sigma_min` set to sigma(t = 0), see docs/compatibility.md).
 #[test]
 fn euler_with_karras_sigmas_matches_diffusers() {
     assert_case_matches_diffusers("euler_karras");
+}
+
+/// Final latents of the Euler ramp cases against diffusers within this (max abs), tighter than
+/// [`LATENT_TOLERANCE`]: each step is the same arithmetic as diffusers' up to f32 rounding, so a
+/// wrong ramp end or a wrong start (e.g. diffusers' trailing `init_noise_sigma` = sigma_max
+/// instead of sqrt(sigma_max^2 + 1), 0.23% of x_T on the stock schedule) shows at 1e-2.
+const RAMP_LATENT_TOLERANCE: f32 = 1e-4;
+
+fn assert_ramp_case_matches_diffusers(name: &str) {
+    common::assert_reference_case("samplers", name, (RAMP_LATENT_TOLERANCE, PIXEL_TOLERANCE), REGENERATE);
+}
+
+/// Karras noise levels with Euler on the stock schedule (`--no-zero-snr`, finite sigma_max =
+/// sigma(999) = 14.61), against diffusers' `EulerDiscreteScheduler` with `use_karras_sigmas`
+/// and `sigma_min` = sigma(t = 0).
+#[test]
+fn euler_with_karras_sigmas_matches_diffusers_on_the_stock_schedule() {
+    assert_ramp_case_matches_diffusers("euler_karras_stock");
+}
+
+/// `--sigma-range spacing` reproduces diffusers' Euler defaults, whose Karras / exponential ramp
+/// runs between the sigmas of the first and last spaced timesteps: zero SNR and stock (trailing),
+/// and exponential with leading spacing (both ends inside (0, T - 1)).
+#[test]
+fn sigma_range_spacing_matches_diffusers_euler_defaults() {
+    for name in [
+        "euler_karras_spacing",
+        "euler_karras_stock_spacing",
+        "euler_exponential_leading_spacing",
+    ] {
+        assert_ramp_case_matches_diffusers(name);
+    }
 }
 
 /// Karras and exponential noise levels, against diffusers' DPM-Solver++ sigmas and step with the

@@ -14,7 +14,7 @@ use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode}
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
 use crate::engine::{ModelOptions, Request};
 use crate::sampling::{Prediction, Sampler};
-use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
+use crate::schedule::{SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
 use crate::weights::lora::LoraSpec;
 use crate::weights::single_file::SingleFileOptions;
@@ -176,6 +176,11 @@ pub struct SamplerArgs {
     #[arg(long, value_name = "KIND", default_value_t = SigmaSchedule::Schedule)]
     pub sigmas: SigmaSchedule,
 
+    /// Where a --sigmas ramp ends: model (sigma(t = 0) to sigma(T), as k-diffusion, A1111 and
+    /// ComfyUI) or spacing (the first and last timesteps of --spacing, as diffusers' Euler).
+    #[arg(long, value_name = "RANGE", default_value_t = SigmaRange::Model)]
+    pub sigma_range: SigmaRange,
+
     /// Classifier-free guidance scale; at or below 1 the negative prompt is not used.
     #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
     pub guidance: f64,
@@ -320,6 +325,7 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         sampler: sampler.sampler,
         terminal_alpha_bar: sampler.terminal_alpha_bar,
         sigmas: sampler.sigmas,
+        sigma_range: sampler.sigma_range,
         width: size.width,
         height: size.height,
         ..Request::new(prompt)

@@ -19,7 +19,7 @@ use super::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use super::record::ImageRecord;
 use super::request::Request;
 use crate::sampling::{Prediction, Sampler};
-use crate::schedule::{SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
+use crate::schedule::{SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::lora::Loras;
 
 /// Every setting of a [`Request`], each optional: `None` keeps what it is applied onto.
@@ -46,6 +46,8 @@ pub struct Overrides {
     pub terminal_alpha_bar: Option<TerminalAlphaBar>,
     #[serde(default, deserialize_with = "parsed")]
     pub sigmas: Option<SigmaSchedule>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub sigma_range: Option<SigmaRange>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// img2img's picture: a path (relative to a prompt file) or a server's base64.
@@ -123,7 +125,12 @@ impl Overrides {
                 },
             )?;
         if known_only && !unknown.is_empty() {
-            let keys: Vec<&str> = Field::ALL.iter().map(|f| f.key()).collect();
+            // Initial latents are the command line's alone (`--latents`).
+            let keys: Vec<&str> = Field::ALL
+                .iter()
+                .filter(|&&f| f != Field::Latents)
+                .map(|f| f.key())
+                .collect();
             return Err(format!(
                 "unknown key {}; the keys are {}",
                 unknown
@@ -164,6 +171,7 @@ impl Overrides {
         set(&mut request.sampler, &self.sampler);
         set(&mut request.terminal_alpha_bar, &self.terminal_alpha_bar);
         set(&mut request.sigmas, &self.sigmas);
+        set(&mut request.sigma_range, &self.sigma_range);
         set_some(&mut request.width, &self.width);
         set_some(&mut request.height, &self.height);
         set_some(&mut request.strength, &self.strength);
@@ -208,6 +216,7 @@ impl Overrides {
             sampler: parse(Field::Sampler, &record.sampler)?,
             terminal_alpha_bar: parse(Field::TerminalAlphaBar, &record.terminal_alpha_bar)?,
             sigmas: parse(Field::Sigmas, &record.sigmas)?,
+            sigma_range: parse(Field::SigmaRange, &record.sigma_range)?,
             width: Some(record.width),
             height: Some(record.height),
             init_image: img2img.map(|i| i.init_image.clone()),
@@ -236,6 +245,20 @@ mod tests {
         let err = Overrides::parse_object(json!({"colour": "red"}), true).unwrap_err();
         assert!(err.starts_with("unknown key \"colour\""), "{err}");
         assert!(Overrides::parse_object(json!({"colour": "red"}), false).is_ok());
+    }
+
+    /// Every setting has its key here: a [`Field`] added without its override is caught. The
+    /// initial latents are the command line's alone (`--latents`, a tensor file for one prompt).
+    #[test]
+    fn every_field_is_a_key_of_the_overrides() {
+        for field in Field::ALL.into_iter().filter(|&f| f != Field::Latents) {
+            let value = json!({ field.key(): null });
+            assert!(
+                Overrides::parse_object(value, true).is_ok(),
+                "{} is no key of Overrides",
+                field.key()
+            );
+        }
     }
 
     #[test]

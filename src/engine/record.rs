@@ -82,6 +82,17 @@ fn is_default_sigmas(s: &str) -> bool {
     s == DEFAULT_SIGMAS
 }
 
+/// What images made before `--sigma-range` existed were made with.
+const DEFAULT_SIGMA_RANGE: &str = "model";
+
+fn default_sigma_range() -> String {
+    DEFAULT_SIGMA_RANGE.to_string()
+}
+
+fn is_default_sigma_range(s: &str) -> bool {
+    s == DEFAULT_SIGMA_RANGE
+}
+
 /// A LoRA merged into the model: its file name (without extension), A1111's short hash of it, and
 /// its weight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +141,9 @@ pub struct ImageRecord {
     /// `--sigmas` (schedule, karras, exponential); left out when schedule, as `sampler`.
     #[serde(default = "default_sigmas", skip_serializing_if = "is_default_sigmas")]
     pub sigmas: String,
+    /// `--sigma-range` (model, spacing); left out when model, as `sampler`.
+    #[serde(default = "default_sigma_range", skip_serializing_if = "is_default_sigma_range")]
+    pub sigma_range: String,
     pub width: usize,
     pub height: usize,
     pub dtype: String,
@@ -218,6 +232,7 @@ impl RecordContext<'_> {
             sampler: job.settings.sampler.name().to_string(),
             terminal_alpha_bar: job.request.terminal_alpha_bar.name().to_string(),
             sigmas: job.request.sigmas.name().to_string(),
+            sigma_range: job.request.sigma_range.name().to_string(),
             width: w * factor,
             height: h * factor,
             dtype: self.dtype.to_string(),

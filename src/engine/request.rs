@@ -15,7 +15,7 @@ use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::step::StepParams;
 use crate::sampling::{Prediction, Sampler};
-use crate::schedule::{Schedule, ScheduleSpec, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
+use crate::schedule::{Schedule, ScheduleSpec, SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::loader::ModelConfigs;
 use crate::weights::lora::Loras;
 
@@ -65,6 +65,9 @@ pub struct Request {
     pub terminal_alpha_bar: TerminalAlphaBar,
     /// Where the steps sit on the noise scale: the timesteps' own, or a Karras / exponential ramp.
     pub sigmas: SigmaSchedule,
+    /// Where a ramp of `sigmas` ends: the model's whole range (k-diffusion, A1111, ComfyUI) or
+    /// the spaced timesteps' (diffusers' Euler).
+    pub sigma_range: SigmaRange,
     pub width: Option<usize>,
     pub height: Option<usize>,
     /// Initial latents instead of seeded noise: (B, C, H, W) f32 on the CPU, one row per image.
@@ -109,6 +112,7 @@ impl Request {
             sampler: Sampler::Ddim,
             terminal_alpha_bar: TerminalAlphaBar::Exact,
             sigmas: SigmaSchedule::Schedule,
+            sigma_range: SigmaRange::Model,
             width: None,
             height: None,
             latents: None,
@@ -341,6 +345,16 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         ));
         request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
     }
+    check(
+        request.sigma_range == SigmaRange::Model || request.sigmas != SigmaSchedule::Schedule,
+        Field::SigmaRange,
+        || {
+            format!(
+                "{} places the ends of a noise-level ramp; give {{sigmas=karras}} or {{sigmas=exponential}} too",
+                request.sigma_range
+            )
+        },
+    )?;
     let betas = scheduler
         .beta_source()
         .map_err(|e| RequestError::new(Field::Steps, format!("cannot be scheduled: {e:#}")))?;
@@ -362,7 +376,7 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
     let schedule = Schedule::new(&spec)
         .map_err(|e| RequestError::new(Field::Steps, format!("{steps} with {{spacing={spacing}}}: {e:#}")))?
         .with_terminal_alpha_bar(request.terminal_alpha_bar)
-        .with_sigmas(request.sigmas)
+        .with_sigma_ramp(request.sigmas, request.sigma_range)
         .map_err(|e| RequestError::new(Field::Sigmas, format!("{}: {e:#}", request.sigmas)))?;
     let mode = check_channels(configs, &request)?;
     let (h, w) = latent_size(configs, &request)?;

@@ -101,6 +101,9 @@ impl ImageRecord {
         if self.terminal_alpha_bar != "exact" {
             fields.push(format!("Terminal alpha_bar: {}", self.terminal_alpha_bar));
         }
+        if self.sigma_range != "model" {
+            fields.push(format!("Sigma range: {}", self.sigma_range));
+        }
         fields.push(format!("Rescale CFG: {}", number(self.guidance_rescale)));
         let noise = if self.zero_snr { "Zero Terminal SNR" } else { "Default" };
         fields.push(format!("Noise Schedule: {noise}"));
@@ -170,6 +173,7 @@ mod tests {
             sampler: "ddim".into(),
             terminal_alpha_bar: "exact".into(),
             sigmas: "schedule".into(),
+            sigma_range: "model".into(),
             width: 512,
             height: 512,
             dtype: "f16".into(),

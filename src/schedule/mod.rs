@@ -14,7 +14,7 @@ pub mod zero_snr;
 use anyhow::{bail, ensure, Result};
 
 pub use betas::BetaSchedule;
-pub use sigmas::SigmaSchedule;
+pub use sigmas::{SigmaRange, SigmaSchedule};
 pub use spacing::TimestepSpacing;
 pub use terminal::TerminalAlphaBar;
 
@@ -201,13 +201,27 @@ impl Schedule {
     }
 
     /// The same schedule sampled at `kind`'s noise levels instead of its timesteps' (one per
-    /// step); [`SigmaSchedule::Schedule`] leaves it as it is. Needs a finite sigma_max (alpha_bar_T
-    /// > 0): clamp a zero-SNR schedule first ([`Self::with_terminal_alpha_bar`]).
-    pub fn with_sigmas(mut self, kind: SigmaSchedule) -> Result<Self> {
+    /// step), the ramp between sigma(t = 0) and sigma(T) as in k-diffusion:
+    /// `with_sigma_ramp(kind, SigmaRange::Model)`.
+    pub fn with_sigmas(self, kind: SigmaSchedule) -> Result<Self> {
+        self.with_sigma_ramp(kind, SigmaRange::Model)
+    }
+
+    /// The same schedule sampled at `kind`'s noise levels instead of its timesteps' (one per
+    /// step), the ramp's ends chosen by `range` ([`SigmaRange`]: the model's whole range, or the
+    /// first and last of [`Self::timesteps`] as diffusers' `EulerDiscreteScheduler` does);
+    /// [`SigmaSchedule::Schedule`] leaves it as it is. Call it on the full step list, before
+    /// [`Self::skip_steps`] (img2img's start is a step of the full ramp, as in diffusers). Needs a
+    /// finite sigma_max: clamp a zero-SNR schedule first ([`Self::with_terminal_alpha_bar`]).
+    pub fn with_sigma_ramp(mut self, kind: SigmaSchedule, range: SigmaRange) -> Result<Self> {
         if kind == SigmaSchedule::Schedule {
             return Ok(self);
         }
-        let steps = sigmas::steps(kind, &self.noise.alphas_cumprod, self.timesteps.len())?;
+        ensure!(
+            self.continuous.is_none(),
+            "the schedule already has --sigmas noise levels"
+        );
+        let steps = sigmas::steps(kind, range, &self.noise.alphas_cumprod, &self.timesteps)?;
         self.timesteps = steps.iter().map(|&(_, t)| t.round() as usize).collect();
         self.continuous = Some(steps);
         Ok(self)
@@ -331,6 +345,40 @@ mod tests {
             assert_eq!(rest.prev_alpha_cumprod(index), full.prev_alpha_cumprod(index + 4));
         }
         assert!(full.skip_steps(10).is_err());
+    }
+
+    /// `with_sigmas` is the k-diffusion range; `spacing` follows the spaced timesteps' ends
+    /// (diffusers' Euler: trailing 10 steps of the stock schedule end at t = 99), and the ramp
+    /// replaces the step list once.
+    #[test]
+    fn sigma_ramp_ends_follow_the_range() {
+        let stock = ScheduleSpec {
+            zero_terminal_snr: false,
+            ..spec(TimestepSpacing::Trailing, 10)
+        };
+        let base = Schedule::new(&stock).unwrap();
+        let model = base
+            .clone()
+            .with_sigma_ramp(SigmaSchedule::Karras, SigmaRange::Model)
+            .unwrap();
+        assert_eq!(model, base.clone().with_sigmas(SigmaSchedule::Karras).unwrap());
+        assert_eq!(model.timesteps[9], 0);
+        let spacing = base
+            .clone()
+            .with_sigma_ramp(SigmaSchedule::Karras, SigmaRange::Spacing)
+            .unwrap();
+        assert_eq!((spacing.timesteps[0], spacing.timesteps[9]), (999, 99));
+        assert!((spacing.alpha_cumprod(9) - base.noise.alphas_cumprod[99]).abs() < 1e-12);
+        assert!((spacing.model_timestep(9) - 99.0).abs() < 1e-9);
+        assert_eq!(
+            base.clone()
+                .with_sigma_ramp(SigmaSchedule::Schedule, SigmaRange::Spacing)
+                .unwrap(),
+            base
+        );
+        assert!(model
+            .with_sigma_ramp(SigmaSchedule::Karras, SigmaRange::Spacing)
+            .is_err());
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! place n noise levels between sigma_min and sigma_max, in k-diffusion's sigma =
 //! sqrt((1 - a) / a), and give the model the fractional timestep of each level, interpolated in
 //! log sigma between the two training timesteps around it (k-diffusion's `sigma_to_t`, diffusers'
-//! `_sigma_to_t`). sigma_min is sigma at t = 0 and sigma_max at t = T, as in k-diffusion,
-//! ComfyUI, AUTOMATIC1111 and diffusers' DPM-Solver and UniPC schedulers. Both need a finite
-//! sigma_max, which a zero-SNR schedule does not have: the caller clamps alpha_bar_T first
-//! (`--terminal-alpha-bar`).
+//! `_sigma_to_t`). Where the ramp ends is [`SigmaRange`]'s choice (`--sigma-range`): by default
+//! sigma_min is sigma at t = 0 and sigma_max at t = T, as in k-diffusion, ComfyUI, AUTOMATIC1111
+//! and diffusers' DPM-Solver and UniPC schedulers; [`SigmaRange::Spacing`] takes them from the
+//! first and last timesteps of `--spacing`, as diffusers' `EulerDiscreteScheduler` does. Both need
+//! a finite sigma_max, which a zero-SNR schedule does not have at t = T: the caller clamps
+//! alpha_bar_T first (`--terminal-alpha-bar`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -61,6 +63,51 @@ impl FromStr for SigmaSchedule {
     }
 }
 
+/// `--sigma-range`: which noise levels a Karras or exponential ramp runs between.
+///
+/// The tools disagree. k-diffusion (`get_sigmas_karras(n, model.sigma_min, model.sigma_max)`),
+/// ComfyUI, AUTOMATIC1111 and diffusers' DPM-Solver/UniPC schedulers use the model's whole range,
+/// sigma(t = 0) to sigma(T). diffusers' `EulerDiscreteScheduler` (and the Heun, LMS and DPM2
+/// schedulers that copy its `_convert_to_karras`) instead interpolates sigma at the spaced
+/// timesteps and takes `in_sigmas[0]` and `in_sigmas[-1]`, unless its `sigma_max` / `sigma_min`
+/// config is set: the ramp then depends on `--spacing` and the step count (trailing with 10 steps
+/// ends at sigma(t = 99), not sigma(t = 0)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SigmaRange {
+    /// sigma(t = 0) to sigma(T): k-diffusion, ComfyUI, AUTOMATIC1111.
+    #[default]
+    Model,
+    /// sigma of the last to sigma of the first spaced timestep: diffusers' Euler defaults.
+    Spacing,
+}
+
+impl SigmaRange {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Spacing => "spacing",
+        }
+    }
+}
+
+impl fmt::Display for SigmaRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SigmaRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "model" => Ok(Self::Model),
+            "spacing" => Ok(Self::Spacing),
+            other => Err(format!("unknown sigma range {other:?}; expected model or spacing")),
+        }
+    }
+}
+
 /// k-diffusion's sigma = sqrt((1 - a) / a) of alpha_bar `a` (infinite at a = 0).
 pub fn sigma(alpha_bar: f64) -> f64 {
     ((1.0 - alpha_bar) / alpha_bar).sqrt()
@@ -105,15 +152,35 @@ pub fn sigma_to_t(sigma: f64, alphas_cumprod: &[f64]) -> f64 {
     low as f64 + w
 }
 
-/// The steps of `kind` for a schedule of `alphas_cumprod` (all T values, the last finite):
-/// (alpha_bar, fractional timestep) per step.
-pub fn steps(kind: SigmaSchedule, alphas_cumprod: &[f64], n: usize) -> Result<Vec<(f64, f64)>> {
-    let (first, last) = (alphas_cumprod[0], alphas_cumprod[alphas_cumprod.len() - 1]);
+/// The steps of `kind` for a schedule of `alphas_cumprod` (all T values) sampled at `timesteps`
+/// (the spaced list, decreasing; one step per entry): (alpha_bar, fractional timestep) per step,
+/// the ramp's ends chosen by `range`. The ramp's sigma_max must be finite: alpha_bar_T > 0 for
+/// [`SigmaRange::Model`], alpha_bar of the first spaced timestep > 0 for [`SigmaRange::Spacing`].
+pub fn steps(
+    kind: SigmaSchedule,
+    range: SigmaRange,
+    alphas_cumprod: &[f64],
+    timesteps: &[usize],
+) -> Result<Vec<(f64, f64)>> {
+    let t_max = alphas_cumprod.len() - 1;
+    // The timesteps of sigma_max and sigma_min.
+    let (t_hi, t_lo) = match range {
+        SigmaRange::Model => (t_max, 0),
+        SigmaRange::Spacing => match (timesteps.first(), timesteps.last()) {
+            (Some(&first), Some(&last)) => (first, last),
+            _ => return Ok(Vec::new()),
+        },
+    };
     ensure!(
-        last > 0.0,
+        t_lo <= t_hi && t_hi <= t_max,
+        "--sigma-range {range}: timesteps {t_hi}..{t_lo} are not a decreasing list within 0..{t_max}"
+    );
+    let (a_lo, a_hi) = (alphas_cumprod[t_lo], alphas_cumprod[t_hi]);
+    ensure!(
+        a_hi > 0.0,
         "--sigmas {kind} needs a finite sigma_max; with zero terminal SNR pass --terminal-alpha-bar comfy or diffusers"
     );
-    Ok(sigmas(kind, sigma(first), sigma(last), n)
+    Ok(sigmas(kind, sigma(a_lo), sigma(a_hi), timesteps.len())
         .into_iter()
         .map(|s| (alpha_bar(s), sigma_to_t(s, alphas_cumprod)))
         .collect())
@@ -159,7 +226,58 @@ mod tests {
         let a = NoiseSchedule::new(&BetaSource::STABLE_DIFFUSION, true)
             .unwrap()
             .alphas_cumprod;
-        let err = steps(SigmaSchedule::Karras, &a, 10).unwrap_err().to_string();
-        assert!(err.contains("--terminal-alpha-bar"), "{err}");
+        let trailing: Vec<usize> = (0..10).map(|k| 999 - 100 * k).collect();
+        for range in [SigmaRange::Model, SigmaRange::Spacing] {
+            let err = steps(SigmaSchedule::Karras, range, &a, &trailing)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--terminal-alpha-bar"), "{range}: {err}");
+        }
+        // A spacing that never visits t = T has a finite sigma_max of its own.
+        let leading: Vec<usize> = (0..10).map(|k| 901 - 100 * k).collect();
+        assert!(steps(SigmaSchedule::Karras, SigmaRange::Spacing, &a, &leading).is_ok());
+    }
+
+    /// `model` spans sigma(t = 0)..sigma(T) whatever the spacing (k-diffusion); `spacing` spans
+    /// the spaced timesteps' own sigmas (diffusers' Euler: trailing 10 steps ends at t = 99), and
+    /// gives the model those timesteps exactly at the ends.
+    #[test]
+    fn the_range_picks_the_ramp_ends() {
+        let a = NoiseSchedule::new(&BetaSource::STABLE_DIFFUSION, false)
+            .unwrap()
+            .alphas_cumprod;
+        let trailing: Vec<usize> = (0..10).map(|k| 999 - 100 * k).collect();
+        for kind in [SigmaSchedule::Karras, SigmaSchedule::Exponential] {
+            let model = steps(kind, SigmaRange::Model, &a, &trailing).unwrap();
+            let spacing = steps(kind, SigmaRange::Spacing, &a, &trailing).unwrap();
+            assert_eq!((model.len(), spacing.len()), (10, 10));
+            assert!(
+                (model[9].0 - a[0]).abs() < 1e-12 && model[9].1.abs() < 1e-9,
+                "{kind}: {model:?}"
+            );
+            assert!((spacing[9].0 - a[99]).abs() < 1e-12, "{kind}: {spacing:?}");
+            assert!((spacing[9].1 - 99.0).abs() < 1e-9, "{kind}: {spacing:?}");
+            for ramp in [&model, &spacing] {
+                assert!((ramp[0].0 - a[999]).abs() < 1e-12 && (ramp[0].1 - 999.0).abs() < 1e-9);
+            }
+        }
+        // leading (offset 1) starts below T: only `spacing` follows it.
+        let leading: Vec<usize> = (0..10).map(|k| 901 - 100 * k).collect();
+        let spacing = steps(SigmaSchedule::Karras, SigmaRange::Spacing, &a, &leading).unwrap();
+        assert!((spacing[0].1 - 901.0).abs() < 1e-9 && (spacing[9].1 - 1.0).abs() < 1e-9);
+        let model = steps(SigmaSchedule::Karras, SigmaRange::Model, &a, &leading).unwrap();
+        assert!((model[0].1 - 999.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sigma_range_names_round_trip() {
+        for range in [SigmaRange::Model, SigmaRange::Spacing] {
+            assert_eq!(range.to_string().parse::<SigmaRange>(), Ok(range));
+        }
+        assert_eq!(SigmaRange::default(), SigmaRange::Model);
+        assert_eq!(
+            "x".parse::<SigmaRange>(),
+            Err("unknown sigma range \"x\"; expected model or spacing".to_string())
+        );
     }
 }
