@@ -90,11 +90,14 @@ fn a_bad_jsonl_line_is_reported_and_the_rest_runs() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(&format!("{}:4: unknown field `colour`", prompts.display())),
+        stderr.contains(&format!("{}:4: unknown key \"colour\"", prompts.display())),
         "{stderr}"
     );
     assert!(
-        stderr.contains(&format!("{}:7: --width 21", prompts.display())),
+        stderr.contains(&format!(
+            "{}:7: \"width\": 21 must be a positive multiple",
+            prompts.display()
+        )),
         "{stderr}"
     );
     assert!(

@@ -242,8 +242,8 @@ fn bad_input_gets_a_json_error_naming_the_field() {
         (r#"{"height": 12}"#, 422, "height: 12 must be a positive multiple of 8"),
         (r#"{"width": 256, "height": 256}"#, 422, "--max-pixels"),
         (r#"{"steps": 101}"#, 422, "steps"),
-        // The engine's own checks, its flag names turned into the fields.
-        (r#"{"cfg_scale": -1}"#, 422, "cfg_scale -1 must not be negative"),
+        // The engine's own checks, worded with the request's field names.
+        (r#"{"cfg_scale": -1}"#, 422, "cfg_scale: -1 must not be negative"),
         (r#"{"guidance_rescale": 2}"#, 422, "guidance_rescale"),
         (r#"{"sampler_name": "LMS"}"#, 422, "sampler_name"),
         (
@@ -585,5 +585,81 @@ fn img2img_and_inpainting_in_a1111_shape() {
         assert_eq!(r.status, 422, "{body}: {}", r.body);
         let detail = r.json()["detail"].as_str().unwrap().to_string();
         assert!(detail.contains(field), "{body}: {detail}");
+    }
+}
+
+/// The worker runs queued requests that can share a UNet batch as one run (batched by the
+/// engine's typed key); text to image, img2img and inpainting never share a batch, so every
+/// request's images equal the ones it gets alone. Six requests of mixed modes queue behind a
+/// long job on a `--max-batch 4` server and are compared with the same six, one at a time, on a
+/// `--max-batch 1` server.
+#[test]
+fn concurrent_requests_of_mixed_modes_get_the_images_they_get_alone() {
+    let grey = png_base64(image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128])));
+    let mask = png_base64(image::GrayImage::from_fn(32, 32, |x, _| {
+        image::Luma([if x >= 16 { 255 } else { 0 }])
+    }));
+    let base = |seed: u64| json!({"prompt": "solid white background", "seed": seed, "steps": 6});
+    let with = |mut body: Value, fields: Value| {
+        for (k, v) in fields.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let requests: Vec<(&str, Value)> = vec![
+        ("/sdapi/v1/txt2img", base(1)),
+        (
+            "/sdapi/v1/img2img",
+            with(base(1), json!({"init_images": [grey], "denoising_strength": 1.0})),
+        ),
+        (
+            "/sdapi/v1/img2img",
+            with(
+                base(1),
+                json!({"init_images": [grey], "mask": mask, "denoising_strength": 1.0}),
+            ),
+        ),
+        (
+            "/sdapi/v1/img2img",
+            with(base(2), json!({"init_images": [grey], "denoising_strength": 0.5})),
+        ),
+        (
+            "/sdapi/v1/img2img",
+            with(
+                base(2),
+                json!({"init_images": [grey], "mask": mask, "denoising_strength": 0.5}),
+            ),
+        ),
+        ("/sdapi/v1/txt2img", with(base(2), json!({"n_iter": 2}))),
+    ];
+    let images = |r: Response| -> Vec<Value> {
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["images"].as_array().unwrap().clone()
+    };
+    let alone: Vec<Vec<Value>> = {
+        let server = Server::start(&["--max-batch", "1"]);
+        requests
+            .iter()
+            .map(|(route, body)| images(server.post(route, body)))
+            .collect()
+    };
+    let server = Server::start(&["--max-batch", "4", "--queue", "8"]);
+    let blocker = server.send("POST", "/sdapi/v1/txt2img", &long_job().to_string(), &[]);
+    server.wait_for(60, "the first job to run", |p| {
+        p["state"]["sampling_step"].as_u64() > Some(0)
+    });
+    let queued: Vec<TcpStream> = requests
+        .iter()
+        .map(|(route, body)| server.send("POST", route, &body.to_string(), &[]))
+        .collect();
+    server.wait_for(10, "all to queue", |p| p["state"]["job_count"] == 1 + requests.len());
+    server.post("/sdapi/v1/interrupt", &json!({}));
+    drop(blocker);
+    for ((route, body), (stream, expected)) in requests.iter().zip(queued.into_iter().zip(&alone)) {
+        assert!(
+            images(read_response(stream)) == *expected,
+            "{route} {}: images differ from the request alone",
+            body["denoising_strength"]
+        );
     }
 }

@@ -221,8 +221,8 @@ struct LineRequest {
 
 /// A request error in the words of where the setting came from: the line's key when the
 /// prompt-file line (or the PNG of `--from-image`) gave it, the flag otherwise.
-fn describe(err: &RequestError, entry_keys: &[String], from_file: bool) -> String {
-    if from_file && entry_keys.iter().any(|k| k == err.field.key()) {
+fn describe(err: &RequestError, entry_keys: &[String]) -> String {
+    if entry_keys.iter().any(|k| k == err.field.key()) {
         err.render(Words::Keys)
     } else {
         err.render(Words::Flags)
@@ -503,7 +503,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut failed: Vec<String> = Vec::new();
     let mut requests: Vec<LineRequest> = Vec::new();
     let single = args.prompts.prompt.is_some() || from_image.is_some();
-    let from_file = args.prompts.prompts.is_some() || from_image.is_some();
     let mut fail = |line: usize, message: String| -> Result<()> {
         // A single --prompt has no other lines to go on with.
         if single {
@@ -528,7 +527,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                     },
                     keys: entry.keys,
                 }),
-                Err(err) => fail(entry.line, describe(&err, &entry.keys, from_file))?,
+                Err(err) => fail(entry.line, describe(&err, &entry.keys))?,
             },
         }
     }
@@ -544,7 +543,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                 jobs.push(job);
                 lines.push(line);
             }
-            Err(err) => fail(line, describe(&err, &keys, from_file))?,
+            Err(err) => fail(line, describe(&err, &keys))?,
         }
     }
 

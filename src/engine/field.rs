@@ -196,19 +196,21 @@ impl RequestError {
         }
     }
 
-    /// The message in `words`: the field's name, then the reason with its references named.
+    /// The message in `words`: the field's name (`--steps`, `"steps":`, `steps:`), then the
+    /// reason with its references named.
     pub fn render(&self, words: Words) -> String {
-        format!(
-            "{} {}",
-            words.name(self.field, None),
-            render_references(&self.reason, words)
-        )
+        let name = match words {
+            Words::Flags => self.field.flag(),
+            Words::Keys => format!("\"{}\":", self.field.key()),
+            Words::Api => format!("{}:", self.field.api_name()),
+        };
+        format!("{name} {}", render_references(&self.reason, words))
     }
 
-    /// [`RequestError::render`] with [`Words::Keys`] but the field named by `name` (a server's
-    /// own spelling of it, e.g. `init_images[0]`).
+    /// [`RequestError::render`] in `words` with the field named `name` (a server's own spelling
+    /// of it, e.g. `init_images[0]`).
     pub fn render_as(&self, name: &str, words: Words) -> String {
-        format!("{name} {}", render_references(&self.reason, words))
+        format!("{name}: {}", render_references(&self.reason, words))
     }
 }
 
@@ -268,14 +270,14 @@ mod tests {
         );
         assert_eq!(
             err.render(Words::Keys),
-            "\"zero_snr\" needs a v_prediction model; pass \"zero_snr\": false or \"prediction\": \"v_prediction\""
+            "\"zero_snr\": needs a v_prediction model; pass \"zero_snr\": false or \"prediction\": \"v_prediction\""
         );
         assert_eq!(
             err.render(Words::Api),
-            "zero_snr needs a v_prediction model; pass zero_snr: false or prediction: \"v_prediction\""
+            "zero_snr: needs a v_prediction model; pass zero_snr: false or prediction: \"v_prediction\""
         );
         let err = RequestError::new(Field::Guidance, "-1 must not be negative");
-        assert_eq!(err.render(Words::Api), "cfg_scale -1 must not be negative");
+        assert_eq!(err.render(Words::Api), "cfg_scale: -1 must not be negative");
         assert_eq!(err.render(Words::Flags), "--guidance -1 must not be negative");
     }
 

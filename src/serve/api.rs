@@ -43,8 +43,9 @@ const RANDOM_SEED: i64 = -1;
 pub struct Txt2Img {
     /// Every setting of a request by its key or A1111 alias: `prompt`, `negative_prompt`,
     /// `steps`, `cfg_scale`, `width`, `height`, `eta` (DDIM's only; other samplers ignore it, as
-    /// A1111's ancestral eta has no counterpart here), and sdfix's own.
-    #[serde(flatten)]
+    /// A1111's ancestral eta has no counterpart here), and sdfix's own. Read from the body by
+    /// [`settings_of`] (serde's `flatten` would lose the name of a field of the wrong type).
+    #[serde(skip)]
     pub settings: Overrides,
     /// -1 (or absent) draws a random seed; image k uses seed + k (as A1111).
     pub seed: Option<i64>,
@@ -114,9 +115,34 @@ impl InputReader for Base64Inputs {
     }
 }
 
-/// A refused setting, in A1111's words.
-fn invalid(err: &RequestError) -> ApiError {
-    ApiError::invalid(err.render(Words::Api))
+/// A refused setting, in A1111's words (the picture as the field it came from).
+pub fn invalid(err: &RequestError) -> ApiError {
+    match err.field {
+        Field::InitImage => ApiError::invalid(err.render_as("init_images[0]", Words::Api)),
+        _ => ApiError::invalid(err.render(Words::Api)),
+    }
+}
+
+/// The settings of a request body ([`Overrides`], every other key ignored); a value of the
+/// wrong type names its key. A1111's `seed` (-1 for random) is read by [`Txt2Img`] instead.
+pub fn settings_of(body: &Value) -> Result<Overrides, ApiError> {
+    let mut body = body.clone();
+    if let Some(object) = body.as_object_mut() {
+        object.remove("seed");
+    }
+    Overrides::parse_object(body, false).map_err(ApiError::invalid)
+}
+
+/// An image side: a multiple of 8, as A1111's sliders step (the engine then checks the model's
+/// own VAE factor).
+fn check_side(field: Field, value: Option<usize>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if v == 0 || v % 8 != 0 => Err(invalid(&RequestError::new(
+            field,
+            format!("{v} must be a positive multiple of 8"),
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Img2Img {
@@ -347,6 +373,8 @@ impl Txt2Img {
         if sampler != Sampler::Ddim {
             request.eta = 0.0;
         }
+        check_side(Field::Width, request.width)?;
+        check_side(Field::Height, request.height)?;
         let steps = request.steps;
         if steps == 0 || steps > limits.max_steps {
             return Err(invalid(&RequestError::new(
@@ -425,8 +453,10 @@ mod tests {
         }
     }
 
+    /// As the route does: a value that does not parse is an error naming its field.
     fn resolve(body: Value) -> Result<Resolved, ApiError> {
-        let request: Txt2Img = serde_json::from_value(body).unwrap();
+        let mut request: Txt2Img = serde_path_to_error::deserialize(&body)?;
+        request.settings = settings_of(&body)?;
         request.resolve(&limits(), None, 99)
     }
 
@@ -497,9 +527,9 @@ mod tests {
     #[test]
     fn engine_messages_name_fields() {
         let err = RequestError::new(Field::Guidance, "-1 must not be negative");
-        assert_eq!(invalid(&err).detail, "cfg_scale -1 must not be negative");
+        assert_eq!(invalid(&err).detail, "cfg_scale: -1 must not be negative");
         let err = RequestError::new(Field::Sigmas, "needs {terminal_alpha_bar=comfy}");
-        assert_eq!(invalid(&err).detail, "scheduler needs terminal_alpha_bar: \"comfy\"");
+        assert_eq!(invalid(&err).detail, "scheduler: needs terminal_alpha_bar: \"comfy\"");
     }
 
     #[test]

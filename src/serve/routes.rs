@@ -31,7 +31,7 @@ use super::error::ApiError;
 use super::models::ModelEntry;
 use super::worker::{Finished, Shared, Task};
 use super::{AppState, MAX_BODY_BYTES};
-use crate::engine::{Engine, Job, Words};
+use crate::engine::{Engine, Job};
 use crate::output::{manifest, png};
 
 type AppResult<T> = Result<T, ApiError>;
@@ -60,7 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/sdapi/v1/scripts",
             get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
         )
-        .fallback(|| async { ApiError::not_found("no such route; see GET /sdapi/v1/... in the README") })
+        .fallback(|| async { ApiError::not_found("no such route; the routes are listed in docs/serve.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -159,9 +159,7 @@ fn check_request(state: &AppState, resolved: &Resolved) -> AppResult<Checked> {
     };
     let entry = state.models.find(&name).ok_or_else(|| unknown_model(field, &name))?;
     with_checker(state, &entry, |engine| {
-        let job = engine
-            .job(resolved.request.clone())
-            .map_err(|e| ApiError::invalid(e.render(Words::Api)))?;
+        let job = engine.job(resolved.request.clone()).map_err(|e| api::invalid(&e))?;
         let factor = engine.configs().vae.downscale_factor();
         let (_, h, w) = job.latent_shape;
         Ok(Checked {
@@ -197,7 +195,8 @@ impl Drop for CancelOnDrop {
 /// answered at once, never queued), queued (503 when full), awaited (cancelled if the client
 /// hangs up), then encoded and, with `save_images`, written.
 async fn txt2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
-    let (raw, request): (Value, Txt2Img) = parse_body(body)?;
+    let (raw, mut request): (Value, Txt2Img) = parse_body(body)?;
+    request.settings = api::settings_of(&raw)?;
     let noise_schedule = *lock(&state.noise_schedule);
     let resolved = request.resolve(&state.limits, noise_schedule, u64::from(rand::random::<u32>()))?;
     generate(state, raw, resolved).await
@@ -206,7 +205,8 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRe
 /// `POST /sdapi/v1/img2img`: txt2img's fields plus `init_images`, `denoising_strength`, `mask`,
 /// `mask_blur`, `inpainting_mask_invert` and `resize_mode`, answered in txt2img's shape.
 async fn img2img(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
-    let (raw, request): (Value, Img2Img) = parse_body(body)?;
+    let (raw, mut request): (Value, Img2Img) = parse_body(body)?;
+    request.base.settings = api::settings_of(&raw)?;
     let noise_schedule = *lock(&state.noise_schedule);
     let resolved = blocking({
         let limits = state.limits.clone();

@@ -171,3 +171,56 @@ pub fn assert_matches_reference(
         );
     }
 }
+
+/// Runs `sdfix generate --prompts FILE.jsonl` in `dir` with `lines` (JSON objects, one per
+/// line) at `--batch-size batch`, plus `extra`; returns each line's PNG files (bytes, in image
+/// order) keyed by the line's text, so that runs in another line order compare line by line.
+pub fn run_prompt_lines(
+    dir: &Path,
+    model: &str,
+    lines: &[String],
+    batch: usize,
+    extra: &[&str],
+) -> HashMap<String, Vec<Vec<u8>>> {
+    let file = dir.join(format!("lines-{batch}-{}.jsonl", lines.len()));
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let out = dir.join(format!(
+        "out-{}",
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let batch = batch.to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompts",
+        file.to_str().unwrap(),
+        "--batch-size",
+        &batch,
+        "--out-dir",
+        out.to_str().unwrap(),
+        "-q",
+    ];
+    args.extend(extra);
+    let run = sdfix(&args);
+    assert!(
+        run.status.success(),
+        "generate {args:?} failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut by_line: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for (number, line) in lines.iter().enumerate() {
+        // Files are <line:05>-<image:02>-...png, lines counted from 1.
+        let prefix = format!("{:05}-", number + 1);
+        let mut files: Vec<PathBuf> = pngs(&out)
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&prefix))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no image for line {line}");
+        let images = files.iter().map(|f| std::fs::read(f).unwrap());
+        by_line.entry(line.clone()).or_default().extend(images);
+    }
+    by_line
+}
