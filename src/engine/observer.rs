@@ -10,7 +10,7 @@ use crate::pipeline::StepInfo;
 /// One finished image, with everything known about how it was made.
 #[derive(Debug, Clone)]
 pub struct GeneratedImage {
-    /// Which job (index into the slice given to [`Engine::run`]) and which of its images.
+    /// Which job (index into the slice given to [`Engine::run`](super::Engine::run)) and which of its images.
     pub job: usize,
     pub index: usize,
     pub width: usize,
@@ -32,7 +32,7 @@ pub struct GeneratedImage {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The text encoder encoded `texts` distinct texts ahead of the UNet and was freed (unless
-    /// [`Engine::keep_text_encoder`] keeps it).
+    /// [`Engine::keep_text_encoder`](super::Engine::keep_text_encoder) keeps it).
     EncodedAhead { texts: usize, seconds: f64 },
     /// The UNet and VAE are loaded (`seconds` includes the text encoder's load).
     Loaded {
@@ -62,7 +62,7 @@ pub trait Observer {
     /// Something the user should see (a prompt past the token limit).
     fn warn(&mut self, _message: &str) {}
     /// Asked after every denoising step and before every batch: `true` stops the run there,
-    /// and [`Engine::run`] fails with [`Interrupted`] (the images already handed over stay
+    /// and [`Engine::run`](super::Engine::run) fails with [`Interrupted`] (the images already handed over stay
     /// made). A server's `/interrupt` and a client that hung up stop a run this way; a step
     /// hook cannot, since it returns nothing.
     fn interrupted(&mut self) -> bool {

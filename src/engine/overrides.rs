@@ -7,7 +7,7 @@
 //! Keys are [`Field::key`]s, values as the command line takes them (`"sampler": "euler_a"`); a
 //! value that does not parse names its key. Pictures and LoRAs are references (a path, or a
 //! server's base64) that the front end turns into inputs ([`InputReader`]). Unknown keys are
-//! ignored here: a prompt file refuses them ([`Overrides::parse_line`]), a server takes the many
+//! ignored here: a prompt file refuses them ([`Overrides::parse_object`] with `known_only`), a server takes the many
 //! fields AUTOMATIC1111 clients send.
 
 use std::sync::Arc;

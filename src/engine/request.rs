@@ -35,7 +35,7 @@ pub const DEFAULT_MASK_BLUR: f64 = 4.0;
 /// What one prompt asks for: the one settings type of sdfix, everything a picture depends on
 /// besides the model. Every front end builds one (the command line's flags, then a prompt-file
 /// line's, an API body's or a PNG's [`Overrides`](super::Overrides) applied onto it), and the
-/// engine checks it once ([`resolve`]). `None` fields take the model's value (its scheduler
+/// engine checks it once (`resolve`, through [`Engine::job`](super::Engine::job)). `None` fields take the model's value (its scheduler
 /// config, its UNet's sample size) or, for `num_images`, 1 (or the batch of `latents`).
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -138,7 +138,7 @@ impl Request {
 }
 
 /// How a batch starts and what its UNet takes besides the latents: one per batch, since each
-/// builds the batch's inputs differently ([`super::execute`]).
+/// builds the batch's inputs differently (the engine's `execute`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BatchMode {
     /// From seeded noise (or the request's own latents).

@@ -1,6 +1,6 @@
 //! Where weights come from: a diffusers-layout folder or a Hugging Face hub repo ([`files`]),
 //! single-file LDM checkpoints ([`single_file`], renamed by [`ldm_keys`], their prediction type
-//! found by [`detect`], pickles checked by [`pickle_check`]), the built-in demo models
+//! found by [`single_file::detect`], pickles checked by [`pickle_check`]), the built-in demo models
 //! ([`demo`]), safetensors read into our own buffers ([`safetensors_reader`]), one weight file opened for a
 //! module ([`weight_file`]), LoRA files merged
 //! at load ([`lora`]), A1111's hashes ([`hash`]), the diffusers layout written back

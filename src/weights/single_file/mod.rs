@@ -224,7 +224,7 @@ pub struct Configs {
 }
 
 /// A single-file checkpoint, opened: renames, configs and prediction type settled, no weight
-/// read yet (except for the SD 2.x UNet-output test, see [`super::detect`]).
+/// read yet (except for the SD 2.x UNet-output test, see [`detect`]).
 pub struct SingleFile {
     pub path: PathBuf,
     /// The opened file while [`SingleFile::open`] works; `None` after (see [`SingleFile::checkpoint`]).
