@@ -87,20 +87,6 @@ fn line() -> impl Strategy<Value = Line> {
         )
 }
 
-fn write_pictures(dir: &Path) {
-    image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]))
-        .save(dir.join("grey.png"))
-        .unwrap();
-    image::RgbImage::from_fn(40, 32, |x, y| {
-        image::Rgb([(x * 6) as u8, (y * 7) as u8, ((x + y) * 3) as u8])
-    })
-    .save(dir.join("ramp.png"))
-    .unwrap();
-    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x >= 16 { 255 } else { 0 }]))
-        .save(dir.join("mask.png"))
-        .unwrap();
-}
-
 /// `lines` at batch 1 in file order, then at batch 4 in `order`: equal PNGs line by line.
 fn check(dir: &Path, model: &str, lines: &[String], order: &[usize]) -> Result<(), TestCaseError> {
     let alone = common::run_prompt_lines(dir, model, lines, 1, &[]);
@@ -115,7 +101,7 @@ fn check(dir: &Path, model: &str, lines: &[String], order: &[usize]) -> Result<(
 #[test]
 fn any_prompt_file_gives_the_same_pngs_at_batch_size_1_and_4_in_any_order() {
     let dir = tempfile::tempdir().unwrap();
-    write_pictures(dir.path());
+    common::write_pictures(dir.path());
     // Few cases: each is two runs of the binary (seconds); the strategy spreads them over modes.
     let mut runner = TestRunner::new(Config {
         cases: 6,
@@ -139,7 +125,7 @@ fn any_prompt_file_gives_the_same_pngs_at_batch_size_1_and_4_in_any_order() {
 #[test]
 fn an_inpainting_model_batches_its_lines_without_changing_them() {
     let dir = tempfile::tempdir().unwrap();
-    write_pictures(dir.path());
+    common::write_pictures(dir.path());
     let model = common::fixture("tiny-sd-inpaint");
     let lines: Vec<String> = [
         (1.0, "ddim", 1),

@@ -256,27 +256,11 @@ fn lines_differing_only_in_zero_snr_do_not_share_a_batch() {
     );
 }
 
-/// Pictures the mixed-batch tests start from: a grey square, a noisy one of another size, and
-/// a mask that repaints the right half.
-fn write_pictures(dir: &Path) {
-    image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]))
-        .save(dir.join("grey.png"))
-        .unwrap();
-    image::RgbImage::from_fn(40, 32, |x, y| {
-        image::Rgb([(x * 6) as u8, (y * 7) as u8, ((x + y) * 3) as u8])
-    })
-    .save(dir.join("ramp.png"))
-    .unwrap();
-    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x >= 16 { 255 } else { 0 }]))
-        .save(dir.join("mask.png"))
-        .unwrap();
-}
-
 /// Every line's PNGs at `--batch-size 2`, in both line orders, equal its PNGs at
 /// `--batch-size 1`.
 fn assert_batching_changes_nothing(model: &str, lines: [&str; 2]) {
     let dir = tempfile::tempdir().unwrap();
-    write_pictures(dir.path());
+    common::write_pictures(dir.path());
     let lines: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     let flags = ["--steps", "4", "--seed", "5"];
     let alone = common::run_prompt_lines(dir.path(), model, &lines, 1, &flags);

@@ -121,31 +121,17 @@ fn read_latents(path: &Path, channels: usize) -> Result<Tensor> {
     check_latents(latents, channels, &what)
 }
 
-/// Reads the pictures and LoRA sets that overrides name (paths relative to `folder`), each
-/// once. For `--from-image`, each picture must have the SHA-256 its PNG recorded.
-struct FileInputs<'a> {
+/// Where the pictures that overrides name are read from: paths relative to `folder`, and for
+/// `--from-image` checked against the hashes its PNG recorded.
+struct PictureFiles<'a> {
     folder: PathBuf,
-    engine: &'a Engine,
     /// `--from-image`: the PNG, and the SHA-256 of each picture it was made from, by name.
     recorded: Option<(&'a Path, HashMap<String, String>)>,
-    images: HashMap<PathBuf, Result<Arc<InitImage>, String>>,
-    masks: HashMap<PathBuf, Result<Arc<MaskImage>, String>>,
-    loras: HashMap<Vec<String>, Result<Arc<Loras>, String>>,
 }
 
-impl<'a> FileInputs<'a> {
-    fn new(folder: PathBuf, engine: &'a Engine) -> Self {
-        Self {
-            folder,
-            engine,
-            recorded: None,
-            images: HashMap::new(),
-            masks: HashMap::new(),
-            loras: HashMap::new(),
-        }
-    }
-
-    /// The bytes of picture `name` (relative to the folder), checked against the PNG's record for `--from-image`.
+impl PictureFiles<'_> {
+    /// The bytes of picture `name` (relative to the folder), checked against the PNG's record
+    /// for `--from-image`.
     fn read(&self, name: &str) -> Result<(PathBuf, Vec<u8>)> {
         let path = self.folder.join(name);
         let bytes = std::fs::read(&path);
@@ -167,29 +153,52 @@ impl<'a> FileInputs<'a> {
         let bytes = bytes.with_context(|| format!("{}: cannot read it", path.display()))?;
         Ok((path, bytes))
     }
+
+    /// The picture `reference` names, decoded by `decode` once and kept in `cache` (an error
+    /// too: a bad file named on many lines is read once).
+    fn cached<P>(
+        &self,
+        cache: &mut HashMap<PathBuf, Result<Arc<P>, String>>,
+        reference: &str,
+        decode: impl FnOnce(&[u8], &str) -> Result<Arc<P>>,
+    ) -> Result<Arc<P>> {
+        let read = cache.entry(self.folder.join(reference)).or_insert_with(|| {
+            self.read(reference)
+                .and_then(|(path, bytes)| decode(&bytes, &path.display().to_string()))
+                .map_err(|e| format!("{e:#}"))
+        });
+        read.clone().map_err(anyhow::Error::msg)
+    }
+}
+
+/// Reads the pictures and LoRA sets that overrides name, each once.
+struct FileInputs<'a> {
+    files: PictureFiles<'a>,
+    engine: &'a Engine,
+    images: HashMap<PathBuf, Result<Arc<InitImage>, String>>,
+    masks: HashMap<PathBuf, Result<Arc<MaskImage>, String>>,
+    loras: HashMap<Vec<String>, Result<Arc<Loras>, String>>,
+}
+
+impl<'a> FileInputs<'a> {
+    fn new(files: PictureFiles<'a>, engine: &'a Engine) -> Self {
+        Self {
+            files,
+            engine,
+            images: HashMap::new(),
+            masks: HashMap::new(),
+            loras: HashMap::new(),
+        }
+    }
 }
 
 impl InputReader for FileInputs<'_> {
     fn init_image(&mut self, reference: &str) -> Result<Arc<InitImage>> {
-        let key = self.folder.join(reference);
-        if !self.images.contains_key(&key) {
-            let read = self
-                .read(reference)
-                .and_then(|(path, bytes)| InitImage::decode(&bytes, &path.display().to_string()));
-            self.images.insert(key.clone(), read.map_err(|e| format!("{e:#}")));
-        }
-        self.images[&key].clone().map_err(anyhow::Error::msg)
+        self.files.cached(&mut self.images, reference, InitImage::decode)
     }
 
     fn mask(&mut self, reference: &str) -> Result<Arc<MaskImage>> {
-        let key = self.folder.join(reference);
-        if !self.masks.contains_key(&key) {
-            let read = self
-                .read(reference)
-                .and_then(|(path, bytes)| MaskImage::decode(&bytes, &path.display().to_string()));
-            self.masks.insert(key.clone(), read.map_err(|e| format!("{e:#}")));
-        }
-        self.masks[&key].clone().map_err(anyhow::Error::msg)
+        self.files.cached(&mut self.masks, reference, MaskImage::decode)
     }
 
     fn loras(&mut self, list: &[String]) -> Result<Arc<Loras>> {
@@ -199,7 +208,7 @@ impl InputReader for FileInputs<'_> {
                 .map(|item| {
                     let spec: LoraSpec = item.parse().map_err(anyhow::Error::msg)?;
                     Ok(LoraSpec {
-                        path: self.folder.join(&spec.path),
+                        path: self.files.folder.join(&spec.path),
                         ..spec
                     })
                 })
@@ -496,10 +505,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let mut inputs = FileInputs::new(folder, &engine);
-    inputs.recorded = from_image
-        .as_ref()
-        .map(|from| (from.png.as_path(), from.picture_hashes()));
+    let files = PictureFiles {
+        folder,
+        recorded: from_image
+            .as_ref()
+            .map(|from| (from.png.as_path(), from.picture_hashes())),
+    };
+    let mut inputs = FileInputs::new(files, &engine);
     let mut failed: Vec<String> = Vec::new();
     let mut requests: Vec<LineRequest> = Vec::new();
     let single = args.prompts.prompt.is_some() || from_image.is_some();

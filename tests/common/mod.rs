@@ -224,3 +224,19 @@ pub fn run_prompt_lines(
     }
     by_line
 }
+
+/// Pictures the mixed-batch tests start from, written into `dir`: `grey.png` (32x32), `ramp.png`
+/// (40x32, so it is fitted to the size made) and `mask.png` (repaints the right half).
+pub fn write_pictures(dir: &Path) {
+    image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]))
+        .save(dir.join("grey.png"))
+        .unwrap();
+    image::RgbImage::from_fn(40, 32, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 7) as u8, ((x + y) * 3) as u8])
+    })
+    .save(dir.join("ramp.png"))
+    .unwrap();
+    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x >= 16 { 255 } else { 0 }]))
+        .save(dir.join("mask.png"))
+        .unwrap();
+}
