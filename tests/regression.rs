@@ -338,3 +338,31 @@ fn stock_euler_with_karras_sigmas_equals_diffusers() {
         common::assert_reference_case("samplers", case, (1e-4, 2), REGENERATE);
     }
 }
+
+/// The zero-SNR clamp (`--terminal-alpha-bar comfy`, with a warning) was applied to every
+/// Karras or exponential ramp, also to one between spaced timesteps below T (`--sigma-range
+/// spacing` with leading spacing), whose sigma_max is finite: nothing to clamp there.
+#[test]
+fn a_ramp_below_t_needs_no_terminal_clamp() {
+    use sdfix::schedule::{SigmaRange, SigmaSchedule, TerminalAlphaBar};
+    let engine = Engine::open("demo", None, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let ramp = |spacing, sigma_range| Request {
+        steps: 10,
+        spacing,
+        sigmas: SigmaSchedule::Karras,
+        sigma_range,
+        ..Request::new("solid black background")
+    };
+    let below_t = engine.job(ramp(TimestepSpacing::Leading, SigmaRange::Spacing)).unwrap();
+    assert!(
+        below_t.zero_snr && below_t.warnings.is_empty(),
+        "{:?}",
+        below_t.warnings
+    );
+    assert_eq!(below_t.request.terminal_alpha_bar, TerminalAlphaBar::Exact);
+    let from_t = engine
+        .job(ramp(TimestepSpacing::Trailing, SigmaRange::Spacing))
+        .unwrap();
+    assert_eq!(from_t.request.terminal_alpha_bar, TerminalAlphaBar::Comfy);
+    assert!(from_t.warnings[0].contains("finite sigma_max"), "{:?}", from_t.warnings);
+}

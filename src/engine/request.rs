@@ -337,14 +337,6 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
             request.sampler
         )
     })?;
-    if request.sigmas != SigmaSchedule::Schedule && zero_snr && request.terminal_alpha_bar == TerminalAlphaBar::Exact {
-        warnings.push(format!(
-            "warning: --sigmas {} needs a finite sigma_max, which zero terminal SNR does not have; using \
-             --terminal-alpha-bar {RAMP_TERMINAL_ALPHA_BAR} (pass --terminal-alpha-bar diffusers for diffusers' value)",
-            request.sigmas
-        ));
-        request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
-    }
     check(
         request.sigma_range == SigmaRange::Model || request.sigmas != SigmaSchedule::Schedule,
         Field::SigmaRange,
@@ -374,7 +366,24 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         set_alpha_to_one: scheduler.set_alpha_to_one,
     };
     let schedule = Schedule::new(&spec)
-        .map_err(|e| RequestError::new(Field::Steps, format!("{steps} with {{spacing={spacing}}}: {e:#}")))?
+        .map_err(|e| RequestError::new(Field::Steps, format!("{steps} with {{spacing={spacing}}}: {e:#}")))?;
+    // A ramp that starts at t = T needs a finite sigma_max, which zero SNR does not have; one
+    // between spaced timesteps below T (`--sigma-range spacing` with leading spacing) does not.
+    let ramp_from_terminal =
+        request.sigma_range == SigmaRange::Model || schedule.timesteps.first() == Some(&(train_timesteps - 1));
+    if request.sigmas != SigmaSchedule::Schedule
+        && zero_snr
+        && request.terminal_alpha_bar == TerminalAlphaBar::Exact
+        && ramp_from_terminal
+    {
+        warnings.push(format!(
+            "warning: --sigmas {} needs a finite sigma_max, which zero terminal SNR does not have; using \
+             --terminal-alpha-bar {RAMP_TERMINAL_ALPHA_BAR} (pass --terminal-alpha-bar diffusers for diffusers' value)",
+            request.sigmas
+        ));
+        request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
+    }
+    let schedule = schedule
         .with_terminal_alpha_bar(request.terminal_alpha_bar)
         .with_sigma_ramp(request.sigmas, request.sigma_range)
         .map_err(|e| RequestError::new(Field::Sigmas, format!("{}: {e:#}", request.sigmas)))?;
