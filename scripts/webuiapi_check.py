@@ -7,7 +7,7 @@
 
 Starts `sdfix serve --model demo` on a free loopback port (and a second one with --api-auth),
 then uses webuiapi's own calls: get_samplers, get_sd_models, txt2img, util_set_model,
-util_wait_for_ready, get_options. Prints one line per check and what it measured; exits 1 on the
+util_wait_for_ready, get_options, img2img (with and without mask_image). Prints one line per check and what it measured; exits 1 on the
 first failure. Results are recorded in docs/serve.md.
 """
 
@@ -18,6 +18,7 @@ import time
 from importlib.metadata import version
 
 import webuiapi
+from PIL import Image
 
 
 def luminance(image):
@@ -90,6 +91,23 @@ def main():
         api.util_set_model("demo")
         api.util_wait_for_ready(check_interval=0.2)
         check("util_set_model demo", api.get_options()["sd_model_checkpoint"] == "demo")
+
+        # img2img and inpainting as webuiapi sends them (its defaults: mask_blur 4, resize_mode 0,
+        # inpainting_fill 0, ...): a grey picture at strength 1 comes back black; with a mask,
+        # the kept half stays grey.
+        grey = Image.new("RGB", (32, 32), (128, 128, 128))
+        black = api.img2img(images=[grey], prompt="solid black background", seed=3, steps=10,
+                            denoising_strength=1.0, width=32, height=32)
+        check("img2img solid black background from grey", luminance(black.image) <= 0.08
+              and black.info["denoising_strength"] == 1.0, f"luminance {luminance(black.image):.4f}")
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (16, 0, 32, 32))
+        painted = api.img2img(images=[grey], mask_image=mask, prompt="solid black background", seed=3,
+                              steps=10, denoising_strength=1.0, width=32, height=32, mask_blur=2)
+        left = painted.image.crop((0, 0, 10, 32))
+        right = painted.image.crop((22, 0, 32, 32))
+        check("img2img inpainting (mask_image)", left.getextrema() == ((128, 128),) * 3
+              and luminance(right) < 0.2, f"kept half {left.getextrema()[0]}, repainted {luminance(right):.4f}")
     finally:
         server.stop()
 
