@@ -6,98 +6,42 @@
 //! `--sweep` axes of numeric settings. Rows are prompts x seeds. Every cell of a row starts from the
 //! same noise (the seed), every cell is also a PNG with full metadata (as `generate` writes it),
 //! and `grid.json` describes them all.
+//!
+//! **Models as an axis.** `--sweep model=A,B` (folders, single files, hub ids, built-in names)
+//! makes one group of rows per model, outermost, whatever the other axes: the paper's picture is
+//! the same prompt and seeds through a stock model and a fixed one, row above row, under the same
+//! columns. Every model is opened (configs only) before any cell runs, so a bad name stops the
+//! command at once; then the cells run model by model, each model's weights dropped before the
+//! next model's load, so no two models are ever resident together.
+//!
+//! **Columns that apply** ([`columns`]): zero SNR cannot be sampled with an epsilon model, so for
+//! one the fix columns skip it and apply the rest. The layout stays one grid with the same column
+//! positions for every row: a column no model of the grid can take is left out (`demo-flawed`
+//! alone: `baseline`, `+trailing`, `+rescaled CFG`); a column only some can take keeps its place
+//! and is a hatched cell in the other models' rows (`+zero-SNR` for `demo-flawed` beside
+//! `demo`), never a repeat of the cell before it. Which fix was skipped for which model is said
+//! once, in a footnote under the grid (and in grid.json's `notes`), not per cell.
+
+mod columns;
+mod models;
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 
+use self::columns::{Sweep, SweepKey, Variant};
+use self::models::AblateModel;
 use super::args::{
     at_least_one, base_request, DeviceArgs, ModelArgs, PromptArgs, SamplerArgs, SizeArgs, VerbosityArgs,
 };
 use super::progress::{Progress, Verbosity};
 use super::prompts;
-use crate::engine::{Engine, Event, GeneratedImage, Observer, Request, Words};
+use crate::engine::{release_idle_memory, Event, GeneratedImage, Job, Observer, Request, Words};
 use crate::output::grid::{self, Cell};
 use crate::output::{manifest, png};
 use crate::pipeline::StepInfo;
-use crate::schedule::TimestepSpacing;
-
-/// A setting an axis varies, with its values as typed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sweep {
-    pub key: SweepKey,
-    pub values: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SweepKey {
-    Guidance,
-    GuidanceRescale,
-    Steps,
-    Spacing,
-    Eta,
-    Sampler,
-}
-
-impl SweepKey {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Guidance => "guidance",
-            Self::GuidanceRescale => "guidance-rescale",
-            Self::Steps => "steps",
-            Self::Spacing => "spacing",
-            Self::Eta => "eta",
-            Self::Sampler => "sampler",
-        }
-    }
-
-    /// Applies `value` to `request`; an unparsable value is an error naming the key.
-    fn apply(self, request: &mut Request, value: &str) -> Result<()> {
-        let bad = || format!("--sweep {}: {value:?} is not a valid value", self.name());
-        match self {
-            Self::Guidance => request.guidance = value.parse().with_context(bad)?,
-            Self::GuidanceRescale => request.guidance_rescale = value.parse().with_context(bad)?,
-            Self::Steps => request.steps = value.parse().with_context(bad)?,
-            Self::Spacing => request.spacing = value.parse().map_err(anyhow::Error::msg).with_context(bad)?,
-            Self::Eta => request.eta = value.parse().with_context(bad)?,
-            Self::Sampler => request.sampler = value.parse().map_err(anyhow::Error::msg).with_context(bad)?,
-        }
-        Ok(())
-    }
-}
-
-impl FromStr for Sweep {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (key, values) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=V1,V2,..."))?;
-        let key = match key {
-            "guidance" => SweepKey::Guidance,
-            "guidance-rescale" | "guidance_rescale" => SweepKey::GuidanceRescale,
-            "steps" => SweepKey::Steps,
-            "spacing" => SweepKey::Spacing,
-            "eta" => SweepKey::Eta,
-            "sampler" => SweepKey::Sampler,
-            other => {
-                return Err(format!(
-                    "unknown sweep key {other:?}; expected guidance, guidance-rescale, steps, spacing, eta or sampler"
-                ))
-            }
-        };
-        let values: Vec<String> = values
-            .split(',')
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .collect();
-        if values.is_empty() {
-            return Err(format!("{s:?} lists no values"));
-        }
-        Ok(Self { key, values })
-    }
-}
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
@@ -127,12 +71,14 @@ pub struct AblateArgs {
     pub size: SizeArgs,
 
     /// All 8 on/off combinations of zero-SNR, trailing and rescaled CFG, instead of the four
-    /// cumulative columns.
-    #[arg(long, conflicts_with = "sweep")]
+    /// cumulative columns (those a model can take: without zero-SNR for an epsilon model).
+    #[arg(long)]
     pub all_combinations: bool,
 
-    /// KEY=V1,V2,... with KEY one of guidance, guidance-rescale, steps, spacing, eta, sampler; the first
-    /// is the columns, a second one multiplies the rows. Replaces the fix columns.
+    /// KEY=V1,V2,... with KEY one of guidance, guidance-rescale, steps, spacing, eta, sampler: the
+    /// first is the columns (replacing the fix columns), a second one multiplies the rows. Or
+    /// model=A,B (folders, single files, hub ids, demo, demo-flawed) instead of --model: one group
+    /// of rows per model, under the fix columns or the other sweeps.
     #[arg(long, value_name = "KEY=VALUES")]
     pub sweep: Vec<Sweep>,
 
@@ -159,115 +105,23 @@ pub struct AblateArgs {
     pub verbosity: VerbosityArgs,
 }
 
-/// How a column (or a row group) changes the request.
-#[derive(Debug, Clone)]
-struct Variant {
-    label: String,
-    zero_snr: Option<bool>,
-    spacing: Option<TimestepSpacing>,
-    guidance_rescale: Option<f64>,
-    sweep: Option<(SweepKey, String)>,
-}
-
-impl Variant {
-    fn fixes(label: &str, zero_snr: bool, trailing: bool, rescale: Option<f64>) -> Self {
-        Self {
-            label: label.to_string(),
-            zero_snr: Some(zero_snr),
-            spacing: Some(if trailing {
-                TimestepSpacing::Trailing
-            } else {
-                TimestepSpacing::Leading
-            }),
-            guidance_rescale: Some(rescale.unwrap_or(0.0)),
-            sweep: None,
-        }
-    }
-
-    fn apply(&self, request: &mut Request) -> Result<()> {
-        if let Some(z) = self.zero_snr {
-            request.zero_snr = Some(z);
-        }
-        if let Some(s) = self.spacing {
-            request.spacing = s;
-        }
-        if let Some(r) = self.guidance_rescale {
-            request.guidance_rescale = r;
-        }
-        if let Some((key, value)) = &self.sweep {
-            key.apply(request, value)?;
-        }
-        Ok(())
-    }
-}
-
-fn sweep_variants(sweep: &Sweep) -> Vec<Variant> {
-    sweep
-        .values
-        .iter()
-        .map(|v| Variant {
-            label: format!("{}={v}", sweep.key.name()),
-            zero_snr: None,
-            spacing: None,
-            guidance_rescale: None,
-            sweep: Some((sweep.key, v.clone())),
-        })
-        .collect()
-}
-
-fn columns(args: &AblateArgs) -> Vec<Variant> {
-    let phi = Some(args.sampler.guidance_rescale);
-    if let Some(first) = args.sweep.first() {
-        return sweep_variants(first);
-    }
-    if args.all_combinations {
-        let mut all = Vec::new();
-        for zero_snr in [false, true] {
-            for trailing in [false, true] {
-                for rescale in [false, true] {
-                    let names: Vec<&str> = [(zero_snr, "zero-SNR"), (trailing, "trailing"), (rescale, "rescale")]
-                        .iter()
-                        .filter_map(|(on, name)| on.then_some(*name))
-                        .collect();
-                    let label = if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join("+")
-                    };
-                    all.push(Variant::fixes(
-                        &label,
-                        zero_snr,
-                        trailing,
-                        rescale.then_some(args.sampler.guidance_rescale),
-                    ));
-                }
-            }
-        }
-        return all;
-    }
-    vec![
-        Variant::fixes("baseline", false, false, None),
-        Variant::fixes("+zero-SNR", true, false, None),
-        Variant::fixes("+trailing", true, true, None),
-        Variant::fixes("+rescaled CFG", true, true, phi),
-    ]
-}
-
 /// Keeps each cell's image, writing its PNG as it arrives.
 struct Cells<'a> {
     progress: &'a Progress,
-    /// Per job: the cell's PNG path.
+    /// Per job (over all models): the cell's PNG path.
     paths: Vec<PathBuf>,
     /// Per job: the image, once made.
     images: Vec<Option<GeneratedImage>>,
+    /// The running model's first job in `paths` (the engine numbers its own jobs from 0).
+    offset: usize,
 }
 
 impl Observer for Cells<'_> {
     fn image(&mut self, image: GeneratedImage) -> Result<()> {
-        let path = &self.paths[image.job];
+        let job = self.offset + image.job;
+        let path = &self.paths[job];
         png::write_image(path, &image)?;
         self.progress.image_done(&format!("wrote {}", path.display()));
-        let job = image.job;
         self.images[job] = Some(image);
         Ok(())
     }
@@ -309,12 +163,89 @@ fn row_prompts(args: &AblateArgs) -> Result<Vec<String>> {
     }
 }
 
-pub fn run(args: &AblateArgs) -> Result<()> {
+/// One row of the grid.
+struct Row<'a> {
+    label: String,
+    model: usize,
+    prompt: &'a str,
+    group: Option<&'a Variant>,
+    seed: u64,
+}
+
+/// What a cell is: a job (its index over all models' jobs), skipped (the column does not apply to
+/// the row's model), or a request the engine refused (drawn n/a with the reason).
+enum Plan {
+    Job(usize),
+    Skipped,
+    Refused(String),
+}
+
+/// The axes from `--sweep`, `--model` and `--all-combinations`: the models, the columns and the
+/// second sweep's row groups, after the checks on their mix.
+struct Axes {
+    models: Vec<String>,
+    swept_models: bool,
+    columns: Vec<Variant>,
+    /// Whether the columns are the fix columns (the zero-SNR rule applies to them).
+    fix_columns: bool,
+    row_groups: Vec<Option<Variant>>,
+}
+
+fn axes(args: &AblateArgs) -> Result<Axes> {
+    let (model_sweeps, sweeps): (Vec<&Sweep>, Vec<&Sweep>) = args.sweep.iter().partition(|s| s.key == SweepKey::Model);
     ensure!(
-        args.sweep.len() <= 2,
-        "at most two --sweep axes (columns, then rows), got {}",
-        args.sweep.len()
+        model_sweeps.len() <= 1,
+        "--sweep model= is given {} times; list every model in one: --sweep model=A,B",
+        model_sweeps.len()
     );
+    ensure!(
+        sweeps.len() <= 2,
+        "at most two --sweep axes besides model= (columns, then rows), got {}",
+        sweeps.len()
+    );
+    ensure!(
+        !args.all_combinations || sweeps.is_empty(),
+        "--all-combinations and --sweep {} both choose the columns; give one (--sweep model= goes with either)",
+        sweeps[0].key.name()
+    );
+    let swept_models = !model_sweeps.is_empty();
+    if swept_models {
+        ensure!(
+            args.model.revision.is_none(),
+            "--revision names one hub repo's revision; with --sweep model= run one grid per revision"
+        );
+        ensure!(
+            args.model.config.is_none(),
+            "--config fits one single-file checkpoint; with --sweep model= give diffusers folders, or files \
+             whose configs sdfix can synthesise or detect"
+        );
+    }
+    let models = match model_sweeps.first() {
+        Some(sweep) => sweep.values.clone(),
+        None => vec![args.model.model.clone()],
+    };
+    let (columns, fix_columns) = match sweeps.first() {
+        Some(first) => (columns::sweep_variants(first), false),
+        None => (
+            columns::fix_columns(args.all_combinations, args.sampler.guidance_rescale),
+            true,
+        ),
+    };
+    let row_groups = match sweeps.get(1) {
+        Some(second) => columns::sweep_variants(second).into_iter().map(Some).collect(),
+        None => vec![None],
+    };
+    Ok(Axes {
+        models,
+        swept_models,
+        columns,
+        fix_columns,
+        row_groups,
+    })
+}
+
+pub fn run(args: &AblateArgs) -> Result<()> {
+    let axes = axes(args)?;
     let verbosity = args.verbosity.resolve();
     let prompts = row_prompts(args)?;
     let seeds: Vec<u64> = if args.seeds.is_empty() {
@@ -322,23 +253,60 @@ pub fn run(args: &AblateArgs) -> Result<()> {
     } else {
         args.seeds.clone()
     };
-    let columns = columns(args);
-    let row_groups: Vec<Option<Variant>> = match args.sweep.get(1) {
-        Some(second) => sweep_variants(second).into_iter().map(Some).collect(),
-        None => vec![None],
+    let grid_png = args.out_dir.join("grid.png");
+    ensure!(
+        args.overwrite || !grid_png.exists(),
+        "{} already exists; pass --overwrite or choose another --out-dir",
+        grid_png.display()
+    );
+
+    // Every model opened (configs only) before any work: a bad one stops the command here.
+    let (device, dtype) = args.device.resolve()?;
+    let mut models = models::open(
+        &axes.models,
+        axes.swept_models,
+        &args.model.resolve(None),
+        args.sampler.prediction,
+        &device,
+        dtype,
+    )?;
+    let applies: Vec<bool> = models.iter().map(|m| m.zero_snr_applies).collect();
+    let (columns, notes) = if axes.fix_columns {
+        let kept = columns::applicable(axes.columns.clone(), &applies);
+        let skipped: Vec<&str> = models
+            .iter()
+            .filter(|m| !m.zero_snr_applies)
+            .map(|m| m.name.as_str())
+            .collect();
+        let note = columns::skipped_note(&axes.columns, &kept, &skipped);
+        (kept, note.into_iter().collect::<Vec<_>>())
+    } else {
+        (axes.columns.clone(), Vec::new())
     };
-    let mut rows: Vec<(String, &str, Option<&Variant>, u64)> = Vec::new();
-    for prompt in &prompts {
-        for group in &row_groups {
-            for &seed in &seeds {
-                let mut label = format!("seed {seed}");
-                if let Some(g) = group {
-                    label = format!("{} {label}", g.label);
+
+    let mut rows: Vec<Row> = Vec::new();
+    for (m, model) in models.iter().enumerate() {
+        for prompt in &prompts {
+            for group in &axes.row_groups {
+                for &seed in &seeds {
+                    let mut label = format!("seed {seed}");
+                    if let Some(g) = group {
+                        label = format!("{} {label}", g.label);
+                    }
+                    if prompts.len() > 1 {
+                        label = format!("{prompt}: {label}");
+                    }
+                    if models.len() > 1 {
+                        label = format!("{}: {label}", model.name);
+                    }
+                    rows.push(Row {
+                        label,
+                        model: m,
+                        prompt,
+                        group: group.as_ref(),
+                        seed,
+                    });
                 }
-                if prompts.len() > 1 {
-                    label = format!("{prompt}: {label}");
-                }
-                rows.push((label, prompt, group.as_ref(), seed));
             }
         }
     }
@@ -350,65 +318,82 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         columns.len(),
         args.max_cells
     );
-    let grid_png = args.out_dir.join("grid.png");
+
+    // One job per cell, each model's in its own list (they run model by model); a cell the model
+    // cannot take is skipped, one whose settings the engine refuses is n/a.
     let cells_dir = args.out_dir.join("cells");
-    ensure!(
-        args.overwrite || !grid_png.exists(),
-        "{} already exists; pass --overwrite or choose another --out-dir",
-        grid_png.display()
-    );
-
-    let (device, dtype) = args.device.resolve()?;
-    let mut engine = Engine::open_with(&args.model.resolve(None), &device, dtype)?;
-    for note in engine.notes() {
-        eprintln!("{note}");
-    }
-
-    // One job per cell; a cell whose settings cannot work (zero SNR with an epsilon model) is n/a.
-    let mut jobs = Vec::new();
+    let mut jobs: Vec<Vec<Job>> = models.iter().map(|_| Vec::new()).collect();
     let mut paths = Vec::new();
-    let mut cell_jobs: Vec<Result<usize, String>> = Vec::with_capacity(cell_count);
-    for (r, (_, prompt, group, seed)) in rows.iter().enumerate() {
+    let mut plans: Vec<Plan> = Vec::with_capacity(cell_count);
+    for (r, row) in rows.iter().enumerate() {
+        let model = &models[row.model];
+        let engine = model.engine.as_ref().context("internal: a model was closed early")?;
         for (c, column) in columns.iter().enumerate() {
+            if !column.applies_to(model.zero_snr_applies) {
+                plans.push(Plan::Skipped);
+                continue;
+            }
             let mut request = Request {
-                seed: *seed,
+                seed: row.seed,
                 num_images: Some(1),
-                ..base_request(prompt, &args.prompts, &args.sampler, &args.size)
+                ..base_request(row.prompt, &args.prompts, &args.sampler, &args.size)
             };
             let made = column
-                .apply(&mut request)
-                .and_then(|()| group.map_or(Ok(()), |g| g.apply(&mut request)))
+                .apply(&mut request, model.zero_snr_applies)
+                .and_then(|()| {
+                    row.group
+                        .map_or(Ok(()), |g| g.apply(&mut request, model.zero_snr_applies))
+                })
                 .and_then(|()| engine.job(request).map_err(|e| anyhow::anyhow!(e.render(Words::Flags))));
             match made {
                 Ok(job) => {
-                    cell_jobs.push(Ok(jobs.len()));
-                    jobs.push(job);
-                    paths.push(cells_dir.join(format!("r{r:03}-c{c:02}-{seed}-{}.png", png::slug(prompt))));
+                    plans.push(Plan::Job(paths.len()));
+                    jobs[row.model].push(job);
+                    let name = format!("r{r:03}-c{c:02}-{}-{}.png", row.seed, png::slug(row.prompt));
+                    paths.push(cells_dir.join(name));
                 }
-                Err(err) => cell_jobs.push(Err(format!("{err:#}"))),
+                Err(err) => plans.push(Plan::Refused(format!("{err:#}"))),
             }
         }
     }
-    if jobs.is_empty() {
+    if paths.is_empty() {
         bail!(
             "no cell of the grid can be made: {}",
-            cell_jobs
+            plans
                 .iter()
-                .filter_map(|c| c.as_ref().err())
-                .next()
-                .map_or("", |s| s.as_str())
+                .find_map(|p| match p {
+                    Plan::Refused(why) => Some(why.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("")
         );
     }
     std::fs::create_dir_all(&cells_dir).with_context(|| format!("cannot create {}", cells_dir.display()))?;
-    let progress = Progress::new(jobs.len(), verbosity);
+    let progress = Progress::new(paths.len(), verbosity);
     let mut cells = Cells {
         progress: &progress,
-        images: vec![None; jobs.len()],
+        images: vec![None; paths.len()],
         paths,
+        offset: 0,
     };
-    engine.run(&jobs, args.batch_size, &mut cells)?;
+    // Model by model: each engine (its weights) is dropped, and the memory it freed handed back,
+    // before the next model loads.
+    for (model, model_jobs) in models.iter_mut().zip(&jobs) {
+        let mut engine = model.engine.take().context("internal: a model ran twice")?;
+        engine.run(model_jobs, args.batch_size, &mut cells)?;
+        drop(engine);
+        release_idle_memory();
+        cells.offset += model_jobs.len();
+    }
     progress.finish();
-    write_grid(args, &columns, &rows, &cell_jobs, &cells)?;
+    let layout = Layout {
+        columns: &columns,
+        rows: &rows,
+        plans: &plans,
+        models: &models,
+        notes: &notes,
+    };
+    write_grid(args, &layout, &cells)?;
     if verbosity != Verbosity::Quiet {
         eprintln!(
             "wrote {} ({} x {} cells) and grid.json",
@@ -416,25 +401,33 @@ pub fn run(args: &AblateArgs) -> Result<()> {
             rows.len(),
             columns.len()
         );
+        for note in &notes {
+            eprintln!("note: {note}");
+        }
     }
     Ok(())
 }
 
+/// What the grid shows, for [`write_grid`].
+struct Layout<'a> {
+    columns: &'a [Variant],
+    rows: &'a [Row<'a>],
+    plans: &'a [Plan],
+    models: &'a [AblateModel],
+    notes: &'a [String],
+}
+
 /// grid.png, grid.json and the cells' manifest, from the cells in memory.
-fn write_grid(
-    args: &AblateArgs,
-    columns: &[Variant],
-    rows: &[(String, &str, Option<&Variant>, u64)],
-    cell_jobs: &[Result<usize, String>],
-    made: &Cells,
-) -> Result<()> {
-    let (mut cells, mut described) = (Vec::with_capacity(cell_jobs.len()), Vec::with_capacity(cell_jobs.len()));
+fn write_grid(args: &AblateArgs, layout: &Layout, made: &Cells) -> Result<()> {
+    let columns = layout.columns;
+    let (mut cells, mut described) = (Vec::with_capacity(layout.plans.len()), Vec::new());
     let mut records = Vec::new();
     let mut size = (0, 0);
-    for (index, cell) in cell_jobs.iter().enumerate() {
+    for (index, plan) in layout.plans.iter().enumerate() {
         let (r, c) = (index / columns.len(), index % columns.len());
-        match cell {
-            Ok(j) => {
+        let model = &layout.models[layout.rows[r].model].name;
+        match plan {
+            Plan::Job(j) => {
                 let path = &made.paths[*j];
                 let image = made.images[*j]
                     .as_ref()
@@ -445,7 +438,7 @@ fn write_grid(
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
                 records.push(manifest::record(name, r, image)?);
                 described.push(json!({
-                    "row": r, "column": c, "file": file, "luminance": luminance,
+                    "row": r, "column": c, "model": model, "file": file, "luminance": luminance,
                     "settings": serde_json::to_value(&image.settings)?,
                 }));
                 cells.push(Cell::Image {
@@ -453,33 +446,42 @@ fn write_grid(
                     luminance,
                 });
             }
-            Err(why) => {
-                described.push(json!({"row": r, "column": c, "file": null, "error": why}));
+            Plan::Skipped => {
+                described.push(json!({
+                    "row": r, "column": c, "model": model, "file": null,
+                    "skipped": "zero-SNR (an epsilon model)",
+                }));
+                cells.push(Cell::Skipped("no zero-SNR".into()));
+            }
+            Plan::Refused(why) => {
+                described.push(json!({"row": r, "column": c, "model": model, "file": null, "error": why}));
                 cells.push(Cell::Missing(why.clone()));
             }
         }
     }
-    // n/a cells need a size: every made cell has the same one.
+    // n/a and skipped cells need a size: every made cell has the same one.
     let blank_len = size.0 * size.1 * 3;
     for cell in &cells {
         if let Cell::Image { rgb, .. } = cell {
             ensure!(
                 rgb.len() == blank_len,
-                "cells differ in size; sweep steps or spacing, not width or height"
+                "cells differ in size; sweep steps or spacing, not width or height, and models of one size"
             );
         }
     }
     // One line per cell, replaced whole: a second --overwrite run does not append a second set.
     manifest::replace(&args.out_dir.join("cells"), &records)?;
     let column_labels: Vec<String> = columns.iter().map(|c| c.label.clone()).collect();
-    let row_labels: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    let canvas = grid::render(&column_labels, &row_labels, &cells, size.0, size.1);
+    let row_labels: Vec<String> = layout.rows.iter().map(|r| r.label.clone()).collect();
+    let canvas = grid::render(&column_labels, &row_labels, &cells, size, layout.notes);
     let grid_png = args.out_dir.join("grid.png");
     png::write_png(&grid_png, &canvas.rgb, canvas.width as u32, canvas.height as u32, &[])?;
+    let models: Vec<&serde_json::Value> = layout.models.iter().map(|m| &m.identity).collect();
     let report = json!({
-        "model": args.model.model,
+        "models": models,
         "columns": column_labels,
         "rows": row_labels,
+        "notes": layout.notes,
         "cells": described,
         "grid": "grid.png",
     });
