@@ -308,6 +308,47 @@ fn models_go_with_a_sweep_of_another_key() {
     );
 }
 
+/// A folder and a single file in one sweep: named by folder and file stem, the file's hash and
+/// detected prediction type recorded, `--config` applied to the file only.
+#[test]
+fn a_folder_and_a_single_file_in_one_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid");
+    let (folder, file) = (fixture("tiny-sd"), fixture("single-file/tiny-sd2.safetensors"));
+    let sweep = format!("model={},{}", folder.display(), file.display());
+    let run = sdfix(&[
+        "ablate",
+        "--sweep",
+        &sweep,
+        "--config",
+        folder.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--num-seeds",
+        "1",
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report = grid_json(&out);
+    assert_eq!(
+        report["rows"],
+        serde_json::json!(["tiny-sd: seed 0", "tiny-sd2: seed 0"])
+    );
+    let models = report["models"].as_array().unwrap();
+    assert_eq!(
+        (&models[0]["source"], &models[0]["hash"]),
+        (&"folder".into(), &serde_json::Value::Null)
+    );
+    assert_eq!(models[1]["source"], "file");
+    assert_eq!(models[1]["hash"].as_str().map(str::len), Some(10));
+    assert_eq!(models[1]["prediction_type"], "v_prediction");
+    assert_eq!(report["cells"].as_array().unwrap().len(), 8);
+}
+
 #[test]
 fn all_combinations_on_an_epsilon_model_are_the_valid_ones() {
     let dir = tempfile::tempdir().unwrap();

@@ -209,17 +209,10 @@ fn axes(args: &AblateArgs) -> Result<Axes> {
         sweeps[0].key.name()
     );
     let swept_models = !model_sweeps.is_empty();
-    if swept_models {
-        ensure!(
-            args.model.revision.is_none(),
-            "--revision names one hub repo's revision; with --sweep model= run one grid per revision"
-        );
-        ensure!(
-            args.model.config.is_none(),
-            "--config fits one single-file checkpoint; with --sweep model= give diffusers folders, or files \
-             whose configs sdfix can synthesise or detect"
-        );
-    }
+    ensure!(
+        !swept_models || args.model.revision.is_none(),
+        "--revision names one hub repo's revision; with --sweep model= run one grid per revision"
+    );
     let models = match model_sweeps.first() {
         Some(sweep) => sweep.values.clone(),
         None => vec![args.model.model.clone()],

@@ -43,9 +43,10 @@ fn display_name(model: &str) -> String {
     name.and_then(|n| n.to_str()).unwrap_or(trimmed).to_string()
 }
 
-/// Opens every model of `models` with `base`'s LoRAs and single-file options (`--ema` for the
-/// single files among them), for `prediction` (`--prediction`, which wins over each config). A
-/// model that cannot be opened is an error naming it (`--sweep model=NAME: ...` when `swept`).
+/// Opens every model of `models` with `base`'s LoRAs and single-file options (`--ema` and
+/// `--config` for the single files among them), for `prediction` (`--prediction`, which wins
+/// over each config). A model that cannot be opened is an error naming it (`--sweep
+/// model=NAME: ...` when `swept`).
 pub fn open(
     models: &[String],
     swept: bool,
@@ -66,8 +67,12 @@ pub fn open(
                 model: model.clone(),
                 ..base.clone()
             };
-            // --ema is refused for diffusers models; in a mix it applies to the single files.
-            options.single_file.ema &= matches!(location, ModelLocation::File(_));
+            // --ema and --config are refused for diffusers models; in a mix they apply to the
+            // single files.
+            if !matches!(location, ModelLocation::File(_)) {
+                options.single_file.ema = false;
+                options.single_file.config_dir = None;
+            }
             let engine = Engine::open_with(&options, device, dtype)?;
             let (predicts, zero_snr_applies) = engine
                 .prediction(prediction)
