@@ -10,8 +10,8 @@
 //! that imports it back (tests/architecture.rs checks all three, and that no file in src/ is
 //! over 800 lines).
 //!
-//! - [`cli`]: the command line, one file per subcommand, shared flag groups in `cli::args`,
-//!   prompt files, progress output and luminance statistics.
+//! - [`cli`]: the command line, one file (or folder: `ablate/`) per subcommand, shared flag
+//!   groups in `cli::args`, prompt files, progress output and luminance statistics.
 //! - [`serve`]: `sdfix serve`, AUTOMATIC1111's HTTP API and a web page in front of one engine
 //!   thread with a bounded queue.
 //! - [`engine`]: a model opened once; the one settings type ([`engine::Request`]), its

@@ -307,7 +307,10 @@ fn auth_is_required_when_set() {
 #[test]
 fn options_switch_the_model_between_jobs() {
     let server = Server::start(&[]);
-    assert_eq!(server.get("/sdapi/v1/options").json()["sd_model_checkpoint"], "demo");
+    let options = server.get("/sdapi/v1/options").json();
+    assert_eq!(options["sd_model_checkpoint"], "demo");
+    // What the page's "Compare fixes" builds its columns by (the rule of `sdfix ablate`).
+    assert_eq!(options["sdfix_zero_snr_applies"], true);
     let r = server.post(
         "/sdapi/v1/options",
         &json!({"sd_model_checkpoint": "demo-flawed", "show_progressbar": true}),
@@ -315,8 +318,9 @@ fn options_switch_the_model_between_jobs() {
     assert_eq!(r.status, 200, "{}", r.body);
     let options = server.get("/sdapi/v1/options").json();
     assert_eq!(options["sd_model_checkpoint"], "demo-flawed");
-    // demo-flawed's config: epsilon, no zero SNR.
+    // demo-flawed's config: epsilon, no zero SNR; and zero SNR cannot apply to it.
     assert_eq!(options["sd_noise_schedule"], "Default");
+    assert_eq!(options["sdfix_zero_snr_applies"], false);
     let info = |r: Response| -> Value {
         assert_eq!(r.status, 200, "{}", r.body);
         serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap()

@@ -52,6 +52,7 @@ use crate::device;
 use crate::kernels::host_memory;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::vae::VaeEncoder;
+use crate::sampling::Prediction;
 use crate::weights::files::{with_model_context, ModelLocation};
 use crate::weights::loader::{ModelConfigs, ModelSource};
 use crate::weights::lora::{Component, LoraCache, LoraSpec, Loras, MergeKey};
@@ -195,6 +196,18 @@ impl Engine {
 
     pub fn configs(&self) -> &ModelConfigs {
         &self.configs
+    }
+
+    /// A1111's short hash of a single-file checkpoint (`None` for folders and hub repos).
+    pub fn model_hash(&self) -> Option<&str> {
+        self.model_hash.as_deref()
+    }
+
+    /// What the model predicts under `requested` (a request's `prediction`, else the config's),
+    /// and whether zero terminal SNR can be sampled with it ([`request::zero_snr_applies`]).
+    pub fn prediction(&self, requested: Option<Prediction>) -> Result<(Prediction, bool), RequestError> {
+        let prediction = request::model_prediction(requested, &self.configs.scheduler, &self.configs.scheduler_path)?;
+        Ok((prediction, request::zero_snr_applies(prediction)))
     }
 
     pub fn location(&self) -> &ModelLocation {

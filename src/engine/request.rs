@@ -202,6 +202,31 @@ impl Job {
     }
 }
 
+/// What a model predicts: `requested` (`--prediction`) when given, else its scheduler config's
+/// `prediction_type`.
+pub fn model_prediction(
+    requested: Option<Prediction>,
+    config: &SchedulerConfig,
+    config_path: &str,
+) -> Result<Prediction, RequestError> {
+    match requested {
+        Some(p) => Ok(p),
+        None => config.prediction_type.parse().map_err(|e: String| {
+            RequestError::new(
+                Field::Prediction,
+                format!("is needed: {config_path} has a bad prediction_type ({e})"),
+            )
+        }),
+    }
+}
+
+/// Whether zero terminal SNR can be sampled with a model that predicts `prediction`: not with
+/// epsilon, whose first step would divide by sqrt(alpha_bar_T) = 0 (Lin et al. 2024, Section
+/// 3.2). The one rule [`resolve`] enforces and `ablate` and the server's page build columns by.
+pub fn zero_snr_applies(prediction: Prediction) -> bool {
+    prediction != Prediction::Epsilon
+}
+
 /// Zero SNR and prediction type, with the one combination that cannot work caught; a config
 /// that asks for it gets a warning and the rescale off, a request that asks for it an error.
 fn resolve_prediction(
@@ -210,17 +235,9 @@ fn resolve_prediction(
     config_path: &str,
     warnings: &mut Vec<String>,
 ) -> Result<(Prediction, bool), RequestError> {
-    let prediction = match request.prediction {
-        Some(p) => p,
-        None => config.prediction_type.parse().map_err(|e: String| {
-            RequestError::new(
-                Field::Prediction,
-                format!("is needed: {config_path} has a bad prediction_type ({e})"),
-            )
-        })?,
-    };
+    let prediction = model_prediction(request.prediction, config, config_path)?;
     let zero_snr = request.zero_snr.unwrap_or(config.rescale_betas_zero_snr);
-    if zero_snr && prediction == Prediction::Epsilon {
+    if zero_snr && !zero_snr_applies(prediction) {
         if request.zero_snr == Some(true) {
             return Err(RequestError::new(
                 Field::ZeroSnr,

@@ -1,5 +1,6 @@
 //! Labelled image grids (like AUTOMATIC1111's X/Y plot): a header row of column labels, a first
-//! column of row labels, and each cell's mean luminance printed under it. Text uses an 8x8 bitmap
+//! column of row labels, each cell's mean luminance printed under it, and footnotes under the
+//! grid. Text uses an 8x8 bitmap
 //! font compiled into the binary (font8x8, public domain), so no system fonts are needed.
 
 use font8x8::legacy::BASIC_LEGACY;
@@ -14,6 +15,10 @@ const MIN_CELL_SIDE: usize = 192;
 const WHITE: [u8; 3] = [255, 255, 255];
 const BLACK: [u8; 3] = [0, 0, 0];
 const GREY: [u8; 3] = [200, 200, 200];
+/// Every cell's frame and a skipped cell's hatching: lighter than a missing cell's fill.
+const LIGHT_GREY: [u8; 3] = [225, 225, 225];
+/// Pixels between a skipped cell's hatch lines.
+const HATCH_SPACING: usize = 12;
 
 /// An RGB canvas.
 pub struct Canvas {
@@ -107,14 +112,24 @@ fn wrap(text: &str, chars: usize) -> Vec<String> {
     lines
 }
 
-/// One cell: an image, or why there is none.
+/// One cell: an image, why there is none (a setting that failed, drawn grey with the reason), or
+/// a column that does not apply to the row (lightly hatched, the caption saying what was skipped;
+/// a footnote says why, once).
 pub enum Cell {
     Image { rgb: Vec<u8>, luminance: f64 },
     Missing(String),
+    Skipped(String),
 }
 
-/// Lays out `cells` (row-major, rows x columns) of `w` x `h` images with labels.
-pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w: usize, h: usize) -> Canvas {
+/// Lays out `cells` (row-major, rows x columns) of `w` x `h` images with labels, and `notes`
+/// under the grid, one paragraph each.
+pub fn render(
+    column_labels: &[String],
+    row_labels: &[String],
+    cells: &[Cell],
+    (w, h): (usize, usize),
+    notes: &[String],
+) -> Canvas {
     let scale = MIN_CELL_SIDE.div_ceil(w.max(h)).max(1);
     let (cell_w, cell_h) = (w * scale, h * scale);
     let chars_per_cell = cell_w / (GLYPH * TEXT_SCALE);
@@ -134,8 +149,14 @@ pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w
     let caption_h = LINE_HEIGHT + PADDING;
     let (columns, rows) = (column_labels.len(), row_labels.len());
     let width = label_w + columns * (cell_w + PADDING) + PADDING;
-    let height = header_h + rows * (cell_h + caption_h) + PADDING;
+    let note_chars = (width - 2 * PADDING) / (GLYPH * TEXT_SCALE);
+    let note_lines: Vec<String> = notes.iter().flat_map(|n| wrap(n, note_chars)).collect();
+    let grid_h = header_h + rows * (cell_h + caption_h);
+    let height = grid_h + note_lines.len() * LINE_HEIGHT + PADDING;
     let mut canvas = Canvas::new(width, height, WHITE);
+    for (i, line) in note_lines.iter().enumerate() {
+        canvas.text(PADDING, grid_h + i * LINE_HEIGHT, line, width - 2 * PADDING);
+    }
     for (c, label) in column_labels.iter().enumerate() {
         let x = label_w + c * (cell_w + PADDING);
         for (i, line) in wrap(label, chars_per_cell).iter().enumerate() {
@@ -149,6 +170,8 @@ pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w
         }
         for c in 0..columns {
             let x = label_w + c * (cell_w + PADDING);
+            // A frame in the padding, so that a white image stands out from the page.
+            canvas.fill(x - 1, y - 1, cell_w + 2, cell_h + 2, LIGHT_GREY);
             match &cells[r * columns + c] {
                 Cell::Image { rgb, luminance } => {
                     canvas.blit(x, y, rgb, w, h, scale);
@@ -166,6 +189,18 @@ pub fn render(column_labels: &[String], row_labels: &[String], cells: &[Cell], w
                         canvas.text(x, y + i * LINE_HEIGHT, line, cell_w);
                     }
                     canvas.text(x, y + cell_h + 4, "n/a", cell_w);
+                }
+                Cell::Skipped(what) => {
+                    // Light diagonal hatching: not an image (a white one would look the same).
+                    canvas.fill(x, y, cell_w, cell_h, WHITE);
+                    for row in 0..cell_h {
+                        for col in 0..cell_w {
+                            if (row + col) % HATCH_SPACING == 0 {
+                                canvas.fill(x + col, y + row, 1, 1, LIGHT_GREY);
+                            }
+                        }
+                    }
+                    canvas.text(x, y + cell_h + 4, what, cell_w);
                 }
             }
         }
@@ -244,18 +279,40 @@ mod tests {
                 luminance: 0.04,
             },
             Cell::Missing("epsilon".into()),
+            Cell::Skipped("skipped".into()),
         ];
         let canvas = render(
-            &["baseline".into(), "+zero-SNR".into()],
+            &["baseline".into(), "+zero-SNR".into(), "+trailing".into()],
             &["seed 1".into()],
             &cells,
-            4,
-            4,
+            (4, 4),
+            &[],
         );
         assert_eq!(canvas.rgb.len(), canvas.width * canvas.height * 3);
         let dark = canvas.rgb.chunks(3).filter(|p| p == &[0, 0, 0]).count();
         assert!(dark > 100, "labels drew {dark} black pixels");
         assert!(canvas.rgb.chunks(3).any(|p| p == [10, 10, 10]));
         assert!(canvas.rgb.chunks(3).any(|p| p == GREY));
+        assert!(canvas.rgb.chunks(3).any(|p| p == LIGHT_GREY));
+    }
+
+    #[test]
+    fn notes_go_under_the_grid() {
+        let cells = [Cell::Image {
+            rgb: vec![10; 4 * 4 * 3],
+            luminance: 0.04,
+        }];
+        let labels = (["baseline".to_string()], ["seed 1".to_string()]);
+        let plain = render(&labels.0, &labels.1, &cells, (4, 4), &[]);
+        let noted = render(&labels.0, &labels.1, &cells, (4, 4), &["a note ".repeat(20)]);
+        assert_eq!(noted.width, plain.width);
+        assert!(
+            noted.height >= plain.height + 2 * LINE_HEIGHT,
+            "{} vs {}",
+            noted.height,
+            plain.height
+        );
+        let below = &noted.rgb[plain.height * noted.width * 3..];
+        assert!(below.chunks(3).any(|p| p == BLACK));
     }
 }

@@ -6,7 +6,7 @@
 //! | `POST /sdapi/v1/txt2img` | images for a prompt: `{"images", "parameters", "info"}` |
 //! | `GET /sdapi/v1/sd-models` | the models, by name |
 //! | `GET /sdapi/v1/samplers`, `GET /sdapi/v1/schedulers` | the names `sampler_name` and `scheduler` take |
-//! | `GET`, `POST /sdapi/v1/options` | `sd_model_checkpoint` (the model of later requests), `sd_noise_schedule` |
+//! | `GET`, `POST /sdapi/v1/options` | `sd_model_checkpoint` (the model of later requests), `sd_noise_schedule`; `GET` also `sdfix_zero_snr_applies` |
 //! | `GET /sdapi/v1/progress` | the running run: fraction, ETA, step, queued requests |
 //! | `POST /sdapi/v1/interrupt` | stops the running run at its next step |
 //! | `GET /sdapi/v1/scripts` | none (clients ask which extensions exist) |
@@ -397,16 +397,21 @@ async fn get_options(State(state): State<Arc<AppState>>) -> AppResult<Json<Value
         .models
         .find(&current)
         .ok_or_else(|| unknown_model("sd_model_checkpoint", &current))?;
+    // The model's config, and whether zero SNR can be sampled with it at all (not with epsilon:
+    // the page's "Compare fixes" then skips that column, as `sdfix ablate` does).
+    let (config_zero_snr, zero_snr_applies) = blocking(move || {
+        with_checker(&state, &entry, |e| {
+            let applies = e.prediction(None).map(|(_, applies)| applies).unwrap_or(true);
+            Ok((e.configs().scheduler.rescale_betas_zero_snr, applies))
+        })
+    })
+    .await?;
     // Without the option set, what the current model's config says.
-    let zero_snr = match noise_schedule {
-        Some(z) => z,
-        None => {
-            blocking(move || with_checker(&state, &entry, |e| Ok(e.configs().scheduler.rescale_betas_zero_snr))).await?
-        }
-    };
+    let zero_snr = noise_schedule.unwrap_or(config_zero_snr);
     Ok(Json(json!({
         "sd_model_checkpoint": current,
         "sd_noise_schedule": if zero_snr { NOISE_SCHEDULE_ZERO_SNR } else { NOISE_SCHEDULE_DEFAULT },
+        "sdfix_zero_snr_applies": zero_snr_applies,
     })))
 }
 
