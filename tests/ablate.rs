@@ -240,11 +240,16 @@ fn two_models_are_row_groups_under_the_fix_columns() {
         ]
     );
     assert_eq!(models[0]["source"], "built-in");
-    // No n/a cell: demo-flawed's +zero-SNR cell is skipped, its others made without zero SNR.
+    // No n/a or empty cell: demo-flawed's +zero-SNR cell, zero SNR skipped, is its baseline
+    // (the same file, made once); its others are made without zero SNR.
     let cells = report["cells"].as_array().unwrap();
     assert_eq!(cells.len(), 8);
     assert!(cells.iter().all(|c| c.get("error").is_none()), "{cells:?}");
-    assert!(cells[1]["skipped"].is_string() && cells[1]["file"].is_null());
+    assert!(cells[1]["skipped"].is_string(), "{}", cells[1]);
+    assert_eq!(
+        (&cells[1]["same_as_column"], &cells[1]["file"]),
+        (&0.into(), &cells[0]["file"])
+    );
     for (i, cell) in cells.iter().enumerate().filter(|(i, _)| *i != 1) {
         let settings = &cell["settings"];
         assert_eq!(

@@ -15,10 +15,8 @@ const MIN_CELL_SIDE: usize = 192;
 const WHITE: [u8; 3] = [255, 255, 255];
 const BLACK: [u8; 3] = [0, 0, 0];
 const GREY: [u8; 3] = [200, 200, 200];
-/// Every cell's frame and a skipped cell's hatching: lighter than a missing cell's fill.
+/// Every cell's frame: lighter than a missing cell's fill.
 const LIGHT_GREY: [u8; 3] = [225, 225, 225];
-/// Pixels between a skipped cell's hatch lines.
-const HATCH_SPACING: usize = 12;
 
 /// An RGB canvas.
 pub struct Canvas {
@@ -113,12 +111,20 @@ fn wrap(text: &str, chars: usize) -> Vec<String> {
 }
 
 /// One cell: an image, why there is none (a setting that failed, drawn grey with the reason), or
-/// a column that does not apply to the row (lightly hatched, the caption saying what was skipped;
-/// a footnote says why, once).
+/// the image of the column this one equals for the row (a fix its model cannot take; a footnote
+/// says why, once).
 pub enum Cell {
-    Image { rgb: Vec<u8>, luminance: f64 },
+    Image {
+        rgb: Vec<u8>,
+        luminance: f64,
+    },
     Missing(String),
-    Skipped(String),
+    /// Another column's image, shown again where this column equals it for the row (a fix the
+    /// row's model cannot take), captioned `= LABEL`.
+    Repeat {
+        rgb: Vec<u8>,
+        of: String,
+    },
 }
 
 /// Lays out `cells` (row-major, rows x columns) of `w` x `h` images with labels, and `notes`
@@ -177,6 +183,10 @@ pub fn render(
                     canvas.blit(x, y, rgb, w, h, scale);
                     canvas.text(x, y + cell_h + 4, &format!("L={luminance:.3}"), cell_w);
                 }
+                Cell::Repeat { rgb, of } => {
+                    canvas.blit(x, y, rgb, w, h, scale);
+                    canvas.text(x, y + cell_h + 4, &format!("= {of}"), cell_w);
+                }
                 Cell::Missing(why) => {
                     canvas.fill(x, y, cell_w, cell_h, GREY);
                     // The reason's first clause; grid.json keeps the whole message.
@@ -189,18 +199,6 @@ pub fn render(
                         canvas.text(x, y + i * LINE_HEIGHT, line, cell_w);
                     }
                     canvas.text(x, y + cell_h + 4, "n/a", cell_w);
-                }
-                Cell::Skipped(what) => {
-                    // Light diagonal hatching: not an image (a white one would look the same).
-                    canvas.fill(x, y, cell_w, cell_h, WHITE);
-                    for row in 0..cell_h {
-                        for col in 0..cell_w {
-                            if (row + col) % HATCH_SPACING == 0 {
-                                canvas.fill(x + col, y + row, 1, 1, LIGHT_GREY);
-                            }
-                        }
-                    }
-                    canvas.text(x, y + cell_h + 4, what, cell_w);
                 }
             }
         }
@@ -279,7 +277,10 @@ mod tests {
                 luminance: 0.04,
             },
             Cell::Missing("epsilon".into()),
-            Cell::Skipped("skipped".into()),
+            Cell::Repeat {
+                rgb: vec![30; 4 * 4 * 3],
+                of: "baseline".into(),
+            },
         ];
         let canvas = render(
             &["baseline".into(), "+zero-SNR".into(), "+trailing".into()],
@@ -292,6 +293,7 @@ mod tests {
         let dark = canvas.rgb.chunks(3).filter(|p| p == &[0, 0, 0]).count();
         assert!(dark > 100, "labels drew {dark} black pixels");
         assert!(canvas.rgb.chunks(3).any(|p| p == [10, 10, 10]));
+        assert!(canvas.rgb.chunks(3).any(|p| p == [30, 30, 30]));
         assert!(canvas.rgb.chunks(3).any(|p| p == GREY));
         assert!(canvas.rgb.chunks(3).any(|p| p == LIGHT_GREY));
     }

@@ -6,7 +6,8 @@
 //! For such a model the fix columns skip zero SNR and keep the rest: `+trailing` and `+rescaled
 //! CFG` are trailing and rescaled CFG on the model's own betas. A column whose only point is zero
 //! SNR (`+zero-SNR`, or a combination of `--all-combinations` with it) has nothing to show for
-//! that model: its cell is left empty (hatched), and when no model of the grid can take it the column goes.
+//! that model: its cell repeats the column it then equals (`+zero-SNR` is `baseline` for an epsilon model),
+//! captioned so, and when no model of the grid can take it the column goes.
 
 use std::str::FromStr;
 
@@ -134,6 +135,17 @@ impl Variant {
         self.zero_snr == Some(true)
     }
 
+    /// Whether `other` is this column with zero SNR left out: what this column's cell is for a
+    /// model that cannot take zero SNR (`+zero-SNR` -> `baseline`, `zero-SNR+trailing` ->
+    /// `trailing`).
+    pub fn reduces_to(&self, other: &Variant) -> bool {
+        self.adds_zero_snr()
+            && !other.adds_zero_snr()
+            && self.spacing == other.spacing
+            && self.guidance_rescale == other.guidance_rescale
+            && self.sweep == other.sweep
+    }
+
     /// Applies the column to `request`, for a model that can or cannot take zero SNR: one that
     /// cannot keeps its own betas (the fix skipped, the others applied).
     pub fn apply(&self, request: &mut Request, zero_snr_applies: bool) -> Result<()> {
@@ -228,7 +240,7 @@ pub fn skipped_note(columns: &[Variant], kept: &[Variant], skipped: &[&str]) -> 
     let only_zero_snr = if kept.len() < columns.len() {
         "; the columns that only add zero SNR are left out"
     } else if kept.iter().any(|c| !c.applies_to(false)) {
-        "; hatched where a column only adds zero SNR"
+        "; where a column only adds zero SNR, its cell is the column it then equals (\"= baseline\")"
     } else {
         ""
     };
@@ -264,12 +276,25 @@ mod tests {
     }
 
     #[test]
-    fn mixed_models_keep_every_column_and_hatch_what_one_cannot_take() {
+    fn mixed_models_keep_every_column_and_repeat_what_one_cannot_take() {
         let kept = applicable(fix_columns(false, 0.7), &[false, true]);
         assert_eq!(kept.len(), 4);
         assert!(!kept[1].applies_to(false) && kept[1].applies_to(true));
         let all = fix_columns(false, 0.7);
-        assert!(skipped_note(&all, &kept, &["demo-flawed"]).unwrap().contains("hatched"));
+        assert!(skipped_note(&all, &kept, &["demo-flawed"])
+            .unwrap()
+            .contains("= baseline"));
+        // Each column an epsilon model cannot take equals exactly one other column for it.
+        for columns in [all.clone(), fix_columns(true, 0.7)] {
+            for column in columns.iter().filter(|c| !c.applies_to(false)) {
+                let equal: Vec<&str> = columns
+                    .iter()
+                    .filter(|o| column.reduces_to(o))
+                    .map(|o| o.label.as_str())
+                    .collect();
+                assert_eq!(equal.len(), 1, "{}: {equal:?}", column.label);
+            }
+        }
         assert_eq!(skipped_note(&all, &kept, &[]), None);
     }
 

@@ -18,8 +18,9 @@
 //! one the fix columns skip it and apply the rest. The layout stays one grid with the same column
 //! positions for every row: a column no model of the grid can take is left out (`demo-flawed`
 //! alone: `baseline`, `+trailing`, `+rescaled CFG`); a column only some can take keeps its place
-//! and is a hatched cell in the other models' rows (`+zero-SNR` for `demo-flawed` beside
-//! `demo`), never a repeat of the cell before it. Which fix was skipped for which model is said
+//! and in the other models' rows shows the column it then equals, captioned `= baseline`
+//! (`+zero-SNR` for `demo-flawed` beside `demo`: with the fix skipped its settings are the
+//! baseline's, so the cell is the baseline's image, made once), not an empty cell per seed. Which fix was skipped for which model is said
 //! once, in a footnote under the grid (and in grid.json's `notes`), not per cell.
 
 mod columns;
@@ -172,11 +173,12 @@ struct Row<'a> {
     seed: u64,
 }
 
-/// What a cell is: a job (its index over all models' jobs), skipped (the column does not apply to
-/// the row's model), or a request the engine refused (drawn n/a with the reason).
+/// What a cell is: a job (its index over all models' jobs), the cell of another column of the
+/// row (this column only adds zero SNR, which the row's model cannot take: it then equals that
+/// column, and shows its image), or a request the engine refused (drawn n/a with the reason).
 enum Plan {
     Job(usize),
-    Skipped,
+    Repeat { column: usize, job: usize },
     Refused(String),
 }
 
@@ -323,7 +325,13 @@ pub fn run(args: &AblateArgs) -> Result<()> {
         let engine = model.engine.as_ref().context("internal: a model was closed early")?;
         for (c, column) in columns.iter().enumerate() {
             if !column.applies_to(model.zero_snr_applies) {
-                plans.push(Plan::Skipped);
+                // The column it equals for this model is earlier in the row (zero SNR off first).
+                let row_start = plans.len() - c;
+                let repeat = (0..c).find_map(|k| match plans[row_start + k] {
+                    Plan::Job(job) if column.reduces_to(&columns[k]) => Some(Plan::Repeat { column: k, job }),
+                    _ => None,
+                });
+                plans.push(repeat.context("internal: no column for a skipped zero-SNR cell to repeat")?);
                 continue;
             }
             let mut request = Request {
@@ -439,12 +447,20 @@ fn write_grid(args: &AblateArgs, layout: &Layout, made: &Cells) -> Result<()> {
                     luminance,
                 });
             }
-            Plan::Skipped => {
+            Plan::Repeat { column, job } => {
+                let image = made.images[*job]
+                    .as_ref()
+                    .with_context(|| format!("internal: cell {r},{column} was not made"))?;
+                let luminance = super::luminance::mean_luminance(&image.rgb);
                 described.push(json!({
-                    "row": r, "column": c, "model": model, "file": null,
-                    "skipped": "zero-SNR (an epsilon model)",
+                    "row": r, "column": c, "model": model, "file": relative(&made.paths[*job], &args.out_dir),
+                    "luminance": luminance, "skipped": "zero-SNR (an epsilon model)", "same_as_column": column,
+                    "settings": serde_json::to_value(&image.settings)?,
                 }));
-                cells.push(Cell::Skipped("no zero-SNR".into()));
+                cells.push(Cell::Repeat {
+                    rgb: image.rgb.clone(),
+                    of: columns[*column].label.clone(),
+                });
             }
             Plan::Refused(why) => {
                 described.push(json!({"row": r, "column": c, "model": model, "file": null, "error": why}));
