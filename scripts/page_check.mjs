@@ -7,7 +7,8 @@
 //   NODE_PATH=.venv-browser/node_modules node scripts/page_check.mjs [target/release/sdfix]
 //
 // Starts `sdfix serve --model demo` on a free loopback port, loads the page, clicks Generate and
-// waits for the image, then clicks "Compare fixes" and waits for the four ablation columns;
+// waits for the image, then clicks "Compare fixes" and waits for the four ablation columns, then
+// switches to demo-flawed (epsilon) and checks Compare fixes leaves out zero SNR with a note;
 // checks the progress bar moved at least once; keeps docs/serve-page.png. Exits 1 on failure.
 
 import { spawn } from "node:child_process";
@@ -84,6 +85,22 @@ try {
   const labels = await page.$$eval("#results img", (imgs) => imgs.map((i) => i.alt));
   check("Compare fixes shows the four ablation columns", labels.length === 4, labels.join(" | "));
   await page.screenshot({ path: "docs/serve-page.png", fullPage: true });
+
+  // An epsilon model (demo-flawed): zero SNR cannot apply, so Compare fixes leaves its column
+  // out and says so once (ablate's rule).
+  await page.selectOption("#model", "demo-flawed");
+  await page.waitForFunction(async () => {
+    const options = await (await fetch("/sdapi/v1/options")).json();
+    return options.sd_model_checkpoint === "demo-flawed";
+  }, null, { timeout: 30000 });
+  await page.click("#compare");
+  await page.waitForFunction(() => document.querySelectorAll("#results img").length === 3, null, {
+    timeout: 120000,
+  });
+  const flawed = await page.$$eval("#results img", (imgs) => imgs.map((i) => i.alt));
+  const note = await page.$eval("#note", (e) => e.textContent);
+  check("Compare fixes on an epsilon model: three columns and one note", flawed.length === 3
+    && !flawed.some((l) => l.includes("zero SNR")) && note.includes("zero"), `${flawed.join(" | ")}; ${note}`);
   check("no script errors", errors.length === 0, errors.join("; "));
 } finally {
   await context.close();
