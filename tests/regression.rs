@@ -364,5 +364,9 @@ fn a_ramp_below_t_needs_no_terminal_clamp() {
         .job(ramp(TimestepSpacing::Trailing, SigmaRange::Spacing))
         .unwrap();
     assert_eq!(from_t.request.terminal_alpha_bar, TerminalAlphaBar::Comfy);
-    assert!(from_t.warnings[0].contains("finite sigma_max"), "{:?}", from_t.warnings);
+    let warning = from_t.warnings[0].render(Words::Flags);
+    assert!(
+        warning.contains("--sigmas karras needs a finite sigma_max") && warning.contains("--terminal-alpha-bar comfy"),
+        "{warning}"
+    );
 }

@@ -245,6 +245,26 @@ fn render_references(text: &str, words: Words) -> String {
     out
 }
 
+/// Something the user of a request should know that is not an error (a config that asks for what
+/// cannot work, a picture fitted to another size), with the settings it mentions written `{key}`
+/// or `{key=value}` as in a [`RequestError`]'s reason, for each front end to word.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warning(pub String);
+
+impl Warning {
+    /// The text with the settings it mentions in `words`.
+    pub fn render(&self, words: Words) -> String {
+        render_references(&self.0, words)
+    }
+}
+
+impl fmt::Display for Warning {
+    /// In flags: what a library user most often runs beside it is the command line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render(Words::Flags))
+    }
+}
+
 impl fmt::Display for RequestError {
     /// In keys: a library user sees the overrides' names.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -279,6 +299,19 @@ mod tests {
         let err = RequestError::new(Field::Guidance, "-1 must not be negative");
         assert_eq!(err.render(Words::Api), "cfg_scale: -1 must not be negative");
         assert_eq!(err.render(Words::Flags), "--guidance -1 must not be negative");
+    }
+
+    #[test]
+    fn warnings_are_worded_like_errors() {
+        let w = Warning("warning: {sigmas=karras} needs a finite sigma_max; using {terminal_alpha_bar=comfy}".into());
+        assert_eq!(
+            w.render(Words::Flags),
+            "warning: --sigmas karras needs a finite sigma_max; using --terminal-alpha-bar comfy"
+        );
+        assert_eq!(
+            w.render(Words::Api),
+            "warning: scheduler: \"karras\" needs a finite sigma_max; using terminal_alpha_bar: \"comfy\""
+        );
     }
 
     #[test]

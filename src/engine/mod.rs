@@ -41,7 +41,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 
 use self::batch::{plan_batches_in_sets, PromptEmbeddings};
-pub use self::field::{Field, RequestError, Words};
+pub use self::field::{Field, RequestError, Warning, Words};
 use self::loading::{LoraTargets, Segment};
 use self::observer::Collect;
 pub use self::observer::{Event, GeneratedImage, Interrupted, Observer};

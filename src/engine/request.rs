@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::field::{Field, RequestError};
+use super::field::{Field, RequestError, Warning};
 use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
@@ -165,8 +165,9 @@ pub struct Job {
     pub seeds: Vec<u64>,
     /// The image indices still to make (all of them unless [`Job::keep_images`] dropped some).
     pub images: Vec<usize>,
-    /// Things the user should know that are not errors (a config asking for what cannot work).
-    pub warnings: Vec<String>,
+    /// Things the user should know that are not errors (a config asking for what cannot work),
+    /// for each front end to word ([`Warning::render`]).
+    pub warnings: Vec<Warning>,
     /// img2img / inpainting: the picture and mask at the size to make; `settings.schedule` then
     /// holds only the steps that run.
     pub init: Option<Arc<ResolvedInit>>,
@@ -233,7 +234,7 @@ fn resolve_prediction(
     request: &Request,
     config: &SchedulerConfig,
     config_path: &str,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<(Prediction, bool), RequestError> {
     let prediction = model_prediction(request.prediction, config, config_path)?;
     let zero_snr = request.zero_snr.unwrap_or(config.rescale_betas_zero_snr);
@@ -245,10 +246,10 @@ fn resolve_prediction(
                  sqrt(alpha_bar_T) = 0; pass {zero_snr=false} or {prediction=v_prediction}",
             ));
         }
-        warnings.push(format!(
+        warnings.push(Warning(format!(
             "warning: {config_path} asks for zero terminal SNR but the prediction type is epsilon, which cannot \
-             sample from it; using --no-zero-snr"
-        ));
+             sample from it; using {{zero_snr=false}}"
+        )));
         return Ok((prediction, false));
     }
     Ok((prediction, zero_snr))
@@ -393,11 +394,11 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         && request.terminal_alpha_bar == TerminalAlphaBar::Exact
         && ramp_from_terminal
     {
-        warnings.push(format!(
-            "warning: --sigmas {} needs a finite sigma_max, which zero terminal SNR does not have; using \
-             --terminal-alpha-bar {RAMP_TERMINAL_ALPHA_BAR} (pass --terminal-alpha-bar diffusers for diffusers' value)",
+        warnings.push(Warning(format!(
+            "warning: {{sigmas={}}} needs a finite sigma_max, which zero terminal SNR does not have; using \
+             {{terminal_alpha_bar={RAMP_TERMINAL_ALPHA_BAR}}} (pass {{terminal_alpha_bar=diffusers}} for diffusers' value)",
             request.sigmas
-        ));
+        )));
         request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
     }
     let schedule = schedule
@@ -501,7 +502,7 @@ fn resolve_init(
     request: &Request,
     steps: usize,
     (width, height): (usize, usize),
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<Option<ResolvedInit>, RequestError> {
     let needs = |field: Field, what: &str| RequestError::new(field, format!("needs {what}"));
     let Some(init) = &request.init_image else {
@@ -527,10 +528,10 @@ fn resolve_init(
     })?;
     let (iw, ih) = init.pixels.dimensions();
     if (iw as usize, ih as usize) != (width, height) {
-        warnings.push(format!(
-            "note: --init-image {} is {iw}x{ih}; fitted to {width}x{height} with --resize {}",
+        warnings.push(Warning(format!(
+            "note: {{init_image}} {} is {iw}x{ih}; fitted to {width}x{height} with {{resize={}}}",
             init.name, request.resize
-        ));
+        )));
     }
     let image = init_image::resize_image(&init.pixels, width, height, request.resize);
     let mask = match &request.mask {
@@ -544,11 +545,11 @@ fn resolve_init(
             let (mw, mh) = mask.pixels.dimensions();
             // Compared as cross products: equal aspect ratios (any size) resize alike.
             if u64::from(iw) * u64::from(mh) != u64::from(ih) * u64::from(mw) {
-                warnings.push(format!(
-                    "warning: --mask {} is {mw}x{mh} but --init-image {} is {iw}x{ih}; both are fitted to \
-                     {width}x{height} with --resize {}, so the mask may not cover what you drew it on",
+                warnings.push(Warning(format!(
+                    "warning: {{mask}} {} is {mw}x{mh} but {{init_image}} {} is {iw}x{ih}; both are fitted to \
+                     {width}x{height} with {{resize={}}}, so the mask may not cover what you drew it on",
                     mask.name, init.name, request.resize
-                ));
+                )));
             }
             let blur = request.mask_blur.unwrap_or(DEFAULT_MASK_BLUR);
             check(blur.is_finite() && blur >= 0.0, Field::MaskBlur, || {

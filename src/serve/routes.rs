@@ -31,7 +31,7 @@ use super::error::ApiError;
 use super::models::ModelEntry;
 use super::worker::{Finished, Shared, Task};
 use super::{AppState, MAX_BODY_BYTES};
-use crate::engine::{Engine, Job};
+use crate::engine::{Engine, Job, Words};
 use crate::output::{manifest, png};
 
 type AppResult<T> = Result<T, ApiError>;
@@ -372,7 +372,7 @@ fn info(resolved: &Resolved, checked: &Checked, infotexts: &[String], interrupte
         "spacing": request.spacing.to_string(),
         "zero_snr": checked.job.zero_snr,
         "interrupted": interrupted,
-        "warnings": checked.job.warnings,
+        "warnings": checked.job.warnings.iter().map(|w| w.render(Words::Api)).collect::<Vec<_>>(),
     })
 }
 
