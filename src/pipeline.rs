@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 
 use crate::model::stable_diffusion::StableDiffusion;
-use crate::model::unet::CrossAttentionCache;
+use crate::model::unet::{Conditioning, CrossAttentionCache};
 use crate::sampling::guidance;
 use crate::sampling::noise::ImageNoise;
 use crate::sampling::sampler::{self, Sampler};
@@ -142,10 +142,11 @@ impl Inpainting<'_> {
 pub struct BatchInput<'a> {
     /// The initial latents, (b, c, h, w).
     pub latents: Tensor,
-    /// The prompts' embeddings, (b, tokens, dim).
-    pub cond: &'a Tensor,
-    /// The negative prompts' embeddings, (b, tokens, dim); needed with CFG.
-    pub uncond: Option<&'a Tensor>,
+    /// The prompts' conditioning: embeddings (b, tokens, dim) and for SDXL the pooled embedding
+    /// and time ids.
+    pub cond: &'a Conditioning,
+    /// The negative prompts'; needed with CFG.
+    pub uncond: Option<&'a Conditioning>,
     pub settings: &'a SamplingSettings,
     /// Inpainting's mask and init latents.
     pub inpainting: Option<Inpainting<'a>>,
@@ -170,9 +171,9 @@ pub fn denoise(
     let schedule = &settings.schedule;
     let steps = schedule.timesteps.len();
     let (_, c, h, w) = latents.dims4()?;
-    // (2b, tokens, dim): uncond first, as diffusers concatenates.
+    // (2b, tokens, dim): uncond first, as diffusers concatenates (SDXL's added conditioning too).
     let context = match (settings.uses_cfg(), uncond) {
-        (true, Some(uncond)) => Tensor::cat(&[uncond, cond], 0)?,
+        (true, Some(uncond)) => Conditioning::cat(&[uncond, cond])?,
         (true, None) => bail!("classifier-free guidance needs the negative prompt's embeddings"),
         (false, _) => cond.clone(),
     };

@@ -58,7 +58,11 @@ fn training_path_forward_equals_inference() {
     assert!(rel_diff(&context, &inference_context) < 1e-5);
 
     let sample = Tensor::randn(0f32, 1., (2, 4, 8, 8), &dev).unwrap();
-    let ours = nets.unet.forward_timesteps(&sample, &[999.0, 10.0], &context).unwrap();
+    let conditioning = sdfix::model::unet::Conditioning::text(context.clone());
+    let ours = nets
+        .unet
+        .forward_timesteps(&sample, &[999.0, 10.0], &conditioning)
+        .unwrap();
     let detached = context.detach();
     let fast: Vec<Tensor> = [(0, 999.0), (1, 10.0)]
         .iter()

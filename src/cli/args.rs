@@ -11,6 +11,7 @@ use clap::Args;
 use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
+use crate::engine::micro::{CropCorner, MicroConditioning, PixelSize};
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
 use crate::engine::{ModelOptions, Request};
 use crate::sampling::{Prediction, Sampler};
@@ -110,6 +111,11 @@ pub struct PromptArgs {
     /// What to steer away from (the unconditional branch of CFG).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
+
+    /// SDXL: encode an empty negative prompt rather than use zeros, which is what SDXL models
+    /// whose config says force_zeros_for_empty_prompt get by default (as in diffusers and A1111).
+    #[arg(long)]
+    pub encode_empty_negative: bool,
 }
 
 /// The sampling-schedule flags: every command that samples, and `sdfix schedule`.
@@ -209,6 +215,46 @@ pub struct SizeArgs {
     /// Image height in pixels [default: the UNet's sample_size x the VAE factor].
     #[arg(long)]
     pub height: Option<usize>,
+
+    /// SDXL micro-conditioning: the size the UNet is told the source picture had, WxH
+    /// [default: the image size].
+    #[arg(long, value_name = "WxH", help_heading = "SDXL micro-conditioning")]
+    pub original_size: Option<PixelSize>,
+
+    /// SDXL: the crop's top-left corner the UNet is told about, X,Y [default: 0,0].
+    #[arg(long, value_name = "X,Y", help_heading = "SDXL micro-conditioning")]
+    pub crop_top_left: Option<CropCorner>,
+
+    /// SDXL: the target size the UNet is told about, WxH [default: the image size].
+    #[arg(long, value_name = "WxH", help_heading = "SDXL micro-conditioning")]
+    pub target_size: Option<PixelSize>,
+
+    /// SDXL: the negative branch's original size (with --negative-target-size; diffusers' rule)
+    /// [default: the positive's time ids].
+    #[arg(long, value_name = "WxH", help_heading = "SDXL micro-conditioning")]
+    pub negative_original_size: Option<PixelSize>,
+
+    /// SDXL: the negative branch's crop corner [default: 0,0 with the negative sizes].
+    #[arg(long, value_name = "X,Y", help_heading = "SDXL micro-conditioning")]
+    pub negative_crop_top_left: Option<CropCorner>,
+
+    /// SDXL: the negative branch's target size (with --negative-original-size).
+    #[arg(long, value_name = "WxH", help_heading = "SDXL micro-conditioning")]
+    pub negative_target_size: Option<PixelSize>,
+}
+
+impl SizeArgs {
+    /// The micro-conditioning these flags set.
+    pub fn micro(&self) -> MicroConditioning {
+        MicroConditioning {
+            original_size: self.original_size,
+            crop_top_left: self.crop_top_left,
+            target_size: self.target_size,
+            negative_original_size: self.negative_original_size,
+            negative_crop_top_left: self.negative_crop_top_left,
+            negative_target_size: self.negative_target_size,
+        }
+    }
 }
 
 /// How much to print.
@@ -328,6 +374,8 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         sigma_range: sampler.sigma_range,
         width: size.width,
         height: size.height,
+        micro: size.micro(),
+        encode_empty_negative: prompts.encode_empty_negative,
         ..Request::new(prompt)
     }
 }

@@ -32,6 +32,7 @@ use crate::kernels::profile;
 use crate::model::clip::ClipTextTransformer;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
 use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::Conditioning;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::Vae;
 use crate::pipeline::{self, BatchInput, SamplingSettings};
@@ -289,7 +290,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     })?;
     let (text_ops, text_linear_shapes) = op_ms(&text_ms);
     let context = context.context("text encoder produced nothing")?;
-    let (uncond, cond) = (context.narrow(0, 0, b)?, context.narrow(0, b, b)?);
+    let (uncond, cond) = (
+        Conditioning::text(context.narrow(0, 0, b)?),
+        Conditioning::text(context.narrow(0, b, b)?),
+    );
     drop(text_encoder);
 
     let started = Instant::now();

@@ -15,6 +15,13 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: String,
     pub layer_norm_eps: f64,
+    /// transformers' pooling: with the legacy value 2 the pooled token is the highest id
+    /// (`argmax`, which is the first EOS for CLIP's vocabulary), otherwise the first `eos_token_id`.
+    pub eos_token_id: u32,
+    /// The projection's width (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    pub projection_dim: Option<usize>,
+    /// transformers' class names: `CLIPTextModelWithProjection` has a `text_projection`.
+    pub architectures: Vec<String>,
 }
 
 impl Default for ClipTextConfig {
@@ -28,6 +35,9 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
+            eos_token_id: 49407,
+            projection_dim: None,
+            architectures: Vec::new(),
         }
     }
 }
@@ -44,6 +54,11 @@ pub enum ClipActivation {
 }
 
 impl ClipTextConfig {
+    /// Whether the model is transformers' `CLIPTextModelWithProjection`.
+    pub fn with_projection(&self) -> bool {
+        self.architectures.iter().any(|a| a == "CLIPTextModelWithProjection")
+    }
+
     pub fn activation(&self) -> Result<ClipActivation> {
         match self.hidden_act.as_str() {
             "quick_gelu" => Ok(ClipActivation::QuickGelu),

@@ -56,7 +56,8 @@ pub struct UNetConfig {
     pub num_attention_heads: Option<PerBlock<usize>>,
     pub dual_cross_attention: bool,
     pub use_linear_projection: bool,
-    pub upcast_attention: bool,
+    /// SDXL's config has `null` here, which diffusers reads as false.
+    pub upcast_attention: Option<bool>,
     pub resnet_time_scale_shift: String,
     pub resnet_out_scale_factor: f64,
     pub time_embedding_type: String,
@@ -67,7 +68,10 @@ pub struct UNetConfig {
     // Keys whose only supported value is their default (null or false); see `unsupported`.
     pub encoder_hid_dim: Option<Value>,
     pub class_embed_type: Option<Value>,
+    /// `"text_time"` (SDXL) is supported; see [`TextTimeSpec`].
     pub addition_embed_type: Option<Value>,
+    pub addition_time_embed_dim: Option<usize>,
+    pub projection_class_embeddings_input_dim: Option<usize>,
     pub num_class_embeds: Option<Value>,
     pub time_embedding_act_fn: Option<Value>,
     pub timestep_post_act: Option<Value>,
@@ -115,7 +119,7 @@ impl Default for UNetConfig {
             num_attention_heads: None,
             dual_cross_attention: false,
             use_linear_projection: false,
-            upcast_attention: false,
+            upcast_attention: None,
             resnet_time_scale_shift: "default".into(),
             resnet_out_scale_factor: 1.0,
             time_embedding_type: "positional".into(),
@@ -126,6 +130,8 @@ impl Default for UNetConfig {
             encoder_hid_dim: None,
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             num_class_embeds: None,
             time_embedding_act_fn: None,
             timestep_post_act: None,
@@ -164,6 +170,26 @@ pub struct BlockSpec {
     pub transformer: Option<TransformerSpec>,
 }
 
+/// SDXL's added conditioning (`addition_embed_type = "text_time"`): the micro-conditioning values
+/// (original size, crop corner, target size) each as a sinusoid of `time_embed_dim`
+/// (`add_time_proj`), concatenated after the pooled text embedding, then `add_embedding`'s MLP
+/// from `input_dim` to the time embedding's width, added to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeSpec {
+    pub time_embed_dim: usize,
+    pub input_dim: usize,
+}
+
+impl TextTimeSpec {
+    /// The micro-conditioning values: original (h, w), crop (top, left), target (h, w).
+    pub const TIME_IDS: usize = 6;
+
+    /// The width of the pooled text embedding this UNet expects.
+    pub fn pooled_dim(&self) -> usize {
+        self.input_dim - Self::TIME_IDS * self.time_embed_dim
+    }
+}
+
 /// A validated UNet configuration: everything the modules need, per block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UNetSpec {
@@ -187,6 +213,8 @@ pub struct UNetSpec {
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
     pub sample_size: Option<usize>,
+    /// SDXL's added text/time conditioning, when the config asks for it.
+    pub text_time: Option<TextTimeSpec>,
 }
 
 impl UNetSpec {
@@ -219,7 +247,7 @@ impl UNetConfig {
         );
         check(
             "addition_embed_type",
-            not_null(&self.addition_embed_type),
+            not_null(&self.addition_embed_type) && self.addition_embed_type != Some(Value::from("text_time")),
             show(&self.addition_embed_type),
         );
         check(
@@ -277,6 +305,28 @@ impl UNetConfig {
             format!("{:?}", self.mid_block_type),
         );
         found
+    }
+
+    /// `addition_embed_type = "text_time"`'s sizes, both required (diffusers fails without them).
+    fn text_time(&self) -> Result<Option<TextTimeSpec>> {
+        if self.addition_embed_type != Some(Value::from("text_time")) {
+            return Ok(None);
+        }
+        let (Some(time_embed_dim), Some(input_dim)) =
+            (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        else {
+            bail!(
+                "addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"
+            );
+        };
+        ensure!(
+            time_embed_dim > 0 && input_dim > TextTimeSpec::TIME_IDS * time_embed_dim,
+            "projection_class_embeddings_input_dim {input_dim} must exceed 6 x addition_time_embed_dim {time_embed_dim} (the pooled text embedding is the rest)"
+        );
+        Ok(Some(TextTimeSpec {
+            time_embed_dim,
+            input_dim,
+        }))
     }
 
     /// Validates the config and works out each block's settings as diffusers does.
@@ -400,13 +450,14 @@ impl UNetConfig {
             norm_num_groups,
             norm_eps: self.norm_eps,
             use_linear_projection: self.use_linear_projection,
-            upcast_attention: self.upcast_attention,
+            upcast_attention: self.upcast_attention.unwrap_or(false),
             downsample_padding: self.downsample_padding,
             mid_block_scale_factor: self.mid_block_scale_factor,
             resnet_out_scale_factor: self.resnet_out_scale_factor,
             conv_in_kernel: self.conv_in_kernel,
             conv_out_kernel: self.conv_out_kernel,
             sample_size: self.sample_size,
+            text_time: self.text_time()?,
         })
     }
 }

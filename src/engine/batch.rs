@@ -4,11 +4,10 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result};
-use candle_core::Tensor;
 
 use super::init_image::VaeEncodeMode;
 use super::request::{BatchMode, Job};
-use crate::model::stable_diffusion::TextEncoder;
+use crate::model::stable_diffusion::{PromptEncoding, TextEncoder};
 use crate::sampling::{Prediction, Sampler};
 
 /// Runs with at most this many distinct texts (prompts and negative prompts) encode them all
@@ -141,7 +140,7 @@ pub fn texts_to_encode<'a>(jobs: &'a [Job], batches: &[Vec<Item>]) -> Vec<&'a st
 /// was encoded before.
 pub struct PromptEmbeddings {
     pub encoder: Option<TextEncoder>,
-    cache: HashMap<String, Tensor>,
+    cache: HashMap<String, PromptEncoding>,
 }
 
 impl PromptEmbeddings {
@@ -157,9 +156,9 @@ impl PromptEmbeddings {
         self.cache.contains_key(text)
     }
 
-    /// The embeddings of `text`, (1, tokens, dim); a text past the encoder's token limit is
-    /// reported to `warn` when it is encoded.
-    pub fn get(&mut self, text: &str, warn: &mut dyn FnMut(&str)) -> Result<Tensor> {
+    /// The embeddings of `text`, (1, tokens, dim) (and SDXL's pooled one); a text past the
+    /// encoder's token limit is reported to `warn` when it is encoded.
+    pub fn get(&mut self, text: &str, warn: &mut dyn FnMut(&str)) -> Result<PromptEncoding> {
         if let Some(e) = self.cache.get(text) {
             return Ok(e.clone());
         }
@@ -173,7 +172,7 @@ impl PromptEmbeddings {
                 "warning: {dropped} tokens of {text:?} are past the text encoder's limit and ignored"
             ));
         }
-        let e = encoder.encode(&[text])?;
+        let e = encoder.encode_prompts(&[text])?;
         if self.cache.len() >= ENCODE_AHEAD_TEXTS {
             // Bounded: a long prompt file is mostly distinct prompts, used once each.
             self.cache.clear();

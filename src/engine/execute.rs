@@ -11,11 +11,13 @@ use candle_core::{DType, Device, Tensor};
 
 use super::batch::{Item, PromptEmbeddings};
 use super::init_image;
+use super::micro::{PixelSize, TimeIds};
 use super::observer::{Event, GeneratedImage, Interrupted, Observer};
 use super::record::RecordContext;
 use super::request::BatchMode;
 use super::Job;
-use crate::model::stable_diffusion::StableDiffusion;
+use crate::model::stable_diffusion::{PromptEncoding, StableDiffusion};
+use crate::model::unet::{Conditioning, TextTime};
 use crate::model::vae::VaeEncoder;
 use crate::pipeline::{self, BatchInput, Inpainting};
 use crate::sampling::noise::ImageNoise;
@@ -151,6 +153,21 @@ fn img2img_batch(
     Ok(img2img)
 }
 
+/// The UNet's conditioning for a batch's rows: their embeddings, and for SDXL their pooled
+/// embeddings with each row's micro-conditioning.
+fn conditioning(rows: &[PromptEncoding], time_ids: Vec<TimeIds>) -> Result<Conditioning> {
+    let context = Tensor::cat(&rows.iter().map(|r| &r.context).collect::<Vec<_>>(), 0)?;
+    let pooled = rows.iter().map(|r| r.pooled.as_ref()).collect::<Option<Vec<_>>>();
+    let text_time = match pooled {
+        Some(pooled) if !pooled.is_empty() => Some(TextTime {
+            text_embeds: Tensor::cat(&pooled, 0)?,
+            time_ids,
+        }),
+        _ => None,
+    };
+    Ok(Conditioning { context, text_time })
+}
+
 /// One UNet batch: initial latents, embeddings, the pipeline, then each image to the observer.
 pub(super) fn run_batch(
     modules: &Modules,
@@ -186,19 +203,42 @@ pub(super) fn run_batch(
         .to_vec1::<f64>()?;
     let text_started = Instant::now();
     let mut warn = |message: &str| observer.warn(message);
-    let cond = Tensor::cat(
-        &batch
-            .iter()
-            .map(|i| prompts.get(&jobs[i.job].request.prompt, &mut warn))
-            .collect::<Result<Vec<_>>>()?,
-        0,
-    )?;
+    let factor = model.vae.downscale_factor();
+    let size = PixelSize {
+        width: w * factor,
+        height: h * factor,
+    };
+    let mut positive = Vec::with_capacity(batch.len());
+    let mut time_ids = Vec::with_capacity(batch.len());
+    let mut negative_time_ids = Vec::with_capacity(batch.len());
+    for item in batch {
+        let request = &jobs[item.job].request;
+        positive.push(prompts.get(&request.prompt, &mut warn)?);
+        let (ids, negative_ids) = request.micro.time_ids(size);
+        time_ids.push(ids);
+        negative_time_ids.push(negative_ids);
+    }
+    let cond = conditioning(&positive, time_ids)?;
     let uncond = if settings.uses_cfg() {
         let rows = batch
             .iter()
-            .map(|i| prompts.get(&jobs[i.job].request.negative_prompt, &mut warn))
+            .zip(&positive)
+            .map(|(i, cond)| {
+                let request = &jobs[i.job].request;
+                // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
+                // model's config says `force_zeros_for_empty_prompt` (A1111 does for an empty one).
+                if cond.pooled.is_some()
+                    && record.configs.force_zeros_for_empty_prompt
+                    && request.negative_prompt.is_empty()
+                    && !request.encode_empty_negative
+                {
+                    cond.zeros_like()
+                } else {
+                    prompts.get(&request.negative_prompt, &mut warn)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&rows, 0)?)
+        Some(conditioning(&rows, negative_time_ids)?)
     } else {
         None
     };
@@ -255,7 +295,6 @@ pub(super) fn run_batch(
     });
     let seconds_each = batch_started.elapsed().as_secs_f64() / batch.len() as f64;
     let final_latents = final_latents.to_device(&Device::Cpu)?;
-    let factor = model.vae.downscale_factor();
     for (b, (item, mut rgb)) in batch.iter().zip(images).enumerate() {
         let job = &jobs[item.job];
         // Inpainting: the kept pixels back as they were (outside the blurred mask, byte-exact).

@@ -38,10 +38,17 @@ pub enum Field {
     Resize,
     VaeEncode,
     Loras,
+    OriginalSize,
+    CropTopLeft,
+    TargetSize,
+    NegativeOriginalSize,
+    NegativeCropTopLeft,
+    NegativeTargetSize,
+    EncodeEmptyNegative,
 }
 
 impl Field {
-    pub const ALL: [Field; 27] = [
+    pub const ALL: [Field; 34] = [
         Self::Prompt,
         Self::NegativePrompt,
         Self::Seed,
@@ -69,6 +76,13 @@ impl Field {
         Self::Resize,
         Self::VaeEncode,
         Self::Loras,
+        Self::OriginalSize,
+        Self::CropTopLeft,
+        Self::TargetSize,
+        Self::NegativeOriginalSize,
+        Self::NegativeCropTopLeft,
+        Self::NegativeTargetSize,
+        Self::EncodeEmptyNegative,
     ];
 
     /// The key of prompt-file lines, of the overrides and of the image's recorded settings.
@@ -101,6 +115,13 @@ impl Field {
             Self::Resize => "resize",
             Self::VaeEncode => "vae_encode",
             Self::Loras => "loras",
+            Self::OriginalSize => "original_size",
+            Self::CropTopLeft => "crop_top_left",
+            Self::TargetSize => "target_size",
+            Self::NegativeOriginalSize => "negative_original_size",
+            Self::NegativeCropTopLeft => "negative_crop_top_left",
+            Self::NegativeTargetSize => "negative_target_size",
+            Self::EncodeEmptyNegative => "encode_empty_negative",
         }
     }
 
@@ -130,7 +151,7 @@ impl Field {
 
     /// Whether the setting is a switch (`--zero-snr` / `--no-zero-snr`).
     fn is_switch(self) -> bool {
-        matches!(self, Self::ZeroSnr | Self::PasteBack)
+        matches!(self, Self::ZeroSnr | Self::PasteBack | Self::EncodeEmptyNegative)
     }
 }
 

@@ -30,6 +30,7 @@ mod execute;
 pub mod field;
 pub mod init_image;
 mod loading;
+pub mod micro;
 mod observer;
 pub mod overrides;
 pub mod record;

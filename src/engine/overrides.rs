@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::field::{Field, RequestError};
 use super::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
+use super::micro::{CropCorner, PixelSize};
 use super::record::ImageRecord;
 use super::request::Request;
 use crate::sampling::{Prediction, Sampler};
@@ -66,6 +67,19 @@ pub struct Overrides {
     /// engine's (`[]`: none).
     #[serde(default, deserialize_with = "lora_list")]
     pub loras: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub original_size: Option<PixelSize>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub crop_top_left: Option<CropCorner>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub target_size: Option<PixelSize>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub negative_original_size: Option<PixelSize>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub negative_crop_top_left: Option<CropCorner>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub negative_target_size: Option<PixelSize>,
+    pub encode_empty_negative: Option<bool>,
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
@@ -179,6 +193,14 @@ impl Overrides {
         set(&mut request.paste_back, &self.paste_back);
         set(&mut request.resize, &self.resize);
         set(&mut request.vae_encode, &self.vae_encode);
+        let micro = &mut request.micro;
+        set_some(&mut micro.original_size, &self.original_size);
+        set_some(&mut micro.crop_top_left, &self.crop_top_left);
+        set_some(&mut micro.target_size, &self.target_size);
+        set_some(&mut micro.negative_original_size, &self.negative_original_size);
+        set_some(&mut micro.negative_crop_top_left, &self.negative_crop_top_left);
+        set_some(&mut micro.negative_target_size, &self.negative_target_size);
+        set(&mut request.encode_empty_negative, &self.encode_empty_negative);
         let failed = |field: Field| move |e: anyhow::Error| RequestError::new(field, format!("{e:#}"));
         if let Some(reference) = &self.init_image {
             request.init_image = Some(reader.init_image(reference).map_err(failed(Field::InitImage))?);
@@ -227,6 +249,13 @@ impl Overrides {
             resize: img2img.map_or(Ok(None), |i| parse(Field::Resize, &i.resize))?,
             vae_encode: img2img.map_or(Ok(None), |i| parse(Field::VaeEncode, &i.vae_encode))?,
             loras: None,
+            original_size: record.micro.original_size,
+            crop_top_left: record.micro.crop_top_left,
+            target_size: record.micro.target_size,
+            negative_original_size: record.micro.negative_original_size,
+            negative_crop_top_left: record.micro.negative_crop_top_left,
+            negative_target_size: record.micro.negative_target_size,
+            encode_empty_negative: Some(record.encode_empty_negative),
         })
     }
 }

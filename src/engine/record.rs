@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::micro::MicroConditioning;
 use super::request::{Job, ResolvedInit, DEFAULT_MASK_BLUR};
 use crate::schedule::BetaSource;
 use crate::weights::loader::ModelConfigs;
@@ -154,6 +155,12 @@ pub struct ImageRecord {
     /// img2img and inpainting: the init picture, strength and mask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub img2img: Option<Img2ImgRecord>,
+    /// SDXL's micro-conditioning, each value only when set.
+    #[serde(flatten)]
+    pub micro: MicroConditioning,
+    /// SDXL: an empty negative prompt was encoded, not zeroed; left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encode_empty_negative: bool,
 }
 
 /// What the engine records in image `k` of `job`.
@@ -250,6 +257,8 @@ impl RecordContext<'_> {
                 timesteps: job.settings.schedule.timesteps.clone(),
             },
             img2img: job.init.as_ref().map(|init| self.img2img_record(job, init)),
+            micro: job.request.micro,
+            encode_empty_negative: job.request.encode_empty_negative,
         }
     }
 }

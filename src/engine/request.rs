@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::field::{Field, RequestError, Warning};
 use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
+use super::micro::MicroConditioning;
 use crate::config::scheduler::SchedulerConfig;
 use crate::pipeline::SamplingSettings;
 use crate::sampling::step::StepParams;
@@ -91,6 +92,11 @@ pub struct Request {
     /// The LoRAs merged into the model for this request, instead of the engine's own (`--lora`);
     /// `None` uses the engine's. Open them with [`crate::engine::Engine::open_loras`].
     pub loras: Option<Arc<Loras>>,
+    /// SDXL's micro-conditioning (sizes and crop the UNet is told about).
+    pub micro: MicroConditioning,
+    /// SDXL: encode an empty negative prompt instead of zeroing its embeddings (what diffusers
+    /// does with `force_zeros_for_empty_prompt` in the model's config and no negative prompt).
+    pub encode_empty_negative: bool,
 }
 
 impl Request {
@@ -124,6 +130,8 @@ impl Request {
             resize: ResizeMode::default(),
             vae_encode: VaeEncodeMode::default(),
             loras: None,
+            micro: MicroConditioning::default(),
+            encode_empty_negative: false,
         }
     }
 
@@ -338,6 +346,15 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
     let scheduler = &configs.scheduler;
     let mut warnings = Vec::new();
     let (prediction, zero_snr) = resolve_prediction(&request, scheduler, &configs.scheduler_path, &mut warnings)?;
+    if configs.unet.text_time.is_none() {
+        if let Some(field) = request.micro.first_set_field() {
+            return Err(RequestError::new(
+                field,
+                "applies to SDXL models only (a UNet with addition_embed_type \"text_time\"); this model has none",
+            ));
+        }
+    }
+    request.micro.check()?;
     let guidance = request.guidance;
     check(guidance >= 0.0, Field::Guidance, || {
         format!("{guidance} must not be negative")

@@ -1,7 +1,10 @@
 //! Our CLIP text transformer (transformers' `CLIPTextModel`), built from `text_encoder/config.json`.
 //!
-//! Output: `last_hidden_state` after the final layer norm, which is what SD conditions on (SD 2.x
-//! ships a 23-layer OpenCLIP ViT-H config, so that is its penultimate layer). Unlike
+//! Output ([`ClipLayer`]): `last_hidden_state` after the final layer norm, which is what SD
+//! 1.x/2.x condition on (SD 2.x ships a 23-layer OpenCLIP ViT-H config, so that is its penultimate
+//! layer), or an earlier `hidden_states[-k]` without the norm (SDXL conditions on
+//! `hidden_states[-2]` of both encoders); and the pooled output, projected for
+//! `CLIPTextModelWithProjection` (SDXL's `text_embeds`). Unlike
 //! candle-transformers' CLIP, it reads every size from the config, uses the configured activation
 //! (exact erf GELU for SD 2.x), and masks correctly for any batch size. Weights load with or
 //! without the `text_model.` prefix.
@@ -89,13 +92,35 @@ impl EncoderLayer {
     }
 }
 
+/// Which hidden state a text encoder gives as its per-token output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipLayer {
+    /// `last_hidden_state`: every layer, then the final layer norm.
+    Last,
+    /// transformers' `hidden_states[-k]` (k = 1 is the last layer's output), without the final
+    /// norm: diffusers' SDXL prompt encoding (k = 2).
+    FromEnd(usize),
+}
+
+/// One encoder's outputs for a batch of token ids.
+#[derive(Debug, Clone)]
+pub struct ClipOutput {
+    /// (b, tokens, hidden_size).
+    pub hidden: Tensor,
+    /// (b, projection_dim or hidden_size): the final-normed state at the pooled token, through
+    /// `text_projection` when the model has one; when asked for.
+    pub pooled: Option<Tensor>,
+}
+
 #[derive(Debug)]
 pub struct ClipTextTransformer {
     token_embedding: Embedding,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
     max_positions: usize,
+    eos_token_id: u32,
 }
 
 impl ClipTextTransformer {
@@ -104,6 +129,17 @@ impl ClipTextTransformer {
     pub fn new(vb: VarBuilder, config: &ClipTextConfig) -> anyhow::Result<Self> {
         config.validate()?;
         let activation = config.activation()?;
+        // `text_projection` sits beside `text_model`, at the root.
+        let text_projection = if config.with_projection() || vb.contains_tensor("text_projection.weight") {
+            let width = config.projection_dim.unwrap_or(config.hidden_size);
+            Some(crate::model::linear::linear_no_bias(
+                config.hidden_size,
+                width,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
         let vb = if vb.contains_tensor(&format!("{TEXT_MODEL_PREFIX}.final_layer_norm.weight")) {
             vb.pp(TEXT_MODEL_PREFIX)
         } else {
@@ -119,12 +155,56 @@ impl ClipTextTransformer {
                 .map(|i| EncoderLayer::new(layers.pp(i), config, activation))
                 .collect::<Result<_>>()?,
             final_layer_norm: layer_norm(d, config.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            text_projection,
             max_positions: config.max_position_embeddings,
+            eos_token_id: config.eos_token_id,
         })
+    }
+
+    /// The number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// Token ids (b, tokens), u32, -> last_hidden_state (b, tokens, hidden_size).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.encode(input_ids, ClipLayer::Last, false)?.hidden)
+    }
+
+    /// The pooled token of each row: transformers' `CLIPTextTransformer` rule (see
+    /// [`ClipTextConfig::eos_token_id`]).
+    fn pooled_positions(&self, input_ids: &Tensor) -> Result<Vec<u32>> {
+        input_ids
+            .to_vec2::<u32>()?
+            .iter()
+            .map(|row| {
+                let position = if self.eos_token_id == 2 {
+                    // argmax: the first of the highest ids.
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&id| id == max)
+                } else {
+                    row.iter().position(|&id| id == self.eos_token_id)
+                };
+                position
+                    .map(|p| p as u32)
+                    .ok_or_else(|| candle_core::Error::Msg("a text encoder input has no end-of-text token".into()))
+            })
+            .collect()
+    }
+
+    /// Token ids (b, tokens), u32, -> the hidden state `layer` says, and with `pooled` the
+    /// pooled (and projected) output.
+    pub fn encode(&self, input_ids: &Tensor, layer: ClipLayer, pooled: bool) -> Result<ClipOutput> {
+        let run_layers = match layer {
+            ClipLayer::Last => self.layers.len(),
+            ClipLayer::FromEnd(k) if (1..=self.layers.len()).contains(&k) => self.layers.len() + 1 - k,
+            ClipLayer::FromEnd(k) => {
+                candle_core::bail!(
+                    "hidden_states[-{k}] of a text encoder with {} layers",
+                    self.layers.len()
+                )
+            }
+        };
         let (_, tokens) = input_ids.dims2()?;
         if tokens > self.max_positions {
             candle_core::bail!(
@@ -140,9 +220,41 @@ impl ClipTextTransformer {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         // (tokens, tokens), broadcast over batch and heads by the attention.
         let mask = causal_mask(tokens, device)?.to_dtype(DType::F32)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+        let mut hidden = None;
+        // The pooled output needs every layer; the hidden state may stop earlier.
+        let needed = if pooled { self.layers.len() } else { run_layers };
+        for (i, encoder_layer) in self.layers[..needed].iter().enumerate() {
+            xs = encoder_layer.forward(&xs, &mask)?;
+            if i + 1 == run_layers && layer != ClipLayer::Last {
+                hidden = Some(xs.clone());
+            }
         }
-        self.final_layer_norm.forward(&xs)
+        let last = if layer == ClipLayer::Last || pooled {
+            Some(self.final_layer_norm.forward(&xs)?)
+        } else {
+            None
+        };
+        let pooled = match (&last, pooled) {
+            (Some(last), true) => {
+                let positions = self.pooled_positions(input_ids)?;
+                let rows = positions
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &p)| last.get(b)?.get(p as usize))
+                    .collect::<Result<Vec<_>>>()?;
+                let states = Tensor::stack(&rows, 0)?;
+                Some(match &self.text_projection {
+                    Some(projection) => projection.forward(&states)?,
+                    None => states,
+                })
+            }
+            _ => None,
+        };
+        let hidden = match (hidden, last) {
+            (Some(hidden), _) => hidden,
+            (None, Some(last)) => last,
+            (None, None) => xs,
+        };
+        Ok(ClipOutput { hidden, pooled })
     }
 }

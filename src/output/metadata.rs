@@ -191,6 +191,8 @@ mod tests {
                 timesteps: vec![999, 979],
             },
             img2img: None,
+            micro: Default::default(),
+            encode_empty_negative: false,
         }
     }
 

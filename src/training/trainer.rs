@@ -27,7 +27,7 @@ use super::objective::{mse, TrainingSchedule};
 use super::params::{save_safetensors, TrainableWeights};
 use crate::model::clip::ClipTextTransformer;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 use crate::weights::files::ModelFiles;
 use crate::weights::loader::{self, component_weight_file, ModelConfigs, Weights};
 
@@ -154,7 +154,7 @@ impl Networks {
             unet,
             text,
             text_encoder,
-            tokenizer: loader::load_tokenizer(files)?,
+            tokenizer: loader::load_tokenizer(files, "tokenizer")?,
             schedule: TrainingSchedule::from_config(&configs.scheduler)?,
             device: device.clone(),
         })
@@ -220,7 +220,9 @@ impl Networks {
             .schedule
             .noisy_and_target(&batch.latents, &batch.noise, &batch.timesteps)?;
         let timesteps: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-        let prediction = self.unet.forward_timesteps(&noisy, &timesteps, &context)?;
+        let prediction = self
+            .unet
+            .forward_timesteps(&noisy, &timesteps, &Conditioning::text(context))?;
         mse(&prediction, &target)
     }
 

@@ -27,7 +27,7 @@ use crate::config::scheduler::SchedulerConfig;
 use crate::config::unet::{UNetConfig, UNetSpec};
 use crate::config::vae::VaeConfig;
 use crate::model::clip::ClipTextTransformer;
-use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
+use crate::model::stable_diffusion::{ClipEncoder, StableDiffusion, TextEncoder};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::{Vae, VaeEncoder};
@@ -39,6 +39,8 @@ const CONFIG_HINT: &str =
 /// Where the scheduler config lives in the diffusers layout.
 pub const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 const TEXT_ENCODER_CONFIG: &str = "text_encoder/config.json";
+const TEXT_ENCODER_2_CONFIG: &str = "text_encoder_2/config.json";
+const MODEL_INDEX: &str = "model_index.json";
 const UNET_CONFIG: &str = "unet/config.json";
 const VAE_CONFIG: &str = "vae/config.json";
 
@@ -63,12 +65,25 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
 /// The weight file `component` (`unet`, `text_encoder`, `vae`) would load from at `dtype`
 /// (fine-tuning reads and copies them).
 pub fn component_weight_file(files: &ModelFiles, component: &str, dtype: DType) -> Result<PathBuf> {
-    let stem = if component == "text_encoder" {
+    files.first_present(&weight_candidates(component, weight_stem(component), dtype))
+}
+
+/// transformers saves `model.*`, diffusers `diffusion_pytorch_model.*`.
+fn weight_stem(component: &str) -> &'static str {
+    if component.starts_with("text_encoder") {
         "model"
     } else {
         "diffusion_pytorch_model"
-    };
-    files.first_present(&weight_candidates(component, stem, dtype))
+    }
+}
+
+/// What `model_index.json` says beyond the components: SDXL's `force_zeros_for_empty_prompt`
+/// (diffusers' `StableDiffusionXLPipeline` default: true).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct ModelIndex {
+    force_zeros_for_empty_prompt: Option<bool>,
+    /// `["transformers", "CLIPTextModelWithProjection"]` for SDXL; null or absent otherwise.
+    text_encoder_2: Option<serde_json::Value>,
 }
 
 /// A model's configs, read and validated once: enough to check every request before any weight
@@ -81,6 +96,11 @@ pub struct ModelConfigs {
     pub unet: UNetSpec,
     pub vae: VaeConfig,
     pub text_encoder: ClipTextConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG with its projection).
+    pub text_encoder_2: Option<ClipTextConfig>,
+    /// SDXL: an empty negative prompt's embeddings are zeros (the pipeline config's
+    /// `force_zeros_for_empty_prompt`, true unless the model says otherwise).
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl ModelConfigs {
@@ -108,6 +128,8 @@ impl ModelConfigs {
             unet,
             vae,
             text_encoder,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: true,
         })
     }
 
@@ -124,18 +146,73 @@ impl ModelConfigs {
         let vae_path = files.get(VAE_CONFIG)?;
         let vae: VaeConfig = read_json(&vae_path)?;
         vae.validate().with_context(|| format!("{}", vae_path.display()))?;
-        let text_path = files.get(TEXT_ENCODER_CONFIG)?;
-        let text_encoder: ClipTextConfig = read_json(&text_path)?;
-        text_encoder
-            .validate()
-            .with_context(|| format!("{}", text_path.display()))?;
-        Ok(Self {
+        let text_config = |name: &str| -> Result<ClipTextConfig> {
+            let path = files.get(name)?;
+            let config: ClipTextConfig = read_json(&path)?;
+            config.validate().with_context(|| format!("{}", path.display()))?;
+            Ok(config)
+        };
+        let text_encoder = text_config(TEXT_ENCODER_CONFIG)?;
+        // model_index.json names the components (a hub repo's cache holds it, so no listing is
+        // needed); a folder without one is looked into.
+        let index: Option<ModelIndex> = if files.has(MODEL_INDEX)? {
+            Some(read_json(&files.get(MODEL_INDEX)?)?)
+        } else {
+            None
+        };
+        let has_second = match &index {
+            Some(index) => index
+                .text_encoder_2
+                .as_ref()
+                .is_some_and(|v| v.as_array().is_some_and(|parts| parts.iter().any(|p| !p.is_null()))),
+            None => files.has(TEXT_ENCODER_2_CONFIG)?,
+        };
+        let text_encoder_2 = if has_second {
+            Some(text_config(TEXT_ENCODER_2_CONFIG)?)
+        } else {
+            None
+        };
+        let index = index.unwrap_or_default();
+        let configs = Self {
             scheduler,
             scheduler_path,
             unet,
             vae,
             text_encoder,
-        })
+            text_encoder_2,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+        };
+        configs.check_text_widths(&files.location().to_string())?;
+        Ok(configs)
+    }
+
+    /// The UNet's cross-attention and SDXL's pooled width against what the text encoders give.
+    pub fn check_text_widths(&self, location: &str) -> Result<()> {
+        let context = self.text_encoder.hidden_size + self.text_encoder_2.as_ref().map_or(0, |c| c.hidden_size);
+        let cross = self.unet.mid_transformer.cross_attention_dim;
+        if context != cross {
+            bail!(
+                "{location}: the text encoders give {context} channels but the UNet's cross_attention_dim is {cross}"
+            );
+        }
+        match (&self.unet.text_time, &self.text_encoder_2) {
+            (Some(text_time), Some(second)) => {
+                let pooled = second.projection_dim.unwrap_or(second.hidden_size);
+                if !second.with_projection() || pooled != text_time.pooled_dim() {
+                    bail!(
+                        "{location}: the UNet expects a pooled text embedding of {} (projection_class_embeddings_input_dim - 6 x addition_time_embed_dim) but text_encoder_2 gives {pooled}{}",
+                        text_time.pooled_dim(),
+                        if second.with_projection() { "" } else { " without a projection (not CLIPTextModelWithProjection)" }
+                    );
+                }
+            }
+            (Some(_), None) => bail!(
+                "{location}: the UNet is SDXL's (addition_embed_type \"text_time\") but there is no text_encoder_2 (an SDXL refiner, which needs only text_encoder_2, is not supported)"
+            ),
+            (None, Some(_)) => bail!("{location}: text_encoder_2 is present but the UNet takes no pooled embedding"),
+            (None, None) => {}
+        }
+        Ok(())
     }
 }
 
@@ -201,12 +278,7 @@ impl ModelSource {
     fn backend(&self, component: &str, dtype: DType) -> Result<(Box<dyn SimpleBackend>, BTreeSet<String>, String)> {
         Ok(match self {
             Self::Layout(files) => {
-                let stem = if component == "text_encoder" {
-                    "model"
-                } else {
-                    "diffusion_pytorch_model"
-                };
-                let path = files.first_present(&weight_candidates(component, stem, dtype))?;
+                let path = files.first_present(&weight_candidates(component, weight_stem(component), dtype))?;
                 let (backend, names) = open_backend(&path)?;
                 (backend, names, path.display().to_string())
             }
@@ -214,7 +286,8 @@ impl ModelSource {
                 let map = match component {
                     "unet" => &single.unet,
                     "vae" => &single.vae,
-                    _ => &single.text_encoder,
+                    "text_encoder" => &single.text_encoder,
+                    other => bail!("{}: single files have no {other} yet", single.path.display()),
                 };
                 let (backend, names) = single.backend(map)?;
                 (backend, names, format!("{} ({component})", single.path.display()))
@@ -241,11 +314,31 @@ impl ModelSource {
 
     fn tokenizer(&self) -> Result<ClipTokenizer> {
         match self {
-            Self::Layout(files) => load_tokenizer(files),
+            Self::Layout(files) => load_tokenizer(files, "tokenizer"),
             Self::Single(single) => {
                 let folder = match &single.tokenizer_dir {
                     Some(dir) => dir.clone(),
                     None => super::demo::clip_tokenizer_folder(single.family == Family::Sd1)?,
+                };
+                ClipTokenizer::from_folder(&folder)
+            }
+        }
+    }
+
+    /// SDXL's second tokenizer (OpenCLIP's, which pads with "!").
+    fn tokenizer_2(&self) -> Result<ClipTokenizer> {
+        match self {
+            Self::Layout(files) => load_tokenizer(files, "tokenizer_2"),
+            Self::Single(single) => {
+                let beside = single
+                    .tokenizer_dir
+                    .as_ref()
+                    .and_then(|dir| dir.parent())
+                    .map(|parent| parent.join("tokenizer_2"))
+                    .filter(|dir| dir.is_dir());
+                let folder = match beside {
+                    Some(dir) => dir,
+                    None => super::demo::clip_tokenizer_folder(false)?,
                 };
                 ClipTokenizer::from_folder(&folder)
             }
@@ -265,7 +358,15 @@ pub fn load_model_text_encoder(
     let model = source
         .weights("text_encoder", dtype, device, loras)?
         .build(|vb| ClipTextTransformer::new(vb, &configs.text_encoder))?;
-    Ok(TextEncoder::new(tokenizer, model, device))
+    let encoder = TextEncoder::new(tokenizer, model, device);
+    let Some(config) = &configs.text_encoder_2 else {
+        return Ok(encoder);
+    };
+    let tokenizer = source.tokenizer_2()?;
+    let model = source
+        .weights("text_encoder_2", dtype, device, loras)?
+        .build(|vb| ClipTextTransformer::new(vb, config))?;
+    Ok(encoder.with_second(ClipEncoder { tokenizer, model }))
 }
 
 /// The UNet (with its LoRA updates) and the VAE decoder of a model; the VAE in f32 when its
@@ -399,15 +500,13 @@ pub const TOKENIZER_FILES: [&str; 5] = [
 
 /// The tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the optional
 /// special-token files fetched beside them.
-pub fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
-    let main = files.first_present(&["tokenizer/tokenizer.json".into(), "tokenizer/vocab.json".into()])?;
-    for optional in [
-        "tokenizer/merges.txt",
-        "tokenizer/special_tokens_map.json",
-        "tokenizer/tokenizer_config.json",
-    ] {
-        if files.has(optional)? {
-            files.get(optional)?;
+/// `folder` is `tokenizer` or SDXL's `tokenizer_2`.
+pub fn load_tokenizer(files: &ModelFiles, folder: &str) -> Result<ClipTokenizer> {
+    let main = files.first_present(&[format!("{folder}/tokenizer.json"), format!("{folder}/vocab.json")])?;
+    for optional in ["merges.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+        let optional = format!("{folder}/{optional}");
+        if files.has(&optional)? {
+            files.get(&optional)?;
         }
     }
     let folder: PathBuf = main.parent().context("tokenizer file has no folder")?.to_path_buf();

@@ -8,7 +8,57 @@ mod transformer;
 
 pub use self::transformer::CrossAttentionCache;
 
-use candle_core::{Module, Result, Tensor};
+/// What a UNet is conditioned on besides the timestep: the text encoder's hidden states for
+/// cross-attention, and for SDXL's `text_time` UNet the pooled text embedding and the
+/// micro-conditioning values (diffusers' `added_cond_kwargs` `text_embeds` and `time_ids`).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// (b, tokens, cross_attention_dim).
+    pub context: Tensor,
+    pub text_time: Option<TextTime>,
+}
+
+/// SDXL's added conditioning for a batch.
+#[derive(Debug, Clone)]
+pub struct TextTime {
+    /// The pooled, projected text embedding, (b, pooled_dim).
+    pub text_embeds: Tensor,
+    /// Per row: original (h, w), crop (top, left), target (h, w), in pixels.
+    pub time_ids: Vec<[f64; TextTimeSpec::TIME_IDS]>,
+}
+
+impl Conditioning {
+    /// Text conditioning alone (SD 1.x/2.x).
+    pub fn text(context: Tensor) -> Self {
+        Self {
+            context,
+            text_time: None,
+        }
+    }
+
+    pub fn batch_size(&self) -> Result<usize> {
+        self.context.dim(0)
+    }
+
+    /// Rows of several conditionings stacked in order (CFG's uncond-then-cond batch); all or none
+    /// must carry [`TextTime`].
+    pub fn cat(parts: &[&Self]) -> Result<Self> {
+        let context = Tensor::cat(&parts.iter().map(|p| &p.context).collect::<Vec<_>>(), 0)?;
+        let text_time = match parts.iter().map(|p| p.text_time.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(added) if !added.is_empty() => Some(TextTime {
+                text_embeds: Tensor::cat(&added.iter().map(|a| &a.text_embeds).collect::<Vec<_>>(), 0)?,
+                time_ids: added.iter().flat_map(|a| a.time_ids.iter().copied()).collect(),
+            }),
+            _ if parts.iter().any(|p| p.text_time.is_some()) => {
+                candle_core::bail!("internal: conditionings with and without SDXL's text_time in one batch")
+            }
+            _ => None,
+        };
+        Ok(Self { context, text_time })
+    }
+}
+
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::conv::{conv2d, Conv2d};
@@ -16,7 +66,7 @@ use crate::model::norm::{group_norm, GroupNorm};
 
 use self::blocks::{BlockContext, DownBlock, MidBlock, UpBlock, UpBlockChannels};
 use self::embeddings::{timestep_embedding, TimestepEmbedding};
-use crate::config::unet::UNetSpec;
+use crate::config::unet::{TextTimeSpec, UNetSpec};
 use crate::model::resnet::NormSpec;
 
 #[derive(Debug)]
@@ -24,6 +74,8 @@ pub struct UNet2DConditionModel {
     spec: UNetSpec,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    /// SDXL: the MLP over the pooled text embedding and the time ids' sinusoids.
+    add_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -89,6 +141,14 @@ impl UNet2DConditionModel {
             spec: spec.clone(),
             conv_in: same_size_conv(vb.pp("conv_in"), spec.in_channels, channels[0], spec.conv_in_kernel)?,
             time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], spec.time_embed_dim)?,
+            add_embedding: match spec.text_time {
+                Some(text_time) => Some(TimestepEmbedding::new(
+                    vb.pp("add_embedding"),
+                    text_time.input_dim,
+                    spec.time_embed_dim,
+                )?),
+                None => None,
+            },
             down_blocks,
             mid_block,
             up_blocks,
@@ -104,35 +164,75 @@ impl UNet2DConditionModel {
     /// The model output (epsilon, v or x0, per the scheduler's `prediction_type`) for `sample`
     /// (b, in_channels, h, w) at `timestep`, conditioned on `context` (b, tokens, cross_dim).
     /// Projects the context's keys and values anew; a loop over steps passes a cache instead
-    /// ([`Self::forward_cached`]).
+    /// ([`Self::forward_cached`]). SD 1.x/2.x only: SDXL's UNet needs [`Conditioning`]'s added
+    /// parts.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        self.forward_cached(sample, timestep, context, &mut CrossAttentionCache::new())
+        let batch = sample.dim(0)?;
+        self.forward_timesteps_cached(
+            sample,
+            &vec![timestep; batch],
+            &Conditioning::text(context.clone()),
+            &mut CrossAttentionCache::new(),
+        )
     }
 
-    /// [`Self::forward`] with the cross-attention keys and values of `context` kept in `cache`
-    /// (made at the first call, reused after; one cache per context).
+    /// [`Self::forward`] with any [`Conditioning`], the cross-attention keys and values of its
+    /// context kept in `cache` (made at the first call, reused after; one cache per context).
     pub fn forward_cached(
         &self,
         sample: &Tensor,
         timestep: f64,
-        context: &Tensor,
+        conditioning: &Conditioning,
         cache: &mut CrossAttentionCache,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
-        self.forward_timesteps_cached(sample, &vec![timestep; batch], context, cache)
+        self.forward_timesteps_cached(sample, &vec![timestep; batch], conditioning, cache)
     }
 
     /// [`Self::forward`] with one timestep per sample (training draws them independently, as
     /// diffusers' `unet(noisy, timesteps)` takes a (b,) tensor).
-    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor) -> Result<Tensor> {
-        self.forward_timesteps_cached(sample, timesteps, context, &mut CrossAttentionCache::new())
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], conditioning: &Conditioning) -> Result<Tensor> {
+        self.forward_timesteps_cached(sample, timesteps, conditioning, &mut CrossAttentionCache::new())
+    }
+
+    /// SDXL's `aug_emb`: `add_embedding(cat(text_embeds, add_time_proj(time_ids)))`, diffusers'
+    /// `get_aug_embed` for `text_time` (the time ids' sinusoids with the UNet's flip and shift).
+    fn added_embedding(&self, conditioning: &Conditioning, dtype: candle_core::DType) -> Result<Option<Tensor>> {
+        let (Some(spec), Some(mlp)) = (self.spec.text_time, &self.add_embedding) else {
+            return Ok(None);
+        };
+        let Some(added) = &conditioning.text_time else {
+            candle_core::bail!(
+                "this UNet (addition_embed_type \"text_time\", SDXL) needs the pooled text embedding and time ids"
+            )
+        };
+        let batch = conditioning.batch_size()?;
+        if added.time_ids.len() != batch || added.text_embeds.dims() != [batch, spec.pooled_dim()] {
+            candle_core::bail!(
+                "SDXL conditioning: {} time-id rows and text_embeds {:?} for a batch of {batch} (pooled width {})",
+                added.time_ids.len(),
+                added.text_embeds.dims(),
+                spec.pooled_dim()
+            );
+        }
+        let flat: Vec<f64> = added.time_ids.iter().flatten().copied().collect();
+        let time_embeds = timestep_embedding(
+            &flat,
+            spec.time_embed_dim,
+            self.spec.flip_sin_to_cos,
+            self.spec.freq_shift,
+            added.text_embeds.device(),
+        )?
+        .reshape((batch, TextTimeSpec::TIME_IDS * spec.time_embed_dim))?;
+        let input = Tensor::cat(&[&added.text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(dtype)?;
+        Ok(Some(mlp.forward(&input)?))
     }
 
     fn forward_timesteps_cached(
         &self,
         sample: &Tensor,
         timesteps: &[f64],
-        context: &Tensor,
+        conditioning: &Conditioning,
         cache: &mut CrossAttentionCache,
     ) -> Result<Tensor> {
         cache.start_pass();
@@ -157,7 +257,11 @@ impl UNet2DConditionModel {
         )?
         .to_dtype(sample.dtype())?;
         // (b, time_embed_dim)
-        let temb = self.time_embedding.forward(&t_emb)?;
+        let mut temb = self.time_embedding.forward(&t_emb)?;
+        if let Some(added) = self.added_embedding(conditioning, temb.dtype())? {
+            temb = (temb + added)?;
+        }
+        let context = &conditioning.context;
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
