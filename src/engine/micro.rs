@@ -136,30 +136,27 @@ impl MicroConditioning {
 
     /// diffusers uses the negative values only as a set: both sizes, and the crop with them.
     pub fn check(&self) -> Result<(), RequestError> {
-        let negative_sizes = (
-            self.negative_original_size.is_some(),
-            self.negative_target_size.is_some(),
-        );
-        let (given, missing) = match negative_sizes {
-            (true, false) => (Field::NegativeOriginalSize, Field::NegativeTargetSize),
-            (false, true) => (Field::NegativeTargetSize, Field::NegativeOriginalSize),
-            (false, false) if self.negative_crop_top_left.is_some() => {
-                (Field::NegativeCropTopLeft, Field::NegativeOriginalSize)
-            }
+        let both = "the negative branch takes its own values only with both negative sizes (diffusers' rule), otherwise the prompt's";
+        let (field, missing) = match (self.negative_original_size, self.negative_target_size) {
+            (Some(_), None) => (
+                Field::NegativeOriginalSize,
+                format!("{{{}}}", Field::NegativeTargetSize.key()),
+            ),
+            (None, Some(_)) => (
+                Field::NegativeTargetSize,
+                format!("{{{}}}", Field::NegativeOriginalSize.key()),
+            ),
+            (None, None) if self.negative_crop_top_left.is_some() => (
+                Field::NegativeCropTopLeft,
+                format!(
+                    "{{{}}} and {{{}}}",
+                    Field::NegativeOriginalSize.key(),
+                    Field::NegativeTargetSize.key()
+                ),
+            ),
             _ => return Ok(()),
         };
-        Err(RequestError::new(
-            given,
-            format!(
-                "needs {{{}}} and {{{}}} too: the negative branch takes its own sizes only as a set (diffusers' rule), otherwise the prompt's",
-                missing.key(),
-                if missing == Field::NegativeOriginalSize {
-                    Field::NegativeTargetSize.key()
-                } else {
-                    Field::NegativeOriginalSize.key()
-                }
-            ),
-        ))
+        Err(RequestError::new(field, format!("needs {missing} too: {both}")))
     }
 
     /// The (positive, negative) time ids for a picture of `size`.
