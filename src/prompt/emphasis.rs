@@ -93,8 +93,9 @@ impl FromStr for Emphasis {
 
 /// Applies `emphasis` to hidden states `z` (b, n, d) whose tokens weigh `weights` (b * n values,
 /// row-major). `empty` is the encoding of the empty prompt's chunk (1, n, d), needed by `comfy`
-/// only. For `original` the mean is over all of `z`, as A1111 takes it over the batch of one
-/// chunk.
+/// only. For `original` the mean is over all of `z`: give it one prompt's chunk (b = 1), or the
+/// same chunk of one prompt's variants (A1111's batch holds a prompt's schedule variants), never
+/// chunks of different prompts stacked into one batch, whose means would mix.
 pub fn apply_emphasis(z: &Tensor, weights: &[f64], emphasis: Emphasis, empty: Option<&Tensor>) -> Result<Tensor> {
     let (b, n, d) = z.dims3().context("hidden states must be (batch, tokens, features)")?;
     ensure!(
