@@ -26,6 +26,9 @@
 //! - [`schedule`]: pure f64: betas, the zero terminal SNR rescale (Algorithm 1), timestep
 //!   spacing (Table 2), noise-level ramps, the `Schedule` a sampler walks.
 //! - [`config`]: serde mirrors of diffusers' config files.
+//! - [`prompt`]: A1111's prompt language: emphasis and `BREAK` parsed, 77-token chunks with the
+//!   comma backtrack, the emphasis modes on any encoder's hidden states, chunks joined. A leaf:
+//!   it imports no other module (`model`'s tokenizer implements its `PromptTokenizer`).
 //! - [`model`]: the networks (UNet, CLIP, VAE decoder and encoder, tokenizer) and thin layers that pick a kernel.
 //! - [`kernels`]: the crate's only unsafe code: the CPU kernels (inference and gradients), the
 //!   host allocator, the CUDA runtime switches; per-op profiling.
@@ -72,6 +75,7 @@ pub mod kernels;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod prompt;
 pub mod sampling;
 pub mod schedule;
 pub mod serve;

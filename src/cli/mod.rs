@@ -12,6 +12,7 @@ pub mod info;
 pub mod luminance;
 pub mod manifest;
 pub mod progress;
+pub mod prompt;
 pub mod prompts;
 pub mod schedule;
 pub mod serve;
@@ -52,6 +53,9 @@ pub enum Command {
     /// Check a folder of sharded or requeued runs against the prompt file (missing, doubled and
     /// orphan images: what to requeue), or rewrite its manifest with one line per image.
     Manifest(manifest::ManifestArgs),
+    /// Show what the text encoder will see of a prompt: A1111's emphasis fragments and weights,
+    /// and each 75-token chunk's tokens, ids and weights (like A1111's token counter).
+    Prompt(prompt::PromptCommandArgs),
     /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
     /// manifest, its correlation with the initial-noise mean.
     Stats(stats::StatsArgs),
@@ -73,6 +77,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),
+        Command::Prompt(args) => prompt::run(&args),
         Command::Schedule(args) => schedule::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Stats(args) => stats::run(&args),

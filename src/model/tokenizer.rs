@@ -19,6 +19,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizers;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use crate::prompt::chunks::{PromptTokenizer, COMMA_TOKEN};
+
 /// CLIP's pre-tokenization pattern (OpenAI CLIP's `simple_tokenizer.py`).
 const CLIP_SPLIT_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -153,6 +155,17 @@ impl ClipTokenizer {
         self.max_length
     }
 
+    /// The BPE ids of `text` without BOS, EOS or padding, never truncated: what A1111's
+    /// `tokenize_line` puts into chunks ([`crate::prompt::chunks`]).
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(anyhow::Error::msg)
+            .context("tokenizing the prompt")?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// `prompt` as exactly `max_length` ids: BOS, the first `max_length - 2` tokens, EOS, padding.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self
@@ -174,5 +187,31 @@ impl ClipTokenizer {
     pub fn truncated_tokens(&self, prompt: &str) -> Result<usize> {
         let encoding = self.tokenizer.encode(prompt, false).map_err(anyhow::Error::msg)?;
         Ok(encoding.get_ids().len().saturating_sub(self.max_length - 2))
+    }
+}
+
+impl PromptTokenizer for ClipTokenizer {
+    fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
+        ClipTokenizer::token_ids(self, text)
+    }
+
+    fn bos_id(&self) -> u32 {
+        self.bos
+    }
+
+    fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    fn comma_id(&self) -> Option<u32> {
+        self.tokenizer.token_to_id(COMMA_TOKEN)
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.tokenizer.id_to_token(id).unwrap_or_else(|| format!("<id {id}>"))
     }
 }

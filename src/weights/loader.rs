@@ -312,7 +312,9 @@ impl ModelSource {
         Ok(Weights::from_backend(backend, names, label, dtype, device))
     }
 
-    fn tokenizer(&self) -> Result<ClipTokenizer> {
+    /// The model's CLIP tokenizer (a single file's: `--config`'s, else the built-in one of its
+    /// family); `sdfix prompt` needs nothing else.
+    pub fn tokenizer(&self) -> Result<ClipTokenizer> {
         match self {
             Self::Layout(files) => load_tokenizer(files, "tokenizer"),
             Self::Single(single) => {
