@@ -7,7 +7,10 @@ resolution, steps, dtype, thread count and timing protocol as `sdfix bench`, sam
 Protocol: one untimed warm-up per stage; text encoding and VAE decode --repeat times; the UNet with
 CFG (batch 2 x --batch-size) --steps times; the guidance + DDIM arithmetic --steps times; median and
 min in ms; total_s from the medians; peak RSS (ru_maxrss) in MB, or peak device memory on CUDA.
-Attention is PyTorch's SDPA (diffusers' default AttnProcessor2_0).
+Attention is PyTorch's SDPA (diffusers' default AttnProcessor2_0). For SDXL (a folder with
+text_encoder_2) the text side is both encoders (`hidden_states[-2]` concatenated, the second's
+projected pooled output, as `StableDiffusionXLPipeline.encode_prompt`), and the UNet gets the pooled
+embeddings and the default micro-conditioning as `added_cond_kwargs`.
 
 --profile adds `op_ms`, as `sdfix bench --profile`: one more run of each stage under the PyTorch
 profiler, its aten ops' self times summed into the same kinds (conv 3x3, conv 1x1, linear =
@@ -24,7 +27,7 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -108,6 +111,9 @@ def main() -> None:
     vae_dtype = torch.float32 if vae_config.get("force_upcast", True) and dtype == torch.float16 else dtype
     vae = AutoencoderKL.from_config(vae_config).to(device, vae_dtype).eval()
     clip = CLIPTextModel(CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json")).to(device, dtype).eval()
+    second_config = folder / "text_encoder_2" / "config.json"
+    clip_2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(second_config)).to(device, dtype).eval()
+              if second_config.is_file() else None)
     build_s = time.perf_counter() - started
     tokenizer = CLIPTokenizer.from_pretrained(ROOT / "models" / "demo" / "tokenizer")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -118,11 +124,25 @@ def main() -> None:
     b = args.batch_size
     ids = tokenizer([""] * b + [PROMPT] * b, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.to(device)
     context = {}
-    text_ms = timed(lambda: context.__setitem__("c", clip(ids).last_hidden_state), args.repeat, sync)
+
+    def encode():
+        if clip_2 is None:
+            context["c"] = clip(ids).last_hidden_state
+            return
+        first = clip(ids, output_hidden_states=True).hidden_states[-2]
+        second = clip_2(ids, output_hidden_states=True)
+        context["c"] = torch.cat([first, second.hidden_states[-2]], dim=-1)
+        context["added"] = dict(
+            text_embeds=second.text_embeds,
+            time_ids=torch.tensor([[height, width, 0, 0, height, width]] * (2 * b), dtype=dtype, device=device),
+        )
+
+    text_ms = timed(encode, args.repeat, sync)
     latents = torch.randn((b, unet.config.in_channels, height // factor, width // factor), device=device)
     unet_input = torch.cat([latents, latents]).to(dtype)
     out = {}
-    unet_ms = timed(lambda: out.__setitem__("o", unet(unet_input, 999, encoder_hidden_states=context["c"]).sample), args.steps, sync)
+    added = {"added_cond_kwargs": context["added"]} if "added" in context else {}
+    unet_ms = timed(lambda: out.__setitem__("o", unet(unet_input, 999, encoder_hidden_states=context["c"], **added).sample), args.steps, sync)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
                               prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False)
     scheduler.set_timesteps(args.steps)
@@ -140,8 +160,8 @@ def main() -> None:
     profile = {}
     if args.profile:
         stages = {
-            "text_encode": op_ms(lambda: clip(ids)),
-            "unet_step": op_ms(lambda: unet(unet_input, 999, encoder_hidden_states=context["c"])),
+            "text_encode": op_ms(encode),
+            "unet_step": op_ms(lambda: unet(unet_input, 999, encoder_hidden_states=context["c"], **added)),
             "vae_decode": op_ms(lambda: vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor)),
         }
         profile = {"op_ms": {stage: ops for stage, (ops, _) in stages.items()},

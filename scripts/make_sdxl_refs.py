@@ -18,11 +18,13 @@ Writes:
 - tests/fixtures/tiny-sdxl-inpaint/: the same with a 9-channel UNet (other parts linked).
 - tests/fixtures/refs/sdxl.{safetensors,json}: for each case the initial noise, diffusers' final
   latents and the 8-bit image, and sdfix's arguments.
+- tests/fixtures/refs/sdxl_vae.safetensors: one case's picture decoded by another VAE (`--vae`).
 
 As scripts/make_img2img_refs.py does, the img2img and inpainting pipelines take the VAE posterior's
 mean (`sdfix --vae-encode mean`) and the noise stored here (`sdfix --latents`).
 """
 
+import argparse
 import json
 import os
 import pathlib
@@ -321,5 +323,21 @@ def main() -> None:
     print(f"wrote {len(cases)} cases")
 
 
+@torch.no_grad()
+def separate_vae_refs() -> None:
+    """`sdfix --vae tests/fixtures/tiny-sd/vae` on the tiny SDXL: the text-to-image case's final
+    latents (the VAE does not change them) decoded by diffusers with that VAE instead, into
+    tests/fixtures/refs/sdxl_vae.safetensors."""
+    refs = safetensors.torch.load_file(REFS / "sdxl.safetensors")
+    vae = AutoencoderKL.from_pretrained(FIXTURES / "tiny-sd" / "vae")
+    image = to_uint8(vae, refs["vpred_zsnr_ddim.final"])
+    safetensors.torch.save_file({"vpred_zsnr_ddim.image": image.contiguous()}, REFS / "sdxl_vae.safetensors",
+                                metadata=dict(generator="scripts/make_sdxl_refs.py --separate-vae"))
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--separate-vae", action="store_true", help="only (re)write refs/sdxl_vae.safetensors")
+    if not parser.parse_args().separate_vae:
+        main()
+    separate_vae_refs()

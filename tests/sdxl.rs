@@ -116,3 +116,68 @@ fn micro_conditioning_is_refused_where_it_cannot_apply() {
         assert!(common::pngs(dir.path()).is_empty());
     }
 }
+
+/// The one picture of `args` (plus the reference case's stored initial latents).
+fn picture_with(extra: &[&str]) -> image::RgbImage {
+    let (_, images) = common::run_reference_case("sdxl", "vpred_zsnr_ddim", extra);
+    images.into_iter().next().unwrap()
+}
+
+/// `--vae`: a folder brings its own config (tiny-sd's VAE, scaling 0.18215) and equals diffusers
+/// decoding the same latents with it; the model's own VAE as a diffusers-named file changes
+/// nothing.
+#[test]
+fn a_separate_vae_decodes_as_in_diffusers() {
+    let folder = common::fixture("tiny-sd/vae");
+    let with_folder = picture_with(&["--vae", folder.to_str().unwrap()]);
+    let expected = &common::reference_tensors("sdxl_vae")["vpred_zsnr_ddim.image"];
+    let expected = expected.get(0).unwrap().permute((1, 2, 0)).unwrap();
+    let expected = expected.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let worst = with_folder
+        .as_raw()
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 2,
+        "--vae folder: a pixel differs by {worst}/255 from diffusers"
+    );
+    assert_ne!(with_folder, picture_with(&[]), "--vae changed nothing");
+
+    let ldm_file = common::fixture("single-file/tiny-sd2.safetensors");
+    assert_eq!(
+        picture_with(&["--vae", ldm_file.to_str().unwrap()]).as_raw().len(),
+        expected.len()
+    );
+    let own = common::fixture("tiny-sdxl/vae/diffusion_pytorch_model.safetensors");
+    assert_eq!(picture_with(&["--vae", own.to_str().unwrap()]), picture_with(&[]));
+}
+
+#[test]
+fn a_vae_that_does_not_fit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet_file = common::fixture("tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
+    let sdxl = common::fixture("tiny-sdxl");
+    for (vae, needle) in [
+        ("/no/such/vae", "--vae /no/such/vae: no such file or folder"),
+        (unet_file.to_str().unwrap(), "holds no VAE decoder"),
+    ] {
+        let out = common::sdfix(&[
+            "generate",
+            "--model",
+            sdxl.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--vae",
+            vae,
+            "--out-dir",
+            dir.path().to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(needle), "{vae}: {stderr}");
+    }
+}

@@ -57,6 +57,11 @@ pub struct ModelArgs {
     /// weight (default 1); repeatable.
     #[arg(long, value_name = "FILE[:WEIGHT]")]
     pub lora: Vec<LoraSpec>,
+
+    /// Another VAE than the model's (e.g. SDXL's fp16-fix VAE): a diffusers VAE folder, or one
+    /// file with diffusers' or the original LDM key names (read with the model's VAE config).
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -73,6 +78,7 @@ impl ModelArgs {
                 zero_snr: sampler.and_then(|s| s.schedule.zero_snr()),
             },
             loras: self.lora.clone(),
+            vae: self.vae.clone(),
         }
     }
 }

@@ -28,12 +28,13 @@ use crate::config::clip::ClipTextConfig;
 use crate::config::unet::{UNetConfig, UNetSpec};
 use crate::config::vae::VaeConfig;
 use crate::device;
+use crate::engine::micro::{MicroConditioning, PixelSize};
 use crate::kernels::profile;
 use crate::model::clip::ClipTextTransformer;
-use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
+use crate::model::stable_diffusion::{ClipEncoder, StableDiffusion, TextEncoder};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::unet::Conditioning;
 use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, CrossAttentionCache, TextTime};
 use crate::model::vae::Vae;
 use crate::pipeline::{self, BatchInput, SamplingSettings};
 use crate::sampling::noise::ImageNoise;
@@ -42,8 +43,9 @@ use crate::sampling::step::{MultistepState, StepParams};
 use crate::sampling::Prediction;
 use crate::schedule::{BetaSource, Schedule, ScheduleSpec, TimestepSpacing};
 
-/// The public configs of the architectures `--arch` names, compiled in (models/arch).
-const ARCHS: &[(&str, [&str; 3])] = &[
+/// The public configs of the architectures `--arch` names, compiled in (models/arch): UNet,
+/// text encoder, VAE, and SDXL's second text encoder.
+const ARCHS: &[(&str, [&str; 3], Option<&str>)] = &[
     (
         "sd1.5",
         [
@@ -51,6 +53,7 @@ const ARCHS: &[(&str, [&str; 3])] = &[
             include_str!("../../models/arch/sd1.5/text_encoder/config.json"),
             include_str!("../../models/arch/sd1.5/vae/config.json"),
         ],
+        None,
     ),
     (
         "sd2.1-base",
@@ -59,6 +62,7 @@ const ARCHS: &[(&str, [&str; 3])] = &[
             include_str!("../../models/arch/sd2.1-base/text_encoder/config.json"),
             include_str!("../../models/arch/sd2.1-base/vae/config.json"),
         ],
+        None,
     ),
     (
         "sd2.1",
@@ -67,8 +71,28 @@ const ARCHS: &[(&str, [&str; 3])] = &[
             include_str!("../../models/arch/sd2.1/text_encoder/config.json"),
             include_str!("../../models/arch/sd2.1/vae/config.json"),
         ],
+        None,
+    ),
+    (
+        "sdxl",
+        [
+            include_str!("../../models/arch/sdxl/unet/config.json"),
+            include_str!("../../models/arch/sdxl/text_encoder/config.json"),
+            include_str!("../../models/arch/sdxl/vae/config.json"),
+        ],
+        Some(include_str!("../../models/arch/sdxl/text_encoder_2/config.json")),
     ),
 ];
+
+/// What `--arch` names: the configs to build random-weight modules from.
+struct ArchConfigs {
+    unet: UNetSpec,
+    text_encoder: ClipTextConfig,
+    /// SDXL's second text encoder.
+    text_encoder_2: Option<ClipTextConfig>,
+    vae: VaeConfig,
+    name: String,
+}
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 
@@ -189,29 +213,44 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The three configs of `arch`: compiled in, the demo model's, or a folder's.
-fn configs(arch: &str) -> Result<(UNetSpec, ClipTextConfig, VaeConfig, String)> {
-    let texts: [String; 3] = if let Some((_, texts)) = ARCHS.iter().find(|(name, _)| *name == arch) {
-        texts.map(str::to_string)
-    } else {
-        let folder: PathBuf = match arch {
-            "tiny" => crate::weights::demo::folder("demo")?.context("the built-in demo model is missing")?,
-            path if Path::new(path).is_dir() => PathBuf::from(path),
-            other => bail!("--arch {other}: expected sd2.1-base, sd2.1, sd1.5, tiny or a model folder"),
+/// The configs of `arch`: compiled in, the demo model's, or a folder's.
+fn configs(arch: &str) -> Result<ArchConfigs> {
+    let (texts, second): ([String; 3], Option<String>) =
+        if let Some((_, texts, second)) = ARCHS.iter().find(|(name, _, _)| *name == arch) {
+            (texts.map(str::to_string), second.map(str::to_string))
+        } else {
+            let folder: PathBuf = match arch {
+                "tiny" => crate::weights::demo::folder("demo")?.context("the built-in demo model is missing")?,
+                path if Path::new(path).is_dir() => PathBuf::from(path),
+                other => bail!("--arch {other}: expected sd2.1-base, sd2.1, sd1.5, sdxl, tiny or a model folder"),
+            };
+            let read = |part: &str| {
+                let path = folder.join(part).join("config.json");
+                std::fs::read_to_string(&path).with_context(|| format!("--arch {arch}: cannot read {}", path.display()))
+            };
+            let second = if folder.join("text_encoder_2/config.json").is_file() {
+                Some(read("text_encoder_2")?)
+            } else {
+                None
+            };
+            ([read("unet")?, read("text_encoder")?, read("vae")?], second)
         };
-        let read = |part: &str| {
-            let path = folder.join(part).join("config.json");
-            std::fs::read_to_string(&path).with_context(|| format!("--arch {arch}: cannot read {}", path.display()))
-        };
-        [read("unet")?, read("text_encoder")?, read("vae")?]
-    };
     let unet = serde_json::from_str::<UNetConfig>(&texts[0])?
         .resolve()
         .context("unet config")?;
-    let clip: ClipTextConfig = serde_json::from_str(&texts[1]).context("text_encoder config")?;
+    let text_encoder: ClipTextConfig = serde_json::from_str(&texts[1]).context("text_encoder config")?;
+    let text_encoder_2 = second
+        .map(|text| serde_json::from_str::<ClipTextConfig>(&text).context("text_encoder_2 config"))
+        .transpose()?;
     let vae: VaeConfig = serde_json::from_str(&texts[2]).context("vae config")?;
     vae.validate()?;
-    Ok((unet, clip, vae, arch.to_string()))
+    Ok(ArchConfigs {
+        unet,
+        text_encoder,
+        text_encoder_2,
+        vae,
+        name: arch.to_string(),
+    })
 }
 
 /// The pipeline's settings for the benchmark: the paper's (v-prediction, zero terminal SNR,
@@ -239,7 +278,13 @@ fn bench_settings(steps: usize) -> Result<SamplingSettings> {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let (unet_spec, clip_config, vae_config, arch) = configs(&args.arch)?;
+    let ArchConfigs {
+        unet: unet_spec,
+        text_encoder: clip_config,
+        text_encoder_2: clip_config_2,
+        vae: vae_config,
+        name: arch,
+    } = configs(&args.arch)?;
     let (device, dtype) = args.device.resolve()?;
     let factor = vae_config.downscale_factor();
     let multiple = factor << unet_spec.downsamples();
@@ -269,11 +314,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
     let tokenizer_folder = crate::weights::demo::folder("demo")?.context("the built-in demo model is missing")?;
     let tokenizer = ClipTokenizer::from_folder(&tokenizer_folder.join("tokenizer"))?;
-    let text_encoder = TextEncoder::new(
+    let mut text_encoder = TextEncoder::new(
         tokenizer,
         ClipTextTransformer::new(vb.pp("text_encoder"), &clip_config)?,
         &device,
     );
+    if let Some(config) = &clip_config_2 {
+        text_encoder = text_encoder.with_second(ClipEncoder {
+            tokenizer: ClipTokenizer::from_folder(&tokenizer_folder.join("tokenizer"))?,
+            model: ClipTextTransformer::new(vb.pp("text_encoder_2"), config)?,
+        });
+    }
     let mut build_s = started.elapsed().as_secs_f64();
 
     let b = args.batch_size;
@@ -285,15 +336,27 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .collect();
     let mut context = None;
     let mut text_ms = time(&device, args.repeat, || {
-        context = Some(text_encoder.encode(&texts)?);
+        context = Some(text_encoder.encode_prompts(&texts)?);
         Ok(())
     })?;
     let (text_ops, text_linear_shapes) = op_ms(&text_ms);
     let context = context.context("text encoder produced nothing")?;
-    let (uncond, cond) = (
-        Conditioning::text(context.narrow(0, 0, b)?),
-        Conditioning::text(context.narrow(0, b, b)?),
-    );
+    // SDXL: the pooled embeddings and the default micro-conditioning (the image's own size).
+    let rows = |start: usize| -> Result<Conditioning> {
+        let text_time = match &context.pooled {
+            Some(pooled) => Some(TextTime {
+                text_embeds: pooled.narrow(0, start, b)?,
+                time_ids: vec![MicroConditioning::default().time_ids(PixelSize { width, height }).0; b],
+            }),
+            None => None,
+        };
+        Ok(Conditioning {
+            context: context.context.narrow(0, start, b)?,
+            text_time,
+        })
+    };
+    let (uncond, cond) = (rows(0)?, rows(b)?);
+    let both = Conditioning::cat(&[&uncond, &cond])?;
     drop(text_encoder);
 
     let started = Instant::now();
@@ -308,7 +371,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let input_for_submit = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(dtype)?;
     let unet_output = model
         .unet
-        .forward(&input_for_submit, 999.0, &context)?
+        .forward_cached(&input_for_submit, 999.0, &both, &mut CrossAttentionCache::new())?
         .to_dtype(DType::F32)?;
     device.synchronize()?;
     profile::take();
@@ -347,7 +410,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     for _ in 0..args.repeat {
         device.synchronize()?;
         let started = Instant::now();
-        let output = model.unet.forward(&input_for_submit, 999.0, &context)?;
+        let output = model
+            .unet
+            .forward_cached(&input_for_submit, 999.0, &both, &mut CrossAttentionCache::new())?;
         unet_submit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         device.synchronize()?;
         drop(output);

@@ -69,6 +69,8 @@ pub struct ModelOptions {
     pub single_file: SingleFileOptions,
     /// `--lora FILE[:WEIGHT]`, merged into the weights at load.
     pub loras: Vec<LoraSpec>,
+    /// `--vae DIR|FILE`: another VAE than the model's.
+    pub vae: Option<std::path::PathBuf>,
 }
 
 impl ModelOptions {
@@ -135,8 +137,12 @@ impl Engine {
         let location = ModelLocation::parse(model, options.revision.as_deref())?;
         let source =
             ModelSource::open(location.clone(), &options.single_file).map_err(|err| with_model_context(err, model))?;
-        let configs = source.configs().map_err(|err| with_model_context(err, model))?;
+        let mut configs = source.configs().map_err(|err| with_model_context(err, model))?;
         let mut notes = source.describe();
+        if let Some(vae) = &options.vae {
+            configs.use_vae(vae, dtype)?;
+            notes.push(format!("VAE: {} (--vae)", vae.display()));
+        }
         let model_hash = match &location {
             ModelLocation::File(path) => {
                 let (digest, computed) = crate::weights::hash::cached_sha256(path)?;

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -19,6 +20,7 @@ use candle_nn::var_builder::SimpleBackend;
 use super::files::{ModelFiles, ModelLocation};
 use super::lora::{Component as LoraComponent, Loras};
 use super::single_file::{Family, SingleFile, SingleFileOptions};
+use super::vae_file::SeparateVae;
 use super::weight_file::open_backend;
 pub use super::weight_file::Weights;
 use crate::config::clip::ClipTextConfig;
@@ -101,6 +103,27 @@ pub struct ModelConfigs {
     /// SDXL: an empty negative prompt's embeddings are zeros (the pipeline config's
     /// `force_zeros_for_empty_prompt`, true unless the model says otherwise).
     pub force_zeros_for_empty_prompt: bool,
+    /// `--vae`: another VAE than the model's (its config is then [`Self::vae`]).
+    pub separate_vae: Option<Arc<SeparateVae>>,
+}
+
+impl ModelConfigs {
+    /// Uses the VAE at `path` (`--vae DIR|FILE`) instead of the model's: its config when it has
+    /// one, which must give the UNet's latent channels.
+    pub fn use_vae(&mut self, path: &Path, dtype: DType) -> Result<()> {
+        let vae = SeparateVae::open(path, &self.vae, dtype)?;
+        if vae.config.latent_channels != self.vae.latent_channels {
+            bail!(
+                "--vae {}: its {} latent channels do not fit this model's {}",
+                path.display(),
+                vae.config.latent_channels,
+                self.vae.latent_channels
+            );
+        }
+        self.vae = vae.config.clone();
+        self.separate_vae = Some(Arc::new(vae));
+        Ok(())
+    }
 }
 
 impl ModelConfigs {
@@ -130,6 +153,7 @@ impl ModelConfigs {
             text_encoder,
             text_encoder_2: None,
             force_zeros_for_empty_prompt: true,
+            separate_vae: None,
         })
     }
 
@@ -181,6 +205,7 @@ impl ModelConfigs {
             text_encoder,
             text_encoder_2,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+            separate_vae: None,
         };
         configs.check_text_widths(&files.location().to_string())?;
         Ok(configs)
@@ -382,10 +407,20 @@ pub fn load_model_denoiser(
 ) -> Result<StableDiffusion> {
     let unet = load_model_unet(source, configs, dtype, device, loras)?;
     let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
-    let vae = source
-        .weights("vae", vae_dtype, device, loras)?
+    let vae = vae_weights(source, configs, vae_dtype, device)?
         .build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &configs.vae)?))?;
     Ok(StableDiffusion::new(unet, vae, dtype, vae_dtype, device))
+}
+
+/// The VAE's weights: `--vae`'s when given, else the model's.
+fn vae_weights(source: &ModelSource, configs: &ModelConfigs, dtype: DType, device: &Device) -> Result<Weights> {
+    match &configs.separate_vae {
+        Some(vae) => {
+            let (backend, names, label) = vae.backend()?;
+            Ok(Weights::from_backend(backend, names, label, dtype, device))
+        }
+        None => source.weights("vae", dtype, device, &Loras::default()),
+    }
 }
 
 /// The UNet of a model with its LoRA updates (to swap a loaded one for another LoRA set).
@@ -410,7 +445,7 @@ pub fn load_model_vae_encoder(
     device: &Device,
 ) -> Result<VaeEncoder> {
     let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
-    let weights = source.weights("vae", vae_dtype, device, &Loras::default())?;
+    let weights = vae_weights(source, configs, vae_dtype, device)?;
     weights
         .build_part(VaeEncoder::UNREAD_PREFIXES, |vb| Ok(VaeEncoder::new(vb, &configs.vae)?))
         .with_context(|| {
