@@ -11,6 +11,7 @@ pub mod generate;
 pub mod info;
 pub mod luminance;
 pub mod manifest;
+pub mod probe;
 pub mod progress;
 pub mod prompts;
 pub mod schedule;
@@ -52,6 +53,10 @@ pub enum Command {
     /// Check a folder of sharded or requeued runs against the prompt file (missing, doubled and
     /// orphan images: what to requeue), or rewrite its manifest with one line per image.
     Manifest(manifest::ManifestArgs),
+    /// Does this model have the flaw? Its prediction type, zero terminal SNR and terminal SNR
+    /// with where each came from, the mean luminance of "solid black background" and "solid
+    /// white background" with its own settings and with the fixes, a verdict and the flags to use.
+    Probe(Box<probe::ProbeArgs>),
     /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
     /// manifest, its correlation with the initial-noise mean.
     Stats(stats::StatsArgs),
@@ -73,6 +78,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),
+        Command::Probe(args) => probe::run(&args),
         Command::Schedule(args) => schedule::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Stats(args) => stats::run(&args),
