@@ -159,6 +159,8 @@ fn bad_input_is_one_line_and_exit_2() {
     for (args, names) in [
         (vec!["--model", missing.to_str().unwrap()], "no-such-model"),
         (vec!["--seeds", "0"], "--seeds 0"),
+        // Named as typed, not as the engine's width or height.
+        (vec!["--size", "31", "--model", "demo"], "--size: 31"),
     ] {
         let mut all = vec!["probe"];
         all.extend(&args);

@@ -29,7 +29,7 @@ use super::luminance::{mean_luminance, summarize};
 use super::progress::{Progress, Verbosity};
 use super::schedule::describe_betas;
 use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE};
-use crate::engine::{Engine, Event, GeneratedImage, Observer, Request, Words};
+use crate::engine::{Engine, Event, Field, GeneratedImage, Observer, Request, Words};
 use crate::output::png;
 use crate::pipeline::StepInfo;
 use crate::sampling::{Prediction, Sampler};
@@ -248,7 +248,13 @@ pub fn run(args: &ProbeArgs) -> Result<()> {
         guidance_rescale: args.guidance_rescale,
         ..request(prompt)
     };
-    let job = |request: Request| engine.job(request).map_err(|e| anyhow::anyhow!(e.render(Words::Flags)));
+    // Width and height are one flag here, named as the user typed it.
+    let job = |request: Request| {
+        engine.job(request).map_err(|e| match e.field {
+            Field::Width | Field::Height => anyhow::anyhow!(e.render_as("--size", Words::Flags)),
+            _ => anyhow::anyhow!(e.render(Words::Flags)),
+        })
+    };
     let mut jobs = vec![job(own(BLACK_PROMPT))?, job(own(WHITE_PROMPT))?];
     let fixed_jobs = [job(fixed(BLACK_PROMPT))?, job(fixed(WHITE_PROMPT))?];
     let (own_setting, fixed_setting) = (Setting::of(&jobs[0]), Setting::of(&fixed_jobs[0]));
