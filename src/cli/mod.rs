@@ -11,6 +11,7 @@ pub mod generate;
 pub mod info;
 pub mod luminance;
 pub mod manifest;
+pub mod probe;
 pub mod progress;
 pub mod prompt;
 pub mod prompts;
@@ -56,6 +57,10 @@ pub enum Command {
     /// Show what the text encoder will see of a prompt: A1111's emphasis fragments and weights,
     /// and each 75-token chunk's tokens, ids and weights (like A1111's token counter).
     Prompt(prompt::PromptCommandArgs),
+    /// Does this model have the flaw? Its prediction type, zero terminal SNR and terminal SNR
+    /// with where each came from, the mean luminance of "solid black background" and "solid
+    /// white background" with its own settings and with the fixes, a verdict and the flags to use.
+    Probe(Box<probe::ProbeArgs>),
     /// Mean luminance of images (Rec. 709 on sRGB values) with a summary, and, for folders with a
     /// manifest, its correlation with the initial-noise mean.
     Stats(stats::StatsArgs),
@@ -78,6 +83,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Prompt(args) => prompt::run(&args),
+        Command::Probe(args) => probe::run(&args),
         Command::Schedule(args) => schedule::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Stats(args) => stats::run(&args),

@@ -147,7 +147,8 @@ pub fn run(args: &ScheduleArgs) -> Result<()> {
     Ok(())
 }
 
-fn describe_betas(betas: &BetaSource) -> String {
+/// The betas in one line: `scaled_linear betas 0.00085..0.012, T = 1000` (`probe` says it too).
+pub fn describe_betas(betas: &BetaSource) -> String {
     match betas {
         BetaSource::Named {
             schedule,

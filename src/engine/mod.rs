@@ -57,6 +57,7 @@ use crate::sampling::Prediction;
 use crate::weights::files::{with_model_context, ModelLocation};
 use crate::weights::loader::{ModelConfigs, ModelSource};
 use crate::weights::lora::{Component, LoraCache, LoraSpec, Loras, MergeKey};
+use crate::weights::single_file::detect::Detection;
 use crate::weights::single_file::SingleFileOptions;
 
 /// What opens a model: `--model` and what goes with it.
@@ -194,6 +195,12 @@ impl Engine {
     /// prediction type and where that came from).
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// What the model predicts and whether it was trained with zero terminal SNR, each with where
+    /// it was read or detected ([`ModelSource::detection`]): what `sdfix probe` reports.
+    pub fn detection(&self) -> Result<Detection> {
+        self.source.detection(&self.configs.scheduler)
     }
 
     /// Keys of a single file that nothing read and no rule ignores.

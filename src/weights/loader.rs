@@ -19,6 +19,7 @@ use candle_nn::var_builder::SimpleBackend;
 
 use super::files::{ModelFiles, ModelLocation};
 use super::lora::{Component as LoraComponent, Loras};
+use super::single_file::detect::Detection;
 use super::single_file::{Family, SingleFile, SingleFileOptions};
 use super::vae_file::SeparateVae;
 use super::weight_file::open_backend;
@@ -287,6 +288,32 @@ impl ModelSource {
         match self {
             Self::Layout(_) => Vec::new(),
             Self::Single(single) => single.describe(),
+        }
+    }
+
+    /// What the model predicts and whether it was trained with zero terminal SNR, with where each
+    /// came from: a single file's [`Detection`]; for a diffusers layout, `scheduler`'s
+    /// `prediction_type` and `rescale_betas_zero_snr`, or diffusers' defaults (epsilon, no zero
+    /// SNR) where the file lacks the key, which the report must not pass off as the model's word.
+    pub fn detection(&self, scheduler: &SchedulerConfig) -> Result<Detection> {
+        match self {
+            Self::Single(single) => Ok(single.detection.clone()),
+            Self::Layout(files) => {
+                let keys: serde_json::Map<String, serde_json::Value> = read_json(&files.get(SCHEDULER_CONFIG)?)?;
+                let source = |key: &str| {
+                    if keys.contains_key(key) {
+                        format!("{SCHEDULER_CONFIG} ({key})")
+                    } else {
+                        format!("diffusers' default ({SCHEDULER_CONFIG} has no {key})")
+                    }
+                };
+                Ok(Detection {
+                    prediction: scheduler.prediction_type.clone(),
+                    zero_snr: scheduler.rescale_betas_zero_snr,
+                    prediction_source: source("prediction_type"),
+                    zero_snr_source: source("rescale_betas_zero_snr"),
+                })
+            }
         }
     }
 

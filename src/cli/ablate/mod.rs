@@ -24,7 +24,7 @@
 //! once, in a footnote under the grid (and in grid.json's `notes`), not per cell.
 
 mod columns;
-mod models;
+pub mod models;
 
 use std::path::{Path, PathBuf};
 

@@ -107,9 +107,9 @@ pub fn open(
     Ok(opened)
 }
 
-/// What grid.json records of a model: where it came from (a built-in has no path worth keeping:
+/// What grid.json (and `sdfix probe --json`) records of a model: where it came from (a built-in has no path worth keeping:
 /// its cache folder), a single file's hash, and what it predicts and was trained with.
-fn identity(name: &str, model: &str, engine: &Engine, predicts: Prediction, zero_snr_applies: bool) -> Value {
+pub fn identity(name: &str, model: &str, engine: &Engine, predicts: Prediction, zero_snr_applies: bool) -> Value {
     let (source, path, revision) = match engine.location() {
         ModelLocation::Folder(_) if DEMO_MODELS.contains(&model) => ("built-in", None, None),
         ModelLocation::Folder(path) => ("folder", Some(path.display().to_string()), None),
