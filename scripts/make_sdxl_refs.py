@@ -19,6 +19,7 @@ Writes:
 - tests/fixtures/refs/sdxl.{safetensors,json}: for each case the initial noise, diffusers' final
   latents and the 8-bit image, and sdfix's arguments.
 - tests/fixtures/refs/sdxl_vae.safetensors: one case's picture decoded by another VAE (`--vae`).
+- tests/fixtures/refs/sdxl_finetune.safetensors: one fine-tuning step's loss and UNet gradients.
 
 As scripts/make_img2img_refs.py does, the img2img and inpainting pipelines take the VAE posterior's
 mean (`sdfix --vae-encode mean`) and the noise stored here (`sdfix --latents`).
@@ -335,9 +336,48 @@ def separate_vae_refs() -> None:
                                 metadata=dict(generator="scripts/make_sdxl_refs.py --separate-vae"))
 
 
+def finetune_refs() -> None:
+    """One training step's loss and UNet gradients on the tiny SDXL, with the paper's objective
+    (v-prediction on the zero-SNR schedule: `add_noise`, `get_velocity`) and the text encoders
+    frozen, conditioned as diffusers' train_text_to_image_sdxl.py conditions uncropped pictures
+    (`add_time_ids` = size, (0, 0), size), into tests/fixtures/refs/sdxl_finetune.safetensors."""
+    from diffusers import DDPMScheduler
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(MODEL)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    generator = torch.Generator().manual_seed(SEED + 7)
+    latents = torch.randn((2, 4, 16, 12), generator=generator)
+    noise = torch.randn((2, 4, 16, 12), generator=generator)
+    timesteps = torch.tensor([999, 321], dtype=torch.long)
+    captions = ["a red circle", "solid black background"]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[32.0, 24.0, 0.0, 0.0, 32.0, 24.0]] * 2)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps)
+    unet = pipe.unet.train()
+    prediction = unet(noisy, timesteps, encoder_hidden_states=embeds,
+                      added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids)).sample
+    loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="mean")
+    loss.backward()
+    tensors = dict(latents=latents, noise=noise, timesteps=timesteps, loss=loss.detach().reshape(1))
+    # The add embedding's, and a sample of the rest (the file stays small).
+    kept = ("add_embedding.", "time_embedding.", "conv_in.", "conv_out.", "mid_block.attentions.0.transformer_blocks.1.")
+    for name, param in unet.named_parameters():
+        if name.startswith(kept):
+            tensors[f"grad.{name}"] = param.grad
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, REFS / "sdxl_finetune.safetensors",
+                                metadata=dict(generator="scripts/make_sdxl_refs.py --finetune", captions=json.dumps(captions)))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--separate-vae", action="store_true", help="only (re)write refs/sdxl_vae.safetensors")
-    if not parser.parse_args().separate_vae:
+    parser.add_argument("--finetune", action="store_true", help="only (re)write refs/sdxl_finetune.safetensors")
+    args = parser.parse_args()
+    if not (args.separate_vae or args.finetune):
         main()
-    separate_vae_refs()
+    if not args.finetune:
+        separate_vae_refs()
+    if not args.separate_vae:
+        finetune_refs()

@@ -83,31 +83,49 @@ impl TextEncoder {
         Ok(self.encode_prompts(prompts)?.context)
     }
 
-    /// The prompts' conditioning. SD 1.x/2.x: the last hidden state after the final norm. SDXL
-    /// (diffusers' `StableDiffusionXLPipeline.encode_prompt`): each encoder's `hidden_states[-2]`
-    /// concatenated on the channel axis, and the second encoder's projected pooled output.
+    /// The prompts' conditioning ([`encode_prompts_with`]).
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<PromptEncoding> {
-        let first = |layer| run_clip(&self.tokenizer, &self.model, prompts, layer, false, &self.device);
-        match &self.second {
-            None => Ok(PromptEncoding {
-                context: first(ClipLayer::Last)?.hidden,
-                pooled: None,
-            }),
-            Some(second) => {
-                let a = first(ClipLayer::FromEnd(2))?;
-                let b = run_clip(
-                    &second.tokenizer,
-                    &second.model,
-                    prompts,
-                    ClipLayer::FromEnd(2),
-                    true,
-                    &self.device,
-                )?;
-                Ok(PromptEncoding {
-                    context: Tensor::cat(&[&a.hidden, &b.hidden], 2)?,
-                    pooled: b.pooled,
-                })
-            }
+        encode_prompts_with(
+            &self.tokenizer,
+            &self.model,
+            self.second.as_ref(),
+            prompts,
+            &self.device,
+        )
+    }
+}
+
+/// The conditioning of `prompts` from a first encoder and SDXL's second. SD 1.x/2.x: the last
+/// hidden state after the final norm. SDXL (diffusers' `StableDiffusionXLPipeline.encode_prompt`):
+/// each encoder's `hidden_states[-2]` concatenated on the channel axis, and the second encoder's
+/// projected pooled output.
+pub fn encode_prompts_with(
+    tokenizer: &ClipTokenizer,
+    model: &ClipTextTransformer,
+    second: Option<&ClipEncoder>,
+    prompts: &[&str],
+    device: &Device,
+) -> Result<PromptEncoding> {
+    let first = |layer| run_clip(tokenizer, model, prompts, layer, false, device);
+    match second {
+        None => Ok(PromptEncoding {
+            context: first(ClipLayer::Last)?.hidden,
+            pooled: None,
+        }),
+        Some(second) => {
+            let a = first(ClipLayer::FromEnd(2))?;
+            let b = run_clip(
+                &second.tokenizer,
+                &second.model,
+                prompts,
+                ClipLayer::FromEnd(2),
+                true,
+                device,
+            )?;
+            Ok(PromptEncoding {
+                context: Tensor::cat(&[&a.hidden, &b.hidden], 2)?,
+                pooled: b.pooled,
+            })
         }
     }
 }

@@ -109,6 +109,18 @@ pub fn write_model_folder(dir: &Path, files: &ModelFiles, weights: &TrainedWeigh
             copy_from(files, tokenizer_file, dir)?;
         }
     }
+    // SDXL: the second text encoder (frozen) and its tokenizer, as they are.
+    if files.has("text_encoder_2/config.json")? {
+        copy_from(files, "text_encoder_2/config.json", dir)?;
+        let source = component_weight_file(files, "text_encoder_2", DType::F32)?;
+        copy_component_file(files, &source, "text_encoder_2", dir)?;
+        for tokenizer_file in TOKENIZER_FILES {
+            let second = tokenizer_file.replacen("tokenizer/", "tokenizer_2/", 1);
+            if files.has(&second)? {
+                copy_from(files, &second, dir)?;
+            }
+        }
+    }
     Ok(())
 }
 

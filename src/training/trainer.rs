@@ -25,9 +25,11 @@ use super::demo_data;
 use super::ema::Ema;
 use super::objective::{mse, TrainingSchedule};
 use super::params::{save_safetensors, TrainableWeights};
+use crate::engine::micro::{MicroConditioning, PixelSize};
 use crate::model::clip::ClipTextTransformer;
+use crate::model::stable_diffusion::{encode_prompts_with, ClipEncoder, PromptEncoding};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::unet::{Conditioning, UNet2DConditionModel};
+use crate::model::unet::{Conditioning, TextTime, UNet2DConditionModel};
 use crate::weights::files::ModelFiles;
 use crate::weights::loader::{self, component_weight_file, ModelConfigs, Weights};
 
@@ -112,7 +114,7 @@ pub struct Batch {
 /// The text side: trained (built from `Var`s) or frozen (fast path, embeddings cached).
 enum TextSide {
     Trained(TrainableWeights),
-    Frozen(std::cell::RefCell<HashMap<String, Tensor>>),
+    Frozen(std::cell::RefCell<HashMap<String, PromptEncoding>>),
 }
 
 /// The networks being trained and the schedule they are trained on.
@@ -122,6 +124,10 @@ pub struct Networks {
     text: TextSide,
     pub text_encoder: ClipTextTransformer,
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder (always frozen).
+    second: Option<ClipEncoder>,
+    /// The VAE's downscale factor: SDXL's micro-conditioning is in pixels.
+    vae_factor: usize,
     pub schedule: TrainingSchedule,
     device: Device,
 }
@@ -140,6 +146,19 @@ impl Networks {
         )
         .build(|vb| Ok(UNet2DConditionModel::new(vb, &configs.unet)?))?;
         let text_file = component_weight_file(files, "text_encoder", DType::F32)?;
+        let second = match &configs.text_encoder_2 {
+            Some(_) if train_text_encoder => bail!(
+                "--train-text-encoder is not supported for SDXL: its two text encoders stay frozen (as diffusers' train_text_to_image_sdxl.py keeps them)"
+            ),
+            Some(config) => {
+                let file = component_weight_file(files, "text_encoder_2", DType::F32)?;
+                Some(ClipEncoder {
+                    tokenizer: loader::load_tokenizer(files, "tokenizer_2")?,
+                    model: loader::build_text_encoder(config, &file, DType::F32, device)?,
+                })
+            }
+            None => None,
+        };
         let (text, text_encoder) = if train_text_encoder {
             let weights = TrainableWeights::load(&text_file, device)?;
             let model = Weights::from_tensors(weights.tensors(), &text_file.display().to_string(), DType::F32, device)
@@ -155,6 +174,8 @@ impl Networks {
             text,
             text_encoder,
             tokenizer: loader::load_tokenizer(files, "tokenizer")?,
+            second,
+            vae_factor: configs.vae.downscale_factor(),
             schedule: TrainingSchedule::from_config(&configs.scheduler)?,
             device: device.clone(),
         })
@@ -188,10 +209,13 @@ impl Networks {
         )?)
     }
 
-    /// The text context of `captions`, (b, tokens, dim).
-    pub fn context(&self, captions: &[String]) -> Result<Tensor> {
+    /// The text context of `captions`, (b, tokens, dim), and SDXL's pooled embeddings.
+    pub fn context(&self, captions: &[String]) -> Result<PromptEncoding> {
         match &self.text {
-            TextSide::Trained(_) => Ok(self.text_encoder.forward(&self.encode_ids(captions)?)?),
+            TextSide::Trained(_) => Ok(PromptEncoding {
+                context: self.text_encoder.forward(&self.encode_ids(captions)?)?,
+                pooled: None,
+            }),
             TextSide::Frozen(cache) => {
                 let mut rows = Vec::with_capacity(captions.len());
                 for caption in captions {
@@ -199,30 +223,62 @@ impl Networks {
                     let row = match cached {
                         Some(row) => row,
                         None => {
-                            let row = self
-                                .text_encoder
-                                .forward(&self.encode_ids(std::slice::from_ref(caption))?)?;
+                            let row = encode_prompts_with(
+                                &self.tokenizer,
+                                &self.text_encoder,
+                                self.second.as_ref(),
+                                &[caption.as_str()],
+                                &self.device,
+                            )?;
                             cache.borrow_mut().insert(caption.clone(), row.clone());
                             row
                         }
                     };
                     rows.push(row);
                 }
-                Ok(Tensor::cat(&rows, 0)?)
+                let context = Tensor::cat(&rows.iter().map(|r| &r.context).collect::<Vec<_>>(), 0)?;
+                let pooled = match rows.iter().map(|r| r.pooled.as_ref()).collect::<Option<Vec<_>>>() {
+                    Some(pooled) if !pooled.is_empty() => Some(Tensor::cat(&pooled, 0)?),
+                    _ => None,
+                };
+                Ok(PromptEncoding { context, pooled })
             }
         }
     }
 
+    /// The UNet's conditioning for a micro-batch: SDXL's adds the pooled embeddings and the
+    /// micro-conditioning of uncropped pictures of the latents' size (what diffusers'
+    /// train_text_to_image_sdxl.py computes for images it neither resizes nor crops).
+    fn conditioning(&self, captions: &[String], latents: &Tensor) -> Result<Conditioning> {
+        let encoded = self.context(captions)?;
+        let text_time = match encoded.pooled {
+            Some(text_embeds) => {
+                let (b, _, h, w) = latents.dims4()?;
+                let size = PixelSize {
+                    width: w * self.vae_factor,
+                    height: h * self.vae_factor,
+                };
+                Some(TextTime {
+                    text_embeds,
+                    time_ids: vec![MicroConditioning::default().time_ids(size).0; b],
+                })
+            }
+            None => None,
+        };
+        Ok(Conditioning {
+            context: encoded.context,
+            text_time,
+        })
+    }
+
     /// The v-prediction loss of one micro-batch (a scalar that carries the gradient graph).
     pub fn loss(&self, batch: &Batch) -> Result<Tensor> {
-        let context = self.context(&batch.captions)?;
+        let conditioning = self.conditioning(&batch.captions, &batch.latents)?;
         let (noisy, target) = self
             .schedule
             .noisy_and_target(&batch.latents, &batch.noise, &batch.timesteps)?;
         let timesteps: Vec<f64> = batch.timesteps.iter().map(|&t| t as f64).collect();
-        let prediction = self
-            .unet
-            .forward_timesteps(&noisy, &timesteps, &Conditioning::text(context))?;
+        let prediction = self.unet.forward_timesteps(&noisy, &timesteps, &conditioning)?;
         mse(&prediction, &target)
     }
 
