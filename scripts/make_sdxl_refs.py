@@ -370,11 +370,42 @@ def finetune_refs() -> None:
                                 metadata=dict(generator="scripts/make_sdxl_refs.py --finetune", captions=json.dumps(captions)))
 
 
+@torch.no_grad()
+def full_size(folder: pathlib.Path) -> None:
+    """The full SDXL base architecture with random weights (scripts/make_random_model.py --arch
+    sdxl): 3 trailing v-prediction zero-SNR DDIM steps at 128x128, CFG 5 rescaled by 0.7, from
+    stored latents, into DIR/refs.safetensors (with the 8-bit image), for
+    `SDFIX_FULL_SIZE_SDXL=DIR cargo test --release --test sdxl -- --ignored`."""
+    import resource
+    import time
+
+    started = time.perf_counter()
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    initial = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(SEED))
+    final = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=5.0,
+                 guidance_rescale=0.7, latents=initial.clone(), height=128, width=128, output_type="latent").images
+    safetensors.torch.save_file(
+        {"initial": initial, "final": final.contiguous(), "image": to_uint8(pipe.vae, final).contiguous()},
+        folder / "refs.safetensors",
+        metadata=dict(generator="scripts/make_sdxl_refs.py --full-size", diffusers=diffusers.__version__),
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"wrote {folder / 'refs.safetensors'}: diffusers {time.perf_counter() - started:.0f} s, peak RSS {peak:.1f} GB")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--separate-vae", action="store_true", help="only (re)write refs/sdxl_vae.safetensors")
     parser.add_argument("--finetune", action="store_true", help="only (re)write refs/sdxl_finetune.safetensors")
+    parser.add_argument("--full-size", type=pathlib.Path, help="a random full-size SDXL folder: write its refs only")
     args = parser.parse_args()
+    if args.full_size:
+        full_size(args.full_size)
+        raise SystemExit(0)
     if not (args.separate_vae or args.finetune):
         main()
     if not args.finetune:

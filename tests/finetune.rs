@@ -555,7 +555,11 @@ fn cli_finetune_of_an_sdxl_writes_an_sdxl_generate_loads() {
         "16",
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    for part in ["text_encoder_2/config.json", "tokenizer_2/vocab.json", "model_index.json"] {
+    for part in [
+        "text_encoder_2/config.json",
+        "tokenizer_2/vocab.json",
+        "model_index.json",
+    ] {
         assert!(out.join(part).is_file(), "{part} missing");
     }
     let images = tmp.path().join("images");
@@ -574,6 +578,10 @@ fn cli_finetune_of_an_sdxl_writes_an_sdxl_generate_loads() {
         "--out-dir",
         images.to_str().unwrap(),
     ]);
-    assert!(generate.status.success(), "{}", String::from_utf8_lossy(&generate.stderr));
+    assert!(
+        generate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generate.stderr)
+    );
     assert_eq!(common::pngs(&images).len(), 1);
 }

@@ -288,3 +288,66 @@ fn a_hub_repo_in_the_cache_runs_without_network() {
     let pixels = |dir: &Path| image::open(&pngs(dir)[0]).unwrap().to_rgb8().into_raw();
     assert!(pixels(&out_dir) == pixels(&local_dir), "hub and folder runs differ");
 }
+
+/// A component saved in shards (`diffusion_pytorch_model.safetensors.index.json` and its
+/// `-0000N-of-0000M` files, as diffusers saves one over its `max_shard_size`, e.g. SDXL's UNet in
+/// f32) loads and draws the same bytes as the whole file.
+#[test]
+fn a_sharded_unet_draws_what_the_whole_file_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sharded");
+    for part in ["scheduler", "text_encoder", "tokenizer", "vae"] {
+        std::os::unix::fs::symlink(fixture("tiny-sd").join(part), model.join(part)).unwrap_or_else(|_| {
+            std::fs::create_dir_all(&model).unwrap();
+            std::os::unix::fs::symlink(fixture("tiny-sd").join(part), model.join(part)).unwrap();
+        });
+    }
+    std::fs::copy(fixture("tiny-sd/model_index.json"), model.join("model_index.json")).unwrap();
+    let unet = model.join("unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    std::fs::copy(fixture("tiny-sd/unet/config.json"), unet.join("config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(
+        fixture("tiny-sd/unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (k, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", k + 1);
+        let part: HashMap<String, Tensor> = chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        candle_core::safetensors::save(&part, unet.join(&file)).unwrap();
+        for name in chunk {
+            weight_map.insert((*name).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        unet.join("diffusion_pytorch_model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let run = |model: &Path, out: &Path| {
+        let out_dir = out.to_str().unwrap();
+        let result = sdfix(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "4",
+            "--seed",
+            "3",
+            "--out-dir",
+            out_dir,
+            "-q",
+        ]);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        image::open(&pngs(out)[0]).unwrap().to_rgb8().into_raw()
+    };
+    let sharded = run(&model, &dir.path().join("a"));
+    let whole = run(&fixture("tiny-sd"), &dir.path().join("b"));
+    assert!(sharded == whole, "the sharded UNet drew something else");
+}

@@ -181,3 +181,47 @@ fn a_vae_that_does_not_fit_is_refused() {
         assert!(!out.status.success() && stderr.contains(needle), "{vae}: {stderr}");
     }
 }
+
+/// The full SDXL base architecture (2.6B-parameter UNet, both text encoders, random weights from
+/// `scripts/make_random_model.py --arch sdxl`) against diffusers at 128x128, 3 steps
+/// (`scripts/make_sdxl_refs.py --full-size DIR`). Run by hand:
+/// `SDFIX_FULL_SIZE_SDXL=DIR cargo test --release --test sdxl -- --ignored --nocapture`.
+#[test]
+#[ignore = "needs a full-size random SDXL: set SDFIX_FULL_SIZE_SDXL (see the doc comment)"]
+fn full_size_sdxl_at_128_matches_diffusers() {
+    let folder = std::path::PathBuf::from(std::env::var("SDFIX_FULL_SIZE_SDXL").expect("SDFIX_FULL_SIZE_SDXL=DIR"));
+    let refs = candle_core::safetensors::load(folder.join("refs.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let args: Vec<String> = [
+        "--model",
+        folder.to_str().unwrap(),
+        "--prompt",
+        "solid black background",
+        "--negative-prompt",
+        "blurry, low quality",
+        "--steps",
+        "3",
+        "--guidance",
+        "5",
+        "--prediction",
+        "v_prediction",
+        "--zero-snr",
+        "--spacing",
+        "trailing",
+        "--width",
+        "128",
+        "--height",
+        "128",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (latents, images) = common::generate_from_latents(&refs["initial"], &args);
+    common::assert_matches_reference(
+        "full-size SDXL 128x128",
+        (&latents, &images),
+        &refs["final"],
+        &refs["image"],
+        TOLERANCES,
+        "regenerate with: python scripts/make_sdxl_refs.py --full-size DIR",
+    );
+}

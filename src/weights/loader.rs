@@ -50,25 +50,46 @@ const VAE_CONFIG: &str = "vae/config.json";
 /// Weight file names to try, in order of preference, for a component.
 fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
     let half = matches!(dtype, DType::F16 | DType::BF16);
+    // A sharded component's index stands for its shards (diffusers' variant naming).
     let full = [
         format!("{component}/{stem}.safetensors"),
+        format!("{component}/{stem}.safetensors.index.json"),
         format!("{component}/{stem}.bin"),
     ];
     let fp16 = [
         format!("{component}/{stem}.fp16.safetensors"),
+        format!("{component}/{stem}.safetensors.index.fp16.json"),
         format!("{component}/{stem}.fp16.bin"),
     ];
     if half {
-        [fp16[0].clone(), full[0].clone(), fp16[1].clone(), full[1].clone()].into()
+        // Half precision: safetensors (whole, then sharded) of either precision before a pickle.
+        [&fp16[..2], &full[..2], &fp16[2..], &full[2..]].concat()
     } else {
-        [full[0].clone(), full[1].clone(), fp16[0].clone(), fp16[1].clone()].into()
+        // f32: the full-precision file in any format before an f16 one.
+        [&full[..], &fp16[..]].concat()
     }
+}
+
+/// The first of `candidates` present, with a sharded checkpoint's shards fetched beside its index.
+fn first_weight_file(files: &ModelFiles, candidates: &[String]) -> Result<PathBuf> {
+    let path = files.first_present(candidates)?;
+    if path.to_string_lossy().ends_with(".json") {
+        let chosen = candidates
+            .iter()
+            .find(|c| path.to_string_lossy().ends_with(c.as_str()))
+            .context("internal: the shard index is none of the candidates")?;
+        let folder = chosen.rsplit_once('/').map_or("", |(folder, _)| folder);
+        for shard in super::weight_file::shard_files(&path)? {
+            files.get(&format!("{folder}/{shard}"))?;
+        }
+    }
+    Ok(path)
 }
 
 /// The weight file `component` (`unet`, `text_encoder`, `vae`) would load from at `dtype`
 /// (fine-tuning reads and copies them).
 pub fn component_weight_file(files: &ModelFiles, component: &str, dtype: DType) -> Result<PathBuf> {
-    files.first_present(&weight_candidates(component, weight_stem(component), dtype))
+    first_weight_file(files, &weight_candidates(component, weight_stem(component), dtype))
 }
 
 /// transformers saves `model.*`, diffusers `diffusion_pytorch_model.*`.
@@ -330,7 +351,7 @@ impl ModelSource {
     fn backend(&self, component: &str, dtype: DType) -> Result<(Box<dyn SimpleBackend>, BTreeSet<String>, String)> {
         Ok(match self {
             Self::Layout(files) => {
-                let path = files.first_present(&weight_candidates(component, weight_stem(component), dtype))?;
+                let path = first_weight_file(files, &weight_candidates(component, weight_stem(component), dtype))?;
                 let (backend, names) = open_backend(&path)?;
                 (backend, names, path.display().to_string())
             }

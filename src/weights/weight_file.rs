@@ -59,6 +59,9 @@ impl SimpleBackend for Tracked {
 /// [`super::pickle_check`]).
 pub(super) fn open_backend(path: &Path) -> Result<(Box<dyn SimpleBackend>, BTreeSet<String>)> {
     let label = path.display().to_string();
+    if label.ends_with(".json") {
+        return open_shards(path);
+    }
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
     match extension {
         "safetensors" => {
@@ -75,6 +78,73 @@ pub(super) fn open_backend(path: &Path) -> Result<(Box<dyn SimpleBackend>, BTree
         }
         _ => bail!("{label}: unknown weights format (expected .safetensors or .bin)"),
     }
+}
+
+/// The files a sharded checkpoint's index (`*.safetensors.index.json`, as diffusers and
+/// transformers save components over their `max_shard_size`) names, relative to its folder.
+pub fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let parsed: Index = crate::config::read_json(index)?;
+    let files: BTreeSet<String> = parsed.weight_map.into_values().collect();
+    for file in &files {
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            bail!("{}: shard {file:?} is not a file beside the index", index.display());
+        }
+    }
+    Ok(files)
+}
+
+/// A sharded checkpoint: each tensor read from the shard that holds it.
+struct Shards {
+    shards: Vec<Box<dyn SimpleBackend>>,
+    shard_of: std::collections::HashMap<String, usize>,
+}
+
+impl Shards {
+    fn shard(&self, name: &str) -> candle_core::Result<&dyn SimpleBackend> {
+        let shard = self
+            .shard_of
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        Ok(self.shards[*shard].as_ref())
+    }
+}
+
+impl SimpleBackend for Shards {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.shard(name)?.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.shard(name)?.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shard_of.contains_key(name)
+    }
+}
+
+/// Opens every shard an index names (the shards' own headers say which tensors each holds; a
+/// name in two shards is an error).
+fn open_shards(index: &Path) -> Result<(Box<dyn SimpleBackend>, BTreeSet<String>)> {
+    let folder = index.parent().context("a shard index has no folder")?;
+    let mut shards = Vec::new();
+    let mut shard_of = std::collections::HashMap::new();
+    for file in shard_files(index)? {
+        let path = folder.join(&file);
+        let (backend, names) = open_backend(&path).with_context(|| format!("shard of {}", index.display()))?;
+        for name in names {
+            if shard_of.insert(name.clone(), shards.len()).is_some() {
+                bail!("{}: tensor {name} is in two shards", index.display());
+            }
+        }
+        shards.push(backend);
+    }
+    let names = shard_of.keys().cloned().collect();
+    Ok((Box::new(Shards { shards, shard_of }), names))
 }
 
 /// One weights file, opened.
