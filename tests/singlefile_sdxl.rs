@@ -211,3 +211,21 @@ fn diffusers_loaded_the_written_file_to_the_folders_weights() {
         assert_eq!(component["unmatched"], serde_json::json!([]), "{part}: {REGENERATE}");
     }
 }
+
+/// SDXL LoRAs (kohya SAI names, PEFT names) merge into the single file as into the folder.
+#[test]
+fn loras_on_the_single_file_equal_the_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_single_file(dir.path(), "tiny-sdxl.safetensors", &[]);
+    let configs = configs_without_scheduler(dir.path());
+    for name in ["kohya", "peft"] {
+        let lora = format!(
+            "{}:0.8",
+            path_str(&fixture(&format!("refs/sdxl-lora-{name}.safetensors")))
+        );
+        let (_, folder_pixels, folder_latents) = generate(&fixture("tiny-sdxl"), &["--lora", &lora]);
+        let (_, pixels, latents) = generate(&file, &["--config", &path_str(&configs), "--lora", &lora]);
+        assert_eq!(pixels, folder_pixels, "{name}");
+        assert_eq!(latents, folder_latents, "{name}");
+    }
+}

@@ -329,6 +329,7 @@ impl ModelSource {
         let backend = match component {
             "unet" => loras.patch(LoraComponent::Unet, backend, &names)?,
             "text_encoder" => loras.patch(LoraComponent::TextEncoder, backend, &names)?,
+            "text_encoder_2" => loras.patch(LoraComponent::TextEncoder2, backend, &names)?,
             _ => backend,
         };
         Ok(Weights::from_backend(backend, names, label, dtype, device))
