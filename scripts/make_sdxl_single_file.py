@@ -10,6 +10,11 @@ exactly. Run by hand after `cargo build --release`, never in CI:
 Writes tests/fixtures/single-file/sdxl.json: the tensor counts and the largest difference per
 component (0 when the writer is right); tests/singlefile_sdxl.rs checks the file's own claims
 (it runs the same convert and compares with the folder in sdfix).
+
+Also writes tests/fixtures/single-file/sdxl_arch_keys.json: SDXL base 1.0's diffusers tensor names
+and shapes per component (its published configs, below; modules built on the meta device, no
+weights) and those configs, for the test that configs synthesised from a real SDXL file's shapes
+are SDXL's.
 """
 
 import json
@@ -20,15 +25,56 @@ import tempfile
 
 import safetensors
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = ROOT / "tests" / "fixtures" / "tiny-sdxl"
 OUT = ROOT / "tests" / "fixtures" / "single-file" / "sdxl.json"
 SDFIX = ROOT / "target" / "release" / "sdfix"
+ARCH_OUT = ROOT / "tests" / "fixtures" / "single-file" / "sdxl_arch_keys.json"
+
+# stabilityai/stable-diffusion-xl-base-1.0's configs (the keys that set shapes or that sdfix
+# synthesises).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20],
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+)
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=1024,
+    scaling_factor=0.13025, force_upcast=True,
+)
+CLIP_COMMON = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2)
+SDXL_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 hidden_act="quick_gelu", projection_dim=768, **CLIP_COMMON)
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280, **CLIP_COMMON)
+
+
+def arch_keys() -> None:
+    with torch.device("meta"):
+        parts = dict(
+            unet=UNet2DConditionModel(**SDXL_UNET),
+            vae=AutoencoderKL(**SDXL_VAE),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)),
+        )
+    keys = {
+        name: sorted([k, list(v.shape)] for k, v in module.state_dict().items() if not k.endswith("position_ids"))
+        for name, module in parts.items()
+    }
+    configs = dict(unet=SDXL_UNET, vae=SDXL_VAE, text_encoder=SDXL_TEXT, text_encoder_2=SDXL_TEXT_2)
+    ARCH_OUT.write_text(json.dumps(dict(generator="scripts/make_sdxl_single_file.py", keys=keys, configs=configs)) + "\n")
+    print(f"wrote {ARCH_OUT}: {', '.join(f'{n} {len(k)} tensors' for n, k in keys.items())}")
 
 
 def main():
+    arch_keys()
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "tiny-sdxl.safetensors"
         subprocess.run([str(SDFIX), "convert", str(MODEL), "--out", str(path)], check=True)

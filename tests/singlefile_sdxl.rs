@@ -229,3 +229,138 @@ fn loras_on_the_single_file_equal_the_folders() {
         assert_eq!(latents, folder_latents, "{name}");
     }
 }
+
+/// A safetensors file with `keys`' names and shapes whose data is a hole (a sparse file), for
+/// what needs shapes only.
+fn sparse_file(path: &Path, keys: &[(String, Vec<usize>)]) {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in keys {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut text = serde_json::to_vec(&header).unwrap();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut file = std::fs::File::create(path).unwrap();
+    file.write_all(&(text.len() as u64).to_le_bytes()).unwrap();
+    file.write_all(&text).unwrap();
+    file.set_len(8 + text.len() as u64 + offset as u64).unwrap();
+}
+
+/// SDXL base 1.0's tensors (tests/fixtures/single-file/sdxl_arch_keys.json, diffusers names from
+/// its published configs) under their SAI names, as a real SDXL file has them.
+fn sdxl_base_sai_keys(listing: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+    use sdfix::weights::ldm_write::{vae_ldm_name, UNetBlocks};
+    let part =
+        |name: &str| -> Vec<(String, Vec<usize>)> { serde_json::from_value(listing["keys"][name].clone()).unwrap() };
+    let mut keys = Vec::new();
+    let unet = part("unet");
+    let blocks = UNetBlocks::from_names(unet.iter().map(|(n, _)| n.as_str()));
+    for (name, shape) in unet {
+        keys.push((
+            format!("model.diffusion_model.{}", blocks.ldm_name(&name).unwrap()),
+            shape,
+        ));
+    }
+    let vae = part("vae");
+    for (name, shape) in vae {
+        let ldm = vae_ldm_name(&name, 4).unwrap();
+        let shape = if ldm.contains("mid.attn_1.") && shape.len() == 2 {
+            vec![shape[0], shape[1], 1, 1]
+        } else {
+            shape
+        };
+        keys.push((format!("first_stage_model.{ldm}"), shape));
+    }
+    for (name, shape) in part("text_encoder") {
+        let bare = name.strip_prefix("text_model.").unwrap_or(&name).to_string();
+        keys.push((format!("conditioner.embedders.0.transformer.text_model.{bare}"), shape));
+    }
+    // OpenCLIP's names: q/k/v fused, the projection stored [width, projection].
+    let prefix = "conditioner.embedders.1.model.";
+    let mut fused = std::collections::BTreeSet::new();
+    for (name, shape) in part("text_encoder_2") {
+        let bare = name.strip_prefix("text_model.").unwrap_or(&name).to_string();
+        let ldm = match bare.as_str() {
+            "embeddings.token_embedding.weight" => "token_embedding.weight".to_string(),
+            "embeddings.position_embedding.weight" => "positional_embedding".to_string(),
+            "text_projection.weight" => {
+                keys.push((format!("{prefix}text_projection"), vec![shape[1], shape[0]]));
+                continue;
+            }
+            other if other.starts_with("final_layer_norm.") => other.replace("final_layer_norm.", "ln_final."),
+            other => {
+                let rest = other.strip_prefix("encoder.layers.").unwrap();
+                let (n, tail) = rest.split_once('.').unwrap();
+                if let Some(kind) = ["q_proj.", "k_proj.", "v_proj."]
+                    .iter()
+                    .find_map(|p| tail.strip_prefix(&format!("self_attn.{p}")))
+                {
+                    if fused.insert((n.to_string(), kind.to_string())) {
+                        let mut shape = shape.clone();
+                        shape[0] *= 3;
+                        keys.push((format!("{prefix}transformer.resblocks.{n}.attn.in_proj_{kind}"), shape));
+                    }
+                    continue;
+                }
+                let tail = tail
+                    .replace("layer_norm1.", "ln_1.")
+                    .replace("layer_norm2.", "ln_2.")
+                    .replace("mlp.fc1.", "mlp.c_fc.")
+                    .replace("mlp.fc2.", "mlp.c_proj.")
+                    .replace("self_attn.out_proj.", "attn.out_proj.");
+                format!("transformer.resblocks.{n}.{tail}")
+            }
+        };
+        keys.push((format!("{prefix}{ldm}"), shape));
+    }
+    keys.push(("v_pred".into(), vec![0]));
+    keys.push(("ztsnr".into(), vec![0]));
+    keys
+}
+
+/// A file with SDXL base's shapes needs no --config: the synthesised configs are SDXL base's, and
+/// resolve as the engine will (text widths 768 + 1280 = 2048, pooled 2816 - 6 x 256 = 1280).
+#[test]
+fn configs_synthesised_from_sdxl_base_shapes_are_sdxls() {
+    use sdfix::weights::single_file::{SingleFile, SingleFileOptions};
+    let text = std::fs::read_to_string(fixture("single-file/sdxl_arch_keys.json")).unwrap();
+    let listing: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdxl-base.safetensors");
+    sparse_file(&path, &sdxl_base_sai_keys(&listing));
+    let single = SingleFile::open(&path, &SingleFileOptions::default()).unwrap();
+    assert_eq!(single.family.name(), "SDXL");
+    assert!(single.leftover.is_empty(), "{:?}", single.leftover);
+    assert_eq!(
+        single.detection.describe(),
+        "v-prediction and zero terminal SNR: from the checkpoint's v_pred and ztsnr keys"
+    );
+    let expected = &listing["configs"];
+    for (part, ours) in [
+        ("unet", &single.configs.unet),
+        ("vae", &single.configs.vae),
+        ("text_encoder", &single.configs.text_encoder),
+        ("text_encoder_2", &single.configs.text_encoder_2),
+    ] {
+        for (key, value) in expected[part].as_object().unwrap() {
+            if matches!(key.as_str(), "bos_token_id" | "eos_token_id" | "layer_norm_eps") {
+                continue;
+            }
+            assert_eq!(&ours[key], value, "{part} {key}");
+        }
+    }
+    assert_eq!(
+        single.configs.text_encoder_2["architectures"],
+        serde_json::json!(["CLIPTextModelWithProjection"])
+    );
+    let configs = sdfix::weights::loader::ModelConfigs::from_single_file(&single).unwrap();
+    assert!(configs.text_encoder_2.is_some());
+}
