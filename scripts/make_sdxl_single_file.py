@@ -95,6 +95,17 @@ def main():
             report["components"][name] = {"tensors": len(theirs), "max_abs_diff": diff, "unmatched": missing}
             worst = max(worst, diff)
             print(f"{name}: {len(theirs)} tensors, max |diff| {diff:.3g}, unmatched {missing[:5]}")
+        # And back: `sdfix convert FILE --out DIR` (configs from the folder) loads in from_pretrained.
+        back = pathlib.Path(tmp) / "back"
+        subprocess.run([str(SDFIX), "convert", str(path), "--out", str(back), "--config", str(MODEL)], check=True)
+        again = StableDiffusionXLPipeline.from_pretrained(str(back), torch_dtype=torch.float32)
+        for name in ["unet", "vae", "text_encoder", "text_encoder_2"]:
+            ours = getattr(again, name).state_dict()
+            theirs = getattr(folder, name).state_dict()
+            diff = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in theirs if ours[k].numel())
+            report["components"][name]["converted_back_max_abs_diff"] = diff
+            print(f"{name} converted back: max |diff| {diff:.3g}")
+            worst = max(worst, diff)
     OUT.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {OUT}")
     if worst != 0.0:

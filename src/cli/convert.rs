@@ -105,6 +105,12 @@ fn to_single_file(args: &ConvertArgs) -> Result<()> {
             args.out.display()
         );
     }
+    if is_single_file(&args.file) {
+        bail!(
+            "{} is already a single file; convert writes one from a diffusers folder (or writes a single file as a folder: --out DIR)",
+            args.file.display()
+        );
+    }
     if args.out.exists() {
         bail!("--out {} exists; choose a new file name", args.out.display());
     }
