@@ -345,7 +345,10 @@ fn sdxl_and_incomplete_files_are_refused_with_one_line() {
         None,
     );
     let stderr = refused(&sdxl, &[]);
-    assert!(stderr.contains("SDXL is not supported yet"), "{stderr}");
+    assert!(
+        stderr.contains("SDXL checkpoint without both text encoders"),
+        "{stderr}"
+    );
 
     // A consumed key missing: the error names the tensor.
     let mut tensors = read_raw(&fixture(SD2_FILE));

@@ -23,6 +23,8 @@ use crate::weights::lora::{Component, LoraSpec, Loras, MergeKey};
 pub(super) struct LoraTargets {
     pub(super) unet: std::collections::BTreeSet<String>,
     pub(super) text_encoder: std::collections::BTreeSet<String>,
+    /// Empty for a model without SDXL's second text encoder.
+    pub(super) text_encoder_2: std::collections::BTreeSet<String>,
 }
 
 /// One LoRA set's share of a run.
@@ -51,7 +53,7 @@ impl Engine {
 
     /// Checks that `loras` fit this model (read from the weights' headers on first need).
     pub(super) fn check_loras(&self, loras: &Loras) -> Result<()> {
-        let components = [Component::Unet, Component::TextEncoder];
+        let components = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
         if components.iter().all(|&c| loras.merge_key(c).is_empty()) {
             return Ok(());
         }
@@ -61,12 +63,17 @@ impl Engine {
                 let targets = LoraTargets {
                     unet: self.source.tensor_names("unet", self.dtype)?,
                     text_encoder: self.source.tensor_names("text_encoder", self.dtype)?,
+                    text_encoder_2: match self.configs.text_encoder_2 {
+                        Some(_) => self.source.tensor_names("text_encoder_2", self.dtype)?,
+                        None => Default::default(),
+                    },
                 };
                 self.lora_targets.get_or_init(|| targets)
             }
         };
         loras.check(Component::Unet, &targets.unet)?;
-        loras.check(Component::TextEncoder, &targets.text_encoder)
+        loras.check(Component::TextEncoder, &targets.text_encoder)?;
+        loras.check(Component::TextEncoder2, &targets.text_encoder_2)
     }
 
     /// The LoRA set `job` is made with.
@@ -83,7 +90,7 @@ impl Engine {
         observer: &mut dyn Observer,
     ) -> Result<usize> {
         let (jobs, batches, loras) = (part.jobs, part.batches, part.loras);
-        let text_key = loras.merge_key(Component::TextEncoder);
+        let text_key = loras.text_merge_key();
         if prompts.as_ref().is_some_and(|(key, _)| *key != text_key) {
             // Embeddings and encoder of other LoRAs: freed before anything loads.
             *prompts = None;

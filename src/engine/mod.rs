@@ -265,10 +265,7 @@ impl Engine {
             .iter()
             .map(|job| {
                 let loras = self.loras_of(job);
-                let key = (
-                    loras.merge_key(Component::Unet),
-                    loras.merge_key(Component::TextEncoder),
-                );
+                let key = (loras.merge_key(Component::Unet), loras.text_merge_key());
                 keys.iter().position(|k| *k == key).unwrap_or_else(|| {
                     keys.push(key);
                     keys.len() - 1

@@ -11,9 +11,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use super::files::ModelFiles;
+use super::ldm_keys::{SDXL_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use super::ldm_write;
+use super::loader::{component_weight_file, ModelConfigs};
 use super::single_file::{read_component, Family, SingleFile};
 
 /// The tokenizer files a diffusers folder carries.
@@ -44,7 +48,7 @@ pub fn convert(single: &SingleFile, out: &Path, dtype: DType) -> Result<usize> {
     let device = Device::Cpu;
     let configs = &single.configs;
     let mut written = 0;
-    let components = [
+    let mut components = vec![
         (
             "unet",
             "diffusion_pytorch_model.safetensors",
@@ -59,6 +63,9 @@ pub fn convert(single: &SingleFile, out: &Path, dtype: DType) -> Result<usize> {
             &configs.text_encoder,
         ),
     ];
+    if let Some(second) = &single.text_encoder_2 {
+        components.push(("text_encoder_2", "model.safetensors", second, &configs.text_encoder_2));
+    }
     for (folder, file, map, config) in components {
         let dir = out.join(folder);
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -74,26 +81,45 @@ pub fn convert(single: &SingleFile, out: &Path, dtype: DType) -> Result<usize> {
     let scheduler = out.join("scheduler");
     std::fs::create_dir_all(&scheduler)?;
     write_json(&scheduler.join("scheduler_config.json"), &configs.scheduler)?;
-    let tokenizer_source = match &single.tokenizer_dir {
+    let sdxl = single.family == Family::Sdxl;
+    let first = match &single.tokenizer_dir {
         Some(dir) => dir.clone(),
-        None => super::demo::clip_tokenizer_folder(single.family == Family::Sd1)?,
+        None => super::demo::clip_tokenizer_folder(single.family != Family::Sd2)?,
     };
-    let tokenizer = out.join("tokenizer");
-    std::fs::create_dir_all(&tokenizer)?;
-    for name in TOKENIZER_FILES {
-        let from = tokenizer_source.join(name);
-        if from.is_file() {
-            std::fs::copy(&from, tokenizer.join(name)).with_context(|| format!("cannot copy {}", from.display()))?;
-        }
+    copy_tokenizer(&first, &out.join("tokenizer"))?;
+    if sdxl {
+        // OpenCLIP's tokenizer pads with "!": --config's tokenizer_2, else the built-in one.
+        let beside = single
+            .tokenizer_dir
+            .as_ref()
+            .and_then(|dir| dir.parent())
+            .map(|parent| parent.join("tokenizer_2"))
+            .filter(|dir| dir.is_dir());
+        let second = match beside {
+            Some(dir) => dir,
+            None => super::demo::clip_tokenizer_folder(false)?,
+        };
+        copy_tokenizer(&second, &out.join("tokenizer_2"))?;
     }
     let scheduler_class = configs
         .scheduler
         .get("_class_name")
         .and_then(Value::as_str)
         .unwrap_or("DDIMScheduler");
-    write_json(
-        &out.join("model_index.json"),
-        &json!({
+    let index = if sdxl {
+        json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": true,
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+    } else {
+        json!({
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": [null, null],
             "requires_safety_checker": false,
@@ -103,7 +129,109 @@ pub fn convert(single: &SingleFile, out: &Path, dtype: DType) -> Result<usize> {
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
-        }),
-    )?;
+        })
+    };
+    write_json(&out.join("model_index.json"), &index)?;
     Ok(written)
+}
+
+/// The tokenizer files of `from` copied into `to`.
+fn copy_tokenizer(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for name in TOKENIZER_FILES {
+        let source = from.join(name);
+        if source.is_file() {
+            std::fs::copy(&source, to.join(name)).with_context(|| format!("cannot copy {}", source.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// What `write_sdxl` marks in the file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Marks {
+    /// Empty `v_pred` tensor: v-prediction (ComfyUI, A1111, sd.cpp read it).
+    pub v_pred: bool,
+    /// Empty `ztsnr` tensor: zero terminal SNR.
+    pub ztsnr: bool,
+}
+
+/// Writes the diffusers SDXL model `files` (whose configs are `configs`) as one SAI-layout
+/// `.safetensors` at `out`, tensors in `dtype`, with `marks`. Returns the number of tensors.
+pub fn write_sdxl(files: &ModelFiles, configs: &ModelConfigs, out: &Path, dtype: DType, marks: Marks) -> Result<usize> {
+    let location = files.location().to_string();
+    if configs.text_encoder_2.is_none() || configs.unet.text_time.is_none() {
+        bail!("{location} is not an SDXL model (no text_encoder_2 or no text_time UNet); only SDXL is written as a single file");
+    }
+    let device = Device::Cpu;
+    let read = |component: &str| -> Result<HashMap<String, Tensor>> {
+        let path = component_weight_file(files, component, DType::F32)?;
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            bail!(
+                "{}: only .safetensors weights are written to a single file",
+                path.display()
+            );
+        }
+        candle_core::safetensors::load(&path, &device).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut written: Vec<(String, Tensor)> = Vec::new();
+
+    let unet = read("unet")?;
+    let blocks = ldm_write::UNetBlocks::from_names(unet.keys().map(String::as_str));
+    for (name, tensor) in unet {
+        let ldm = blocks
+            .ldm_name(&name)
+            .with_context(|| format!("{location}: UNet tensor {name} has no LDM name"))?;
+        written.push((format!("{UNET_PREFIX}{ldm}"), tensor));
+    }
+
+    let vae = read("vae")?;
+    let levels = ldm_write::indices(vae.keys().map(String::as_str), "decoder.up_blocks.").len();
+    for (name, tensor) in vae {
+        let ldm = ldm_write::vae_ldm_name(&name, levels)
+            .with_context(|| format!("{location}: VAE tensor {name} has no LDM name"))?;
+        // LDM keeps the mid-block attention's projections as 1x1 convolutions.
+        let tensor = if ldm.contains(".mid.attn_1.") && name.ends_with(".weight") && tensor.rank() == 2 {
+            tensor.unsqueeze(2)?.unsqueeze(3)?
+        } else {
+            tensor
+        };
+        written.push((format!("{VAE_PREFIX}{ldm}"), tensor));
+    }
+
+    for (name, tensor) in read("text_encoder")? {
+        if name.ends_with("position_ids") || name.starts_with("text_projection") {
+            continue;
+        }
+        written.push((
+            format!("{SDXL_CLIP_PREFIX}text_model.{}", ldm_write::bare(&name)),
+            tensor,
+        ));
+    }
+    written.extend(ldm_write::open_clip_tensors(&read("text_encoder_2")?, &location)?);
+
+    let empty = || Tensor::zeros(0, DType::F32, &device);
+    if marks.v_pred {
+        written.push(("v_pred".into(), empty()?));
+    }
+    if marks.ztsnr {
+        written.push(("ztsnr".into(), empty()?));
+    }
+    let count = written.len();
+    let tensors = written
+        .into_iter()
+        .map(|(name, tensor)| {
+            let tensor = if tensor.elem_count() == 0 {
+                tensor
+            } else {
+                tensor.to_dtype(dtype)?
+            };
+            Ok((name, tensor))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
+    if tensors.len() != count {
+        bail!("{location}: two tensors map to one LDM name; the folder is not a diffusers SDXL layout");
+    }
+    candle_core::safetensors::save(&tensors, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(count)
 }

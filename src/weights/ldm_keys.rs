@@ -48,6 +48,10 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// SD 2.x: OpenCLIP ViT-H's text tower.
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (CLIP-L, transformers' names under it).
+pub const SDXL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second text encoder (OpenCLIP bigG, OpenCLIP's names under it).
+pub const SDXL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// How a tensor is changed on its way from the checkpoint to the module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +61,9 @@ pub enum Transform {
     ConvToLinear,
     /// Part `k` of 3 along dim 0 (OpenCLIP's fused q/k/v projection).
     Third(usize),
+    /// OpenCLIP's `text_projection`, stored [width, projection] for `x @ P`: transposed to the
+    /// linear layer's [projection, width] (`convert_open_clip_checkpoint`).
+    Transpose,
 }
 
 /// Where one diffusers tensor comes from.
@@ -179,6 +186,9 @@ fn unet_key(key: &str, roles: &InputRoles, output_roles: &[(usize, usize)], leve
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
+        // SDXL: the pooled-text and micro-conditioning embedding.
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
     ] {
         if let Some(tail) = key.strip_prefix(ldm) {
             return Some(format!("{ours}{tail}"));
@@ -322,8 +332,9 @@ fn vae_key(key: &str, decoder_levels: usize) -> Option<String> {
     Some(format!("{part}.{ours_blocks}.{level}.resnets.{j}.{}", vae_resnet(tail)))
 }
 
-/// SD 1.x CLIP-L renames (keys given without [`CLIP_PREFIX`]).
-pub fn clip_renames(keys: &BTreeSet<&str>) -> (RenameMap, Vec<String>) {
+/// CLIP-L renames (keys given without `prefix`: [`CLIP_PREFIX`] for SD 1.x,
+/// [`SDXL_CLIP_PREFIX`] for SDXL's first encoder).
+pub fn clip_renames(keys: &BTreeSet<&str>, prefix: &str) -> (RenameMap, Vec<String>) {
     let mut renames = RenameMap::new();
     let mut unknown = Vec::new();
     for &key in keys {
@@ -336,26 +347,49 @@ pub fn clip_renames(keys: &BTreeSet<&str>) -> (RenameMap, Vec<String>) {
         {
             format!("text_model.{key}")
         } else {
-            unknown.push(format!("{CLIP_PREFIX}{key}"));
+            unknown.push(format!("{prefix}{key}"));
             continue;
         };
-        renames.insert(ours, Source::same(&format!("{CLIP_PREFIX}{key}")));
+        renames.insert(ours, Source::same(&format!("{prefix}{key}")));
     }
     (renames, unknown)
 }
 
-/// SD 2.x OpenCLIP renames (keys given without [`OPEN_CLIP_PREFIX`]); resblocks from `layers` on
-/// are dropped (SD 2 conditions on the penultimate layer: the diffusers config has one layer
-/// fewer than the checkpoint). Returns the renames, the dropped keys, and the unknown keys.
-pub fn open_clip_renames(keys: &BTreeSet<&str>, layers: usize) -> (RenameMap, Vec<String>, Vec<String>) {
+/// Which OpenCLIP text tower: SD 2.x's ViT-H or SDXL's bigG.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenClip<'a> {
+    /// [`OPEN_CLIP_PREFIX`] or [`SDXL_OPEN_CLIP_PREFIX`].
+    pub prefix: &'a str,
+    /// Resblocks from this one on are dropped: SD 2 conditions on the penultimate layer, so its
+    /// diffusers config has one layer fewer than the checkpoint; SDXL keeps them all (its pooled
+    /// output is the last layer's).
+    pub layers: usize,
+    /// Keep `text_projection` (SDXL's `CLIPTextModelWithProjection`; SD 2 does not use it).
+    pub projection: bool,
+}
+
+/// OpenCLIP renames (keys given without `tower.prefix`), as diffusers'
+/// `convert_open_clip_checkpoint`. Returns the renames, the dropped keys, and the unknown keys.
+pub fn open_clip_renames(keys: &BTreeSet<&str>, tower: OpenClip) -> (RenameMap, Vec<String>, Vec<String>) {
     let mut renames = RenameMap::new();
     let mut dropped = Vec::new();
     let mut unknown = Vec::new();
-    let full = |key: &str| format!("{OPEN_CLIP_PREFIX}{key}");
+    let layers = tower.layers;
+    let full = |key: &str| format!("{}{key}", tower.prefix);
     for &key in keys {
         let ours = match key {
             "token_embedding.weight" => "text_model.embeddings.token_embedding.weight".to_string(),
             "positional_embedding" => "text_model.embeddings.position_embedding.weight".to_string(),
+            "text_projection" if tower.projection => {
+                renames.insert(
+                    "text_projection.weight".into(),
+                    Source {
+                        key: full(key),
+                        transform: Transform::Transpose,
+                    },
+                );
+                continue;
+            }
             "text_projection" | "logit_scale" | "attn_mask" => continue,
             _ => {
                 if let Some(tail) = key.strip_prefix("ln_final.") {
@@ -548,7 +582,12 @@ mod tests {
             "logit_scale",
         ]
         .into();
-        let (renames, dropped, unknown) = open_clip_renames(&keys, 1);
+        let tower = OpenClip {
+            prefix: OPEN_CLIP_PREFIX,
+            layers: 1,
+            projection: false,
+        };
+        let (renames, dropped, unknown) = open_clip_renames(&keys, tower);
         assert!(unknown.is_empty());
         assert_eq!(
             dropped,

@@ -167,16 +167,31 @@ impl ModelConfigs {
         text_encoder
             .validate()
             .with_context(|| format!("{}; {CONFIG_HINT}", what("text encoder")))?;
-        Ok(Self {
+        let text_encoder_2 = if configs.text_encoder_2.is_null() {
+            None
+        } else {
+            let config: ClipTextConfig =
+                serde_json::from_value(configs.text_encoder_2.clone()).with_context(|| what("text_encoder_2"))?;
+            config
+                .validate()
+                .with_context(|| format!("{}; {CONFIG_HINT}", what("text_encoder_2")))?;
+            Some(config)
+        };
+        let configs = Self {
             scheduler,
             scheduler_path: format!("{} ({})", single.path.display(), configs.source),
             unet,
             vae,
             text_encoder,
-            text_encoder_2: None,
+            text_encoder_2,
+            // What A1111 and ComfyUI do with an empty SDXL negative prompt, and diffusers' default.
             force_zeros_for_empty_prompt: true,
             separate_vae: None,
-        })
+        };
+        configs
+            .check_text_widths(&format!("{} ({})", single.path.display(), single.configs.source))
+            .with_context(|| CONFIG_HINT)?;
+        Ok(configs)
     }
 
     pub fn read(files: &ModelFiles) -> Result<Self> {
@@ -360,7 +375,14 @@ impl ModelSource {
                     "unet" => &single.unet,
                     "vae" => &single.vae,
                     "text_encoder" => &single.text_encoder,
-                    other => bail!("{}: single files have no {other} yet", single.path.display()),
+                    "text_encoder_2" => single.text_encoder_2.as_ref().with_context(|| {
+                        format!(
+                            "{}: an {} checkpoint has no text_encoder_2",
+                            single.path.display(),
+                            single.family.name()
+                        )
+                    })?,
+                    other => bail!("{}: single files have no {other}", single.path.display()),
                 };
                 let (backend, names) = single.backend(map)?;
                 (backend, names, format!("{} ({component})", single.path.display()))
@@ -380,6 +402,7 @@ impl ModelSource {
         let backend = match component {
             "unet" => loras.patch(LoraComponent::Unet, backend, &names)?,
             "text_encoder" => loras.patch(LoraComponent::TextEncoder, backend, &names)?,
+            "text_encoder_2" => loras.patch(LoraComponent::TextEncoder2, backend, &names)?,
             _ => backend,
         };
         Ok(Weights::from_backend(backend, names, label, dtype, device))
@@ -393,7 +416,8 @@ impl ModelSource {
             Self::Single(single) => {
                 let folder = match &single.tokenizer_dir {
                     Some(dir) => dir.clone(),
-                    None => super::demo::clip_tokenizer_folder(single.family == Family::Sd1)?,
+                    // CLIP-L's pads with its EOS (SD 1.x, SDXL's first); OpenCLIP's with "!".
+                    None => super::demo::clip_tokenizer_folder(single.family != Family::Sd2)?,
                 };
                 ClipTokenizer::from_folder(&folder)
             }

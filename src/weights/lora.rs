@@ -3,10 +3,15 @@
 //!
 //! Two formats:
 //! - kohya / AUTOMATIC1111: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`
-//!   and `lora_te_<module>...`, where `<module>` is the diffusers (transformers, for the text
-//!   encoder) module path with `.` written `_`; scale = alpha / rank (1 without an alpha).
-//! - diffusers' PEFT format: `unet.<module>.lora_A.weight` (down), `.lora_B.weight` (up), and
-//!   `text_encoder.<module>...`; scale = alpha / rank when an `.alpha` is stored, else 1.
+//!   and `lora_te_<module>...` (SDXL: `lora_te1_`, `lora_te2_` for its two text encoders), where
+//!   `<module>` is the module path with `.` written `_`: the diffusers (transformers, for text
+//!   encoders) path, or for SDXL's UNet the SAI/LDM one (`input_blocks_4_1_transformer_blocks_0_
+//!   attn1_to_q`, as kohya's `convert_diffusers_to_sai_if_needed` writes it; mapped back with
+//!   [`super::ldm_write::UNetBlocks`], as diffusers' `_convert_non_diffusers_lora_to_diffusers`
+//!   does); scale = alpha / rank (1 without an alpha).
+//! - diffusers' PEFT format: `unet.<module>.lora_A.weight` (down), `.lora_B.weight` (up),
+//!   `text_encoder.<module>...` and `text_encoder_2.<module>...`; scale = alpha / rank when an
+//!   `.alpha` is stored, else 1.
 //!
 //! Linear layers, 1x1 and 3x3 convolutions: `up` [out, r(, 1, 1)] and `down` [r, in(, k, k)] are
 //! multiplied as matrices ([out, r] @ [r, in k k]) and the product reshaped to the weight's
@@ -25,6 +30,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
 
+use super::ldm_write::UNetBlocks;
 use super::safetensors_reader::SafetensorsReader;
 
 /// The weight of a `--lora FILE` without `:WEIGHT`.
@@ -75,6 +81,8 @@ impl std::str::FromStr for LoraSpec {
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's OpenCLIP bigG (`text_encoder_2`).
+    TextEncoder2,
 }
 
 impl Component {
@@ -82,6 +90,7 @@ impl Component {
         match self {
             Self::Unet => "UNet",
             Self::TextEncoder => "text encoder",
+            Self::TextEncoder2 => "second text encoder (text_encoder_2)",
         }
     }
 }
@@ -235,14 +244,31 @@ impl LoraFile {
         }
         let mut modules = Vec::new();
         for (module, parts) in &groups {
-            let (component, name) = if let Some(m) = module.strip_prefix("lora_unet_") {
-                (Component::Unet, ModuleName::Underscored(m.to_string()))
-            } else if let Some(m) = module.strip_prefix("lora_te_") {
-                (Component::TextEncoder, ModuleName::Underscored(m.to_string()))
-            } else if let Some(m) = module.strip_prefix("unet.") {
-                (Component::Unet, ModuleName::Dotted(m.to_string()))
-            } else if let Some(m) = module.strip_prefix("text_encoder.") {
-                (Component::TextEncoder, ModuleName::Dotted(m.to_string()))
+            let underscored = [
+                ("lora_unet_", Component::Unet),
+                ("lora_te_", Component::TextEncoder),
+                ("lora_te1_", Component::TextEncoder),
+                ("lora_te2_", Component::TextEncoder2),
+            ];
+            let dotted = [
+                ("unet.", Component::Unet),
+                ("text_encoder.", Component::TextEncoder),
+                ("text_encoder_2.", Component::TextEncoder2),
+            ];
+            let found = underscored
+                .iter()
+                .find_map(|(p, c)| {
+                    module
+                        .strip_prefix(p)
+                        .map(|m| (*c, ModuleName::Underscored(m.to_string())))
+                })
+                .or_else(|| {
+                    dotted
+                        .iter()
+                        .find_map(|(p, c)| module.strip_prefix(p).map(|m| (*c, ModuleName::Dotted(m.to_string()))))
+                });
+            let (component, name) = if let Some(found) = found {
+                found
             } else {
                 unknown.push(module.clone());
                 continue;
@@ -274,7 +300,7 @@ impl LoraFile {
         if !unknown.is_empty() {
             unknown.sort();
             bail!(
-                "LoRA {label}: {} key(s) of no known LoRA format (kohya lora_unet_/lora_te_, or diffusers unet./text_encoder.), first: {}",
+                "LoRA {label}: {} key(s) of no known LoRA format (kohya lora_unet_/lora_te_/lora_te1_/lora_te2_, or diffusers unet./text_encoder./text_encoder_2.), first: {}",
                 unknown.len(),
                 unknown.iter().take(LISTED_KEYS).cloned().collect::<Vec<_>>().join(", ")
             );
@@ -326,6 +352,18 @@ impl Loras {
         )
     }
 
+    /// What both text encoders' merged weights depend on (SDXL's two are encoded together).
+    pub fn text_merge_key(&self) -> MergeKey {
+        let mut key = self.merge_key(Component::TextEncoder).0;
+        let second = self.merge_key(Component::TextEncoder2).0;
+        if !second.is_empty() {
+            // A separator no digest equals: [A] + [B] is not [A, B] + [].
+            key.push(("text_encoder_2".into(), 0));
+            key.extend(second);
+        }
+        MergeKey(key)
+    }
+
     /// Checks that every module of every LoRA for `component` matches one of `names` (the
     /// component's tensors, diffusers names), as [`Loras::patch`] will need.
     pub fn check(&self, component: Component, names: &BTreeSet<String>) -> Result<()> {
@@ -365,6 +403,18 @@ impl Loras {
             for spelling in [bare.to_string(), format!("text_model.{bare}")] {
                 underscored.insert(spelling.replace('.', "_"), name);
                 dotted.insert(spelling, name);
+            }
+        }
+        if component == Component::Unet {
+            // kohya's SDXL files name UNet modules in the SAI/LDM layout.
+            let blocks = UNetBlocks::from_names(names.iter().map(String::as_str));
+            for name in names {
+                let Some(module) = name.strip_suffix(".weight") else {
+                    continue;
+                };
+                if let Some(ldm) = blocks.ldm_name(module) {
+                    underscored.entry(ldm.replace('.', "_")).or_insert(name);
+                }
             }
         }
         for applied in self.active(component) {

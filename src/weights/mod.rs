@@ -12,6 +12,7 @@ pub mod demo;
 pub mod files;
 pub mod hash;
 pub mod ldm_keys;
+pub mod ldm_write;
 pub mod loader;
 pub mod lora;
 pub mod pickle_check;

@@ -5,7 +5,8 @@
 //!
 //! 1. `--prediction`, `--zero-snr` / `--no-zero-snr`;
 //! 2. empty `v_pred` / `ztsnr` tensors in the checkpoint (the convention of the zero-SNR
-//!    v-prediction fine-tunes shared as single files, read by ComfyUI);
+//!    v-prediction fine-tunes shared as single files, such as NoobAI-XL V-Pred; read by ComfyUI's
+//!    `SDXL.model_type` and AUTOMATIC1111);
 //! 3. the safetensors metadata `modelspec.prediction_type` (Stability's model spec; `v` or
 //!    `epsilon`), and `modelspec.resolution` for the default size;
 //! 4. a sidecar `<name>.yaml` beside the file (AUTOMATIC1111's convention): `parameterization: "v"`
@@ -16,7 +17,7 @@
 //!    of 0.5 with a constant context of 0.5; a v-model's output there is about -x0, far below the
 //!    input (mean of output - input < -1), an epsilon model's is noise-like. No guess from the file
 //!    name;
-//! 7. otherwise epsilon (SD 1.x) and no zero SNR.
+//! 7. otherwise epsilon (SD 1.x, SDXL) and no zero SNR.
 
 use std::path::PathBuf;
 
@@ -193,7 +194,7 @@ pub fn detect(single: &SingleFile, marks: &Marks) -> Result<Detection> {
     } else {
         (
             EPSILON.into(),
-            "the SD 1.x default (no mark in or beside the file)".into(),
+            format!("the {} default (no mark in or beside the file)", single.family.name()),
         )
     };
     let (zero_snr, zero_snr_source) = if let Some(flag) = marks.flag_zero_snr {

@@ -6,13 +6,14 @@
 //! 1. The keys are renamed to diffusers' ([`super::ldm_keys`]); junk keys (the training schedule's
 //!    buffers, `model_ema.*` unless `--ema`, `position_ids`, `logit_scale`) are ignored and
 //!    anything else no rule knows is kept as a leftover list (printed with `-v`).
-//! 2. The family comes from tensor shapes: SD 1.x (CLIP-L text encoder, cross-attention 768) or
-//!    SD 2.x (OpenCLIP ViT-H, 1024, linear `proj_in`); 9 input channels mark an inpainting UNet;
-//!    SDXL is refused.
+//! 2. The family comes from the keys: SD 1.x (CLIP-L text encoder, `cond_stage_model.transformer`),
+//!    SD 2.x (OpenCLIP ViT-H, `cond_stage_model.model`) or SDXL (`conditioner.embedders.0` CLIP-L
+//!    and `.1` OpenCLIP bigG, the UNet's `label_emb`); 9 input channels mark an inpainting UNet.
 //! 3. Configs: from `--config DIR` (a diffusers folder whose configs fit these weights), or
-//!    synthesised: models/arch's SD 1.5 / 2.1 configs (built into the binary) with every size
-//!    the shapes tell (channels, levels, resnets and transformer depth per level, cross-attention
-//!    width, projection kind); heads as SD does (8 for SD 1.x, 64 channels each for SD 2.x).
+//!    synthesised ([`synthesise`]): models/arch's SD 1.5 / 2.1 configs (built into the binary)
+//!    with every size the shapes tell (channels, levels, resnets and transformer depth per level,
+//!    cross-attention width, projection kind, SDXL's pooled and time-id widths); heads as SD does
+//!    (8 for SD 1.x, 64 channels each for SD 2.x and SDXL).
 //! 4. Prediction type and zero terminal SNR ([`detect`]).
 //!
 //! Tensors are then read one at a time through [`Renamed`], as from a folder, from the file opened
@@ -21,6 +22,7 @@
 //! folder's (docs/performance.md).
 
 pub mod detect;
+mod synthesise;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,9 +35,10 @@ use candle_nn::Init;
 use serde_json::{json, Value};
 
 use self::detect::{Detection, Marks};
+use self::synthesise::Tower;
 use super::ldm_keys::{
-    self, is_junk, RenameMap, Source, Transform, CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_EMA_PREFIX, UNET_PREFIX,
-    VAE_PREFIX,
+    self, is_junk, OpenClip, RenameMap, Source, Transform, CLIP_PREFIX, OPEN_CLIP_PREFIX, SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX, UNET_EMA_PREFIX, UNET_PREFIX, VAE_PREFIX,
 };
 use super::pickle_check;
 use super::safetensors_reader::SafetensorsReader;
@@ -43,22 +46,11 @@ use super::safetensors_reader::SafetensorsReader;
 /// File extensions `--model` takes as a single-file checkpoint.
 pub const EXTENSIONS: &[&str] = &["safetensors", "ckpt", "pt", "pth"];
 
-/// models/arch's configs, built in so that a single file needs nothing else.
-const SD1_UNET: &str = include_str!("../../../models/arch/sd1.5/unet/config.json");
-const SD1_VAE: &str = include_str!("../../../models/arch/sd1.5/vae/config.json");
-const SD1_TEXT: &str = include_str!("../../../models/arch/sd1.5/text_encoder/config.json");
-const SD2_UNET: &str = include_str!("../../../models/arch/sd2.1-base/unet/config.json");
-const SD2_TEXT: &str = include_str!("../../../models/arch/sd2.1/text_encoder/config.json");
-
-/// SD's attention heads: 8 per transformer in SD 1.x; 64 channels per head in SD 2.x (and in
-/// both CLIP text encoders).
-const SD1_HEADS: usize = 8;
-const HEAD_CHANNELS: usize = 64;
-/// Latent sizes of SD's training resolutions: 512 px, and 768 px for SD 2.x v-models.
+/// Latent sizes of SD's training resolutions: 512 px, 768 px for SD 2.x v-models, 1024 px for
+/// SDXL.
 const SAMPLE_SIZE_512: usize = 64;
 const SAMPLE_SIZE_768: usize = 96;
-/// SDXL's cross-attention width (its two text encoders' features concatenated).
-const SDXL_CROSS_ATTENTION: usize = 2048;
+const SAMPLE_SIZE_1024: usize = 128;
 
 /// What `--model FILE` is opened with besides the file.
 #[derive(Debug, Clone, Default)]
@@ -80,6 +72,9 @@ pub enum Family {
     Sd1,
     /// OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`), cross-attention 1024.
     Sd2,
+    /// CLIP-L and OpenCLIP bigG (`conditioner.embedders.{0,1}`), cross-attention 768 + 1280,
+    /// the `text_time` UNet (`label_emb`).
+    Sdxl,
 }
 
 impl Family {
@@ -87,6 +82,7 @@ impl Family {
         match self {
             Self::Sd1 => "SD 1.x",
             Self::Sd2 => "SD 2.x",
+            Self::Sdxl => "SDXL",
         }
     }
 }
@@ -184,6 +180,7 @@ impl Renamed {
             Transform::Same => self.file.load(&source.key, device),
             Transform::ConvToLinear => self.file.load(&source.key, device)?.flatten_from(1),
             Transform::Third(k) => self.file.load_third(&source.key, k, device),
+            Transform::Transpose => self.file.load(&source.key, device)?.t()?.contiguous(),
         }
     }
 }
@@ -218,6 +215,8 @@ pub struct Configs {
     pub unet: Value,
     pub vae: Value,
     pub text_encoder: Value,
+    /// SDXL's second text encoder; null for SD 1.x/2.x.
+    pub text_encoder_2: Value,
     pub scheduler: Value,
     /// Where they came from, for messages: "synthesised for SD 2.x" or the --config folder.
     pub source: String,
@@ -233,6 +232,8 @@ pub struct SingleFile {
     pub unet: Arc<RenameMap>,
     pub vae: Arc<RenameMap>,
     pub text_encoder: Arc<RenameMap>,
+    /// SDXL's OpenCLIP bigG, under `CLIPTextModelWithProjection`'s names.
+    pub text_encoder_2: Option<Arc<RenameMap>>,
     pub configs: Configs,
     pub detection: Detection,
     /// Keys no rule consumed and no junk rule ignored.
@@ -241,7 +242,7 @@ pub struct SingleFile {
     pub tokenizer_dir: Option<PathBuf>,
 }
 
-fn shape_of(file: &Checkpoint, map: &RenameMap, name: &str) -> Result<Vec<usize>> {
+pub(super) fn shape_of(file: &Checkpoint, map: &RenameMap, name: &str) -> Result<Vec<usize>> {
     let source = map
         .get(name)
         .with_context(|| format!("the checkpoint has no tensor for {name}"))?;
@@ -259,7 +260,7 @@ fn read_config(dir: &Path, relative: &str) -> Result<Value> {
 }
 
 /// Count of `prefix N.` distinct N among `names`.
-fn count_indices<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> usize {
+pub(super) fn count_indices<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> usize {
     names
         .filter_map(|n| n.strip_prefix(prefix))
         .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
@@ -268,7 +269,7 @@ fn count_indices<'a>(names: impl Iterator<Item = &'a String>, prefix: &str) -> u
 }
 
 /// One value for every block when they are all equal, else the list.
-fn per_block(values: &[usize]) -> Value {
+pub(super) fn per_block(values: &[usize]) -> Value {
     if values.windows(2).all(|w| w[0] == w[1]) {
         json!(values[0])
     } else {
@@ -282,12 +283,6 @@ impl SingleFile {
         let file = Arc::new(Checkpoint::open(path)?);
         let keys = file.keys();
         let key_set: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
-        if keys
-            .iter()
-            .any(|k| k.starts_with("conditioner.") || k.starts_with("model.diffusion_model.label_emb."))
-        {
-            bail!("{label} is an SDXL checkpoint; SDXL is not supported yet (SD 1.x and 2.x are)");
-        }
         let unet_keys: BTreeSet<&str> = keys.iter().filter_map(|k| k.strip_prefix(UNET_PREFIX)).collect();
         if unet_keys.is_empty() {
             // Told here, from the header already read, rather than by reading it twice.
@@ -299,6 +294,28 @@ impl SingleFile {
                  for a diffusers model pass its folder"
             );
         }
+
+        let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
+        let family = if has(SDXL_OPEN_CLIP_PREFIX) || unet_keys.iter().any(|k| k.starts_with("label_emb.")) {
+            // A1111's and diffusers' SDXL test: OpenCLIP bigG under conditioner.embedders.1.
+            if !has(SDXL_OPEN_CLIP_PREFIX) || !has(SDXL_CLIP_PREFIX) {
+                bail!(
+                    "{label} is an SDXL checkpoint without both text encoders ({SDXL_CLIP_PREFIX}* and \
+                     {SDXL_OPEN_CLIP_PREFIX}*); sdfix needs the whole model in one file (an SDXL refiner, \
+                     which has only the second, is not supported)"
+                );
+            }
+            Family::Sdxl
+        } else if has(OPEN_CLIP_PREFIX) {
+            Family::Sd2
+        } else if has(CLIP_PREFIX) {
+            Family::Sd1
+        } else {
+            bail!(
+                "{label} has no text encoder (cond_stage_model.transformer.*, cond_stage_model.model.* or \
+                 conditioner.embedders.*); sdfix needs the whole model in one file"
+            )
+        };
 
         // UNet.
         let (unet_renames, layout, mut leftover) = ldm_keys::unet_renames(&unet_keys)?;
@@ -322,24 +339,6 @@ impl SingleFile {
                 },
             );
         }
-        let cross_attention = unet
-            .iter()
-            .find(|(name, _)| name.ends_with("attn2.to_k.weight"))
-            .and_then(|(_, source)| file.shape(&source.key))
-            .map(|shape| shape[1]);
-        if cross_attention == Some(SDXL_CROSS_ATTENTION) {
-            bail!("{label} is an SDXL checkpoint (cross-attention 2048); SDXL is not supported yet");
-        }
-        let has_open_clip = keys.iter().any(|k| k.starts_with(OPEN_CLIP_PREFIX));
-        let has_clip = keys.iter().any(|k| k.starts_with(CLIP_PREFIX));
-        let family = match (has_open_clip, has_clip) {
-            (true, _) => Family::Sd2,
-            (false, true) => Family::Sd1,
-            (false, false) => bail!(
-                "{label} has no text encoder (cond_stage_model.transformer.* or cond_stage_model.model.*); \
-                 sdfix needs the whole model in one file"
-            ),
-        };
 
         // VAE.
         let vae_keys: BTreeSet<&str> = keys.iter().filter_map(|k| k.strip_prefix(VAE_PREFIX)).collect();
@@ -355,49 +354,91 @@ impl SingleFile {
                 unet: read_config(dir, "unet/config.json")?,
                 vae: read_config(dir, "vae/config.json")?,
                 text_encoder: read_config(dir, "text_encoder/config.json")?,
+                text_encoder_2: match family {
+                    Family::Sdxl => read_config(dir, "text_encoder_2/config.json")?,
+                    _ => Value::Null,
+                },
                 scheduler: crate::config::read_json(&dir.join("scheduler/scheduler_config.json"))
                     .unwrap_or(Value::Null),
                 source: format!("--config {}", dir.display()),
             },
             None => Configs {
-                unet: synthesise_unet(&file, &unet, &layout, family)?,
-                vae: synthesise_vae(&file, &vae)?,
+                unet: Value::Null,
+                vae: synthesise::vae(&file, &vae, family)?,
                 text_encoder: Value::Null,
+                text_encoder_2: Value::Null,
                 scheduler: Value::Null,
                 source: format!("synthesised for {} from the tensor shapes", family.name()),
             },
         };
-        let text_keys: BTreeSet<&str> = match family {
-            Family::Sd1 => keys.iter().filter_map(|k| k.strip_prefix(CLIP_PREFIX)).collect(),
-            Family::Sd2 => keys.iter().filter_map(|k| k.strip_prefix(OPEN_CLIP_PREFIX)).collect(),
+        let under = |prefix: &str| -> BTreeSet<&str> { keys.iter().filter_map(|k| k.strip_prefix(prefix)).collect() };
+        // OpenCLIP's depth: --config's, else the file's (less one for SD 2: the penultimate layer).
+        let open_clip = |prefix: &'static str, config: &Value, projection: bool, leftover: &mut Vec<String>| {
+            let resblocks = count_indices(keys.iter(), &format!("{prefix}transformer.resblocks."));
+            let layers = match config.get("num_hidden_layers").and_then(Value::as_u64) {
+                Some(n) => n as usize,
+                None if projection => resblocks,
+                None => resblocks.saturating_sub(1),
+            };
+            let tower = OpenClip {
+                prefix,
+                layers,
+                projection,
+            };
+            let (renames, _dropped, unknown) = ldm_keys::open_clip_renames(&under(prefix), tower);
+            leftover.extend(unknown);
+            renames
         };
-        let text_encoder = match family {
-            Family::Sd1 => {
-                let (renames, unknown) = ldm_keys::clip_renames(&text_keys);
-                leftover.extend(unknown);
-                renames
-            }
-            Family::Sd2 => {
-                let resblocks = count_indices(keys.iter(), &format!("{OPEN_CLIP_PREFIX}transformer.resblocks."));
-                let layers = match configs.text_encoder.get("num_hidden_layers").and_then(Value::as_u64) {
-                    Some(n) => n as usize,
-                    // SD 2 conditions on the penultimate layer: one fewer than the file has.
-                    None => resblocks.saturating_sub(1),
-                };
-                let (renames, _dropped, unknown) = ldm_keys::open_clip_renames(&text_keys, layers);
-                leftover.extend(unknown);
-                renames
-            }
+        let clip = |prefix: &str, leftover: &mut Vec<String>| {
+            let (renames, unknown) = ldm_keys::clip_renames(&under(prefix), prefix);
+            leftover.extend(unknown);
+            renames
+        };
+        let (text_encoder, text_encoder_2) = match family {
+            Family::Sd1 => (clip(CLIP_PREFIX, &mut leftover), None),
+            Family::Sd2 => (
+                open_clip(OPEN_CLIP_PREFIX, &configs.text_encoder, false, &mut leftover),
+                None,
+            ),
+            Family::Sdxl => (
+                clip(SDXL_CLIP_PREFIX, &mut leftover),
+                Some(open_clip(
+                    SDXL_OPEN_CLIP_PREFIX,
+                    &configs.text_encoder_2,
+                    true,
+                    &mut leftover,
+                )),
+            ),
         };
         if configs.text_encoder.is_null() {
-            configs.text_encoder = synthesise_text_encoder(&file, &text_encoder, family)?;
+            let kind = if family == Family::Sd2 {
+                Tower::OpenClip
+            } else {
+                Tower::ClipL
+            };
+            configs.text_encoder = synthesise::text_encoder(&file, &text_encoder, kind)?;
         }
-        let consumed: BTreeSet<&str> = [&unet, &vae, &text_encoder]
-            .iter()
+        if let (Some(second), true) = (&text_encoder_2, configs.text_encoder_2.is_null()) {
+            configs.text_encoder_2 = synthesise::text_encoder(&file, second, Tower::OpenClipProjected)?;
+        }
+        if configs.unet.is_null() {
+            let pooled = configs.text_encoder_2.get("projection_dim").and_then(Value::as_u64);
+            configs.unet = synthesise::unet(&file, &unet, &layout, family, pooled.map(|p| p as usize))?;
+        }
+        let consumed: BTreeSet<&str> = [Some(&unet), Some(&vae), Some(&text_encoder), text_encoder_2.as_ref()]
+            .into_iter()
+            .flatten()
             .flat_map(|map| map.values().map(|s| s.key.as_str()))
             .collect();
         leftover.retain(|k| !is_junk(k) && !consumed.contains(k.as_str()));
-        let dropped_prefixes = [UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPEN_CLIP_PREFIX];
+        let dropped_prefixes = [
+            UNET_PREFIX,
+            VAE_PREFIX,
+            CLIP_PREFIX,
+            OPEN_CLIP_PREFIX,
+            SDXL_CLIP_PREFIX,
+            SDXL_OPEN_CLIP_PREFIX,
+        ];
         for key in &keys {
             let known = dropped_prefixes.iter().any(|p| key.starts_with(p)) || is_junk(key);
             if !known && !leftover.contains(key) {
@@ -413,6 +454,7 @@ impl SingleFile {
             unet: Arc::new(unet),
             vae: Arc::new(vae),
             text_encoder: Arc::new(text_encoder),
+            text_encoder_2: text_encoder_2.map(Arc::new),
             configs,
             detection: Detection::default(),
             leftover,
@@ -453,14 +495,11 @@ impl SingleFile {
         self.configs.scheduler["prediction_type"] = json!(self.detection.prediction);
         self.configs.scheduler["rescale_betas_zero_snr"] = json!(self.detection.zero_snr);
         if self.configs.source.starts_with("synthesised") {
-            let sample_size = marks
-                .resolution
-                .map(|px| px / 8)
-                .unwrap_or(if v && self.family == Family::Sd2 {
-                    SAMPLE_SIZE_768
-                } else {
-                    SAMPLE_SIZE_512
-                });
+            let sample_size = marks.resolution.map(|px| px / 8).unwrap_or(match self.family {
+                Family::Sdxl => SAMPLE_SIZE_1024,
+                Family::Sd2 if v => SAMPLE_SIZE_768,
+                _ => SAMPLE_SIZE_512,
+            });
             self.configs.unet["sample_size"] = json!(sample_size);
             self.configs.vae["sample_size"] = json!(sample_size * 8);
             // diffusers' SD 2.x v-model configs upcast attention (the 768 model overflows in f16).
@@ -514,112 +553,6 @@ impl SingleFile {
         let names = map.keys().cloned().collect();
         Ok((Box::new(Renamed::new(self.checkpoint()?, map.clone())), names))
     }
-}
-
-/// The UNet config: SD 1.5's or SD 2.1's, with every size the shapes tell.
-fn synthesise_unet(
-    file: &Checkpoint,
-    unet: &RenameMap,
-    layout: &ldm_keys::UNetLayout,
-    family: Family,
-) -> Result<Value> {
-    let mut config: Value = serde_json::from_str(match family {
-        Family::Sd1 => SD1_UNET,
-        Family::Sd2 => SD2_UNET,
-    })?;
-    let levels = layout.resnets.len();
-    let channels = (0..levels)
-        .map(|l| shape_of(file, unet, &format!("down_blocks.{l}.resnets.0.conv1.weight")).map(|s| s[0]))
-        .collect::<Result<Vec<_>>>()?;
-    let depth: Vec<usize> = (0..levels)
-        .map(|l| {
-            count_indices(
-                unet.keys(),
-                &format!("down_blocks.{l}.attentions.0.transformer_blocks."),
-            )
-            .max(1)
-        })
-        .collect();
-    let cross = unet
-        .iter()
-        .find(|(name, _)| name.ends_with("attn2.to_k.weight"))
-        .and_then(|(_, s)| file.shape(&s.key))
-        .map(|s| s[1]);
-    let proj_in = unet
-        .iter()
-        .find(|(name, _)| name.ends_with("proj_in.weight"))
-        .and_then(|(_, s)| file.shape(&s.key));
-    let down: Vec<&str> = layout
-        .attention
-        .iter()
-        .map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
-        .collect();
-    let up: Vec<&str> = layout
-        .attention
-        .iter()
-        .rev()
-        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
-        .collect();
-    config["in_channels"] = json!(shape_of(file, unet, "conv_in.weight")?[1]);
-    config["out_channels"] = json!(shape_of(file, unet, "conv_out.weight")?[0]);
-    config["block_out_channels"] = json!(channels);
-    config["layers_per_block"] = per_block(&layout.resnets);
-    config["transformer_layers_per_block"] = per_block(&depth);
-    config["down_block_types"] = json!(down);
-    config["up_block_types"] = json!(up);
-    if let Some(cross) = cross {
-        config["cross_attention_dim"] = json!(cross);
-    }
-    if let Some(proj_in) = proj_in {
-        config["use_linear_projection"] = json!(proj_in.len() == 2);
-    }
-    config["attention_head_dim"] = match family {
-        Family::Sd1 => json!(SD1_HEADS),
-        Family::Sd2 => json!(channels.iter().map(|c| c / HEAD_CHANNELS).collect::<Vec<_>>()),
-    };
-    Ok(config)
-}
-
-/// The VAE config: SD's, with the channels, depth and latent width the shapes tell.
-fn synthesise_vae(file: &Checkpoint, vae: &RenameMap) -> Result<Value> {
-    let mut config: Value = serde_json::from_str(SD1_VAE)?;
-    let levels = count_indices(vae.keys(), "decoder.up_blocks.");
-    let channels = (0..levels)
-        .map(|l| {
-            shape_of(
-                file,
-                vae,
-                &format!("decoder.up_blocks.{}.resnets.0.conv2.weight", levels - 1 - l),
-            )
-            .map(|s| s[0])
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let resnets = count_indices(vae.keys(), "decoder.up_blocks.0.resnets.");
-    config["block_out_channels"] = json!(channels);
-    config["layers_per_block"] = json!(resnets.saturating_sub(1));
-    config["latent_channels"] = json!(shape_of(file, vae, "decoder.conv_in.weight")?[1]);
-    config["down_block_types"] = json!(vec!["DownEncoderBlock2D"; levels]);
-    config["up_block_types"] = json!(vec!["UpDecoderBlock2D"; levels]);
-    Ok(config)
-}
-
-/// The text encoder config: SD 1.5's CLIP-L or SD 2.1's OpenCLIP-H, with the sizes the shapes
-/// tell.
-fn synthesise_text_encoder(file: &Checkpoint, text: &RenameMap, family: Family) -> Result<Value> {
-    let mut config: Value = serde_json::from_str(match family {
-        Family::Sd1 => SD1_TEXT,
-        Family::Sd2 => SD2_TEXT,
-    })?;
-    let embedding = shape_of(file, text, "text_model.embeddings.token_embedding.weight")?;
-    let positions = shape_of(file, text, "text_model.embeddings.position_embedding.weight")?;
-    let fc1 = shape_of(file, text, "text_model.encoder.layers.0.mlp.fc1.weight")?;
-    config["vocab_size"] = json!(embedding[0]);
-    config["hidden_size"] = json!(embedding[1]);
-    config["num_attention_heads"] = json!(embedding[1] / HEAD_CHANNELS);
-    config["max_position_embeddings"] = json!(positions[0]);
-    config["intermediate_size"] = json!(fc1[0]);
-    config["num_hidden_layers"] = json!(count_indices(text.keys(), "text_model.encoder.layers."));
-    Ok(config)
 }
 
 /// Whether `--model` names a single-file checkpoint by its extension.
