@@ -216,12 +216,21 @@ fn full_size_sdxl_at_128_matches_diffusers() {
     .map(|s| s.to_string())
     .collect();
     let (latents, images) = common::generate_from_latents(&refs["initial"], &args);
+    // The bar: 2e-3 of the latents' range (random 2.6B weights give a range near 5;
+    // three CFG steps through them in another library's f32 kernels drift by a few 1e-3).
+    let range = |op: fn(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>| {
+        op(&refs["final"].flatten_all().unwrap())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let span = range(|t| t.max(0)) - range(|t| t.min(0));
     common::assert_matches_reference(
         "full-size SDXL 128x128",
         (&latents, &images),
         &refs["final"],
         &refs["image"],
-        TOLERANCES,
+        (TOLERANCES.0 * span, TOLERANCES.1),
         "regenerate with: python scripts/make_sdxl_refs.py --full-size DIR",
     );
 }
