@@ -39,19 +39,22 @@ done
 echo "== 2. parity on CUDA (${binaries[0]})"
 refs=tests/fixtures/refs
 for dtype in f32 f16; do
-  for case in all_fixes baseline no_cfg non_square_negative epsilon_no_zero_snr; do
-    dir=$out/parity-$dtype-$case
+  # stem:case of tests/fixtures/refs/STEM.{json,safetensors}; the SDXL cases name their model.
+  for pair in pipeline:all_fixes pipeline:baseline pipeline:no_cfg pipeline:non_square_negative \
+    pipeline:epsilon_no_zero_snr sdxl:vpred_zsnr_ddim sdxl:euler sdxl:empty_negative_zeroed sdxl:micro_conditioning; do
+    stem=${pair%%:*} case=${pair#*:}
+    dir=$out/parity-$dtype-$stem-$case
     rm -rf "$dir"
-    args=$("$PYTHON" -c "import json, shlex; print(shlex.join(json.load(open('$refs/pipeline.json'))['$case']))")
-    "$PYTHON" - "$refs/pipeline.safetensors" "$case" "$dir/initial.safetensors" <<'PY'
+    args=$("$PYTHON" -c "import json, shlex; a = [x.replace('fixtures:', 'tests/fixtures/') for x in json.load(open('$refs/$stem.json'))['$case']]; a = a if '--model' in a else ['--model', 'tests/fixtures/tiny-sd'] + a; print(shlex.join(a))")
+    "$PYTHON" - "$refs/$stem.safetensors" "$case" "$dir/initial.safetensors" <<'PY'
 import sys, safetensors.torch as st, pathlib
 t = st.load_file(sys.argv[1]); pathlib.Path(sys.argv[3]).parent.mkdir(parents=True, exist_ok=True)
 st.save_file({"latents": t[sys.argv[2] + ".initial"].contiguous()}, sys.argv[3])
 PY
     # shellcheck disable=SC2086
-    eval '"${binaries[0]}"' generate --model tests/fixtures/tiny-sd --device cuda --dtype $dtype --seed 0 --save-latents \
+    eval '"${binaries[0]}"' generate --device cuda --dtype $dtype --seed 0 --save-latents \
       --latents "$dir/initial.safetensors" --out-dir "$dir" --quiet $args || status=1
-    "$PYTHON" - "$refs/pipeline.safetensors" "$case" "$dir" "$dtype" <<'PY' || status=1
+    "$PYTHON" - "$refs/$stem.safetensors" "$case" "$dir" "$dtype" <<'PY' || status=1
 import sys, glob, numpy as np, safetensors.torch as st
 from PIL import Image
 refs, case, folder, dtype = st.load_file(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -83,9 +86,9 @@ with_smi_peak() {
   return $rc
 }
 
-bench() { # name dtype width steps
-  local name=$1 dtype=$2 size=$3 steps=$4
-  local args=(--arch sd2.1-base --width "$size" --height "$size" --steps "$steps" --dtype "$dtype" --repeat 3)
+bench() { # name dtype width steps [arch]
+  local name=$1 dtype=$2 size=$3 steps=$4 arch=${5:-sd2.1-base}
+  local args=(--arch "$arch" --width "$size" --height "$size" --steps "$steps" --dtype "$dtype" --repeat 3)
   local i=0
   for bin in "${binaries[@]}"; do
     with_smi_peak "$out/$name-sdfix$i.smi" "$bin" bench --json --device cuda "${args[@]}" >"$out/$name-sdfix$i.json" || status=1
@@ -98,6 +101,12 @@ echo "== 3. benchmark: sd2.1-base 512x512, 20 steps, f16 (then bf16)"
 bench f16-512 f16 512 20
 # bf16 too when time allows (BF16_BEFORE_S: seconds into the script).
 [ "$SECONDS" -lt "${BF16_BEFORE_S:-330}" ] && bench bf16-512 bf16 512 20
+
+# SDXL base at its own size (random weights; its VAE decodes in f32, force_upcast), when time allows.
+if [ "$SECONDS" -lt "${SDXL_BEFORE_S:-360}" ]; then
+  echo "== 3a. benchmark: sdxl 1024x1024, 10 steps, f16"
+  bench sdxl-f16-1024 f16 1024 10 sdxl
+fi
 
 echo "== 3b. lever 1: each CUDA switch flipped against the defaults (${binaries[0]}, f16, 512 px, 20 steps)"
 # src/kernels/cuda_settings.rs: defaults tf32=0 event_tracking=0 keep_pool=1 htod_cache=1.
