@@ -234,3 +234,89 @@ fn full_size_sdxl_at_128_matches_diffusers() {
         "regenerate with: python scripts/make_sdxl_refs.py --full-size DIR",
     );
 }
+
+/// A prompt file's micro-conditioning keys draw what the flags draw, and are recorded in the PNG.
+#[test]
+fn prompt_file_keys_equal_the_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("tiny-sdxl");
+    let model = model.to_str().unwrap();
+    let line = r#"{"prompt": "a red circle", "original_size": "64x48", "negative_original_size": "16x16", "negative_target_size": "32x32", "encode_empty_negative": true}"#;
+    let from_file = common::run_prompt_lines(
+        dir.path(),
+        model,
+        &[line.to_string()],
+        1,
+        &["--steps", "3", "--seed", "2", "--width", "32", "--height", "32"],
+    );
+    let from_file = &from_file[line][0];
+    let out = dir.path().join("flags");
+    let run = common::sdfix(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--seed",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--original-size",
+        "64x48",
+        "--negative-original-size",
+        "16x16",
+        "--negative-target-size",
+        "32x32",
+        "--encode-empty-negative",
+        "--out-dir",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let png = &common::pngs(&out)[0];
+    let pixels = |bytes: &[u8]| image::load_from_memory(bytes).unwrap().to_rgb8().into_raw();
+    assert!(pixels(from_file) == pixels(&std::fs::read(png).unwrap()));
+    let text = sdfix::output::png::read_png_text(png).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&text["sdfix"]).unwrap();
+    assert_eq!(record["original_size"], "64x48");
+    assert_eq!(record["negative_target_size"], "32x32");
+    assert_eq!(record["encode_empty_negative"], true);
+    assert!(record.get("target_size").is_none(), "only what was set is recorded");
+    // --from-image makes the same picture again.
+    let again = dir.path().join("again");
+    let rerun = common::sdfix(&[
+        "generate",
+        "--from-image",
+        png.to_str().unwrap(),
+        "--out-dir",
+        again.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
+    assert!(pixels(&std::fs::read(&common::pngs(&again)[0]).unwrap()) == pixels(&std::fs::read(png).unwrap()));
+}
+
+/// `ablate` draws its grid of the four fixes on an SDXL.
+#[test]
+fn ablate_draws_the_grid_on_an_sdxl() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixture("tiny-sdxl");
+    let run = common::sdfix(&[
+        "ablate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "solid black background",
+        "--steps",
+        "3",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(dir.path().join("grid.png").is_file() && dir.path().join("grid.json").is_file());
+}

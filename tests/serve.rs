@@ -667,3 +667,78 @@ fn concurrent_requests_of_mixed_modes_get_the_images_they_get_alone() {
         );
     }
 }
+
+/// An SDXL model behind the API: listed, drawing with its micro-conditioning fields (the same
+/// picture as the command line's flags), and a micro-conditioning field on an SD 2 model is a 422
+/// naming it.
+#[test]
+fn sdxl_models_serve_txt2img_with_micro_conditioning() {
+    let sdxl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+    let server = Server::start(&["--model", sdxl.to_str().unwrap()]);
+    let models = server.get("/sdapi/v1/sd-models").json();
+    assert_eq!(models[0]["model_name"], "tiny-sdxl", "{models}");
+    let body = json!({
+        "prompt": "solid black background", "seed": 5, "steps": 4, "width": 32, "height": 32,
+        "cfg_scale": 5, "original_size": "64x48", "crop_top_left": "4,2",
+    });
+    let r = server.post("/sdapi/v1/txt2img", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (served, text) = decode_png(&r.json()["images"][0]);
+    let record: Value = serde_json::from_str(&text["sdfix"]).unwrap();
+    assert_eq!(
+        (record["original_size"].as_str(), record["crop_top_left"].as_str()),
+        (Some("64x48"), Some("4,2"))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cli = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args([
+            "generate",
+            "--model",
+            sdxl.to_str().unwrap(),
+            "--prompt",
+            "solid black background",
+            "--seed",
+            "5",
+        ])
+        .args([
+            "--steps",
+            "4",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--guidance",
+            "5",
+            "--original-size",
+            "64x48",
+        ])
+        .args([
+            "--crop-top-left",
+            "4,2",
+            "--out-dir",
+            dir.path().to_str().unwrap(),
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    let png = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    let drawn = image::open(png).unwrap().to_rgb8().into_raw();
+    assert!(drawn == served, "the API and the command line drew different pictures");
+
+    let sd2 = Server::start(&[]);
+    let r = sd2.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "steps": 2, "target_size": "64x64"}),
+    );
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.body.contains("target_size: applies to SDXL models only"),
+        "{}",
+        r.body
+    );
+}
