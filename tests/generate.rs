@@ -224,12 +224,17 @@ fn existing_images_are_not_overwritten_silently() {
 /// Lays `tests/fixtures/tiny-sd` out as hf-hub's cache does:
 /// `<HF_HOME>/hub/models--<owner>--<name>/{refs/main, snapshots/<commit>/...}`.
 fn fake_hub_cache(home: &Path, repo: &str) {
+    fake_hub_cache_of(home, repo, "tiny-sd");
+}
+
+/// [`fake_hub_cache`] of fixture `model`.
+fn fake_hub_cache_of(home: &Path, repo: &str, model: &str) {
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
     let repo_dir = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));
     std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
     std::fs::write(repo_dir.join("refs/main"), COMMIT).unwrap();
     let snapshot = repo_dir.join("snapshots").join(COMMIT);
-    let source = fixture("tiny-sd");
+    let source = fixture(model);
     for entry in std::fs::read_dir(&source).unwrap() {
         let entry = entry.unwrap();
         let target = snapshot.join(entry.file_name());
@@ -350,4 +355,44 @@ fn a_sharded_unet_draws_what_the_whole_file_draws() {
     let sharded = run(&model, &dir.path().join("a"));
     let whole = run(&fixture("tiny-sd"), &dir.path().join("b"));
     assert!(sharded == whole, "the sharded UNet drew something else");
+}
+
+/// An SDXL hub repo (text_encoder_2, tokenizer_2) runs from the cache without network, and draws
+/// what its folder draws.
+#[test]
+fn an_sdxl_hub_repo_in_the_cache_runs_without_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf");
+    fake_hub_cache_of(&home, "sdfix-test/tiny-sdxl", "tiny-sdxl");
+    let run = |model: &str, out: &Path| {
+        let out_dir = out.to_str().unwrap();
+        let result = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+            .args([
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "3",
+                "--seed",
+                "1",
+            ])
+            .args(["--width", "32", "--height", "32", "--out-dir", out_dir, "-q"])
+            .env("HF_HOME", &home)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        image::open(&pngs(out)[0]).unwrap().to_rgb8().into_raw()
+    };
+    let folder = fixture("tiny-sdxl");
+    assert!(
+        run("sdfix-test/tiny-sdxl", &dir.path().join("hub")) == run(folder.to_str().unwrap(), &dir.path().join("dir"))
+    );
 }
