@@ -205,6 +205,37 @@ pub struct Resolved {
     pub send_images: bool,
 }
 
+/// A1111's options (`override_settings`) that are sdfix settings, by option name and key:
+/// "Clip skip", the emphasis mode and "Pad prompt/negative prompt".
+const A1111_OPTIONS: [(&str, &str); 3] = [
+    ("CLIP_stop_at_last_layers", "clip_skip"),
+    ("emphasis", "emphasis"),
+    ("pad_cond_uncond", "pad_conds"),
+];
+
+/// Sets the settings of [`A1111_OPTIONS`] that `override_settings` names on `request`, over the
+/// body's own; a bad value names its option.
+fn apply_a1111_options(
+    overrides: &BTreeMap<String, Value>,
+    request: &mut Request,
+    inputs: &mut Base64Inputs,
+) -> Result<(), ApiError> {
+    for (option, key) in A1111_OPTIONS {
+        let Some(value) = overrides.get(option).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let prefix = format!("\"{key}\": ");
+        let setting = Overrides::parse_object(json!({ key: value }), true).map_err(|e| {
+            ApiError::invalid(format!(
+                "override_settings.{option}: {}",
+                e.strip_prefix(&prefix).unwrap_or(&e)
+            ))
+        })?;
+        setting.apply(request, inputs).map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
 /// A1111's sampler names and sdfix's, for `/samplers` and `sampler_name`.
 pub fn samplers() -> Value {
     Value::Array(
@@ -366,6 +397,7 @@ impl Txt2Img {
         };
         let mut request = Request::new("");
         self.settings.apply(&mut request, inputs).map_err(|e| invalid(&e))?;
+        apply_a1111_options(&overrides, &mut request, inputs)?;
         request.zero_snr = zero_snr;
         request.sampler = sampler;
         request.sigmas = sigmas;
