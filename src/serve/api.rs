@@ -531,6 +531,31 @@ mod tests {
     }
 
     #[test]
+    fn a1111_prompt_options_are_settings() {
+        let r = resolve(json!({
+            "clip_skip": 3,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "emphasis": "No norm", "pad_cond_uncond": true},
+        }))
+        .unwrap();
+        assert_eq!(
+            r.request.clip_skip, 2,
+            "the option wins over the field, as A1111's override"
+        );
+        assert_eq!(r.request.emphasis, crate::prompt::Emphasis::NoNorm);
+        assert!(r.request.pad_conds);
+        let err = resolve(json!({"override_settings": {"emphasis": "Loud"}})).unwrap_err();
+        assert!(
+            err.detail.contains("override_settings.emphasis: unknown emphasis"),
+            "{err:?}"
+        );
+        let err = resolve(json!({"override_settings": {"CLIP_stop_at_last_layers": "two"}})).unwrap_err();
+        assert!(
+            err.detail.contains("override_settings.CLIP_stop_at_last_layers: "),
+            "{err:?}"
+        );
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         for (body, field) in [
             (json!({"width": 30}), "width"),
