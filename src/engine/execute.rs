@@ -211,7 +211,7 @@ pub(super) fn run_batch(
     for item in batch {
         let request = &jobs[item.job].request;
         let options = request.prompt_options();
-        let positive = prompts.get(&TextKey::new(&request.prompt, options), &mut warn)?;
+        let mut positive = prompts.get(&TextKey::new(&request.prompt, options), &mut warn)?;
         let (time_ids, negative_time_ids) = request.micro.time_ids(size);
         if settings.uses_cfg() {
             // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
@@ -225,7 +225,6 @@ pub(super) fn run_batch(
             } else {
                 prompts.get(&TextKey::new(&request.negative_prompt, options), &mut warn)?
             };
-            let mut positive = positive.clone();
             if request.pad_conds {
                 // A1111's "Pad prompt/negative prompt": the shorter gets empty chunks, so the two
                 // share one UNet pass.

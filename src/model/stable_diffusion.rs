@@ -194,7 +194,9 @@ impl TextEncoder {
         }
     }
 
-    /// Text embeddings of a batch of prompts, (b, tokens, dim), in the model's dtype.
+    /// Text embeddings of a batch of prompts, (b, tokens, dim), in the model's dtype: plain
+    /// text cut at 77 tokens, as diffusers' pipelines and training scripts take it (fine-tuning,
+    /// `bench`); generation reads prompts with [`Self::encode_prompt`].
     pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
         Ok(self.encode_prompts(prompts)?.context)
     }
