@@ -166,6 +166,17 @@ pub fn texts_to_encode(jobs: &[Job], batches: &[Vec<Item>]) -> Vec<TextKey> {
     texts
 }
 
+/// Characters of a prompt a warning quotes before it cuts the rest.
+const QUOTED_PROMPT_CHARS: usize = 60;
+
+/// `text`, cut to [`QUOTED_PROMPT_CHARS`] with "..." when longer: long prompts are common now.
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_PROMPT_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
 /// Text embeddings by text, encoded on demand and cached; once the encoder is freed, only what
 /// was encoded before.
 pub struct PromptEmbeddings {
@@ -205,7 +216,7 @@ impl PromptEmbeddings {
         })?;
         if let Some(message) = unsupported_warning(&text.text) {
             if self.warned.insert(text.text.clone()) {
-                warn(&format!("warning: {message} (in {:?})", text.text));
+                warn(&format!("warning: {message} (in {:?})", shortened(&text.text)));
             }
         }
         let e = encoder
