@@ -8,7 +8,8 @@
 //! [`TextEncoder::encode`]: crate::model::stable_diffusion::TextEncoder::encode
 //!
 //! Matches diffusers' `StableDiffusionPipeline` with a `DDIMScheduler` (or the scheduler of the
-//! chosen `--sampler`): uncond and cond in one UNet batch (uncond first), CFG then its rescale on
+//! chosen `--sampler`): uncond and cond in one UNet batch (uncond first; two passes when their
+//! token counts differ, as A1111), CFG then its rescale on
 //! the raw model output, the sampler's step, and `vae.decode(latents / scaling_factor)` mapped
 //! from [-1, 1] to 8-bit with rounding. The latents stay in the variance-preserving form
 //! x_t = sqrt(a) x0 + sqrt(1 - a) eps for every sampler, so the UNet's input is the latents
@@ -142,11 +143,12 @@ impl Inpainting<'_> {
 pub struct BatchInput<'a> {
     /// The initial latents, (b, c, h, w).
     pub latents: Tensor,
-    /// The prompts' conditioning: embeddings (b, tokens, dim) and for SDXL the pooled embedding
-    /// and time ids.
-    pub cond: &'a Conditioning,
-    /// The negative prompts'; needed with CFG.
-    pub uncond: Option<&'a Conditioning>,
+    /// The prompts' conditioning, one per image (batch 1 each): embeddings (1, tokens, dim) and
+    /// for SDXL the pooled embedding and time ids. Prompts of different lengths (77 tokens per
+    /// chunk) may share a batch: see [`UnetPasses`].
+    pub cond: &'a [Conditioning],
+    /// The negative prompts', one per image; needed with CFG.
+    pub uncond: Option<&'a [Conditioning]>,
     pub settings: &'a SamplingSettings,
     /// Inpainting's mask and init latents.
     pub inpainting: Option<Inpainting<'a>>,
@@ -171,15 +173,15 @@ pub fn denoise(
     let schedule = &settings.schedule;
     let steps = schedule.timesteps.len();
     let (_, c, h, w) = latents.dims4()?;
-    // (2b, tokens, dim): uncond first, as diffusers concatenates (SDXL's added conditioning too).
-    let context = match (settings.uses_cfg(), uncond) {
-        (true, Some(uncond)) => Conditioning::cat(&[uncond, cond])?,
+    // The (2b)-row batch's conditioning: uncond first, as diffusers concatenates (SDXL's added
+    // conditioning too).
+    let rows: Vec<&Conditioning> = match (settings.uses_cfg(), uncond) {
+        (true, Some(uncond)) => uncond.iter().chain(cond).collect(),
         (true, None) => bail!("classifier-free guidance needs the negative prompt's embeddings"),
-        (false, _) => cond.clone(),
+        (false, _) => cond.iter().collect(),
     };
+    let mut passes = UnetPasses::new(&rows)?;
     let mut latents = latents.to_dtype(DType::F32)?;
-    // The context's cross-attention keys and values, made at the first step, reused after.
-    let mut cache = CrossAttentionCache::new();
     let mut history = MultistepState::default();
     for (index, &timestep) in schedule.timesteps.iter().enumerate() {
         let input = latents.to_dtype(model.dtype)?;
@@ -192,9 +194,8 @@ pub fn denoise(
         } else {
             input
         };
-        let output = model
-            .unet
-            .forward_cached(&input, schedule.model_timestep(index), &context, &mut cache)?
+        let output = passes
+            .forward(model, &input, schedule.model_timestep(index))?
             .to_dtype(DType::F32)?;
         let step_noise = if settings.sampler.is_stochastic() {
             Some(noise.sample_step((c, h, w), latents.device())?)
@@ -218,6 +219,89 @@ pub fn denoise(
         })?;
     }
     Ok(latents)
+}
+
+/// The UNet calls of one step. Rows whose contexts have the same number of tokens share a call;
+/// with CFG, a prompt and a negative prompt of different chunk counts are therefore two UNet
+/// passes, which is A1111's default (`CFGDenoiser.forward` without "Pad prompt/negative
+/// prompt" runs cond and uncond apart when their shapes differ), and the CFG math after is
+/// unchanged. Prompts of one length, the common case, stay one batched call as in diffusers.
+/// (A1111 instead pads the prompts of a batch to the longest with their last token's vector,
+/// `stack_conds`; sdfix keeps every image what it is alone, at any batch size.)
+struct UnetPasses {
+    passes: Vec<UnetPass>,
+    /// With more than one pass: where each row of the batch is in the passes' outputs, joined.
+    order: Option<Tensor>,
+}
+
+struct UnetPass {
+    /// The batch rows it takes, in order; `None` for all of them (the only pass).
+    rows: Option<Tensor>,
+    context: Conditioning,
+    /// The context's cross-attention keys and values, made at the first step, reused after.
+    cache: CrossAttentionCache,
+}
+
+impl UnetPasses {
+    fn new(rows: &[&Conditioning]) -> Result<Self> {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            let tokens = row.tokens()?;
+            match groups.iter_mut().find(|(t, _)| *t == tokens) {
+                Some((_, members)) => members.push(r),
+                None => groups.push((tokens, vec![r])),
+            }
+        }
+        let single = groups.len() == 1;
+        let mut passes = Vec::with_capacity(groups.len());
+        let mut joined: Vec<usize> = Vec::with_capacity(rows.len());
+        for (_, members) in &groups {
+            let parts: Vec<&Conditioning> = members.iter().map(|&r| rows[r]).collect();
+            let context = Conditioning::cat(&parts)?;
+            let indices: Vec<u32> = members.iter().map(|&r| r as u32).collect();
+            let device = context.context.device().clone();
+            passes.push(UnetPass {
+                rows: (!single)
+                    .then(|| Tensor::from_vec(indices, members.len(), &device))
+                    .transpose()?,
+                context,
+                cache: CrossAttentionCache::new(),
+            });
+            joined.extend(members.iter().copied());
+        }
+        let order = if single {
+            None
+        } else {
+            // Row r's position among the joined outputs.
+            let mut position = vec![0u32; rows.len()];
+            for (p, &r) in joined.iter().enumerate() {
+                position[r] = p as u32;
+            }
+            let device = passes[0].context.context.device().clone();
+            Some(Tensor::from_vec(position, rows.len(), &device)?)
+        };
+        Ok(Self { passes, order })
+    }
+
+    /// The UNet's output for every row of `input` at `timestep`, in row order.
+    fn forward(&mut self, model: &StableDiffusion, input: &Tensor, timestep: f64) -> Result<Tensor> {
+        let mut outputs = Vec::with_capacity(self.passes.len());
+        for pass in &mut self.passes {
+            let rows = match &pass.rows {
+                Some(rows) => input.index_select(rows, 0)?,
+                None => input.clone(),
+            };
+            outputs.push(
+                model
+                    .unet
+                    .forward_cached(&rows, timestep, &pass.context, &mut pass.cache)?,
+            );
+        }
+        Ok(match &self.order {
+            Some(order) => Tensor::cat(&outputs, 0)?.index_select(order, 0)?,
+            None => outputs.remove(0),
+        })
+    }
 }
 
 /// Everything a step does after the UNet: CFG and its rescale on the raw output (with CFG the

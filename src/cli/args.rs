@@ -12,8 +12,11 @@ use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::micro::{CropCorner, MicroConditioning, PixelSize};
-use crate::engine::request::{DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS};
+use crate::engine::request::{
+    DEFAULT_CLIP_SKIP, DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS,
+};
 use crate::engine::{ModelOptions, Request};
+use crate::prompt::Emphasis;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::demo::DEFAULT_MODEL;
@@ -122,6 +125,24 @@ pub struct PromptArgs {
     /// whose config says force_zeros_for_empty_prompt get by default (as in diffusers and A1111).
     #[arg(long)]
     pub encode_empty_negative: bool,
+
+    /// How prompt weights like (word:1.3) act: original (A1111's: weigh, then restore each
+    /// chunk's mean), no-norm (weigh only), ignore (parse the brackets away, no weights), comfy
+    /// (ComfyUI's: move each weighted token from the empty prompt's).
+    #[arg(long, default_value_t = Emphasis::Original, value_name = "MODE")]
+    pub emphasis: Emphasis,
+
+    /// A1111's "Clip skip": 1 conditions on the text encoder's last layer, N on the layer N-1
+    /// before it (SD 1.x: then the final layer norm, as A1111; SDXL: diffusers' rule, on top of
+    /// the penultimate layer SDXL uses). Ignored on SD 2.x, as A1111 does.
+    #[arg(long, default_value_t = DEFAULT_CLIP_SKIP, value_parser = at_least_one, value_name = "N")]
+    pub clip_skip: usize,
+
+    /// When the prompt and negative prompt have different numbers of 75-token chunks, pad the
+    /// shorter with empty chunks into one UNet batch (A1111's "Pad prompt/negative prompt")
+    /// instead of running them as two UNet passes (A1111's default).
+    #[arg(long)]
+    pub pad_conds: bool,
 }
 
 /// The sampling-schedule flags: every command that samples, and `sdfix schedule`.
@@ -382,6 +403,9 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         height: size.height,
         micro: size.micro(),
         encode_empty_negative: prompts.encode_empty_negative,
+        emphasis: prompts.emphasis,
+        clip_skip: prompts.clip_skip,
+        pad_conds: prompts.pad_conds,
         ..Request::new(prompt)
     }
 }

@@ -382,10 +382,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut unet_ms = Vec::with_capacity(args.steps);
     let mut sync_error = None;
     let mut last = Instant::now();
+    let (cond_rows, uncond_rows) = (cond.rows()?, uncond.rows()?);
     let input = BatchInput {
         latents: latents.clone(),
-        cond: &cond,
-        uncond: Some(&uncond),
+        cond: &cond_rows,
+        uncond: Some(&uncond_rows),
         settings: &settings,
         inpainting: None,
     };

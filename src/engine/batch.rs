@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 
 use super::init_image::VaeEncodeMode;
 use super::request::{BatchMode, Job};
-use crate::model::stable_diffusion::{PromptEncoding, TextEncoder};
+use crate::model::stable_diffusion::{PromptEncoding, PromptOptions, TextEncoder};
+use crate::prompt::unsupported_warning;
 use crate::sampling::{Prediction, Sampler};
 
 /// Runs with at most this many distinct texts (prompts and negative prompts) encode them all
@@ -116,16 +117,45 @@ pub fn plan_batches_in_sets(jobs: &[Job], sets: &[usize], batch_size: usize) -> 
         .collect()
 }
 
+/// One text as the text encoder reads it: its characters and how they are read
+/// (`--emphasis`, `--clip-skip`). The cache key of [`PromptEmbeddings`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TextKey {
+    pub text: String,
+    pub options: PromptOptions,
+}
+
+impl TextKey {
+    pub fn new(text: &str, options: PromptOptions) -> Self {
+        Self {
+            text: text.to_string(),
+            options,
+        }
+    }
+}
+
+/// The texts a job's images are conditioned on: the prompt, the negative prompt with CFG, and
+/// with `--pad-conds` the empty prompt the shorter of the two is padded with.
+pub fn job_texts(job: &Job) -> Vec<TextKey> {
+    let options = job.request.prompt_options();
+    let mut texts = vec![TextKey::new(&job.request.prompt, options)];
+    if job.settings.uses_cfg() {
+        texts.push(TextKey::new(&job.request.negative_prompt, options));
+        if job.request.pad_conds {
+            texts.push(TextKey::new("", options));
+        }
+    }
+    texts
+}
+
 /// The texts the batches encode, each once, in order of use; counted only up to one past the
 /// encode-ahead limit.
-pub fn texts_to_encode<'a>(jobs: &'a [Job], batches: &[Vec<Item>]) -> Vec<&'a str> {
-    let mut texts: Vec<&str> = Vec::new();
+pub fn texts_to_encode(jobs: &[Job], batches: &[Vec<Item>]) -> Vec<TextKey> {
+    let mut texts = Vec::new();
     let mut seen = HashSet::new();
     for item in batches.iter().flatten() {
-        let job = &jobs[item.job];
-        let negative = job.settings.uses_cfg().then_some(job.request.negative_prompt.as_str());
-        for text in std::iter::once(job.request.prompt.as_str()).chain(negative) {
-            if seen.insert(text) {
+        for text in job_texts(&jobs[item.job]) {
+            if seen.insert(text.clone()) {
                 texts.push(text);
                 if texts.len() > ENCODE_AHEAD_TEXTS {
                     return texts;
@@ -136,11 +166,25 @@ pub fn texts_to_encode<'a>(jobs: &'a [Job], batches: &[Vec<Item>]) -> Vec<&'a st
     texts
 }
 
+/// Characters of a prompt a warning quotes before it cuts the rest.
+const QUOTED_PROMPT_CHARS: usize = 60;
+
+/// `text`, cut to [`QUOTED_PROMPT_CHARS`] with "..." when longer: long prompts are common now.
+fn shortened(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_PROMPT_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
 /// Text embeddings by text, encoded on demand and cached; once the encoder is freed, only what
 /// was encoded before.
 pub struct PromptEmbeddings {
     pub encoder: Option<TextEncoder>,
-    cache: HashMap<String, PromptEncoding>,
+    cache: HashMap<TextKey, PromptEncoding>,
+    /// Prompts already warned about (prompt editing or alternation kept as text), so that a
+    /// prompt is named once however often it is encoded.
+    warned: HashSet<String>,
 }
 
 impl PromptEmbeddings {
@@ -148,36 +192,41 @@ impl PromptEmbeddings {
         Self {
             encoder: Some(encoder),
             cache: HashMap::new(),
+            warned: HashSet::new(),
         }
     }
 
     /// Whether `text` is encoded already.
-    pub fn has(&self, text: &str) -> bool {
+    pub fn has(&self, text: &TextKey) -> bool {
         self.cache.contains_key(text)
     }
 
-    /// The embeddings of `text`, (1, tokens, dim) (and SDXL's pooled one); a text past the
-    /// encoder's token limit is reported to `warn` when it is encoded.
-    pub fn get(&mut self, text: &str, warn: &mut dyn FnMut(&str)) -> Result<PromptEncoding> {
+    /// The embeddings of `text`, (1, 77 * chunks, dim) (and SDXL's pooled one); syntax of A1111's
+    /// that sdfix keeps as text (prompt editing, alternation) is reported to `warn` once per
+    /// prompt.
+    pub fn get(&mut self, text: &TextKey, warn: &mut dyn FnMut(&str)) -> Result<PromptEncoding> {
         if let Some(e) = self.cache.get(text) {
             return Ok(e.clone());
         }
-        let encoder = self
-            .encoder
-            .as_ref()
-            .with_context(|| format!("internal: {text:?} was not encoded before the text encoder was freed"))?;
-        let dropped = encoder.tokenizer.truncated_tokens(text)?;
-        if dropped > 0 {
-            warn(&format!(
-                "warning: {dropped} tokens of {text:?} are past the text encoder's limit and ignored"
-            ));
+        let encoder = self.encoder.as_ref().with_context(|| {
+            format!(
+                "internal: {:?} was not encoded before the text encoder was freed",
+                text.text
+            )
+        })?;
+        if let Some(message) = unsupported_warning(&text.text) {
+            if self.warned.insert(text.text.clone()) {
+                warn(&format!("warning: {message} (in {:?})", shortened(&text.text)));
+            }
         }
-        let e = encoder.encode_prompts(&[text])?;
+        let e = encoder
+            .encode_prompt(&text.text, text.options)
+            .with_context(|| format!("encoding the prompt {:?}", text.text))?;
         if self.cache.len() >= ENCODE_AHEAD_TEXTS {
             // Bounded: a long prompt file is mostly distinct prompts, used once each.
             self.cache.clear();
         }
-        self.cache.insert(text.to_string(), e.clone());
+        self.cache.insert(text.clone(), e.clone());
         Ok(e)
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::batch::{Item, PromptEmbeddings};
+use super::batch::{Item, PromptEmbeddings, TextKey};
 use super::init_image;
 use super::micro::{PixelSize, TimeIds};
 use super::observer::{Event, GeneratedImage, Interrupted, Observer};
@@ -20,6 +20,7 @@ use crate::model::stable_diffusion::{PromptEncoding, StableDiffusion};
 use crate::model::unet::{Conditioning, TextTime};
 use crate::model::vae::VaeEncoder;
 use crate::pipeline::{self, BatchInput, Inpainting};
+use crate::prompt::pad_to_same_length;
 use crate::sampling::noise::ImageNoise;
 
 /// The loaded networks a batch runs on.
@@ -153,19 +154,16 @@ fn img2img_batch(
     Ok(img2img)
 }
 
-/// The UNet's conditioning for a batch's rows: their embeddings, and for SDXL their pooled
-/// embeddings with each row's micro-conditioning.
-fn conditioning(rows: &[PromptEncoding], time_ids: Vec<TimeIds>) -> Result<Conditioning> {
-    let context = Tensor::cat(&rows.iter().map(|r| &r.context).collect::<Vec<_>>(), 0)?;
-    let pooled = rows.iter().map(|r| r.pooled.as_ref()).collect::<Option<Vec<_>>>();
-    let text_time = match pooled {
-        Some(pooled) if !pooled.is_empty() => Some(TextTime {
-            text_embeds: Tensor::cat(&pooled, 0)?,
-            time_ids,
+/// One image's conditioning for the UNet: its embeddings, and for SDXL its pooled embedding
+/// with its micro-conditioning.
+fn conditioning(encoding: &PromptEncoding, time_ids: TimeIds) -> Conditioning {
+    Conditioning {
+        context: encoding.context.clone(),
+        text_time: encoding.pooled.as_ref().map(|pooled| TextTime {
+            text_embeds: pooled.clone(),
+            time_ids: vec![time_ids],
         }),
-        _ => None,
-    };
-    Ok(Conditioning { context, text_time })
+    }
 }
 
 /// One UNet batch: initial latents, embeddings, the pipeline, then each image to the observer.
@@ -208,40 +206,38 @@ pub(super) fn run_batch(
         width: w * factor,
         height: h * factor,
     };
-    let mut positive = Vec::with_capacity(batch.len());
-    let mut time_ids = Vec::with_capacity(batch.len());
-    let mut negative_time_ids = Vec::with_capacity(batch.len());
+    let mut cond = Vec::with_capacity(batch.len());
+    let mut uncond = Vec::with_capacity(batch.len());
     for item in batch {
         let request = &jobs[item.job].request;
-        positive.push(prompts.get(&request.prompt, &mut warn)?);
-        let (ids, negative_ids) = request.micro.time_ids(size);
-        time_ids.push(ids);
-        negative_time_ids.push(negative_ids);
+        let options = request.prompt_options();
+        let mut positive = prompts.get(&TextKey::new(&request.prompt, options), &mut warn)?;
+        let (time_ids, negative_time_ids) = request.micro.time_ids(size);
+        if settings.uses_cfg() {
+            // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
+            // model's config says `force_zeros_for_empty_prompt` (A1111 does for an empty one).
+            let mut negative = if positive.pooled.is_some()
+                && record.configs.force_zeros_for_empty_prompt
+                && request.negative_prompt.is_empty()
+                && !request.encode_empty_negative
+            {
+                positive.zeros_like()?
+            } else {
+                prompts.get(&TextKey::new(&request.negative_prompt, options), &mut warn)?
+            };
+            if request.pad_conds {
+                // A1111's "Pad prompt/negative prompt": the shorter gets empty chunks, so the two
+                // share one UNet pass.
+                let empty = prompts.get(&TextKey::new("", options), &mut warn)?;
+                let (c, u) = pad_to_same_length(&positive.context, &negative.context, &empty.context)?;
+                (positive.context, negative.context) = (c, u);
+            }
+            uncond.push(conditioning(&negative, negative_time_ids));
+            cond.push(conditioning(&positive, time_ids));
+        } else {
+            cond.push(conditioning(&positive, time_ids));
+        }
     }
-    let cond = conditioning(&positive, time_ids)?;
-    let uncond = if settings.uses_cfg() {
-        let rows = batch
-            .iter()
-            .zip(&positive)
-            .map(|(i, cond)| {
-                let request = &jobs[i.job].request;
-                // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
-                // model's config says `force_zeros_for_empty_prompt` (A1111 does for an empty one).
-                if cond.pooled.is_some()
-                    && record.configs.force_zeros_for_empty_prompt
-                    && request.negative_prompt.is_empty()
-                    && !request.encode_empty_negative
-                {
-                    cond.zeros_like()
-                } else {
-                    prompts.get(&request.negative_prompt, &mut warn)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Some(conditioning(&rows, negative_time_ids)?)
-    } else {
-        None
-    };
     let text_seconds = text_started.elapsed().as_secs_f64();
     observer.event(&Event::BatchStarted {
         images: batch.len(),
@@ -273,7 +269,7 @@ pub(super) fn run_batch(
             .as_ref()
             .map_or_else(|| noise_latents.clone(), |i| i.latents.clone()),
         cond: &cond,
-        uncond: uncond.as_ref(),
+        uncond: settings.uses_cfg().then_some(uncond.as_slice()),
         settings,
         inpainting,
     };

@@ -45,10 +45,13 @@ pub enum Field {
     NegativeCropTopLeft,
     NegativeTargetSize,
     EncodeEmptyNegative,
+    Emphasis,
+    ClipSkip,
+    PadConds,
 }
 
 impl Field {
-    pub const ALL: [Field; 34] = [
+    pub const ALL: [Field; 37] = [
         Self::Prompt,
         Self::NegativePrompt,
         Self::Seed,
@@ -83,6 +86,9 @@ impl Field {
         Self::NegativeCropTopLeft,
         Self::NegativeTargetSize,
         Self::EncodeEmptyNegative,
+        Self::Emphasis,
+        Self::ClipSkip,
+        Self::PadConds,
     ];
 
     /// The key of prompt-file lines, of the overrides and of the image's recorded settings.
@@ -122,6 +128,9 @@ impl Field {
             Self::NegativeCropTopLeft => "negative_crop_top_left",
             Self::NegativeTargetSize => "negative_target_size",
             Self::EncodeEmptyNegative => "encode_empty_negative",
+            Self::Emphasis => "emphasis",
+            Self::ClipSkip => "clip_skip",
+            Self::PadConds => "pad_conds",
         }
     }
 
@@ -145,13 +154,18 @@ impl Field {
             Self::Sigmas => "scheduler",
             Self::Resize => "resize_mode",
             Self::NumImages => "batch_size",
+            // A1111 takes it in `override_settings`, as its option's name.
+            Self::ClipSkip => "CLIP_stop_at_last_layers",
             key => key.key(),
         }
     }
 
     /// Whether the setting is a switch (`--zero-snr` / `--no-zero-snr`).
     fn is_switch(self) -> bool {
-        matches!(self, Self::ZeroSnr | Self::PasteBack | Self::EncodeEmptyNegative)
+        matches!(
+            self,
+            Self::ZeroSnr | Self::PasteBack | Self::EncodeEmptyNegative | Self::PadConds
+        )
     }
 }
 

@@ -19,6 +19,7 @@ use super::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use super::micro::{CropCorner, PixelSize};
 use super::record::ImageRecord;
 use super::request::Request;
+use crate::prompt::Emphasis;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
 use crate::weights::lora::Loras;
@@ -80,13 +81,20 @@ pub struct Overrides {
     #[serde(default, deserialize_with = "parsed")]
     pub negative_target_size: Option<PixelSize>,
     pub encode_empty_negative: Option<bool>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub emphasis: Option<Emphasis>,
+    /// A1111's name is its option's, `CLIP_stop_at_last_layers` (`override_settings`).
+    #[serde(alias = "CLIP_stop_at_last_layers")]
+    pub clip_skip: Option<usize>,
+    pub pad_conds: Option<bool>,
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
 fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
 {
     Option::<String>::deserialize(d)?
         .map(|s| s.parse().map_err(serde::de::Error::custom))
@@ -201,6 +209,9 @@ impl Overrides {
         set_some(&mut micro.negative_crop_top_left, &self.negative_crop_top_left);
         set_some(&mut micro.negative_target_size, &self.negative_target_size);
         set(&mut request.encode_empty_negative, &self.encode_empty_negative);
+        set(&mut request.emphasis, &self.emphasis);
+        set(&mut request.clip_skip, &self.clip_skip);
+        set(&mut request.pad_conds, &self.pad_conds);
         let failed = |field: Field| move |e: anyhow::Error| RequestError::new(field, format!("{e:#}"));
         if let Some(reference) = &self.init_image {
             request.init_image = Some(reader.init_image(reference).map_err(failed(Field::InitImage))?);
@@ -256,6 +267,9 @@ impl Overrides {
             negative_crop_top_left: record.micro.negative_crop_top_left,
             negative_target_size: record.micro.negative_target_size,
             encode_empty_negative: Some(record.encode_empty_negative),
+            emphasis: Some(record.emphasis),
+            clip_skip: Some(record.clip_skip),
+            pad_conds: Some(record.pad_conds),
         })
     }
 }

@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::micro::MicroConditioning;
-use super::request::{Job, ResolvedInit, DEFAULT_MASK_BLUR};
+use super::request::{Job, ResolvedInit, DEFAULT_CLIP_SKIP, DEFAULT_MASK_BLUR};
+use crate::prompt::Emphasis;
 use crate::schedule::BetaSource;
 use crate::weights::loader::ModelConfigs;
 use crate::weights::lora::Loras;
@@ -161,6 +162,27 @@ pub struct ImageRecord {
     /// SDXL: an empty negative prompt was encoded, not zeroed; left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub encode_empty_negative: bool,
+    /// `--emphasis`; left out when original (A1111's default), so older PNGs read back.
+    #[serde(default, skip_serializing_if = "is_default_emphasis")]
+    pub emphasis: Emphasis,
+    /// `--clip-skip`; left out when 1.
+    #[serde(default = "default_clip_skip", skip_serializing_if = "is_default_clip_skip")]
+    pub clip_skip: usize,
+    /// `--pad-conds`; left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pad_conds: bool,
+}
+
+fn is_default_emphasis(emphasis: &Emphasis) -> bool {
+    *emphasis == Emphasis::default()
+}
+
+fn default_clip_skip() -> usize {
+    DEFAULT_CLIP_SKIP
+}
+
+fn is_default_clip_skip(clip_skip: &usize) -> bool {
+    *clip_skip == DEFAULT_CLIP_SKIP
 }
 
 /// What the engine records in image `k` of `job`.
@@ -259,6 +281,9 @@ impl RecordContext<'_> {
             img2img: job.init.as_ref().map(|init| self.img2img_record(job, init)),
             micro: job.request.micro,
             encode_empty_negative: job.request.encode_empty_negative,
+            emphasis: job.request.emphasis,
+            clip_skip: job.request.clip_skip,
+            pad_conds: job.request.pad_conds,
         }
     }
 }

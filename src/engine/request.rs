@@ -13,7 +13,9 @@ use super::field::{Field, RequestError, Warning};
 use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use super::micro::MicroConditioning;
 use crate::config::scheduler::SchedulerConfig;
+use crate::model::stable_diffusion::PromptOptions;
 use crate::pipeline::SamplingSettings;
+use crate::prompt::Emphasis;
 use crate::sampling::step::StepParams;
 use crate::sampling::{Prediction, Sampler};
 use crate::schedule::{Schedule, ScheduleSpec, SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpacing};
@@ -30,6 +32,8 @@ pub const DEFAULT_GUIDANCE_RESCALE: f64 = 0.7;
 pub const DEFAULT_SPACING: TimestepSpacing = TimestepSpacing::Trailing;
 /// img2img's strength unless told otherwise (diffusers' and AUTOMATIC1111's default).
 pub const DEFAULT_STRENGTH: f64 = 0.75;
+/// A1111's "Clip skip" unless told otherwise: the last layer.
+pub const DEFAULT_CLIP_SKIP: usize = 1;
 /// The paste-back's mask blur in px unless told otherwise (AUTOMATIC1111's default).
 pub const DEFAULT_MASK_BLUR: f64 = 4.0;
 
@@ -97,6 +101,16 @@ pub struct Request {
     /// SDXL: encode an empty negative prompt instead of zeroing its embeddings (what diffusers
     /// does with `force_zeros_for_empty_prompt` in the model's config and no negative prompt).
     pub encode_empty_negative: bool,
+    /// How prompt weights act on the text encoder's output (`--emphasis`, A1111's default
+    /// `original`).
+    pub emphasis: Emphasis,
+    /// A1111's "Clip skip", 1 = the last layer (`--clip-skip`; what it does per family:
+    /// [`crate::model::stable_diffusion::TextEncoder::encode_prompt`]).
+    pub clip_skip: usize,
+    /// A prompt and negative prompt of different chunk counts: pad the shorter with empty
+    /// chunks into one UNet batch (A1111's "Pad prompt/negative prompt") instead of running
+    /// the two as separate UNet passes (A1111's default).
+    pub pad_conds: bool,
 }
 
 impl Request {
@@ -132,6 +146,17 @@ impl Request {
             loras: None,
             micro: MicroConditioning::default(),
             encode_empty_negative: false,
+            emphasis: Emphasis::Original,
+            clip_skip: DEFAULT_CLIP_SKIP,
+            pad_conds: false,
+        }
+    }
+
+    /// How the text encoder reads this request's prompts.
+    pub fn prompt_options(&self) -> PromptOptions {
+        PromptOptions {
+            emphasis: self.emphasis,
+            clip_skip: self.clip_skip,
         }
     }
 
@@ -336,6 +361,21 @@ fn latent_size(configs: &ModelConfigs, request: &Request) -> Result<(usize, usiz
     ))
 }
 
+/// `clip_skip` N must name a layer the text encoders have: 1..=layers (SD 1.x/2.x), and one
+/// fewer for SDXL, whose N is `hidden_states[-(N + 1)]`.
+fn check_clip_skip(configs: &ModelConfigs, clip_skip: usize) -> Result<(), RequestError> {
+    let layers = configs.text_encoder.num_hidden_layers;
+    let max = match &configs.text_encoder_2 {
+        Some(second) => layers.min(second.num_hidden_layers).saturating_sub(1),
+        None => layers,
+    };
+    check((1..=max).contains(&clip_skip), Field::ClipSkip, || {
+        format!(
+            "{clip_skip} must be between 1 (the last layer) and {max} (this model's text encoder has {layers} layers)"
+        )
+    })
+}
+
 /// What replaces a zero-SNR alpha_bar_T = 0 when a Karras or exponential ramp needs a finite
 /// sigma_max and the user asked for `exact`: ComfyUI's and AUTOMATIC1111's value, the tools whose
 /// users pick these ramps (with a warning that says so).
@@ -355,6 +395,7 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         }
     }
     request.micro.check()?;
+    check_clip_skip(configs, request.clip_skip)?;
     let guidance = request.guidance;
     check(guidance >= 0.0, Field::Guidance, || {
         format!("{guidance} must not be negative")

@@ -3,7 +3,8 @@
 //! Output ([`ClipLayer`]): `last_hidden_state` after the final layer norm, which is what SD
 //! 1.x/2.x condition on (SD 2.x ships a 23-layer OpenCLIP ViT-H config, so that is its penultimate
 //! layer), or an earlier `hidden_states[-k]` without the norm (SDXL conditions on
-//! `hidden_states[-2]` of both encoders); and the pooled output, projected for
+//! `hidden_states[-2]` of both encoders) or with it (A1111's "Clip skip" on SD 1.x); and the
+//! pooled output, projected for
 //! `CLIPTextModelWithProjection` (SDXL's `text_embeds`). Unlike
 //! candle-transformers' CLIP, it reads every size from the config, uses the configured activation
 //! (exact erf GELU for SD 2.x), and masks correctly for any batch size. Weights load with or
@@ -100,6 +101,10 @@ pub enum ClipLayer {
     /// transformers' `hidden_states[-k]` (k = 1 is the last layer's output), without the final
     /// norm: diffusers' SDXL prompt encoding (k = 2).
     FromEnd(usize),
+    /// `hidden_states[-k]`, then the final layer norm: A1111's "Clip skip" k on SD 1.x
+    /// (`FrozenCLIPEmbedderWithCustomWords.encode_with_transformers`), diffusers' `clip_skip`
+    /// k - 1 (`StableDiffusionPipeline.encode_prompt`). k = 1 is [`ClipLayer::Last`].
+    FromEndNormed(usize),
 }
 
 /// One encoder's outputs for a batch of token ids.
@@ -121,6 +126,7 @@ pub struct ClipTextTransformer {
     text_projection: Option<Linear>,
     max_positions: usize,
     eos_token_id: u32,
+    activation: ClipActivation,
 }
 
 impl ClipTextTransformer {
@@ -158,7 +164,14 @@ impl ClipTextTransformer {
             text_projection,
             max_positions: config.max_position_embeddings,
             eos_token_id: config.eos_token_id,
+            activation,
         })
+    }
+
+    /// The MLP activation: `quick_gelu` marks OpenAI's CLIP (SD 1.x, SDXL's first encoder),
+    /// `gelu` OpenCLIP (SD 2.x, SDXL's second), which A1111 encodes by different code paths.
+    pub fn activation(&self) -> ClipActivation {
+        self.activation
     }
 
     /// The number of transformer layers.
@@ -195,16 +208,18 @@ impl ClipTextTransformer {
     /// Token ids (b, tokens), u32, -> the hidden state `layer` says, and with `pooled` the
     /// pooled (and projected) output.
     pub fn encode(&self, input_ids: &Tensor, layer: ClipLayer, pooled: bool) -> Result<ClipOutput> {
-        let run_layers = match layer {
-            ClipLayer::Last => self.layers.len(),
-            ClipLayer::FromEnd(k) if (1..=self.layers.len()).contains(&k) => self.layers.len() + 1 - k,
-            ClipLayer::FromEnd(k) => {
-                candle_core::bail!(
-                    "hidden_states[-{k}] of a text encoder with {} layers",
-                    self.layers.len()
-                )
-            }
+        let (from_end, normed) = match layer {
+            ClipLayer::Last => (1, true),
+            ClipLayer::FromEnd(k) => (k, false),
+            ClipLayer::FromEndNormed(k) => (k, true),
         };
+        if !(1..=self.layers.len()).contains(&from_end) {
+            candle_core::bail!(
+                "hidden_states[-{from_end}] of a text encoder with {} layers",
+                self.layers.len()
+            );
+        }
+        let run_layers = self.layers.len() + 1 - from_end;
         let (_, tokens) = input_ids.dims2()?;
         if tokens > self.max_positions {
             candle_core::bail!(
@@ -225,35 +240,34 @@ impl ClipTextTransformer {
         let needed = if pooled { self.layers.len() } else { run_layers };
         for (i, encoder_layer) in self.layers[..needed].iter().enumerate() {
             xs = encoder_layer.forward(&xs, &mask)?;
-            if i + 1 == run_layers && layer != ClipLayer::Last {
-                hidden = Some(xs.clone());
+            if i + 1 == run_layers {
+                hidden = Some(if normed {
+                    self.final_layer_norm.forward(&xs)?
+                } else {
+                    xs.clone()
+                });
             }
         }
-        let last = if layer == ClipLayer::Last || pooled {
-            Some(self.final_layer_norm.forward(&xs)?)
+        let hidden = hidden.ok_or_else(|| candle_core::Error::Msg("internal: the text encoder ran no layer".into()))?;
+        let pooled = if pooled {
+            let last = if run_layers == self.layers.len() && normed {
+                hidden.clone()
+            } else {
+                self.final_layer_norm.forward(&xs)?
+            };
+            let positions = self.pooled_positions(input_ids)?;
+            let rows = positions
+                .iter()
+                .enumerate()
+                .map(|(b, &p)| last.get(b)?.get(p as usize))
+                .collect::<Result<Vec<_>>>()?;
+            let states = Tensor::stack(&rows, 0)?;
+            Some(match &self.text_projection {
+                Some(projection) => projection.forward(&states)?,
+                None => states,
+            })
         } else {
             None
-        };
-        let pooled = match (&last, pooled) {
-            (Some(last), true) => {
-                let positions = self.pooled_positions(input_ids)?;
-                let rows = positions
-                    .iter()
-                    .enumerate()
-                    .map(|(b, &p)| last.get(b)?.get(p as usize))
-                    .collect::<Result<Vec<_>>>()?;
-                let states = Tensor::stack(&rows, 0)?;
-                Some(match &self.text_projection {
-                    Some(projection) => projection.forward(&states)?,
-                    None => states,
-                })
-            }
-            _ => None,
-        };
-        let hidden = match (hidden, last) {
-            (Some(hidden), _) => hidden,
-            (None, Some(last)) => last,
-            (None, None) => xs,
         };
         Ok(ClipOutput { hidden, pooled })
     }

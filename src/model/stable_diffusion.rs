@@ -2,13 +2,15 @@
 //! [`StableDiffusion`] denoiser (UNet + VAE), so that a run can encode its prompts and free the
 //! text encoder before the UNet's weights arrive. Loading them is `weights::loader`'s job.
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::clip::{ClipLayer, ClipOutput, ClipTextTransformer};
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
 use super::vae::Vae;
+use crate::config::clip::ClipActivation;
+use crate::prompt::{empty_chunk, encode_chunks, tokenize_prompt, Emphasis, PromptChunk, TokenizedPrompt};
 
 /// A tokenizer and the CLIP text model it feeds.
 pub struct ClipEncoder {
@@ -31,6 +33,55 @@ fn run_clip(
     }
     let ids = Tensor::from_vec(ids, (prompts.len(), tokenizer.max_length()), device)?;
     Ok(model.encode(&ids, layer, pooled)?)
+}
+
+/// How a prompt is read and encoded, beside its text: `--emphasis` and `--clip-skip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PromptOptions {
+    pub emphasis: Emphasis,
+    /// A1111's "Clip skip" (`CLIP_stop_at_last_layers`): 1 is the last layer. See
+    /// [`TextEncoder::encode_prompt`] for what it does on each family.
+    pub clip_skip: usize,
+}
+
+impl Default for PromptOptions {
+    fn default() -> Self {
+        Self {
+            emphasis: Emphasis::Original,
+            clip_skip: 1,
+        }
+    }
+}
+
+/// One encoder's conditioning of a prompt, chunk by chunk: (1, 77 * chunks, d), and the pooled
+/// output of the first chunk when asked for.
+fn encode_prompt_with(
+    encoder: &ClipTextTransformer,
+    tokenized: &TokenizedPrompt,
+    empty: &PromptChunk,
+    options: PromptOptions,
+    layer: ClipLayer,
+    pooled: bool,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let run = |ids: &[u32], pooled: bool| -> Result<ClipOutput> {
+        let ids = Tensor::from_slice(ids, (1, ids.len()), device)?;
+        Ok(encoder.encode(&ids, layer, pooled)?)
+    };
+    let empty_encoding = match options.emphasis {
+        Emphasis::Comfy => Some(run(&empty.ids, false)?.hidden),
+        _ => None,
+    };
+    let mut first_pooled = None;
+    let context = encode_chunks(&tokenized.chunks, options.emphasis, empty_encoding.as_ref(), |ids| {
+        // A1111's SDXL takes the pooled output of the first chunk (`zs[0].pooled`).
+        let out = run(ids, pooled && first_pooled.is_none())?;
+        if out.pooled.is_some() {
+            first_pooled = out.pooled;
+        }
+        Ok(out.hidden)
+    })?;
+    Ok((context, first_pooled))
 }
 
 /// What the prompts give the UNet: the per-token embeddings and, for SDXL, the pooled one.
@@ -78,7 +129,74 @@ impl TextEncoder {
         self
     }
 
-    /// Text embeddings of a batch of prompts, (b, tokens, dim), in the model's dtype.
+    /// One prompt in A1111's prompt language (emphasis, `BREAK`, any length in chunks of 75
+    /// tokens): each chunk encoded on its own and the chunks joined on the token axis, (1,
+    /// 77 * chunks, dim), as A1111's `FrozenCLIPEmbedderWithCustomWordsBase.forward` does.
+    ///
+    /// `clip_skip` N (A1111's numbering, 1 = the last layer):
+    /// - SD 1.x (OpenAI CLIP, `quick_gelu`): N > 1 takes `hidden_states[-N]`, then the final
+    ///   layer norm (A1111's `FrozenCLIPEmbedderWithCustomWords.encode_with_transformers`;
+    ///   diffusers' `clip_skip = N - 1`).
+    /// - SD 2.x (OpenCLIP, `gelu`): ignored, as A1111 ignores it there (its
+    ///   `FrozenOpenCLIPEmbedderWithCustomWords` never reads the option); the diffusers conversion
+    ///   already dropped the last layer, so this is A1111's penultimate layer.
+    /// - SDXL: diffusers' rule, `hidden_states[-(N + 1)]` of both encoders without the norm
+    ///   (`StableDiffusionXLPipeline.encode_prompt`: `hidden_states[-(clip_skip + 2)]` with its
+    ///   `clip_skip = N - 1`), so N = 1 is the penultimate layer SDXL always uses. A1111 differs:
+    ///   it changes only CLIP-L, and only with its `sdxl_clip_l_skip` option.
+    ///
+    /// SDXL: each encoder tokenizes, chunks and weighs the prompt with its own tokenizer (A1111's
+    /// two embedders of sgm's `GeneralConditioner`), the chunks are joined on the channel axis,
+    /// and the pooled embedding is the second encoder's on the first chunk (A1111's
+    /// `zs[0].pooled`).
+    pub fn encode_prompt(&self, prompt: &str, options: PromptOptions) -> Result<PromptEncoding> {
+        let clip_skip = options.clip_skip.max(1);
+        let tokenized = tokenize_prompt(prompt, options.emphasis, &self.tokenizer)?;
+        let empty = empty_chunk(&self.tokenizer);
+        match &self.second {
+            None => {
+                let layer = match (self.model.activation(), clip_skip) {
+                    (ClipActivation::QuickGelu, n) if n > 1 => ClipLayer::FromEndNormed(n),
+                    _ => ClipLayer::Last,
+                };
+                let (context, _) =
+                    encode_prompt_with(&self.model, &tokenized, &empty, options, layer, false, &self.device)?;
+                Ok(PromptEncoding { context, pooled: None })
+            }
+            Some(second) => {
+                let layer = ClipLayer::FromEnd(clip_skip + 1);
+                let (a, _) = encode_prompt_with(&self.model, &tokenized, &empty, options, layer, false, &self.device)
+                    .context("the first text encoder")?;
+                let tokenized_2 = tokenize_prompt(prompt, options.emphasis, &second.tokenizer)?;
+                ensure!(
+                    tokenized_2.chunks.len() == tokenized.chunks.len(),
+                    "the two tokenizers cut {prompt:?} into {} and {} chunks",
+                    tokenized.chunks.len(),
+                    tokenized_2.chunks.len()
+                );
+                let empty_2 = empty_chunk(&second.tokenizer);
+                let (b, pooled) = encode_prompt_with(
+                    &second.model,
+                    &tokenized_2,
+                    &empty_2,
+                    options,
+                    layer,
+                    true,
+                    &self.device,
+                )
+                .context("the second text encoder")?;
+                Ok(PromptEncoding {
+                    // (1, 77 * chunks, d1 + d2): per chunk, the two encoders side by side.
+                    context: Tensor::cat(&[&a, &b], 2)?,
+                    pooled,
+                })
+            }
+        }
+    }
+
+    /// Text embeddings of a batch of prompts, (b, tokens, dim), in the model's dtype: plain
+    /// text cut at 77 tokens, as diffusers' pipelines and training scripts take it (fine-tuning,
+    /// `bench`); generation reads prompts with [`Self::encode_prompt`].
     pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
         Ok(self.encode_prompts(prompts)?.context)
     }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::prompt::Emphasis;
 use crate::sampling::Sampler;
 
 pub use crate::engine::record::{ImageRecord, SchedulerRecord};
@@ -94,6 +95,17 @@ impl ImageRecord {
             if let Some(blur) = img2img.mask_blur {
                 fields.push(format!("Mask blur: {}", number(blur)));
             }
+        }
+        // A1111's `create_infotext` writes Clip skip only past 1; `Emphasis` (`sd_hijack_clip`)
+        // and `Pad conds` (`sd_samplers_cfg_denoiser`) are extra fields away from their defaults.
+        if self.clip_skip > 1 {
+            fields.push(format!("Clip skip: {}", self.clip_skip));
+        }
+        if self.emphasis != Emphasis::Original {
+            fields.push(format!("Emphasis: {}", self.emphasis.a1111_name()));
+        }
+        if self.pad_conds {
+            fields.push("Pad conds: True".to_string());
         }
         if self.eta != 0.0 {
             fields.push(format!("Eta: {}", number(self.eta)));
@@ -193,6 +205,9 @@ mod tests {
             img2img: None,
             micro: Default::default(),
             encode_empty_negative: false,
+            emphasis: Emphasis::Original,
+            clip_skip: 1,
+            pad_conds: false,
         }
     }
 

@@ -205,6 +205,37 @@ pub struct Resolved {
     pub send_images: bool,
 }
 
+/// A1111's options (`override_settings`) that are sdfix settings, by option name and key:
+/// "Clip skip", the emphasis mode and "Pad prompt/negative prompt".
+const A1111_OPTIONS: [(&str, &str); 3] = [
+    ("CLIP_stop_at_last_layers", "clip_skip"),
+    ("emphasis", "emphasis"),
+    ("pad_cond_uncond", "pad_conds"),
+];
+
+/// Sets the settings of [`A1111_OPTIONS`] that `override_settings` names on `request`, over the
+/// body's own; a bad value names its option.
+fn apply_a1111_options(
+    overrides: &BTreeMap<String, Value>,
+    request: &mut Request,
+    inputs: &mut Base64Inputs,
+) -> Result<(), ApiError> {
+    for (option, key) in A1111_OPTIONS {
+        let Some(value) = overrides.get(option).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let prefix = format!("\"{key}\": ");
+        let setting = Overrides::parse_object(json!({ key: value }), true).map_err(|e| {
+            ApiError::invalid(format!(
+                "override_settings.{option}: {}",
+                e.strip_prefix(&prefix).unwrap_or(&e)
+            ))
+        })?;
+        setting.apply(request, inputs).map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
 /// A1111's sampler names and sdfix's, for `/samplers` and `sampler_name`.
 pub fn samplers() -> Value {
     Value::Array(
@@ -366,6 +397,7 @@ impl Txt2Img {
         };
         let mut request = Request::new("");
         self.settings.apply(&mut request, inputs).map_err(|e| invalid(&e))?;
+        apply_a1111_options(&overrides, &mut request, inputs)?;
         request.zero_snr = zero_snr;
         request.sampler = sampler;
         request.sigmas = sigmas;
@@ -496,6 +528,31 @@ mod tests {
         assert_eq!(r.request.zero_snr, Some(false));
         let r = resolve(json!({"zero_snr": true, "override_settings": {"sd_noise_schedule": "Default"}})).unwrap();
         assert_eq!(r.request.zero_snr, Some(true), "the field wins over the override");
+    }
+
+    #[test]
+    fn a1111_prompt_options_are_settings() {
+        let r = resolve(json!({
+            "clip_skip": 3,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "emphasis": "No norm", "pad_cond_uncond": true},
+        }))
+        .unwrap();
+        assert_eq!(
+            r.request.clip_skip, 2,
+            "the option wins over the field, as A1111's override"
+        );
+        assert_eq!(r.request.emphasis, crate::prompt::Emphasis::NoNorm);
+        assert!(r.request.pad_conds);
+        let err = resolve(json!({"override_settings": {"emphasis": "Loud"}})).unwrap_err();
+        assert!(
+            err.detail.contains("override_settings.emphasis: unknown emphasis"),
+            "{err:?}"
+        );
+        let err = resolve(json!({"override_settings": {"CLIP_stop_at_last_layers": "two"}})).unwrap_err();
+        assert!(
+            err.detail.contains("override_settings.CLIP_stop_at_last_layers: "),
+            "{err:?}"
+        );
     }
 
     #[test]

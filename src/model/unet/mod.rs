@@ -40,6 +40,29 @@ impl Conditioning {
         self.context.dim(0)
     }
 
+    /// The number of text tokens each row's context has.
+    pub fn tokens(&self) -> Result<usize> {
+        self.context.dim(1)
+    }
+
+    /// Each row on its own (batch 1), in order: what [`Self::cat`] stacks.
+    pub fn rows(&self) -> Result<Vec<Self>> {
+        (0..self.batch_size()?)
+            .map(|i| {
+                Ok(Self {
+                    context: self.context.narrow(0, i, 1)?,
+                    text_time: match &self.text_time {
+                        Some(t) => Some(TextTime {
+                            text_embeds: t.text_embeds.narrow(0, i, 1)?,
+                            time_ids: vec![t.time_ids[i]],
+                        }),
+                        None => None,
+                    },
+                })
+            })
+            .collect()
+    }
+
     /// Rows of several conditionings stacked in order (CFG's uncond-then-cond batch); all or none
     /// must carry [`TextTime`].
     pub fn cat(parts: &[&Self]) -> Result<Self> {
