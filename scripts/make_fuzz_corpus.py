@@ -238,6 +238,13 @@ def write_handmade_regressions():
     root = {"state_dict": {"model.diffusion_model.out.0.bias": short}}
     (out / "panic-short-tensor-rebuild.ckpt").write_bytes(ckpt_bytes(root, [storage]))
 
+    out = OUT / "safetensors" / "regressions"
+    out.mkdir(parents=True, exist_ok=True)
+    # A name with a newline and a terminal escape: errors naming the tensor ran over two lines
+    # (the ckpt fuzzer found it in a pickle; the safetensors mutator did not write one then).
+    tensors = [("w\n\x1b[2J", "F32", [2], [1.0, 2.0])]
+    (out / "two-line-error-newline-in-name.safetensors").write_bytes(safetensors_bytes(tensors))
+
     out = OUT / "lora" / "regressions"
     out.mkdir(parents=True, exist_ok=True)
     # An 8192x8192 update from 64 KB of rank-1 factors, for conv_in (16x4x3x3): a 256 MB

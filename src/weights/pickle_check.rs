@@ -121,7 +121,8 @@ pub fn check(path: &Path) -> Result<()> {
 }
 
 /// Checks that each tensor candle listed lies inside its storage entry, an uncompressed entry
-/// of the zip at `path`: candle allocates the declared shape before reading the bytes.
+/// of the zip at `path` (candle allocates the declared shape before reading the bytes), and that
+/// no name holds a control character.
 pub fn check_tensors(path: &Path, tensors: &PthTensors) -> Result<()> {
     let label = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {label}"))?;
@@ -132,6 +133,12 @@ pub fn check_tensors(path: &Path, tensors: &PthTensors) -> Result<()> {
     let mut infos: Vec<_> = tensors.tensor_infos().iter().collect();
     infos.sort_unstable_by_key(|(name, _)| *name);
     for (name, info) in infos {
+        // Names go into messages and listings (see the safetensors reader).
+        ensure!(
+            !name.chars().chain(info.path.chars()).any(char::is_control),
+            "{label} is not a weights file: tensor name {name:?} or its storage {:?} holds a control character",
+            info.path
+        );
         let entry = zip
             .by_name(&info.path)
             .with_context(|| format!("{label}: tensor {name}: cannot read its storage {}", info.path))?;

@@ -170,12 +170,13 @@ fn mutate_header(rng: &mut Rand, file: &mut File) {
 
 /// A name a writer would not give: empty, huge, the metadata key, control characters.
 fn odd_name(rng: &mut Rand, name: &str) -> String {
-    match rng.random_range(0..6) {
+    match rng.random_range(0..7) {
         0 => String::new(),
         1 => METADATA.into(),
         2 => "x".repeat(rng.random_range(1000..20_000)),
         3 => format!("{name}\u{0}\u{202e}"),
-        4 => format!("{name}.copy"),
+        4 => format!("{name}\n\u{1b}[2J"),
+        5 => format!("{name}.copy"),
         _ => name.to_uppercase(),
     }
 }
