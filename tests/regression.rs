@@ -370,3 +370,28 @@ fn a_ramp_below_t_needs_no_terminal_clamp() {
         "{warning}"
     );
 }
+
+/// A `.pt` whose pickle nests 100,000 tuples (found by tests/fuzz_readers.rs, which holds the other
+/// hostile files it found): candle's reader dropped them recursively and the process died of a
+/// stack overflow. The pickle check now refuses objects nested deeper than tensor checkpoints go.
+#[test]
+fn a_deeply_nested_pickle_is_refused_in_one_line() {
+    let model = fixture("fuzz/ckpt/regressions/stack-overflow-nested-tuples.pt");
+    let dir = tempfile::tempdir().unwrap();
+    let out = sdfix(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(model.to_str().unwrap()) && stderr.contains("nested more than 64 deep"),
+        "{stderr}"
+    );
+}

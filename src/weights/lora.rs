@@ -278,11 +278,17 @@ impl LoraFile {
             };
             let up = reader.load(up, &device)?.to_dtype(DType::F32)?;
             let down = reader.load(down, &device)?.to_dtype(DType::F32)?;
-            let rank = down.dim(0)?;
+            // up [out, rank(, 1, 1)], down [rank, in(, k, k)]: anything else is no update.
+            let (up_dims, down_dims) = (up.dims(), down.dims());
             ensure!(
-                up.dim(1)? == rank,
+                up_dims.len() >= 2 && down_dims.len() >= 2 && up_dims[2..].iter().all(|&d| d == 1),
+                "LoRA {label}: module {module}: up {up_dims:?} and down {down_dims:?} are not [out, rank(, 1, 1)] and [rank, in(, k, k)]"
+            );
+            let rank = down_dims[0];
+            ensure!(
+                up_dims[1] == rank,
                 "LoRA {label}: module {module}: up has rank {} but down {rank}",
-                up.dim(1)?
+                up_dims[1]
             );
             let scale = match parts.get("alpha") {
                 Some(alpha) => as_f64(&reader.load(alpha, &device)?)? / rank as f64,
@@ -427,6 +433,7 @@ impl Loras {
                 };
                 match target {
                     Some(target) => updates.entry(target).or_default().push(Update {
+                        source: format!("LoRA {}: module {}", file.path.display(), module.key),
                         up: module.up.clone(),
                         down: module.down.clone(),
                         factor: applied.weight * module.scale,
@@ -455,6 +462,8 @@ impl Loras {
 
 /// `factor * up @ down`, added to one weight.
 struct Update {
+    /// `LoRA <path>: module <key>`, for errors.
+    source: String,
     up: Tensor,
     down: Tensor,
     factor: f64,
@@ -475,6 +484,15 @@ impl Patched {
         let shape: Shape = tensor.shape().clone();
         let mut merged = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         for update in updates {
+            // Checked before the product, whose size the file's shapes set.
+            let (out, inputs) = (update.up.dim(0)?, update.down.dim(1)?);
+            if shape.dims().first() != Some(&out) || out.checked_mul(inputs) != Some(shape.elem_count()) {
+                candle_core::bail!(
+                    "{}: its update is {out}x{inputs}, which does not fit {name} {:?}",
+                    update.source,
+                    shape.dims()
+                );
+            }
             // (out, r) @ (r, in k k) -> (out, in k k), as the weight's shape.
             let delta = (update.up.matmul(&update.down)? * update.factor)?.reshape(&shape)?;
             merged = (merged + delta)?;

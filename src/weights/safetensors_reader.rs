@@ -60,6 +60,18 @@ fn candle_dtype(dtype: safetensors::Dtype) -> Option<DType> {
     })
 }
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`): a message quoting the file's
+/// strings (the safetensors crate's errors name tensors) stays one line and writes nothing to the
+/// terminal.
+fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 impl SafetensorsReader {
     /// Opens `path` and reads its header; every tensor's extent is checked against the file size.
     pub fn open(path: &Path) -> Result<Self> {
@@ -76,8 +88,9 @@ impl SafetensorsReader {
         let mut header = vec![0u8; header_bytes as usize];
         file.read_exact(&mut header)
             .with_context(|| format!("cannot read the header of {label}"))?;
-        let metadata: Metadata =
-            serde_json::from_slice(&header).with_context(|| format!("{label} has no valid safetensors header"))?;
+        let metadata: Metadata = serde_json::from_slice(&header)
+            .map_err(|e| anyhow::Error::msg(escape_controls(&e.to_string())))
+            .with_context(|| format!("{label} has no valid safetensors header"))?;
         let data_start = HEADER_LENGTH_BYTES + header_bytes;
         let data_bytes = file_bytes - data_start;
         let mut entries = HashMap::new();
@@ -87,6 +100,14 @@ impl SafetensorsReader {
                 shape,
                 data_offsets: (begin, end),
             } = info;
+            // Names go into messages and listings: a newline or escape sequence there is the
+            // file writing to the terminal (found by tests/fuzz_readers.rs).
+            if name.chars().any(char::is_control) {
+                bail!(
+                    "{label} is not a weights file: tensor name {:?} holds a control character",
+                    name
+                );
+            }
             if *end as u64 > data_bytes {
                 bail!("{label} is truncated: tensor {name} ends at byte {end} of {data_bytes} data bytes");
             }

@@ -73,6 +73,7 @@ pub(super) fn open_backend(path: &Path) -> Result<(Box<dyn SimpleBackend>, BTree
             super::pickle_check::check(path)?;
             let tensors = candle_core::pickle::PthTensors::new(path, None)
                 .with_context(|| format!("{label} is not a readable PyTorch checkpoint"))?;
+            super::pickle_check::check_tensors(path, &tensors)?;
             let names = tensors.tensor_infos().keys().cloned().collect();
             Ok((Box::new(tensors), names))
         }

@@ -87,10 +87,14 @@ impl Family {
     }
 }
 
-/// The checkpoint's tensors: a safetensors file or a checked PyTorch zip.
+/// The checkpoint's tensors: a safetensors file or a checked PyTorch zip (its errors name the
+/// file, as the safetensors reader's do).
 pub enum Checkpoint {
     Safetensors(SafetensorsReader),
-    Pickle(candle_core::pickle::PthTensors),
+    Pickle {
+        tensors: candle_core::pickle::PthTensors,
+        label: String,
+    },
 }
 
 impl Checkpoint {
@@ -106,7 +110,11 @@ impl Checkpoint {
                 let tensors = candle_core::pickle::PthTensors::new(path, Some("state_dict"))
                     .or_else(|_| candle_core::pickle::PthTensors::new(path, None))
                     .with_context(|| format!("{label} is not a readable PyTorch checkpoint"))?;
-                Ok(Self::Pickle(tensors))
+                pickle_check::check_tensors(path, &tensors)?;
+                Ok(Self::Pickle {
+                    tensors,
+                    label: label.to_string(),
+                })
             }
             other => bail!("{label}: unknown checkpoint format .{other} (expected .safetensors or .ckpt)"),
         }
@@ -115,14 +123,14 @@ impl Checkpoint {
     pub fn keys(&self) -> Vec<String> {
         match self {
             Self::Safetensors(r) => r.names().cloned().collect(),
-            Self::Pickle(p) => p.tensor_infos().keys().cloned().collect(),
+            Self::Pickle { tensors, .. } => tensors.tensor_infos().keys().cloned().collect(),
         }
     }
 
     pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
         match self {
             Self::Safetensors(r) => r.shape(key).map(|s| s.dims().to_vec()),
-            Self::Pickle(p) => p.tensor_infos().get(key).map(|i| i.layout.dims().to_vec()),
+            Self::Pickle { tensors, .. } => tensors.tensor_infos().get(key).map(|i| i.layout.dims().to_vec()),
         }
     }
 
@@ -130,7 +138,7 @@ impl Checkpoint {
     pub fn metadata(&self) -> HashMap<String, String> {
         match self {
             Self::Safetensors(r) => r.metadata().clone(),
-            Self::Pickle(_) => HashMap::new(),
+            Self::Pickle { .. } => HashMap::new(),
         }
     }
 
@@ -139,10 +147,13 @@ impl Checkpoint {
     pub fn load_third(&self, key: &str, k: usize, device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Self::Safetensors(r) => r.load_part(key, k, 3, device),
-            Self::Pickle(_) => {
+            Self::Pickle { label, .. } => {
                 let tensor = self.load(key, device)?;
-                let rows = tensor.dim(0)? / 3;
-                tensor.narrow(0, k * rows, rows)?.contiguous()
+                let rows = tensor.dims().first().copied().unwrap_or(0);
+                if k >= 3 || rows == 0 || !rows.is_multiple_of(3) {
+                    candle_core::bail!("{label}: tensor {key} {:?} has no part {k} of 3", tensor.dims());
+                }
+                tensor.narrow(0, k * rows / 3, rows / 3)?.contiguous()
             }
         }
     }
@@ -151,8 +162,9 @@ impl Checkpoint {
     pub fn load(&self, key: &str, device: &Device) -> candle_core::Result<Tensor> {
         match self {
             Self::Safetensors(r) => r.load(key, device),
-            Self::Pickle(p) => p
-                .get(key)?
+            Self::Pickle { tensors, label } => tensors
+                .get(key)
+                .map_err(|e| candle_core::Error::Msg(format!("{label}: reading tensor {key}: {e}")))?
                 .ok_or_else(|| candle_core::Error::CannotFindTensor { path: key.to_string() }.bt())?
                 .to_device(device),
         }
