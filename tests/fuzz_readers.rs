@@ -250,7 +250,14 @@ fn regressions_are_refused_for_their_cause() {
             read_ckpt,
             "holds a control character",
         ),
-        // handmade: the same in a safetensors header.
+        // A newline in the zip entry name of the pickle (found by the second long run), in the
+        // error saying it could not be read.
+        (
+            "ckpt/regressions/two-line-error-newline-in-entry-name.ckpt",
+            read_ckpt,
+            r#"zip entry "arc\nive/data.pkl" holds a control character"#,
+        ),
+        // handmade: a newline in a tensor name of a safetensors header.
         (
             "safetensors/regressions/two-line-error-newline-in-name.safetensors",
             read_safetensors,

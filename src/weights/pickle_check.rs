@@ -92,11 +92,15 @@ pub fn check(path: &Path) -> Result<()> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {label}"))?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file))
         .with_context(|| format!("{label} is not a PyTorch zip checkpoint (legacy pickles are not read)"))?;
-    let pickles: Vec<String> = zip
+    let names: Vec<String> = zip
         .file_names()
         .filter_map(|name| name.ok().map(|n| n.into_owned()))
-        .filter(|name| name.ends_with("data.pkl"))
         .collect();
+    // Entry names go into messages, as tensor names do (see `check_tensors`).
+    if let Some(name) = names.iter().find(|name| name.chars().any(char::is_control)) {
+        bail!("{label} is not a weights file: zip entry {name:?} holds a control character");
+    }
+    let pickles: Vec<String> = names.into_iter().filter(|name| name.ends_with("data.pkl")).collect();
     if pickles.is_empty() {
         bail!("{label}: no data.pkl in the zip; not a PyTorch checkpoint");
     }
