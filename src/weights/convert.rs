@@ -82,24 +82,9 @@ pub fn convert(single: &SingleFile, out: &Path, dtype: DType) -> Result<usize> {
     std::fs::create_dir_all(&scheduler)?;
     write_json(&scheduler.join("scheduler_config.json"), &configs.scheduler)?;
     let sdxl = single.family == Family::Sdxl;
-    let first = match &single.tokenizer_dir {
-        Some(dir) => dir.clone(),
-        None => super::demo::clip_tokenizer_folder(single.family != Family::Sd2)?,
-    };
-    copy_tokenizer(&first, &out.join("tokenizer"))?;
+    copy_tokenizer(&single.tokenizer_folder()?, &out.join("tokenizer"))?;
     if sdxl {
-        // OpenCLIP's tokenizer pads with "!": --config's tokenizer_2, else the built-in one.
-        let beside = single
-            .tokenizer_dir
-            .as_ref()
-            .and_then(|dir| dir.parent())
-            .map(|parent| parent.join("tokenizer_2"))
-            .filter(|dir| dir.is_dir());
-        let second = match beside {
-            Some(dir) => dir,
-            None => super::demo::clip_tokenizer_folder(false)?,
-        };
-        copy_tokenizer(&second, &out.join("tokenizer_2"))?;
+        copy_tokenizer(&single.tokenizer_2_folder()?, &out.join("tokenizer_2"))?;
     }
     let scheduler_class = configs
         .scheduler

@@ -20,7 +20,7 @@ use candle_nn::var_builder::SimpleBackend;
 use super::files::{ModelFiles, ModelLocation};
 use super::lora::{Component as LoraComponent, Loras};
 use super::single_file::detect::Detection;
-use super::single_file::{Family, SingleFile, SingleFileOptions};
+use super::single_file::{SingleFile, SingleFileOptions};
 use super::vae_file::SeparateVae;
 use super::weight_file::open_backend;
 pub use super::weight_file::Weights;
@@ -413,14 +413,7 @@ impl ModelSource {
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
         match self {
             Self::Layout(files) => load_tokenizer(files, "tokenizer"),
-            Self::Single(single) => {
-                let folder = match &single.tokenizer_dir {
-                    Some(dir) => dir.clone(),
-                    // CLIP-L's pads with its EOS (SD 1.x, SDXL's first); OpenCLIP's with "!".
-                    None => super::demo::clip_tokenizer_folder(single.family != Family::Sd2)?,
-                };
-                ClipTokenizer::from_folder(&folder)
-            }
+            Self::Single(single) => ClipTokenizer::from_folder(&single.tokenizer_folder()?),
         }
     }
 
@@ -428,19 +421,7 @@ impl ModelSource {
     fn tokenizer_2(&self) -> Result<ClipTokenizer> {
         match self {
             Self::Layout(files) => load_tokenizer(files, "tokenizer_2"),
-            Self::Single(single) => {
-                let beside = single
-                    .tokenizer_dir
-                    .as_ref()
-                    .and_then(|dir| dir.parent())
-                    .map(|parent| parent.join("tokenizer_2"))
-                    .filter(|dir| dir.is_dir());
-                let folder = match beside {
-                    Some(dir) => dir,
-                    None => super::demo::clip_tokenizer_folder(false)?,
-                };
-                ClipTokenizer::from_folder(&folder)
-            }
+            Self::Single(single) => ClipTokenizer::from_folder(&single.tokenizer_2_folder()?),
         }
     }
 }

@@ -290,6 +290,30 @@ pub(super) fn per_block(values: &[usize]) -> Value {
 }
 
 impl SingleFile {
+    /// The tokenizer folder: `--config`'s, else the built-in one of the family (CLIP-L's pads
+    /// with its EOS: SD 1.x and SDXL's first; OpenCLIP's with "!").
+    pub fn tokenizer_folder(&self) -> Result<PathBuf> {
+        match &self.tokenizer_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => super::demo::clip_tokenizer_folder(self.family != Family::Sd2),
+        }
+    }
+
+    /// SDXL's second tokenizer folder (OpenCLIP's, which pads with "!"): `tokenizer_2` beside
+    /// `--config`'s tokenizer, else the built-in one.
+    pub fn tokenizer_2_folder(&self) -> Result<PathBuf> {
+        let beside = self
+            .tokenizer_dir
+            .as_ref()
+            .and_then(|dir| dir.parent())
+            .map(|parent| parent.join("tokenizer_2"))
+            .filter(|dir| dir.is_dir());
+        match beside {
+            Some(dir) => Ok(dir),
+            None => super::demo::clip_tokenizer_folder(false),
+        }
+    }
+
     pub fn open(path: &Path, options: &SingleFileOptions) -> Result<Self> {
         let label = path.display().to_string();
         let file = Arc::new(Checkpoint::open(path)?);
