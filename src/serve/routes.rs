@@ -10,6 +10,7 @@
 //! | `GET /sdapi/v1/progress` | the running run: fraction, ETA, step, queued requests |
 //! | `POST /sdapi/v1/interrupt` | stops the running run at its next step |
 //! | `GET /sdapi/v1/scripts` | none (clients ask which extensions exist) |
+//! | `POST /sdfix/v1/prompt` | sdfix's: `sdfix prompt --json` for a prompt (the page's token counter) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +34,7 @@ use super::worker::{Finished, Shared, Task};
 use super::{AppState, MAX_BODY_BYTES};
 use crate::engine::{Engine, Job, Words};
 use crate::output::{manifest, png};
+use crate::prompt::{tokenize_prompt, PromptReport};
 
 type AppResult<T> = Result<T, ApiError>;
 
@@ -60,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/sdapi/v1/scripts",
             get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
         )
+        .route("/sdfix/v1/prompt", post(prompt))
         .fallback(|| async { ApiError::not_found("no such route; the routes are listed in docs/serve.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -471,6 +474,50 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
         "current_image": null,
         "textinfo": null,
     }))
+}
+
+/// The longest prompt `/sdfix/v1/prompt` tokenizes: far past any real prompt (A1111's
+/// counter has no limit), short enough that a request costs milliseconds, not the body limit's
+/// 16 MiB of BPE.
+pub const MAX_PROMPT_CHARS: usize = 100_000;
+
+/// The body of `POST /sdfix/v1/prompt`.
+#[derive(serde::Deserialize)]
+struct PromptBody {
+    prompt: String,
+    /// `original` unless told; A1111's spellings (`No norm`) too.
+    #[serde(default, deserialize_with = "crate::engine::overrides::parsed")]
+    emphasis: Option<crate::prompt::Emphasis>,
+    /// Whose tokenizer, by name [default: `sd_model_checkpoint`].
+    model: Option<String>,
+}
+
+/// `POST /sdfix/v1/prompt`: what `sdfix prompt --json` prints, for the page's token counter.
+/// The model's tokenizer is read once, with its configs ([`Engine::tokenizer`]).
+async fn prompt(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let (_, body): (Value, PromptBody) = parse_body(body)?;
+    if body.prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::invalid(format!(
+            "prompt: longer than {MAX_PROMPT_CHARS} characters; a token counter needs no more"
+        )));
+    }
+    let (field, name) = match body.model {
+        Some(name) => ("model", name),
+        None => ("sd_model_checkpoint", lock(&state.current_model).clone()),
+    };
+    let entry = state.models.find(&name).ok_or_else(|| unknown_model(field, &name))?;
+    let report = blocking(move || {
+        with_checker(&state, &entry, |engine| {
+            let tokenizer = engine.tokenizer().map_err(|e| ApiError::internal(&e))?;
+            let tokenized = tokenize_prompt(&body.prompt, body.emphasis.unwrap_or_default(), tokenizer)
+                .map_err(|e| ApiError::invalid(format!("prompt: {e:#}")))?;
+            Ok(PromptReport::new(&tokenized, tokenizer))
+        })
+    })
+    .await?;
+    Ok(Json(
+        serde_json::to_value(report).map_err(|e| ApiError::internal(&e.into()))?,
+    ))
 }
 
 async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
