@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -378,6 +379,66 @@ fn progress_moves_and_interrupt_stops_the_run_at_the_next_step() {
     // And the server goes on.
     let r = server.post("/sdapi/v1/txt2img", &json!({"steps": 2}));
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// `current_image` while a run goes on: a base64 PNG (no `data:` prefix) of the running batch's
+/// preview, asked for by the polls themselves; `skip_current_image` leaves it out; `null` when
+/// idle; TAESD draws at 8x the latent size.
+#[test]
+fn progress_carries_a_live_preview_while_a_picture_is_drawn() {
+    let taesd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-taesd");
+    for (extra, side) in [
+        (vec!["--preview-every", "1"], 16u32),
+        (vec!["--taesd", taesd.to_str().unwrap()], 128),
+    ] {
+        let server = Server::start(&extra);
+        assert_eq!(server.progress()["current_image"], Value::Null, "idle");
+        // 32x32 on the demo (VAE downscale 2): 16x16 latents; 8 x 150 steps outlast the polls.
+        let job = server.send(
+            "POST",
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "a red circle", "steps": 150, "width": 32, "height": 32, "n_iter": 8}).to_string(),
+            &[],
+        );
+        let p = server.wait_for(60, "a preview", |p| p["current_image"].is_string());
+        let text = p["current_image"].as_str().unwrap();
+        assert!(!text.starts_with("data:"), "A1111 sends bare base64");
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+        let picture = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap();
+        // The 8 images run 4 to a UNet batch (--max-batch 4): a 2 x 2 grid, as A1111's.
+        assert_eq!((picture.width(), picture.height()), (2 * side, 2 * side), "{extra:?}");
+        let skipped = server.get("/sdapi/v1/progress?skip_current_image=true").json();
+        assert_eq!(skipped["current_image"], Value::Null);
+        assert!(skipped["state"]["sampling_step"].as_u64() > Some(0));
+        let bad = server.get("/sdapi/v1/progress?skip_current_image=maybe");
+        assert_eq!(bad.status, 422, "{}", bad.body);
+        assert!(bad.body.contains("skip_current_image"), "{}", bad.body);
+        server.post("/sdapi/v1/interrupt", &json!({}));
+        assert_eq!(read_response(job).status, 200);
+        server.wait_for(10, "idle", |p| p["state"]["job_count"] == 0);
+        assert_eq!(server.progress()["current_image"], Value::Null, "idle again");
+    }
+}
+
+#[test]
+fn a_taesd_that_cannot_serve_the_startup_model_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"latent_channels": 16}"#).unwrap();
+    std::fs::write(dir.path().join("diffusion_pytorch_model.safetensors"), b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--taesd"])
+        .arg(dir.path())
+        .env("SDFIX_CACHE", dir.path().join("cache"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("16 latent channels"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 
@@ -12,6 +12,7 @@ use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::micro::{CropCorner, MicroConditioning, PixelSize};
+use crate::engine::preview::{PreviewMethod, PreviewSettings, DEFAULT_PREVIEW_EVERY};
 use crate::engine::request::{
     DEFAULT_CLIP_SKIP, DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS,
 };
@@ -22,6 +23,7 @@ use crate::schedule::{SigmaRange, SigmaSchedule, TerminalAlphaBar, TimestepSpaci
 use crate::weights::demo::DEFAULT_MODEL;
 use crate::weights::lora::LoraSpec;
 use crate::weights::single_file::SingleFileOptions;
+use crate::weights::taesd::TaesdFolder;
 
 /// Parses a count that must be positive, with a message that says so.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
@@ -303,6 +305,61 @@ impl VerbosityArgs {
             (_, true) => Verbosity::Verbose,
             _ => Verbosity::Normal,
         }
+    }
+}
+
+/// Live previews (`generate --preview`, `serve`'s `/sdapi/v1/progress` `current_image`): how
+/// they are drawn and how often.
+#[derive(Debug, Clone, Args)]
+pub struct PreviewArgs {
+    /// How previews are drawn: approx-cheap (A1111's "Approx cheap" linear latent-to-RGB map, at
+    /// latent size: 64x64 for a 512x512 image) or taesd (TAESD's decoder, full size; needs
+    /// --taesd) [default: taesd with --taesd, else approx-cheap].
+    #[arg(long, value_name = "approx-cheap|taesd")]
+    pub preview_method: Option<PreviewMethod>,
+
+    /// A preview every N steps, and at the last step [default: 1].
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
+    pub preview_every: Option<usize>,
+
+    /// A TAESD folder in diffusers' AutoencoderTiny layout (config.json and
+    /// diffusion_pytorch_model.safetensors): madebyollin/taesd for SD 1.x/2.x,
+    /// madebyollin/taesdxl for SDXL. Draws previews with it.
+    #[arg(long, value_name = "DIR")]
+    pub taesd: Option<PathBuf>,
+}
+
+impl PreviewArgs {
+    /// Whether any preview flag was given (the CLI refuses them without `--preview`).
+    pub fn given(&self) -> Option<&'static str> {
+        if self.taesd.is_some() {
+            Some("--taesd")
+        } else if self.preview_method.is_some() {
+            Some("--preview-method")
+        } else if self.preview_every.is_some() {
+            Some("--preview-every")
+        } else {
+            None
+        }
+    }
+
+    /// The method and cadence, with the TAESD folder opened (its config read and checked; the
+    /// weights are read when a model's previewer is built).
+    pub fn resolve(&self) -> Result<PreviewSettings> {
+        let taesd = match (self.preview_method, &self.taesd) {
+            (Some(PreviewMethod::Taesd), None) => {
+                bail!("--preview-method taesd needs --taesd DIR (a diffusers AutoencoderTiny folder, e.g. madebyollin/taesd)")
+            }
+            (Some(PreviewMethod::ApproxCheap), Some(_)) => {
+                bail!("--taesd is only used by --preview-method taesd; drop --taesd or --preview-method approx-cheap")
+            }
+            (_, Some(path)) => Some(TaesdFolder::open(path)?),
+            (_, None) => None,
+        };
+        Ok(PreviewSettings {
+            taesd,
+            every: self.preview_every.unwrap_or(DEFAULT_PREVIEW_EVERY),
+        })
     }
 }
 

@@ -15,14 +15,15 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 
 use super::args::{
-    at_least_one, base_request, DeviceArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs, PromptArgs, SamplerArgs,
-    ScheduleFlags, SizeArgs, VerbosityArgs,
+    at_least_one, base_request, DeviceArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs, PreviewArgs, PromptArgs,
+    SamplerArgs, ScheduleFlags, SizeArgs, VerbosityArgs,
 };
 use super::progress::{Progress, Verbosity};
 use super::prompts::{self, LineError, PromptEntry};
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{self, InitImage, MaskImage};
 use crate::engine::overrides::InputReader;
+use crate::engine::preview::Previewer;
 use crate::engine::request::check_latents;
 use crate::engine::{Engine, GeneratedImage, ImageRecord, Job, Observer, Overrides, Request, RequestError, Words};
 use crate::output::metadata;
@@ -98,6 +99,15 @@ pub struct GenerateArgs {
     /// N for --shard auto under Kubernetes (the Job's completions; pods are not told it).
     #[arg(long, value_name = "N", requires = "shard", value_parser = at_least_one)]
     pub shard_count: Option<usize>,
+
+    /// Rewrite this PNG with a preview of the picture being drawn as sampling runs (atomically:
+    /// a reader sees the previous preview or the next, never half of one); a batch is shown as a
+    /// grid. See --preview-method, --preview-every, --taesd.
+    #[arg(long, value_name = "FILE.png")]
+    pub preview: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub previews: PreviewArgs,
 
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -404,6 +414,29 @@ struct Writer<'a> {
     lines: Vec<usize>,
     paths: Vec<Vec<PathBuf>>,
     save_latents: bool,
+    /// `--preview`: the file and what draws it; `None` once a preview failed (warned once).
+    preview: Option<(PathBuf, Previewer)>,
+}
+
+impl Writer<'_> {
+    /// Rewrites the preview file when `step` is due for one. A failure is reported once and ends
+    /// previews; the run goes on (the images are what was asked for).
+    fn preview(&mut self, step: &StepInfo) {
+        let Some((path, previewer)) = &self.preview else {
+            return;
+        };
+        if !previewer.due(step) {
+            return;
+        }
+        let written = previewer.render(step.x0).and_then(|image| {
+            png::write_png(path, &image.rgb, image.width as u32, image.height as u32, &[])
+                .with_context(|| format!("--preview {}", path.display()))
+        });
+        if let Err(err) = written {
+            self.progress.warn(&format!("warning: no more previews: {err:#}"));
+            self.preview = None;
+        }
+    }
 }
 
 impl Observer for Writer<'_> {
@@ -424,8 +457,9 @@ impl Observer for Writer<'_> {
         Ok(())
     }
 
-    fn step(&mut self, _: &StepInfo) {
+    fn step(&mut self, step: &StepInfo) {
         self.progress.step();
+        self.preview(step);
     }
 
     fn event(&mut self, event: &crate::engine::Event) {
@@ -437,7 +471,33 @@ impl Observer for Writer<'_> {
     }
 }
 
+/// `--preview FILE.png`: a PNG path in a folder that exists, not a folder itself.
+fn check_preview_path(path: &Path) -> Result<()> {
+    let label = path.display();
+    let is_png = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    ensure!(is_png, "--preview {label}: give a .png file name");
+    ensure!(!path.is_dir(), "--preview {label} is a folder; give a .png file name");
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    ensure!(
+        folder.is_dir(),
+        "--preview {label}: no folder {}; create it or give another path",
+        folder.display()
+    );
+    Ok(())
+}
+
 pub fn run(args: &GenerateArgs) -> Result<()> {
+    if args.preview.is_none() {
+        if let Some(flag) = args.previews.given() {
+            bail!("{flag} sets up previews; add --preview FILE.png");
+        }
+    }
     let from_image = args
         .from_image
         .as_deref()
@@ -487,6 +547,17 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             keys.join(", ")
         );
     }
+    let preview = match &args.preview {
+        Some(path) => {
+            check_preview_path(path)?;
+            let (previewer, warnings) = engine.previewer(&args.previews.resolve()?)?;
+            for warning in warnings {
+                eprintln!("{warning}");
+            }
+            Some((path.clone(), previewer))
+        }
+        None => None,
+    };
     let initial_latents = args
         .latents
         .as_deref()
@@ -610,6 +681,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             lines,
             paths,
             save_latents: args.save_latents,
+            preview,
         };
         engine.run(&jobs, args.batch_size, &mut writer)?
     };

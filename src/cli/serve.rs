@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::args::{at_least_one, DeviceArgs};
+use super::args::{at_least_one, DeviceArgs, PreviewArgs};
 use crate::serve::{self, Auth, Limits, ServeConfig};
 use crate::weights::demo::DEFAULT_MODEL;
 
@@ -53,6 +53,9 @@ pub struct ServeArgs {
     pub queue: usize,
 
     #[command(flatten)]
+    pub previews: PreviewArgs,
+
+    #[command(flatten)]
     pub device: DeviceArgs,
 }
 
@@ -83,6 +86,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             bail!("--models-dir {}: no such folder", dir.display());
         }
     }
+    let preview = args.previews.resolve()?;
     let (device, dtype) = args.device.resolve()?;
     let config = ServeConfig {
         model: args.model.clone(),
@@ -98,6 +102,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         },
         device,
         dtype,
+        preview,
     };
     serve::run(config).context("sdfix serve")
 }

@@ -5,6 +5,7 @@
 
 pub mod clip;
 pub mod scheduler;
+pub mod taesd;
 pub mod unet;
 pub mod vae;
 

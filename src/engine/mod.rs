@@ -23,6 +23,9 @@
 //! differs from the loaded one reloads that part from the source, the old one freed first: the
 //! weights are then exactly those of an engine opened with that set (nothing is subtracted).
 //!
+//! Live previews of the denoising ([`preview`]) are drawn by a [`preview::Previewer`] that a
+//! front-end's [`Observer`] calls from its step hook; the engine only builds it for the model.
+//!
 //! [`pipeline`]: crate::pipeline
 
 pub mod batch;
@@ -33,6 +36,7 @@ mod loading;
 pub mod micro;
 mod observer;
 pub mod overrides;
+pub mod preview;
 pub mod record;
 pub mod request;
 

@@ -51,6 +51,30 @@ pub fn conv2d(
     Conv2d::new(weight, Some(bias), spec)
 }
 
+/// [`conv2d`] without a bias (TAESD's inner convolutions).
+pub fn conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let weight = vb.get_with_hints(
+        (out_channels, in_channels, kernel, kernel),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let spec = ConvSpec {
+        in_channels,
+        out_channels,
+        kernel,
+        padding,
+        stride,
+    };
+    Conv2d::new(weight, None, spec)
+}
+
 impl Conv2d {
     fn new(weight: Tensor, bias: Option<Tensor>, spec: ConvSpec) -> Result<Self> {
         // A trainable weight keeps its identity (its gradient is looked up by it).

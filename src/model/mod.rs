@@ -4,6 +4,8 @@
 //! - [`stable_diffusion`]: the text encoder (tokenizer + CLIP) and the denoiser (UNet + VAE).
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
 //! - [`vae`]: the VAE decoder, configured from vae/config.json.
+//! - Live previews without the VAE: [`latent_rgb`] (A1111's "Approx cheap" linear map) and
+//!   [`taesd`] (TAESD's decoder, diffusers' `AutoencoderTiny` layout).
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 //! - The thin layers the networks are built from: [`attention`] (the one attention function all
@@ -26,10 +28,12 @@ pub mod activation;
 pub mod attention;
 pub mod clip;
 pub mod conv;
+pub mod latent_rgb;
 pub mod linear;
 pub mod norm;
 pub mod resnet;
 pub mod stable_diffusion;
+pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

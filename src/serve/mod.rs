@@ -33,6 +33,7 @@ use candle_core::{DType, Device};
 
 use self::models::Models;
 use self::worker::{Shared, WorkerConfig};
+use crate::engine::preview::PreviewSettings;
 use crate::engine::Engine;
 use crate::output::png;
 
@@ -71,6 +72,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     pub device: Device,
     pub dtype: DType,
+    /// Live previews for `/progress`'s `current_image`.
+    pub preview: PreviewSettings,
 }
 
 /// What every handler sees.
@@ -117,6 +120,14 @@ pub fn run(config: ServeConfig) -> Result<()> {
     };
     let startup = models.startup_entry();
     let checker = Engine::open(&startup.location, None, &config.device, config.dtype)?;
+    if config.preview.taesd.is_some() {
+        // A --taesd that cannot serve the startup model is a mistake to report now, not a
+        // fallback to find in the log (other models fall back to approx-cheap).
+        let (_, warnings) = checker.previewer(&config.preview)?;
+        for warning in warnings {
+            eprintln!("{warning}");
+        }
+    }
     let worker = Arc::new(Shared::new(config.limits.queue));
     worker::spawn(
         worker.clone(),
@@ -124,6 +135,7 @@ pub fn run(config: ServeConfig) -> Result<()> {
             device: config.device.clone(),
             dtype: config.dtype,
             max_batch: config.limits.max_batch,
+            preview: config.preview.clone(),
         },
     )
     .context("cannot start the worker thread")?;

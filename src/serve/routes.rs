@@ -7,7 +7,7 @@
 //! | `GET /sdapi/v1/sd-models` | the models, by name |
 //! | `GET /sdapi/v1/samplers`, `GET /sdapi/v1/schedulers` | the names `sampler_name` and `scheduler` take |
 //! | `GET`, `POST /sdapi/v1/options` | `sd_model_checkpoint` (the model of later requests), `sd_noise_schedule`; `GET` also `sdfix_zero_snr_applies` |
-//! | `GET /sdapi/v1/progress` | the running run: fraction, ETA, step, queued requests |
+//! | `GET /sdapi/v1/progress` | the running run: fraction, ETA, step, queued requests, live preview (`current_image`) |
 //! | `POST /sdapi/v1/interrupt` | stops the running run at its next step |
 //! | `GET /sdapi/v1/scripts` | none (clients ask which extensions exist) |
 //! | `POST /sdfix/v1/prompt` | sdfix's: `sdfix prompt --json` for a prompt (the page's token counter) |
@@ -451,10 +451,48 @@ async fn set_options(
     Ok(Json(Value::Null))
 }
 
-async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// A query parameter read as pydantic reads a `bool` (what A1111's FastAPI `ProgressRequest`
+/// does): `true`/`1`/`yes`/`on`/`t`/`y` or `false`/`0`/`no`/`off`/`f`/`n`, any case.
+fn query_bool(query: Option<&str>, name: &str) -> AppResult<Option<bool>> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != name {
+            continue;
+        }
+        found = Some(match value.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" | "t" | "y" => true,
+            "false" | "0" | "no" | "off" | "f" | "n" => false,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "{name}: {value:?} is not a boolean (true or false)"
+                )))
+            }
+        });
+    }
+    Ok(found)
+}
+
+/// A1111's `/sdapi/v1/progress`. `current_image` is the latest live preview of the running batch
+/// (base64 PNG, no `data:` prefix, as A1111's `encode_pil_to_base64`), `null` when nothing runs or
+/// no preview is drawn yet; `?skip_current_image=true` leaves it out and asks for none.
+async fn progress(State(state): State<Arc<AppState>>, uri: axum::http::Uri) -> AppResult<Json<Value>> {
+    let skip_image = query_bool(uri.query(), "skip_current_image")?.unwrap_or(false);
+    if !skip_image {
+        state.worker.request_preview();
+    }
     let (p, queued) = state.worker.status();
     let running = p.running_tasks > 0;
-    Json(json!({
+    let current_image = match &p.current_image {
+        Some(png) if running && !skip_image => {
+            Value::from(base64::engine::general_purpose::STANDARD.encode(png.as_slice()))
+        }
+        _ => Value::Null,
+    };
+    Ok(Json(json!({
         "progress": p.fraction(),
         "eta_relative": p.eta_seconds(),
         "state": {
@@ -471,9 +509,9 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
             "running_requests": p.running_tasks,
             "queued_requests": queued,
         },
-        "current_image": null,
+        "current_image": current_image,
         "textinfo": null,
-    }))
+    })))
 }
 
 /// The longest prompt `/sdfix/v1/prompt` tokenizes: far past any real prompt (A1111's

@@ -10,6 +10,12 @@
 //! A task ends early when its client hangs up (the HTTP side sets its `cancelled` flag and takes
 //! it out of the queue) or on `/interrupt`; the engine asks [`Observer::interrupted`] after
 //! every step. A run whose tasks are all cancelled stops; one with a client still waiting goes on.
+//!
+//! Live previews (`/progress`'s `current_image`) are drawn as A1111 draws them since 1.6, on
+//! request: a `/progress` call that wants the picture sets a flag ([`Shared::request_preview`]),
+//! and the worker draws one at the next step at least `--preview-every` steps after its last
+//! preview. Nobody polling costs nothing; a page polling once a second costs one preview a second
+//! at most.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -22,7 +28,9 @@ use candle_core::{DType, Device};
 use tokio::sync::oneshot;
 
 use crate::engine::batch::{plan_batches, BatchKey};
+use crate::engine::preview::{PreviewSettings, Previewer};
 use crate::engine::{Engine, Event, GeneratedImage, Interrupted, Job, Observer};
+use crate::output::png;
 use crate::pipeline::StepInfo;
 
 /// What a task's client gets back.
@@ -54,6 +62,8 @@ pub struct Shared {
     progress: Mutex<Progress>,
     /// `/interrupt`: stop the running run at its next step. Reset when a run starts.
     interrupt: AtomicBool,
+    /// A `/progress` call asked for `current_image`: the next due step draws one.
+    preview_requested: AtomicBool,
 }
 
 /// What `/progress` reports.
@@ -70,6 +80,8 @@ pub struct Progress {
     pub step: usize,
     pub steps: usize,
     pub interrupted: bool,
+    /// The latest live preview of the running batch, a PNG (A1111's `current_image`).
+    pub current_image: Option<Arc<Vec<u8>>>,
 }
 
 impl Progress {
@@ -113,7 +125,13 @@ impl Shared {
             capacity,
             progress: Mutex::new(Progress::default()),
             interrupt: AtomicBool::new(false),
+            preview_requested: AtomicBool::new(false),
         }
+    }
+
+    /// `/progress` wants `current_image`: the worker draws a preview at its next due step.
+    pub fn request_preview(&self) {
+        self.preview_requested.store(true, Ordering::SeqCst);
     }
 
     /// Queues `task`, or gives it back when `capacity` tasks already wait.
@@ -213,6 +231,8 @@ pub struct WorkerConfig {
     pub dtype: DType,
     /// Images per UNet batch, and the most images one run takes from the queue.
     pub max_batch: usize,
+    /// How live previews are drawn (`--taesd`, `--preview-method`) and how often.
+    pub preview: PreviewSettings,
 }
 
 /// Collects a run's images per task and reports steps to `/progress`.
@@ -220,6 +240,36 @@ struct RunObserver<'a> {
     shared: &'a Shared,
     cancelled: Vec<Arc<AtomicBool>>,
     images: Vec<Vec<GeneratedImage>>,
+    /// What draws previews for this model (none when it has no way to: see [`previewer`]).
+    previewer: Option<&'a Previewer>,
+    /// The 1-based step of the batch's last preview (0: none yet).
+    last_preview: usize,
+}
+
+impl RunObserver<'_> {
+    /// Draws a preview when one was asked for and `every` steps have passed since the last
+    /// (A1111's `State.set_current_image`: `sampling_step - current_image_sampling_step >= N`).
+    fn preview(&mut self, step: &StepInfo) {
+        let Some(previewer) = self.previewer else {
+            return;
+        };
+        let done = step.index + 1;
+        if done - self.last_preview < previewer.every() || !self.shared.preview_requested.load(Ordering::SeqCst) {
+            return;
+        }
+        self.shared.preview_requested.store(false, Ordering::SeqCst);
+        self.last_preview = done;
+        let drawn = previewer.render(step.x0).and_then(|image| {
+            let mut bytes = Vec::new();
+            png::encode_png(&mut bytes, &image.rgb, image.width as u32, image.height as u32, &[])?;
+            Ok(bytes)
+        });
+        match drawn {
+            Ok(bytes) => lock(&self.shared.progress).current_image = Some(Arc::new(bytes)),
+            // A preview is not worth failing a request for; the log says why none came.
+            Err(err) => eprintln!("warning: live preview failed: {err:#}"),
+        }
+    }
 }
 
 impl Observer for RunObserver<'_> {
@@ -229,9 +279,12 @@ impl Observer for RunObserver<'_> {
     }
 
     fn step(&mut self, step: &StepInfo) {
-        let mut progress = lock(&self.shared.progress);
-        progress.step = step.index + 1;
-        progress.steps = step.steps;
+        {
+            let mut progress = lock(&self.shared.progress);
+            progress.step = step.index + 1;
+            progress.steps = step.steps;
+        }
+        self.preview(step);
     }
 
     fn event(&mut self, event: &Event) {
@@ -240,6 +293,7 @@ impl Observer for RunObserver<'_> {
             Event::BatchStarted { steps, .. } => {
                 progress.step = 0;
                 progress.steps = *steps;
+                self.last_preview = 0;
             }
             Event::BatchDone { .. } => progress.batches_done += 1,
             _ => {}
@@ -263,6 +317,35 @@ pub fn spawn(shared: Arc<Shared>, config: WorkerConfig) -> Result<()> {
 struct Loaded {
     location: String,
     engine: Engine,
+    previewer: Option<Previewer>,
+}
+
+/// The model's previewer: `--taesd`'s when it fits the model, else approx-cheap, else none (a
+/// model whose latents neither fits); each fallback is logged.
+fn previewer(engine: &Engine, settings: &PreviewSettings) -> Option<Previewer> {
+    let made = engine.previewer(settings).or_else(|err| {
+        if settings.taesd.is_none() {
+            return Err(err);
+        }
+        eprintln!("warning: {err:#}; live previews use approx-cheap for this model");
+        let approx = PreviewSettings {
+            taesd: None,
+            ..settings.clone()
+        };
+        engine.previewer(&approx)
+    });
+    match made {
+        Ok((previewer, warnings)) => {
+            for warning in warnings {
+                eprintln!("{warning}");
+            }
+            Some(previewer)
+        }
+        Err(err) => {
+            eprintln!("warning: no live previews for this model: {err:#}");
+            None
+        }
+    }
 }
 
 fn work(shared: &Shared, config: &WorkerConfig) {
@@ -310,21 +393,25 @@ fn run(shared: &Shared, config: &WorkerConfig, loaded: &mut Option<Loaded>, task
             Ok(mut engine) => {
                 // One run per request: reloading the encoder each time would dominate small ones.
                 engine.keep_text_encoder(true);
+                let previewer = previewer(&engine, &config.preview);
                 *loaded = Some(Loaded {
                     location: location.clone(),
                     engine,
+                    previewer,
                 })
             }
             Err(err) => return tasks.iter().map(|_| Err(anyhow!("{err:#}"))).collect(),
         }
     }
-    let engine = &mut loaded.as_mut().expect("opened above").engine;
+    let Loaded { engine, previewer, .. } = loaded.as_mut().expect("opened above");
     let jobs: Vec<Job> = tasks.iter().map(|t| t.job.clone()).collect();
     lock(&shared.progress).batches = plan_batches(&jobs, config.max_batch).len();
     let mut observer = RunObserver {
         shared,
         cancelled: tasks.iter().map(|t| t.cancelled.clone()).collect(),
         images: vec![Vec::new(); tasks.len()],
+        previewer: previewer.as_ref(),
+        last_preview: 0,
     };
     let result = engine.run(&jobs, config.max_batch, &mut observer);
     let job_timestamp = lock(&shared.progress).job_timestamp.clone();

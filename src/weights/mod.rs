@@ -18,5 +18,6 @@ pub mod lora;
 pub mod pickle_check;
 pub mod safetensors_reader;
 pub mod single_file;
+pub mod taesd;
 pub mod vae_file;
 pub mod weight_file;
