@@ -13,13 +13,15 @@
 //   the final picture, the progress bar move, the infotext under the picture; a second picture
 //   goes into the history, and clicking the first loads its settings back;
 // - drops a PNG the server made, then two crafted AUTOMATIC1111 PNGs (a `parameters` tEXt chunk,
-//   and a UTF-8 iTXt one with a hires fix), and sees their prompts and fields loaded;
+//   and a UTF-8 iTXt one with a hires fix), and sees their prompts and fields loaded, and
+//   /sdapi/v1/png-info read the first A1111 one alike;
 // - turns the hires fix on and generates (a larger picture, or a note if the server has none);
 // - loads a grey picture for img2img, paints the left part of the mask on the canvas, inpaints,
 //   and checks the request (init_images, mask, denoising_strength) and the picture that came
 //   back: repainted on the left, kept on the right;
 // - "Compare fixes" on demo (four columns) and demo-flawed (three and a note).
-// Screenshots: docs/serve-page.png, docs/serve-page-inpaint.png, docs/serve-page-compare.png.
+// Screenshots: docs/serve-page.png, docs/serve-page-preview.png, docs/serve-page-inpaint.png,
+// docs/serve-page-compare.png.
 // Exits 1 on failure.
 
 import { spawn } from "node:child_process";
@@ -158,6 +160,10 @@ try {
     }, 10);
   });
   await page.click("#generate");
+  // The output side while the preview shows (if it does) for the docs.
+  const previewShown = await page.waitForFunction(() => document.getElementById("live")?.src.startsWith("data:"),
+    null, { timeout: 60000 }).then(() => true, () => false);
+  if (previewShown) await (await page.$("#output")).screenshot({ path: "docs/serve-page-preview.png" });
   await page.waitForSelector("#results figure:not(#live-figure) img", { timeout: 120000 });
   const seen = await page.evaluate(() => window.seen);
   check("the progress bar moved", seen.bar);
@@ -215,13 +221,24 @@ try {
     "Negative prompt: lowres, bad anatomy\n" +
     'Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234567, Size: 64x48, Model hash: 6ce0161689, ' +
     'Model: v1-5-pruned-emaonly, Lora hashes: "detail: 1a2b, style: 3c4d", Version: v1.6.0';
-  await drop(makePng(8, 8, () => [90, 120, 200], [["tEXt", "parameters", a1111]]), "a1111.png");
+  const a1111Png = makePng(8, 8, () => [90, 120, 200], [["tEXt", "parameters", a1111]]);
+  await drop(a1111Png, "a1111.png");
   f = await form();
   check("an A1111 PNG (tEXt parameters) loads its prompt and fields",
     f.prompt === "masterpiece, (a castle:1.2) on a hill, [fog]\nsecond line of the prompt"
     && f.negative === "lowres, bad anatomy" && f.steps === "28" && f.cfg === "6.5" && f.seed === "1234567"
     && f.sampler === "DPM++ 2M" && f.scheduler === "Karras" && f.width === "64" && f.height === "48",
     `${JSON.stringify(f.prompt)} | ${f.negative} | ${f.steps} | ${f.cfg} | ${f.seed} | ${f.sampler} ${f.scheduler} | ${f.width}x${f.height}`);
+
+  // The server's A1111 route reads the same PNG the same way.
+  const info = await (await fetch(`${base}/sdapi/v1/png-info`, {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ image: a1111Png.toString("base64") }),
+  })).json();
+  const p = info.parameters || {};
+  check("/sdapi/v1/png-info agrees with the page", p.Prompt === f.prompt && p["Negative prompt"] === f.negative
+    && p.Seed === f.seed && p["Size-1"] === f.width && p["Lora hashes"] === "detail: 1a2b, style: 3c4d",
+    `Lora hashes: ${p["Lora hashes"]}`);
 
   // A UTF-8 prompt (PIL writes iTXt then) with A1111's hires fix fields.
   const hires = "café au lait, ☕ on a table\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, " +
@@ -309,11 +326,14 @@ try {
   await page.click("#clear-init");
 
   // Compare fixes: the paper's four columns on demo.
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.click("#compare");
   await page.waitForFunction(() => document.querySelectorAll("#results figure:not(#live-figure) img").length === 4,
     null, { timeout: 120000 });
   const labels = await page.$$eval("#results figure img", (imgs) => imgs.map((i) => i.alt));
   check("Compare fixes shows the four ablation columns", labels.length === 4, labels.join(" | "));
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.waitForTimeout(300);
   await page.screenshot({ path: "docs/serve-page-compare.png" });
 
   // An epsilon model (demo-flawed): zero SNR cannot apply, so Compare fixes leaves its column

@@ -950,3 +950,70 @@ fn the_pages_hires_and_inpainting_fields_are_accepted() {
     let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
     assert_eq!(info["denoising_strength"], 0.75, "{info}");
 }
+
+/// `POST /sdapi/v1/png-info` as A1111's: a PNG the server made gives its infotext, the `sdfix`
+/// record among the other chunks and the parsed fields (`Size` as `Size-1`/`Size-2`); an
+/// A1111-style PNG with a quoted value keeps its commas; a body that is not a PNG is a 422.
+#[test]
+fn png_info_reads_parameters_as_a1111() {
+    let server = Server::start(&[]);
+    let made = server
+        .post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 42, "steps": 3}),
+        )
+        .json();
+    let info: Value = serde_json::from_str(made["info"].as_str().unwrap()).unwrap();
+    let r = server.post("/sdapi/v1/png-info", &json!({"image": made["images"][0]}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer = r.json();
+    assert_eq!(answer["info"], info["infotexts"][0]);
+    assert!(
+        answer["items"]["sdfix"].as_str().unwrap().contains("\"seed\":42"),
+        "{answer}"
+    );
+    let p = &answer["parameters"];
+    assert_eq!(
+        (
+            &p["Prompt"],
+            &p["Negative prompt"],
+            &p["Seed"],
+            &p["Size-1"],
+            &p["Size-2"]
+        ),
+        (
+            &json!("a lighthouse"),
+            &json!("blurry"),
+            &json!("42"),
+            &json!("32"),
+            &json!("32")
+        ),
+        "{answer}"
+    );
+
+    let text = "masterpiece, (a castle:1.2)\nNegative prompt: lowres\nSteps: 28, Sampler: DPM++ 2M Karras, \
+                Lora hashes: \"detail: 1a2b, style: 3c4d\", Size: 64x48, Version: v1.6.0";
+    let mut png = Vec::new();
+    sdfix::output::png::encode_png(&mut png, &[0; 3 * 4], 2, 2, &[("parameters", text)]).unwrap();
+    let image = base64::engine::general_purpose::STANDARD.encode(&png);
+    let answer = server
+        .post(
+            "/sdapi/v1/png-info",
+            &json!({"image": format!("data:image/png;base64,{image}")}),
+        )
+        .json();
+    let p = &answer["parameters"];
+    assert_eq!(p["Prompt"], "masterpiece, (a castle:1.2)", "{answer}");
+    assert_eq!(p["Negative prompt"], "lowres");
+    assert_eq!(p["Lora hashes"], "detail: 1a2b, style: 3c4d");
+    assert_eq!(p["Sampler"], "DPM++ 2M Karras");
+    assert_eq!((&p["Size-1"], &p["Size-2"]), (&json!("64"), &json!("48")));
+    assert_eq!(answer["items"], json!({}));
+
+    let hello = base64::engine::general_purpose::STANDARD.encode("hello");
+    for body in [json!({}), json!({"image": "!!"}), json!({"image": hello})] {
+        let r = server.post("/sdapi/v1/png-info", &body);
+        assert_eq!(r.status, 422, "{body}: {}", r.body);
+        assert!(r.json()["detail"].as_str().unwrap().contains("image"), "{}", r.body);
+    }
+}
