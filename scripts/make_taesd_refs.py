@@ -16,9 +16,18 @@ Writes
     coefficient tables (copied below from modules/sd_vae_approx.py), and `approx_{family}_u8`:
     A1111's `single_sample_to_image` of each image, `(clamp(x * 0.5 + 0.5, 0, 1) * 255)` cast to
     uint8 (truncation), (b, h, w, 3).
+
+With `--full-size DIR` it writes instead a random `AutoencoderTiny` with diffusers' default config
+(TAESD's real sizes: 64 channels, 1.2 M decoder parameters) to DIR and prints diffusers' decode time
+of one 64x64 latent (a 512x512 preview), for the ignored timing test:
+
+    .venv-oracle/bin/python scripts/make_taesd_refs.py --full-size /tmp/taesd-full
+    SDFIX_TAESD=/tmp/taesd-full cargo test --release --test previews -- --ignored --nocapture
 """
 
+import argparse
 import pathlib
+import time
 
 import diffusers
 import numpy as np
@@ -56,7 +65,32 @@ def single_sample_to_image(x):
     return x.astype(np.uint8)
 
 
+def full_size(folder):
+    torch.manual_seed(SEED)
+    model = AutoencoderTiny().eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    latents = torch.randn(1, 4, 64, 64)
+    times = []
+    with torch.no_grad():
+        for _ in range(6):
+            start = time.perf_counter()
+            model.decode(latents)
+            times.append(time.perf_counter() - start)
+    times = sorted(times[1:])
+    print(
+        f"diffusers AutoencoderTiny.decode 1x4x64x64 -> 512x512 on {torch.get_num_threads()} threads: "
+        f"median {times[len(times) // 2] * 1000:.1f} ms, min {times[0] * 1000:.1f} ms (5 runs after a warm-up)"
+    )
+    print("wrote", folder)
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--full-size", type=pathlib.Path, help="write a full-size random TAESD here instead")
+    args = parser.parse_args()
+    if args.full_size:
+        full_size(args.full_size)
+        return
     torch.manual_seed(SEED)
     model = AutoencoderTiny(
         encoder_block_out_channels=(8, 8, 8, 8),

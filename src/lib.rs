@@ -29,7 +29,8 @@
 //! - [`prompt`]: A1111's prompt language: emphasis and `BREAK` parsed, 77-token chunks with the
 //!   comma backtrack, the emphasis modes on any encoder's hidden states, chunks joined. A leaf:
 //!   it imports no other module (`model`'s tokenizer implements its `PromptTokenizer`).
-//! - [`model`]: the networks (UNet, CLIP, VAE decoder and encoder, tokenizer) and thin layers that pick a kernel.
+//! - [`model`]: the networks (UNet, CLIP, VAE decoder and encoder, tokenizer, TAESD and the approx-cheap
+//!   preview map) and thin layers that pick a kernel.
 //! - [`kernels`]: the crate's only unsafe code: the CPU kernels (inference and gradients), the
 //!   host allocator, the CUDA runtime switches; per-op profiling.
 //! - [`weights`]: model folders and the hub, single-file LDM checkpoints (renames, synthesised

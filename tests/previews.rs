@@ -408,3 +408,40 @@ fn an_sdxl_model_previews_with_the_sdxl_factors() {
         "the SD table would give the same picture; the test proves nothing"
     );
 }
+
+/// What a preview costs at 512x512 (64x64 latents), against a full-size random TAESD made by
+/// `scripts/make_taesd_refs.py --full-size DIR`; run by hand:
+/// `SDFIX_TAESD=DIR cargo test --release --test previews -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn preview_cost_at_512_px() {
+    let Some(dir) = std::env::var_os("SDFIX_TAESD") else {
+        panic!("set SDFIX_TAESD to a folder made by scripts/make_taesd_refs.py --full-size DIR");
+    };
+    let latents = candle_core::Tensor::randn(0f32, 1., (1, 4, 64, 64), &Device::Cpu).unwrap();
+    let median_ms = |f: &dyn Fn()| {
+        f();
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        (times[2], times[0])
+    };
+    let (approx, approx_min) = median_ms(&|| {
+        let rgb = SD_FACTORS.apply(&latents).unwrap();
+        to_rgb8_truncated(&rgb.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 64 * 64);
+    });
+    let decoder = TaesdFolder::open(Path::new(&dir))
+        .unwrap()
+        .load_decoder(&Device::Cpu, DType::F32)
+        .unwrap();
+    let (taesd, taesd_min) = median_ms(&|| {
+        decoder.decode(&latents).unwrap();
+    });
+    println!("approx-cheap 64x64 latents: median {approx:.3} ms, min {approx_min:.3} ms");
+    println!("TAESD decode 64x64 -> 512x512: median {taesd:.1} ms, min {taesd_min:.1} ms (5 runs after a warm-up)");
+}

@@ -12,7 +12,7 @@ use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::micro::{CropCorner, MicroConditioning, PixelSize};
-use crate::engine::preview::{PreviewMethod, PreviewSettings, DEFAULT_PREVIEW_EVERY};
+use crate::engine::preview::{PreviewMethod, PreviewSettings, DEFAULT_PREVIEW_EVERY, DEFAULT_TAESD_PREVIEW_EVERY};
 use crate::engine::request::{
     DEFAULT_CLIP_SKIP, DEFAULT_GUIDANCE, DEFAULT_GUIDANCE_RESCALE, DEFAULT_SPACING, DEFAULT_STEPS,
 };
@@ -318,7 +318,8 @@ pub struct PreviewArgs {
     #[arg(long, value_name = "approx-cheap|taesd")]
     pub preview_method: Option<PreviewMethod>,
 
-    /// A preview every N steps, and at the last step [default: 1].
+    /// A preview every N steps, and at the last step [default: 1 with approx-cheap, 10 with
+    /// taesd].
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     pub preview_every: Option<usize>,
 
@@ -356,9 +357,13 @@ impl PreviewArgs {
             (_, Some(path)) => Some(TaesdFolder::open(path)?),
             (_, None) => None,
         };
+        let default_every = match taesd {
+            Some(_) => DEFAULT_TAESD_PREVIEW_EVERY,
+            None => DEFAULT_PREVIEW_EVERY,
+        };
         Ok(PreviewSettings {
             taesd,
-            every: self.preview_every.unwrap_or(DEFAULT_PREVIEW_EVERY),
+            every: self.preview_every.unwrap_or(default_every),
         })
     }
 }
@@ -464,5 +469,37 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         clip_skip: prompts.clip_skip,
         pad_conds: prompts.pad_conds,
         ..Request::new(prompt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn previews(method: Option<PreviewMethod>, every: Option<usize>, taesd: bool) -> Result<PreviewSettings> {
+        PreviewArgs {
+            preview_method: method,
+            preview_every: every,
+            taesd: taesd.then(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-taesd")),
+        }
+        .resolve()
+    }
+
+    /// approx-cheap every step; TAESD, which costs a sizeable part of a CPU step, A1111's 10.
+    #[test]
+    fn preview_cadence_defaults_follow_the_method() {
+        let approx = previews(None, None, false).unwrap();
+        assert_eq!(
+            (approx.method(), approx.every),
+            (PreviewMethod::ApproxCheap, DEFAULT_PREVIEW_EVERY)
+        );
+        let taesd = previews(None, None, true).unwrap();
+        assert_eq!(
+            (taesd.method(), taesd.every),
+            (PreviewMethod::Taesd, DEFAULT_TAESD_PREVIEW_EVERY)
+        );
+        assert_eq!(previews(Some(PreviewMethod::Taesd), Some(3), true).unwrap().every, 3);
+        assert!(previews(Some(PreviewMethod::Taesd), None, false).is_err());
+        assert!(previews(Some(PreviewMethod::ApproxCheap), None, true).is_err());
     }
 }

@@ -26,11 +26,15 @@ use crate::model::taesd::TaesdDecoder;
 use crate::pipeline::StepInfo;
 use crate::weights::taesd::TaesdFolder;
 
-/// `--preview-every` unless told: every step (A1111's `show_progress_every_n_steps` defaults to
-/// 10, for its full-VAE previews). Both methods here cost far less than a UNet step (see
-/// docs/performance.md), and a preview that moves every 10 steps is a still picture on a slow
-/// machine.
+/// `--preview-every` unless told, for approx-cheap: every step. It costs 0.02 ms at 512 px against
+/// seconds per UNet step on a CPU (docs/performance.md), and a preview that moves every 10 steps
+/// is a still picture on a slow machine.
 pub const DEFAULT_PREVIEW_EVERY: usize = 1;
+/// `--preview-every` unless told, for TAESD: A1111's `show_progress_every_n_steps` default. A
+/// TAESD decode at 512 px is about 141 GFLOP (6% of the VAE's) and took seconds on 2 CPU cores
+/// (docs/performance.md), a sizeable part of a UNet step there: every step would slow a CPU run
+/// that much.
+pub const DEFAULT_TAESD_PREVIEW_EVERY: usize = 10;
 
 /// How a preview is drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

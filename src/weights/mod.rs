@@ -4,7 +4,7 @@
 //! ([`demo`]), safetensors read into our own buffers ([`safetensors_reader`]), one weight file opened for a
 //! module ([`weight_file`]), LoRA files merged
 //! at load ([`lora`]), A1111's hashes ([`hash`]), the diffusers layout written back
-//! ([`convert`]), and the one loader every caller uses ([`loader`]): configs read once, each
+//! ([`convert`]), a TAESD folder for live previews ([`taesd`]), and the one loader every caller uses ([`loader`]): configs read once, each
 //! component's weight file picked by dtype, every tensor name and shape checked.
 
 pub mod convert;
