@@ -803,3 +803,217 @@ fn sdxl_models_serve_txt2img_with_micro_conditioning() {
         r.body
     );
 }
+
+/// The page at `/` carries its tools (issue 31 §5) and nothing from elsewhere: no address with a
+/// scheme, so it works offline (no CDN); the browser checks are `scripts/page_check.mjs`.
+#[test]
+fn the_page_is_one_offline_file_with_its_tools() {
+    let server = Server::start(&[]);
+    let page = server.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.headers.contains("content-type: text/html"), "{}", page.headers);
+    for needle in [
+        // the form and its token counters
+        "id=\"prompt\"",
+        "id=\"prompt-count\"",
+        "id=\"negative-count\"",
+        "/sdfix/v1/prompt",
+        // progress, live preview, results with their infotext, history
+        "id=\"fill\"",
+        "current_image",
+        "live-figure",
+        "id=\"results\"",
+        "id=\"history\"",
+        // PNG info: drop or choose a PNG
+        "id=\"png-file\"",
+        "\"drop\"",
+        "parameters",
+        // img2img and the mask canvas
+        "id=\"init-file\"",
+        "<canvas id=\"mask\"",
+        "id=\"brush\"",
+        "id=\"clear-mask\"",
+        "init_images",
+        "denoising_strength",
+        // hires fix
+        "id=\"enable_hr\"",
+        "hr_scale",
+        "hr_upscaler",
+        "hr_second_pass_steps",
+        // the compare-fixes grid
+        "id=\"compare\"",
+        "Compare fixes",
+    ] {
+        assert!(page.body.contains(needle), "the page has no {needle}");
+    }
+    assert!(
+        !page.body.contains("://"),
+        "the page must load nothing from elsewhere (offline, no CDN)"
+    );
+}
+
+/// `sdfix prompt --json` for `text` with the extra flags.
+fn prompt_cli(text: &str, extra: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+        .args(["prompt", "--json"])
+        .args(extra)
+        .arg(text)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `POST /sdfix/v1/prompt` answers what `sdfix prompt --json` prints (the page's token
+/// counter): a weighted prompt past one chunk, another emphasis, another model's tokenizer; a
+/// bad body is a 4xx naming its field.
+#[test]
+fn the_prompt_endpoint_answers_as_sdfix_prompt_json() {
+    let server = Server::start(&[]);
+    let long = format!(
+        "(best quality:1.2), [blurry], {} BREAK a house",
+        "a red cat, ".repeat(30)
+    );
+    for (body, flags) in [
+        (json!({"prompt": long}), vec![]),
+        (
+            json!({"prompt": "((a:1.3)) b", "emphasis": "comfy"}),
+            vec!["--emphasis", "comfy"],
+        ),
+        (
+            json!({"prompt": "((a:1.3)) b", "emphasis": "No norm"}),
+            vec!["--emphasis", "no-norm"],
+        ),
+        (
+            json!({"prompt": "", "model": "demo-flawed"}),
+            vec!["--model", "demo-flawed"],
+        ),
+    ] {
+        let r = server.post("/sdfix/v1/prompt", &body);
+        assert_eq!(r.status, 200, "{body}: {}", r.body);
+        let text = body["prompt"].as_str().unwrap();
+        assert_eq!(r.json(), prompt_cli(text, &flags), "{body}");
+    }
+    let report = server.post("/sdfix/v1/prompt", &json!({"prompt": long})).json();
+    assert_eq!(report["chunks"].as_array().unwrap().len(), 3, "{report}");
+    assert!(report["token_count"].as_u64().unwrap() > 150, "{report}");
+    assert_eq!(report["fragments"][0], json!(["best quality", 1.2]));
+
+    for (body, status, field) in [
+        ("{}".to_string(), 422, "prompt"),
+        (json!({"prompt": 5}).to_string(), 422, "prompt"),
+        (json!({"prompt": "a", "emphasis": "loud"}).to_string(), 422, "emphasis"),
+        (json!({"prompt": "a", "model": "nope"}).to_string(), 404, "model"),
+        (json!({"prompt": "a".repeat(100_001)}).to_string(), 422, "prompt"),
+        ("[\"a\"]".to_string(), 422, "body"),
+        ("{\"prompt\": ".to_string(), 422, "body"),
+    ] {
+        let r = server.request("POST", "/sdfix/v1/prompt", &body, &[]);
+        assert_eq!(r.status, status, "{}: {}", &body[..body.len().min(40)], r.body);
+        let error = r.json();
+        assert!(
+            error["detail"].as_str().unwrap().contains(field),
+            "{}: {error}",
+            &body[..body.len().min(40)]
+        );
+    }
+    assert_eq!(server.get("/sdfix/v1/prompt").status, 405);
+}
+
+/// What the page sends with the hires fix and inpainting (A1111's field names) is taken by the
+/// server, whichever of those fields it acts on.
+#[test]
+fn the_pages_hires_and_inpainting_fields_are_accepted() {
+    let server = Server::start(&[]);
+    let body = json!({
+        "prompt": "solid black background", "negative_prompt": "", "sampler_name": "DDIM",
+        "scheduler": "Automatic", "steps": 2, "cfg_scale": 7.5, "seed": 3, "width": null,
+        "height": null, "zero_snr": null, "spacing": "trailing", "guidance_rescale": 0.7,
+        "enable_hr": true, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0,
+        "denoising_strength": 0.7,
+    });
+    let r = server.post("/sdapi/v1/txt2img", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let grey = png_base64(image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128])));
+    let mask = png_base64(image::RgbImage::from_fn(32, 32, |x, _| {
+        image::Rgb(if x < 16 { [255; 3] } else { [0; 3] })
+    }));
+    let body = json!({
+        "prompt": "solid black background", "sampler_name": "DDIM", "steps": 2, "seed": 3,
+        "init_images": [grey], "denoising_strength": 0.75,
+        "resize_mode": 0, "mask": mask, "mask_blur": 4,
+        "inpainting_mask_invert": 0, "inpainting_fill": 1, "inpaint_full_res": false,
+    });
+    let r = server.post("/sdapi/v1/img2img", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: Value = serde_json::from_str(r.json()["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["denoising_strength"], 0.75, "{info}");
+}
+
+/// `POST /sdapi/v1/png-info` as A1111's: a PNG the server made gives its infotext, the `sdfix`
+/// record among the other chunks and the parsed fields (`Size` as `Size-1`/`Size-2`); an
+/// A1111-style PNG with a quoted value keeps its commas; a body that is not a PNG is a 422.
+#[test]
+fn png_info_reads_parameters_as_a1111() {
+    let server = Server::start(&[]);
+    let made = server
+        .post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 42, "steps": 3}),
+        )
+        .json();
+    let info: Value = serde_json::from_str(made["info"].as_str().unwrap()).unwrap();
+    let r = server.post("/sdapi/v1/png-info", &json!({"image": made["images"][0]}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer = r.json();
+    assert_eq!(answer["info"], info["infotexts"][0]);
+    assert!(
+        answer["items"]["sdfix"].as_str().unwrap().contains("\"seed\":42"),
+        "{answer}"
+    );
+    let p = &answer["parameters"];
+    assert_eq!(
+        (
+            &p["Prompt"],
+            &p["Negative prompt"],
+            &p["Seed"],
+            &p["Size-1"],
+            &p["Size-2"]
+        ),
+        (
+            &json!("a lighthouse"),
+            &json!("blurry"),
+            &json!("42"),
+            &json!("32"),
+            &json!("32")
+        ),
+        "{answer}"
+    );
+
+    let text = "masterpiece, (a castle:1.2)\nNegative prompt: lowres\nSteps: 28, Sampler: DPM++ 2M Karras, \
+                Lora hashes: \"detail: 1a2b, style: 3c4d\", Size: 64x48, Version: v1.6.0";
+    let mut png = Vec::new();
+    sdfix::output::png::encode_png(&mut png, &[0; 3 * 4], 2, 2, &[("parameters", text)]).unwrap();
+    let image = base64::engine::general_purpose::STANDARD.encode(&png);
+    let answer = server
+        .post(
+            "/sdapi/v1/png-info",
+            &json!({"image": format!("data:image/png;base64,{image}")}),
+        )
+        .json();
+    let p = &answer["parameters"];
+    assert_eq!(p["Prompt"], "masterpiece, (a castle:1.2)", "{answer}");
+    assert_eq!(p["Negative prompt"], "lowres");
+    assert_eq!(p["Lora hashes"], "detail: 1a2b, style: 3c4d");
+    assert_eq!(p["Sampler"], "DPM++ 2M Karras");
+    assert_eq!((&p["Size-1"], &p["Size-2"]), (&json!("64"), &json!("48")));
+    assert_eq!(answer["items"], json!({}));
+
+    let hello = base64::engine::general_purpose::STANDARD.encode("hello");
+    for body in [json!({}), json!({"image": "!!"}), json!({"image": hello})] {
+        let r = server.post("/sdapi/v1/png-info", &body);
+        assert_eq!(r.status, 422, "{body}: {}", r.body);
+        assert!(r.json()["detail"].as_str().unwrap().contains("image"), "{}", r.body);
+    }
+}

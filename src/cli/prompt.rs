@@ -7,10 +7,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use serde::Serialize;
 
 use crate::model::tokenizer::ClipTokenizer;
-use crate::prompt::{tokenize_prompt, unsupported_warning, Emphasis, PromptChunk, PromptTokenizer, CHUNK_TOKENS};
+use crate::prompt::{
+    counter_target, tokenize_prompt, unsupported_warning, Emphasis, PromptChunk, PromptReport, PromptTokenizer,
+};
 use crate::weights::demo::DEFAULT_MODEL;
 use crate::weights::files::{with_model_context, ModelLocation};
 use crate::weights::loader::ModelSource;
@@ -47,22 +48,6 @@ pub struct PromptCommandArgs {
     pub json: bool,
 }
 
-/// The `--json` object, its keys in this order.
-#[derive(Serialize)]
-struct Report<'a> {
-    /// `[text, weight]` pairs.
-    fragments: Vec<(&'a str, f64)>,
-    chunks: Vec<ChunkReport<'a>>,
-    token_count: usize,
-}
-
-#[derive(Serialize)]
-struct ChunkReport<'a> {
-    tokens: Vec<String>,
-    ids: &'a [u32],
-    weights: &'a [f64],
-}
-
 fn load_tokenizer(args: &PromptCommandArgs) -> Result<ClipTokenizer> {
     let options = SingleFileOptions {
         config_dir: args.config.clone(),
@@ -83,19 +68,7 @@ pub fn run(args: &PromptCommandArgs) -> Result<()> {
     let texts = |chunk: &PromptChunk| -> Vec<String> { chunk.ids.iter().map(|&id| tokenizer.token_text(id)).collect() };
     let mut out = std::io::stdout().lock();
     if args.json {
-        let report = Report {
-            fragments: prompt.fragments.iter().map(|f| (f.text.as_str(), f.weight)).collect(),
-            chunks: prompt
-                .chunks
-                .iter()
-                .map(|c| ChunkReport {
-                    tokens: texts(c),
-                    ids: &c.ids,
-                    weights: &c.weights,
-                })
-                .collect(),
-            token_count: prompt.token_count,
-        };
+        let report = PromptReport::new(&prompt, &tokenizer);
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
         return Ok(());
     }
@@ -113,8 +86,12 @@ pub fn run(args: &PromptCommandArgs) -> Result<()> {
         write_chunk(&mut out, chunk, &texts(chunk), tokenizer.eos_id())?;
     }
     // A1111's counter: the count, and the length the chunks it needs hold.
-    let target = prompt.token_count.max(1).div_ceil(CHUNK_TOKENS) * CHUNK_TOKENS;
-    writeln!(out, "tokens: {}/{target}", prompt.token_count)?;
+    writeln!(
+        out,
+        "tokens: {}/{}",
+        prompt.token_count,
+        counter_target(prompt.token_count)
+    )?;
     Ok(())
 }
 

@@ -56,6 +56,7 @@ pub use self::request::{Job, Request};
 use crate::device;
 use crate::kernels::host_memory;
 use crate::model::stable_diffusion::{StableDiffusion, TextEncoder};
+use crate::model::tokenizer::ClipTokenizer;
 use crate::model::vae::VaeEncoder;
 use crate::sampling::Prediction;
 use crate::weights::files::{with_model_context, ModelLocation};
@@ -115,6 +116,8 @@ pub struct Engine {
     /// The text encoder kept between runs ([`Engine::keep_text_encoder`]), with its LoRAs.
     text_encoder: Option<(MergeKey, TextEncoder)>,
     keep_text_encoder: bool,
+    /// The (first) CLIP tokenizer, read on first need by [`Engine::tokenizer`].
+    tokenizer: OnceLock<ClipTokenizer>,
 }
 
 /// Hands the memory that finished runs freed back to the OS, for a long-lived caller with nothing
@@ -178,6 +181,7 @@ impl Engine {
             encoder: None,
             text_encoder: None,
             keep_text_encoder: false,
+            tokenizer: OnceLock::new(),
         };
         engine.check_loras(&engine.loras)?;
         Ok(engine)
@@ -226,6 +230,19 @@ impl Engine {
     pub fn prediction(&self, requested: Option<Prediction>) -> Result<(Prediction, bool), RequestError> {
         let prediction = request::model_prediction(requested, &self.configs.scheduler, &self.configs.scheduler_path)?;
         Ok((prediction, request::zero_snr_applies(prediction)))
+    }
+
+    /// The model's (first) CLIP tokenizer, read once and kept: what a token counter asks for on
+    /// every keystroke (the server's `POST /sdfix/v1/prompt`). No weight is read.
+    pub fn tokenizer(&self) -> Result<&ClipTokenizer> {
+        if let Some(tokenizer) = self.tokenizer.get() {
+            return Ok(tokenizer);
+        }
+        let tokenizer = self
+            .source
+            .tokenizer()
+            .map_err(|err| with_model_context(err, &self.model))?;
+        Ok(self.tokenizer.get_or_init(|| tokenizer))
     }
 
     pub fn location(&self) -> &ModelLocation {

@@ -90,7 +90,7 @@ pub struct Overrides {
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
-fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: std::str::FromStr,

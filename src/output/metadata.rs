@@ -135,32 +135,95 @@ pub struct Parameters {
     pub fields: BTreeMap<String, String>,
 }
 
-/// Parses A1111 `parameters`: the last line holds the fields; a line starting with
-/// `Negative prompt:` starts the negative prompt; everything before is the prompt.
+/// Parses A1111 `parameters` as `infotext_utils.parse_generation_parameters` does: the last
+/// line holds the `Key: value` fields (unless it has fewer than three, when it is prompt text); a
+/// line starting with `Negative prompt:` starts the negative prompt; the lines before are the
+/// prompt. A value in double quotes (`Lora hashes: "a: 1, b: 2"`) may hold commas and is
+/// unquoted as JSON, as A1111's `unquote` does.
 pub fn parse_parameters(text: &str) -> Parameters {
-    let mut lines: Vec<&str> = text.lines().collect();
+    let mut lines: Vec<&str> = text.trim().lines().collect();
     let last = lines.pop().unwrap_or_default();
-    let fields = last
-        .split(", ")
-        .filter_map(|pair| pair.split_once(": "))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let negative_at = lines.iter().position(|l| l.starts_with("Negative prompt: "));
-    let (prompt_lines, negative) = match negative_at {
-        Some(i) => {
-            let mut negative = lines[i..].join("\n");
-            negative.drain(.."Negative prompt: ".len());
-            (&lines[..i], negative)
+    let mut pairs = parameter_pairs(last);
+    if pairs.len() < 3 {
+        lines.push(last);
+        pairs.clear();
+    }
+    let (mut prompt, mut negative) = (Vec::new(), Vec::new());
+    let mut in_negative = false;
+    for line in lines {
+        let mut line = line.trim();
+        if let Some(rest) = line.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            line = rest.trim();
         }
-        None => (&lines[..], String::new()),
-    };
+        if in_negative {
+            negative.push(line);
+        } else {
+            prompt.push(line);
+        }
+    }
     Parameters {
-        prompt: prompt_lines.join("\n"),
-        negative_prompt: negative,
-        fields,
+        prompt: prompt.join("\n"),
+        negative_prompt: negative.join("\n"),
+        fields: pairs.into_iter().collect(),
     }
 }
 
+/// The `Key: value` pairs of an infotext's last line, read as A1111's `re_param`
+/// (`\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)`) matches them: a key of word
+/// characters, spaces, `-` and `/`; a value up to the next comma, or a quoted string.
+fn parameter_pairs(line: &str) -> Vec<(String, String)> {
+    let is_key_char = |c: char| c.is_alphanumeric() || c == '_' || c == ' ' || c == '-' || c == '/';
+    let mut pairs = Vec::new();
+    let mut rest = line;
+    while !rest.trim().is_empty() {
+        let trimmed = rest.trim_start();
+        let key_len = trimmed.find(|c: char| !is_key_char(c)).unwrap_or(trimmed.len());
+        let key = &trimmed[..key_len];
+        let first_is_word = key.chars().next().is_some_and(|c| c.is_alphanumeric() || c == '_');
+        let Some(after_colon) = trimmed[key_len..]
+            .strip_prefix(':')
+            .filter(|_| first_is_word && key.len() > 1)
+        else {
+            // Not a pair here: go on after the next comma (the regex would go on one character
+            // later; on the lines A1111 and sdfix write, the two agree).
+            match rest.split_once(',') {
+                Some((_, after)) => {
+                    rest = after;
+                    continue;
+                }
+                None => break,
+            }
+        };
+        let value_start = after_colon.trim_start();
+        let quoted = value_start.strip_prefix('"').and_then(|inner| {
+            let mut escaped = false;
+            let end = inner.char_indices().find(|&(_, c)| {
+                let closes = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                closes
+            })?;
+            let literal = &value_start[..end.0 + 2];
+            let tail = &value_start[end.0 + 2..];
+            // The quoted form only counts when a comma or the end follows, as in the regex.
+            let tail = tail.strip_prefix(',').or(tail.is_empty().then_some(tail))?;
+            Some((
+                serde_json::from_str::<String>(literal).unwrap_or_else(|_| literal.to_string()),
+                tail,
+            ))
+        });
+        let (value, tail) = match quoted {
+            Some((value, tail)) => (value, tail),
+            _ => match value_start.split_once(',') {
+                Some((value, tail)) => (value.to_string(), tail),
+                None => (value_start.to_string(), ""),
+            },
+        };
+        pairs.push((key.trim().to_string(), value.trim().to_string()));
+        rest = tail;
+    }
+    pairs
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +296,23 @@ mod tests {
         );
         let fields = parse_parameters(&text).fields;
         assert_eq!(fields["Denoising strength"], "0.6");
+    }
+
+    #[test]
+    fn quoted_values_and_short_last_lines_read_as_a1111() {
+        let text = "a cat,\nin a hat\nNegative prompt: dog\n\
+                    Steps: 28, Sampler: DPM++ 2M Karras, Lora hashes: \"a: 1a, b: 2b\", Size: 64x48, Note: \"say \\\"hi\\\"\"";
+        let parsed = parse_parameters(text);
+        assert_eq!(parsed.prompt, "a cat,\nin a hat");
+        assert_eq!(parsed.negative_prompt, "dog");
+        assert_eq!(parsed.fields["Lora hashes"], "a: 1a, b: 2b");
+        assert_eq!(parsed.fields["Size"], "64x48");
+        assert_eq!(parsed.fields["Note"], "say \"hi\"");
+        assert_eq!(parsed.fields.len(), 5, "{:?}", parsed.fields);
+        // Fewer than three pairs: the last line is prompt text (A1111's rule).
+        let parsed = parse_parameters("a photo\nstyle: noir, mood: dark");
+        assert_eq!(parsed.prompt, "a photo\nstyle: noir, mood: dark");
+        assert!(parsed.fields.is_empty());
     }
 
     #[test]

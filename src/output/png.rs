@@ -197,9 +197,13 @@ pub fn image_png_bytes(image: &GeneratedImage) -> Result<Vec<u8>> {
 /// The text chunks (`tEXt`, `zTXt`, `iTXt`) of a PNG, by keyword.
 pub fn read_png_text(path: &Path) -> Result<HashMap<String, String>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .with_context(|| format!("{} is not a readable PNG", path.display()))?;
+    png_text(std::io::BufReader::new(file)).with_context(|| format!("{} is not a readable PNG", path.display()))
+}
+
+/// [`read_png_text`] of PNG bytes in memory (the server's `/sdapi/v1/png-info`). The chunks
+/// before the image data are read, where PIL (so AUTOMATIC1111) and sdfix write them.
+pub fn png_text(source: impl std::io::BufRead + std::io::Seek) -> Result<HashMap<String, String>> {
+    let reader = png::Decoder::new(source).read_info()?;
     let info = reader.info();
     let mut text = HashMap::new();
     for chunk in &info.uncompressed_latin1_text {

@@ -6,11 +6,12 @@
 //!
 //! Wiring it into a text encoder: [`tokenize_prompt`], then [`encode_chunks`] with a closure
 //! that runs the encoder on one chunk's 77 ids; for `--emphasis comfy` and `--pad-conds`, encode
-//! [`empty_chunk`] once and pass it.
+//! [`empty_chunk`] once and pass it. [`PromptReport`] is what a token counter shows.
 
 pub mod chunks;
 pub mod emphasis;
 pub mod parse;
+pub mod report;
 pub mod unsupported;
 
 use anyhow::Result;
@@ -21,6 +22,7 @@ pub use chunks::{
 };
 pub use emphasis::{apply_emphasis, encode_chunks, pad_to_same_length, Emphasis};
 pub use parse::{parse_attention, parse_comfy, Fragment};
+pub use report::{counter_target, ChunkReport, PromptReport};
 pub use unsupported::{find_unsupported, unsupported_warning, Unsupported, UnsupportedSyntax};
 
 /// A prompt as the text encoder will see it.

@@ -82,7 +82,7 @@ pub struct Img2Img {
 }
 
 /// A base64 picture of a request, decoded.
-fn decode_base64(value: &str) -> anyhow::Result<Vec<u8>> {
+pub fn decode_base64(value: &str) -> anyhow::Result<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
         .decode(strip_data_url(value).trim())

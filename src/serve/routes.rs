@@ -10,6 +10,8 @@
 //! | `GET /sdapi/v1/progress` | the running run: fraction, ETA, step, queued requests, live preview (`current_image`) |
 //! | `POST /sdapi/v1/interrupt` | stops the running run at its next step |
 //! | `GET /sdapi/v1/scripts` | none (clients ask which extensions exist) |
+//! | `POST /sdapi/v1/png-info` | a PNG's `parameters` text, parsed, and its other text chunks |
+//! | `POST /sdfix/v1/prompt` | sdfix's: `sdfix prompt --json` for a prompt (the page's token counter) |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,7 +34,9 @@ use super::models::ModelEntry;
 use super::worker::{Finished, Shared, Task};
 use super::{AppState, MAX_BODY_BYTES};
 use crate::engine::{Engine, Job, Words};
+use crate::output::metadata::{parse_parameters, PARAMETERS_CHUNK};
 use crate::output::{manifest, png};
+use crate::prompt::{tokenize_prompt, PromptReport};
 
 type AppResult<T> = Result<T, ApiError>;
 
@@ -60,6 +64,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/sdapi/v1/scripts",
             get(|| async { Json(json!({"txt2img": [], "img2img": []})) }),
         )
+        .route("/sdapi/v1/png-info", post(png_info))
+        .route("/sdfix/v1/prompt", post(prompt))
         .fallback(|| async { ApiError::not_found("no such route; the routes are listed in docs/serve.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -509,6 +515,100 @@ async fn progress(State(state): State<Arc<AppState>>, uri: axum::http::Uri) -> A
         "current_image": current_image,
         "textinfo": null,
     })))
+}
+
+/// The body of `POST /sdapi/v1/png-info` (A1111's `PNGInfoRequest`).
+#[derive(serde::Deserialize)]
+struct PngInfoBody {
+    /// Base64 PNG bytes; a `data:image/png;base64,` prefix is stripped.
+    image: String,
+}
+
+/// `POST /sdapi/v1/png-info`, A1111's PNG info (`api.py` `pnginfoapi`): `info` is the PNG's
+/// `parameters` text ("" without one), `items` its other text chunks (sdfix's `sdfix` record among
+/// them), `parameters` the text parsed as A1111's `parse_generation_parameters` does
+/// ([`parse_parameters`]): `Prompt`, `Negative prompt`, each field, and a `WxH` value as
+/// `Key-1`/`Key-2`. Departures: PNGs only (A1111 also reads JPEG and WebP EXIF), and no defaults
+/// for fields the text lacks (A1111 adds some, e.g. `Clip skip: 1`). A body that is not a PNG
+/// is a 422 naming `image`.
+async fn png_info(body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let (_, body): (Value, PngInfoBody) = parse_body(body)?;
+    let text = blocking(move || {
+        let bytes = api::decode_base64(&body.image).map_err(|e| ApiError::invalid(format!("image: {e:#}")))?;
+        png::png_text(std::io::Cursor::new(bytes))
+            .map_err(|e| ApiError::invalid(format!("image: not a readable PNG ({e:#})")))
+    })
+    .await?;
+    let mut items: serde_json::Map<String, Value> = text.into_iter().map(|(k, v)| (k, Value::from(v))).collect();
+    let info = match items.remove(PARAMETERS_CHUNK) {
+        Some(Value::String(info)) => info,
+        _ => String::new(),
+    };
+    let parsed = parse_parameters(&info);
+    let mut parameters = serde_json::Map::new();
+    parameters.insert("Prompt".into(), parsed.prompt.into());
+    parameters.insert("Negative prompt".into(), parsed.negative_prompt.into());
+    for (key, value) in parsed.fields {
+        let size = value.split_once('x').filter(|(w, h)| {
+            [w, h]
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        match size {
+            Some((w, h)) => {
+                parameters.insert(format!("{key}-1"), w.into());
+                parameters.insert(format!("{key}-2"), h.into());
+            }
+            None => {
+                parameters.insert(key, value.into());
+            }
+        }
+    }
+    Ok(Json(json!({"info": info, "items": items, "parameters": parameters})))
+}
+
+/// The longest prompt `/sdfix/v1/prompt` tokenizes: far past any real prompt (A1111's
+/// counter has no limit), short enough that a request costs milliseconds, not the body limit's
+/// 16 MiB of BPE.
+pub const MAX_PROMPT_CHARS: usize = 100_000;
+
+/// The body of `POST /sdfix/v1/prompt`.
+#[derive(serde::Deserialize)]
+struct PromptBody {
+    prompt: String,
+    /// `original` unless told; A1111's spellings (`No norm`) too.
+    #[serde(default, deserialize_with = "crate::engine::overrides::parsed")]
+    emphasis: Option<crate::prompt::Emphasis>,
+    /// Whose tokenizer, by name [default: `sd_model_checkpoint`].
+    model: Option<String>,
+}
+
+/// `POST /sdfix/v1/prompt`: what `sdfix prompt --json` prints, for the page's token counter.
+/// The model's tokenizer is read once, with its configs ([`Engine::tokenizer`]).
+async fn prompt(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> AppResult<Json<Value>> {
+    let (_, body): (Value, PromptBody) = parse_body(body)?;
+    if body.prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::invalid(format!(
+            "prompt: longer than {MAX_PROMPT_CHARS} characters; a token counter needs no more"
+        )));
+    }
+    let (field, name) = match body.model {
+        Some(name) => ("model", name),
+        None => ("sd_model_checkpoint", lock(&state.current_model).clone()),
+    };
+    let entry = state.models.find(&name).ok_or_else(|| unknown_model(field, &name))?;
+    let report = blocking(move || {
+        with_checker(&state, &entry, |engine| {
+            let tokenizer = engine.tokenizer().map_err(|e| ApiError::internal(&e))?;
+            let tokenized = tokenize_prompt(&body.prompt, body.emphasis.unwrap_or_default(), tokenizer)
+                .map_err(|e| ApiError::invalid(format!("prompt: {e:#}")))?;
+            Ok(PromptReport::new(&tokenized, tokenizer))
+        })
+    })
+    .await?;
+    Ok(Json(
+        serde_json::to_value(report).map_err(|e| ApiError::internal(&e.into()))?,
+    ))
 }
 
 async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
