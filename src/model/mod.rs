@@ -4,6 +4,7 @@
 //! - [`stable_diffusion`]: the text encoder (tokenizer + CLIP) and the denoiser (UNet + VAE).
 //! - [`unet`], [`clip`]: our UNet2DConditionModel and CLIP text transformer on candle-nn.
 //! - [`vae`]: the VAE decoder, configured from vae/config.json.
+//! - [`vae_tiling`]: the VAE decoded and encoded in tiles, as diffusers' `enable_tiling()`.
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 //! - The thin layers the networks are built from: [`attention`] (the one attention function all
@@ -33,6 +34,7 @@ pub mod stable_diffusion;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 
 /// Whether `t` is f32 on the CPU: where our kernels (inference, and [`crate::kernels::grad`] for
 /// training) run.
