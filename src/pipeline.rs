@@ -152,6 +152,8 @@ pub struct BatchInput<'a> {
     pub settings: &'a SamplingSettings,
     /// Inpainting's mask and init latents.
     pub inpainting: Option<Inpainting<'a>>,
+    /// Decode in tiles ([`crate::model::vae::Vae::decode_tiled`]).
+    pub vae_tiling: bool,
 }
 
 /// Runs the sampler from `input.latents`, conditioned on `input.cond` and, with CFG,
@@ -169,6 +171,7 @@ pub fn denoise(
         uncond,
         settings,
         inpainting,
+        vae_tiling: _,
     } = input;
     let schedule = &settings.schedule;
     let steps = schedule.timesteps.len();
@@ -331,12 +334,16 @@ pub fn sampler_step(
     Ok(sampler::step(settings.sampler, &input, &settings.step, history, noise)?)
 }
 
-/// Decodes final latents to images in [-1, 1], (b, 3, H, W) f32.
-pub fn decode(model: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
-    Ok(model
-        .vae
-        .decode(&latents.to_dtype(model.vae_dtype)?)?
-        .to_dtype(DType::F32)?)
+/// Decodes final latents to images in [-1, 1], (b, 3, H, W) f32; in tiles with `tiled`, as
+/// diffusers after `vae.enable_tiling()`.
+pub fn decode(model: &StableDiffusion, latents: &Tensor, tiled: bool) -> Result<Tensor> {
+    let latents = latents.to_dtype(model.vae_dtype)?;
+    let images = if tiled {
+        model.vae.decode_tiled(&latents)?
+    } else {
+        model.vae.decode(&latents)?
+    };
+    Ok(images.to_dtype(DType::F32)?)
 }
 
 /// Images in [-1, 1] to 8-bit, (b, 3, H, W) u8, as diffusers' `(image / 2 + 0.5).clamp(0, 1) * 255`,
@@ -355,9 +362,10 @@ pub fn denoise_and_decode(
     noise: &mut ImageNoise,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, Vec<Vec<u8>>)> {
+    let tiled = input.vae_tiling;
     let final_latents = denoise(model, input, noise, on_step)?;
     ensure_finite(&final_latents, "UNet", model.dtype)?;
-    let images = decode(model, &final_latents)?;
+    let images = decode(model, &final_latents, tiled)?;
     ensure_finite(&images, "VAE", model.vae_dtype)?;
     let rgb = to_rgb(&to_u8(&images)?)?;
     Ok((final_latents, rgb))

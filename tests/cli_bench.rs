@@ -34,6 +34,43 @@ fn bench_tiny_one_step_reports_every_field() {
     );
 }
 
+/// `--vae-only` builds and times the VAE decoder alone, whole or tiled (as
+/// scripts/vae_tiling_memory.sh runs it at 2048 px).
+#[test]
+fn bench_vae_only_times_the_decode_whole_and_tiled() {
+    for tiled in [false, true] {
+        let mut args = vec![
+            "bench",
+            "--arch",
+            "tiny",
+            "--vae-only",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--repeat",
+            "1",
+            "--json",
+            "--device",
+            "cpu",
+        ];
+        if tiled {
+            args.push("--vae-tiling");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_sdfix"))
+            .args(&args)
+            .env("SDFIX_CACHE", std::env::temp_dir().join("sdfix-bench-test"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["vae_tiling"], tiled, "{report}");
+        assert!(report["vae_decode_ms"]["median"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(report["peak_memory_mb"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(report.get("unet_step_ms").is_none(), "no UNet: {report}");
+    }
+}
+
 #[test]
 fn bench_profile_splits_each_stage_by_op() {
     let out = Command::new(env!("CARGO_BIN_EXE_sdfix"))

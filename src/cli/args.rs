@@ -270,6 +270,12 @@ pub struct SizeArgs {
     /// SDXL: the negative branch's target size (with --negative-original-size).
     #[arg(long, value_name = "WxH", help_heading = "SDXL micro-conditioning")]
     pub negative_target_size: Option<PixelSize>,
+
+    /// Decode (and for img2img encode) the picture in overlapping tiles of the VAE's
+    /// sample_size (512 px for SD 1.x/2.x-base), as diffusers' vae.enable_tiling(): memory of
+    /// one tile whatever the size, for large pictures; tiles may show as slight changes of tone.
+    #[arg(long)]
+    pub vae_tiling: bool,
 }
 
 impl SizeArgs {
@@ -468,6 +474,7 @@ pub fn base_request(prompt: &str, prompts: &PromptArgs, sampler: &SamplerArgs, s
         emphasis: prompts.emphasis,
         clip_skip: prompts.clip_skip,
         pad_conds: prompts.pad_conds,
+        vae_tiling: size.vae_tiling,
         ..Request::new(prompt)
     }
 }

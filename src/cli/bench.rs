@@ -130,6 +130,12 @@ pub struct BenchArgs {
     /// layers' time per shape as `linear_ms_by_shape`. CPU only: GPU kernels run asynchronously.
     #[arg(long)]
     pub profile: bool,
+
+    /// Build and time the VAE decoder alone, on Gaussian latents of --width x --height (with
+    /// --vae-tiling, in tiles): no text encoder, no UNet, no warm-up run, so that the peak memory
+    /// is the decode's and a large size takes one decode per --repeat.
+    #[arg(long, conflicts_with = "profile")]
+    pub vae_only: bool,
 }
 
 /// Median and minimum of timings, in milliseconds.
@@ -211,6 +217,65 @@ fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// `--vae-only`: the VAE decoder on random weights, `--repeat` decodes of Gaussian latents
+/// (through [`pipeline::decode`] and the conversion to 8-bit, as `generate`), with the peak
+/// memory of the process (CPU) or above the start (CUDA).
+fn vae_only(
+    args: &BenchArgs,
+    vae_config: &VaeConfig,
+    arch: &str,
+    (width, height): (usize, usize),
+    out: &mut impl std::io::Write,
+) -> Result<()> {
+    let (device, dtype) = args.device.resolve()?;
+    let factor = vae_config.downscale_factor();
+    let memory_watch = device::MemoryWatch::start(&device);
+    let vae_dtype = Vae::decode_dtype(vae_config, dtype);
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), vae_dtype, device.clone());
+    let started = Instant::now();
+    let vae = Vae::new(vb.pp("vae"), vae_config)?;
+    let build_s = started.elapsed().as_secs_f64();
+    let seeds: Vec<u64> = (0..args.batch_size as u64).collect();
+    let latents =
+        ImageNoise::new(&seeds).sample((vae_config.latent_channels, height / factor, width / factor), &device)?;
+    let mut vae_ms = Vec::with_capacity(args.repeat);
+    for _ in 0..args.repeat {
+        let started = Instant::now();
+        let latents = latents.to_dtype(vae_dtype)?;
+        let images = if args.size.vae_tiling {
+            vae.decode_tiled(&latents)?
+        } else {
+            vae.decode(&latents)?
+        };
+        pipeline::to_u8(&images.to_dtype(DType::F32)?)?;
+        device.synchronize()?;
+        vae_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let peak_memory_mb = match memory_watch {
+        Some(watch) => watch.finish(),
+        None => peak_rss_mb(),
+    };
+    let report = json!({
+        "tool": "sdfix",
+        "arch": arch,
+        "width": width,
+        "height": height,
+        "batch_size": args.batch_size,
+        "dtype": format!("{vae_dtype:?}").to_lowercase(),
+        "device": device::describe(&device),
+        "vae_tiling": args.size.vae_tiling,
+        "build_s": build_s,
+        "vae_decode_ms": summary(&mut vae_ms),
+        "peak_memory_mb": peak_memory_mb,
+    });
+    if args.json {
+        writeln!(out, "{report}")?;
+    } else {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
 }
 
 /// The configs of `arch`: compiled in, the demo model's, or a folder's.
@@ -297,6 +362,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if value == 0 || !value.is_multiple_of(multiple) {
             bail!("{flag} {value} must be a positive multiple of {multiple}");
         }
+    }
+
+    if args.vae_only {
+        return vae_only(args, &vae_config, &arch, (width, height), &mut out);
     }
 
     // Random weights (candle-nn's initialisers): the shapes are what matter for timing.
@@ -389,6 +458,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         uncond: Some(&uncond_rows),
         settings: &settings,
         inpainting: None,
+        vae_tiling: args.size.vae_tiling,
     };
     pipeline::denoise(&model, input, &mut ImageNoise::new(&seeds), &mut |_| {
         if let Err(err) = device.synchronize() {
@@ -434,7 +504,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // The initial (Gaussian) latents, not the loop's: random weights can drive those anywhere,
     // and diffusers' benchmark decodes Gaussian latents too.
     let mut vae_ms = time(&device, args.repeat, || {
-        pipeline::to_u8(&pipeline::decode(&model, &latents)?)?;
+        pipeline::to_u8(&pipeline::decode(&model, &latents, args.size.vae_tiling)?)?;
         Ok(())
     })?;
     let (vae_ops, vae_linear_shapes) = op_ms(&vae_ms);

@@ -4,6 +4,25 @@ use anyhow::{ensure, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
+/// `sample_size` as diffusers' `AutoencoderKL` takes it: one side, or a list of sides.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SampleSize {
+    Side(usize),
+    Sides(Vec<usize>),
+}
+
+impl SampleSize {
+    /// The side diffusers derives the latent tile from: the value, or a list's first entry
+    /// (`AutoencoderKL.__init__`).
+    pub fn first(&self) -> Option<usize> {
+        match self {
+            Self::Side(side) => Some(*side),
+            Self::Sides(sides) => sides.first().copied(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct VaeConfig {
@@ -16,7 +35,9 @@ pub struct VaeConfig {
     pub act_fn: String,
     pub latent_channels: usize,
     pub norm_num_groups: usize,
-    pub sample_size: usize,
+    /// The image side the VAE was trained at: tiled decoding's tile size
+    /// ([`crate::model::vae_tiling`]). An int in SD's configs; diffusers also takes a list.
+    pub sample_size: SampleSize,
     /// Latents are divided by this before decoding (0.18215 for SD 1.x/2.x).
     pub scaling_factor: f64,
     pub shift_factor: Option<Value>,
@@ -41,7 +62,7 @@ impl Default for VaeConfig {
             act_fn: "silu".into(),
             latent_channels: 4,
             norm_num_groups: 32,
-            sample_size: 32,
+            sample_size: SampleSize::Side(32),
             scaling_factor: 0.18215,
             shift_factor: None,
             latents_mean: None,

@@ -52,6 +52,8 @@ pub struct BatchKey {
     /// starts from the noise alone).
     vae_encode: Option<VaeEncodeMode>,
     strength: Option<u64>,
+    /// `--vae-tiling`: the batch decodes (and encodes) once, tiled or not.
+    vae_tiling: bool,
 }
 
 impl BatchKey {
@@ -82,6 +84,7 @@ impl BatchKey {
             own_latents: job.request.latents.is_some(),
             vae_encode: job.init.as_ref().map(|_| job.request.vae_encode),
             strength: job.init.as_ref().map(|init| init.strength.to_bits()),
+            vae_tiling: job.request.vae_tiling,
         }
     }
 }

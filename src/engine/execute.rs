@@ -63,15 +63,22 @@ fn init_pictures(jobs: &[Job], batch: &[Item], masked: bool, device: &Device) ->
 }
 
 /// Encodes pictures to sampler-scale latents, f32: the posterior's mean, or a sample of it drawn
-/// from each image's encode stream.
+/// from each image's encode stream; in tiles with `tiled` (`--vae-tiling`, as diffusers' img2img
+/// and inpainting pipelines encode after `vae.enable_tiling()`).
 fn encode(
     modules: &Modules,
     pictures: &Tensor,
     mode: init_image::VaeEncodeMode,
+    tiled: bool,
     noise: &mut ImageNoise,
 ) -> Result<Tensor> {
     let encoder = modules.encoder.context("internal: the VAE encoder was not loaded")?;
-    let dist = encoder.encode(&pictures.to_dtype(modules.model.vae_dtype)?)?;
+    let pictures = pictures.to_dtype(modules.model.vae_dtype)?;
+    let dist = if tiled {
+        encoder.encode_tiled(&pictures)?
+    } else {
+        encoder.encode(&pictures)?
+    };
     let sample = match mode {
         init_image::VaeEncodeMode::Mean => None,
         init_image::VaeEncodeMode::Sample => {
@@ -102,6 +109,7 @@ fn img2img_batch(
     let settings = &first.settings;
     let device = &modules.model.device;
     let mode = first.request.vae_encode;
+    let tiled = first.request.vae_tiling;
     let (_, h, w) = first.latent_shape;
     let conditioned = first.mode == BatchMode::InpaintCondition;
     let from_noise = init.mask.is_some() && init.strength == 1.0;
@@ -112,6 +120,7 @@ fn img2img_batch(
             modules,
             &init_pictures(jobs, batch, false, device)?,
             mode,
+            tiled,
             noise,
         )?)
     };
@@ -148,7 +157,7 @@ fn img2img_batch(
         img2img.mask = Some(Tensor::stack(&rows, 0)?.to_device(device)?);
         if conditioned {
             let masked = init_pictures(jobs, batch, true, device)?;
-            img2img.masked_image_latents = Some(encode(modules, &masked, mode, noise)?);
+            img2img.masked_image_latents = Some(encode(modules, &masked, mode, tiled, noise)?);
         }
     }
     Ok(img2img)
@@ -272,6 +281,7 @@ pub(super) fn run_batch(
         uncond: settings.uses_cfg().then_some(uncond.as_slice()),
         settings,
         inpainting,
+        vae_tiling: first.request.vae_tiling,
     };
     let (final_latents, images) = pipeline::denoise_and_decode(model, input, &mut noise, &mut |step| {
         observer.step(step);

@@ -48,10 +48,11 @@ pub enum Field {
     Emphasis,
     ClipSkip,
     PadConds,
+    VaeTiling,
 }
 
 impl Field {
-    pub const ALL: [Field; 37] = [
+    pub const ALL: [Field; 38] = [
         Self::Prompt,
         Self::NegativePrompt,
         Self::Seed,
@@ -89,6 +90,7 @@ impl Field {
         Self::Emphasis,
         Self::ClipSkip,
         Self::PadConds,
+        Self::VaeTiling,
     ];
 
     /// The key of prompt-file lines, of the overrides and of the image's recorded settings.
@@ -131,6 +133,7 @@ impl Field {
             Self::Emphasis => "emphasis",
             Self::ClipSkip => "clip_skip",
             Self::PadConds => "pad_conds",
+            Self::VaeTiling => "vae_tiling",
         }
     }
 
@@ -164,7 +167,7 @@ impl Field {
     fn is_switch(self) -> bool {
         matches!(
             self,
-            Self::ZeroSnr | Self::PasteBack | Self::EncodeEmptyNegative | Self::PadConds
+            Self::ZeroSnr | Self::PasteBack | Self::EncodeEmptyNegative | Self::PadConds | Self::VaeTiling
         )
     }
 }

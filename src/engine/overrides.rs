@@ -87,6 +87,8 @@ pub struct Overrides {
     #[serde(alias = "CLIP_stop_at_last_layers")]
     pub clip_skip: Option<usize>,
     pub pad_conds: Option<bool>,
+    /// An sdfix setting: A1111 has no tiled VAE of its own.
+    pub vae_tiling: Option<bool>,
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
@@ -212,6 +214,7 @@ impl Overrides {
         set(&mut request.emphasis, &self.emphasis);
         set(&mut request.clip_skip, &self.clip_skip);
         set(&mut request.pad_conds, &self.pad_conds);
+        set(&mut request.vae_tiling, &self.vae_tiling);
         let failed = |field: Field| move |e: anyhow::Error| RequestError::new(field, format!("{e:#}"));
         if let Some(reference) = &self.init_image {
             request.init_image = Some(reader.init_image(reference).map_err(failed(Field::InitImage))?);
@@ -270,6 +273,7 @@ impl Overrides {
             emphasis: Some(record.emphasis),
             clip_skip: Some(record.clip_skip),
             pad_conds: Some(record.pad_conds),
+            vae_tiling: Some(record.vae_tiling),
         })
     }
 }

@@ -171,6 +171,9 @@ pub struct ImageRecord {
     /// `--pad-conds`; left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pad_conds: bool,
+    /// `--vae-tiling`; left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vae_tiling: bool,
 }
 
 fn is_default_emphasis(emphasis: &Emphasis) -> bool {
@@ -284,6 +287,7 @@ impl RecordContext<'_> {
             emphasis: job.request.emphasis,
             clip_skip: job.request.clip_skip,
             pad_conds: job.request.pad_conds,
+            vae_tiling: job.request.vae_tiling,
         }
     }
 }

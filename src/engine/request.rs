@@ -14,6 +14,7 @@ use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use super::micro::MicroConditioning;
 use crate::config::scheduler::SchedulerConfig;
 use crate::model::stable_diffusion::PromptOptions;
+use crate::model::vae_tiling::VaeTiling;
 use crate::pipeline::SamplingSettings;
 use crate::prompt::Emphasis;
 use crate::sampling::step::StepParams;
@@ -111,6 +112,10 @@ pub struct Request {
     /// chunks into one UNet batch (A1111's "Pad prompt/negative prompt") instead of running
     /// the two as separate UNet passes (A1111's default).
     pub pad_conds: bool,
+    /// Decode (and, for img2img, encode) in overlapping tiles, as diffusers'
+    /// `vae.enable_tiling()` ([`crate::model::vae_tiling`]): memory bounded by a tile whatever
+    /// the size, at the cost of slight tile-sized changes in the picture.
+    pub vae_tiling: bool,
 }
 
 impl Request {
@@ -149,6 +154,7 @@ impl Request {
             emphasis: Emphasis::Original,
             clip_skip: DEFAULT_CLIP_SKIP,
             pad_conds: false,
+            vae_tiling: false,
         }
     }
 
@@ -396,6 +402,10 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
     }
     request.micro.check()?;
     check_clip_skip(configs, request.clip_skip)?;
+    if request.vae_tiling {
+        VaeTiling::new(&configs.vae)
+            .map_err(|e| RequestError::new(Field::VaeTiling, format!("is not possible: {e}")))?;
+    }
     let guidance = request.guidance;
     check(guidance >= 0.0, Field::Guidance, || {
         format!("{guidance} must not be negative")

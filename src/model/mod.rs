@@ -6,6 +6,7 @@
 //! - [`vae`]: the VAE decoder, configured from vae/config.json.
 //! - Live previews without the VAE: [`latent_rgb`] (A1111's "Approx cheap" linear map) and
 //!   [`taesd`] (TAESD's decoder, diffusers' `AutoencoderTiny` layout).
+//! - [`vae_tiling`]: the VAE decoded and encoded in tiles, as diffusers' `enable_tiling()`.
 //! - [`tokenizer`]: CLIP BPE, ids equal to transformers' CLIPTokenizer.
 //! - [`resnet`]: the resnet, down- and upsampling blocks the UNet and the VAE share.
 //! - The thin layers the networks are built from: [`attention`] (the one attention function all
@@ -37,6 +38,7 @@ pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 
 /// Whether `t` is f32 on the CPU: where our kernels (inference, and [`crate::kernels::grad`] for
 /// training) run.

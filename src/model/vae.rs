@@ -21,6 +21,7 @@ use crate::model::conv::{conv2d, Conv2d};
 use crate::model::linear::Linear;
 use crate::model::norm::{group_norm, GroupNorm};
 use crate::model::resnet::{Downsample2D, NormSpec, ResnetBlock2D, Upsample2D};
+use crate::model::vae_tiling::VaeTiling;
 
 /// diffusers' `Decoder` hard-codes this epsilon for every group norm.
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -150,6 +151,8 @@ pub struct Vae {
     conv_out: Conv2d,
     scaling_factor: f64,
     downscale_factor: usize,
+    /// The tiles of [`Vae::decode_tiled`], or why this VAE cannot be tiled.
+    tiling: std::result::Result<VaeTiling, String>,
 }
 
 impl Vae {
@@ -201,6 +204,7 @@ impl Vae {
             conv_out: conv2d(channels[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             scaling_factor: config.scaling_factor,
             downscale_factor: config.downscale_factor(),
+            tiling: VaeTiling::new(config),
         })
     }
 
@@ -222,7 +226,29 @@ impl Vae {
     /// Decodes sampler latents (b, c, h, w), dividing by `scaling_factor` first as diffusers'
     /// pipeline does. Returns images in [-1, 1] (unclamped), (b, 3, h * f, w * f).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut xs = (latents / self.scaling_factor)?;
+        self.decode_vae_scale(&(latents / self.scaling_factor)?)
+    }
+
+    /// [`Vae::decode`] in tiles when the latents are larger than a tile, as diffusers'
+    /// `AutoencoderKL.decode` after `enable_tiling()` ([`crate::model::vae_tiling`]); smaller
+    /// latents decode whole, as there. Fails for a VAE whose config cannot be tiled.
+    pub fn decode_tiled(&self, latents: &Tensor) -> Result<Tensor> {
+        let grid = self
+            .tiling
+            .as_ref()
+            .map_err(|e| candle_core::Error::Msg(e.clone()))?
+            .decode;
+        let (_, _, h, w) = latents.dims4()?;
+        let xs = (latents / self.scaling_factor)?;
+        if !grid.applies(h, w) {
+            return self.decode_vae_scale(&xs);
+        }
+        grid.run(&xs, |tile| self.decode_vae_scale(tile))
+    }
+
+    /// `post_quant_conv` and the decoder on latents in the VAE's own scale.
+    fn decode_vae_scale(&self, latents: &Tensor) -> Result<Tensor> {
+        let mut xs = latents.clone();
         if let Some(conv) = &self.post_quant_conv {
             xs = conv.forward(&xs)?;
         }
@@ -264,6 +290,8 @@ pub struct VaeEncoder {
     latent_channels: usize,
     scaling_factor: f64,
     downscale_factor: usize,
+    /// The tiles of [`VaeEncoder::encode_tiled`], or why this VAE cannot be tiled.
+    tiling: std::result::Result<VaeTiling, String>,
 }
 
 /// The encoder's Gaussian over latents, (b, c, h, w) each, in the VAE's own scale.
@@ -332,6 +360,7 @@ impl VaeEncoder {
             latent_channels: config.latent_channels,
             scaling_factor: config.scaling_factor,
             downscale_factor: config.downscale_factor(),
+            tiling: VaeTiling::new(config),
         })
     }
 
@@ -343,11 +372,42 @@ impl VaeEncoder {
     /// Encodes images in [-1, 1], (b, 3, H, W) with H and W multiples of the downscale factor,
     /// to their latent distribution, (b, latent_channels, H / f, W / f) each.
     pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
+        self.check_size(images)?;
+        self.distribution(&self.moments(images)?)
+    }
+
+    /// [`VaeEncoder::encode`] in tiles when the images are larger than a tile, as diffusers'
+    /// `AutoencoderKL.encode` after `enable_tiling()` ([`crate::model::vae_tiling`]): the
+    /// moments (mean and log variance) are blended across tiles, then split and clamped as
+    /// diffusers' `DiagonalGaussianDistribution` does with the tiled moments. Smaller images
+    /// encode whole, as there. Fails for a VAE whose config cannot be tiled.
+    pub fn encode_tiled(&self, images: &Tensor) -> Result<LatentDistribution> {
+        let grid = self
+            .tiling
+            .as_ref()
+            .map_err(|e| candle_core::Error::Msg(e.clone()))?
+            .encode;
+        self.check_size(images)?;
+        let (_, _, h, w) = images.dims4()?;
+        let moments = if grid.applies(h, w) {
+            grid.run(images, |tile| self.moments(tile))?
+        } else {
+            self.moments(images)?
+        };
+        self.distribution(&moments)
+    }
+
+    fn check_size(&self, images: &Tensor) -> Result<()> {
         let (_, _, height, width) = images.dims4()?;
         let f = self.downscale_factor;
         if !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             candle_core::bail!("vae encoder: {width}x{height} is not a multiple of {f}");
         }
+        Ok(())
+    }
+
+    /// The encoder and `quant_conv`: (b, 2c, h, w), mean then log variance.
+    fn moments(&self, images: &Tensor) -> Result<Tensor> {
         let mut xs = self.conv_in.forward(images)?;
         for block in &self.down_blocks {
             for resnet in &block.resnets {
@@ -362,6 +422,11 @@ impl VaeEncoder {
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments)?;
         }
+        Ok(moments)
+    }
+
+    /// diffusers' `DiagonalGaussianDistribution` of `moments`.
+    fn distribution(&self, moments: &Tensor) -> Result<LatentDistribution> {
         // (b, 2c, h, w) -> mean and log variance, (b, c, h, w) each.
         let c = self.latent_channels;
         let mean = moments.narrow(1, 0, c)?.contiguous()?;

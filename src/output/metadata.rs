@@ -107,6 +107,10 @@ impl ImageRecord {
         if self.pad_conds {
             fields.push("Pad conds: True".to_string());
         }
+        // sdfix's own field: A1111 has no tiled VAE in its core (extensions write their own).
+        if self.vae_tiling {
+            fields.push("VAE tiling: True".to_string());
+        }
         if self.eta != 0.0 {
             fields.push(format!("Eta: {}", number(self.eta)));
         }
@@ -271,6 +275,7 @@ mod tests {
             emphasis: Emphasis::Original,
             clip_skip: 1,
             pad_conds: false,
+            vae_tiling: false,
         }
     }
 

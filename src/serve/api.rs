@@ -555,6 +555,15 @@ mod tests {
         );
     }
 
+    /// `vae_tiling` is an sdfix field (A1111 has no tiled VAE of its own), a boolean.
+    #[test]
+    fn vae_tiling_is_a_request_field() {
+        assert!(!resolve(json!({})).unwrap().request.vae_tiling);
+        assert!(resolve(json!({"vae_tiling": true})).unwrap().request.vae_tiling);
+        let err = resolve(json!({"vae_tiling": "yes"})).unwrap_err();
+        assert!(err.detail.contains("vae_tiling"), "{err:?}");
+    }
+
     #[test]
     fn bad_fields_are_named() {
         for (body, field) in [
