@@ -65,7 +65,7 @@ fn init_pictures(jobs: &[Job], batch: &[Item], masked: bool, device: &Device) ->
 
 /// Encodes pictures to sampler-scale latents, f32: the posterior's mean, or a sample of it drawn
 /// from each image's encode stream.
-pub(super) fn encode(
+fn encode(
     modules: &Modules,
     pictures: &Tensor,
     mode: init_image::VaeEncodeMode,
@@ -337,9 +337,13 @@ pub(super) fn run_batch(
                 noise: own_noise,
                 cond: &hires_cond,
                 uncond: settings.uses_cfg().then_some(hires_uncond.as_slice()),
-                vae_encode: first.request.vae_encode,
             };
-            hires_pass::run(modules, pass, &mut |step| on_step(step, first_steps))?
+            let mode = first.request.vae_encode;
+            let mut encode_pictures =
+                |pictures: &Tensor, noise: &mut ImageNoise| encode(modules, pictures, mode, noise);
+            hires_pass::run(model, pass, &mut encode_pictures, &mut |step| {
+                on_step(step, first_steps)
+            })?
         }
         _ => pipeline::denoise_and_decode(model, input, &mut noise, &mut |step| on_step(step, 0))?,
     };

@@ -7,9 +7,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use super::execute::{encode, Modules};
 use super::hires::{HiresUpscaler, ResolvedHires};
-use super::init_image::{self, VaeEncodeMode};
+use super::init_image;
+use crate::model::stable_diffusion::StableDiffusion;
 use crate::model::unet::Conditioning;
 use crate::pipeline::{self, BatchInput, StepInfo};
 use crate::sampling::noise::ImageNoise;
@@ -27,18 +27,20 @@ pub(super) struct SecondPass<'a> {
     /// The prompts' conditioning at the hires size (SDXL's micro-conditioning follows it).
     pub cond: &'a [Conditioning],
     pub uncond: Option<&'a [Conditioning]>,
-    /// How the Lanczos upscaler's picture is encoded again.
-    pub vae_encode: VaeEncodeMode,
 }
+
+/// Encodes (b, 3, H, W) pictures in [-1, 1] to sampler-scale latents, drawing a posterior sample
+/// (when the request asks for one) from the noise it is given: the batch's img2img encode.
+pub(super) type Encode<'a> = dyn FnMut(&Tensor, &mut ImageNoise) -> Result<Tensor> + 'a;
 
 /// Runs the second pass; returns the final latents and the 8-bit pictures, as
 /// [`pipeline::denoise_and_decode`].
 pub(super) fn run(
-    modules: &Modules,
+    model: &StableDiffusion,
     pass: SecondPass,
+    encode: &mut Encode,
     on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
 ) -> Result<(Tensor, Vec<Vec<u8>>)> {
-    let model = modules.model;
     let hires = pass.hires;
     let factor = model.vae.downscale_factor();
     // A fresh generator per image from its seed, as A1111's `rng.ImageRNG(shape_hr, seeds)`.
@@ -60,7 +62,7 @@ pub(super) fn run(
                 })
                 .collect::<Result<Vec<_>>>()?;
             let pictures = Tensor::stack(&pictures, 0)?.to_device(&model.device)?;
-            encode(modules, &pictures, pass.vae_encode, &mut noise)?
+            encode(&pictures, &mut noise)?
         }
     };
     let (top, left, h, w) = hires.target.crop(factor);
