@@ -226,25 +226,54 @@ fn the_png_records_the_first_pass_size_and_the_hires_fields_as_a1111() {
 }
 
 /// The infotext as sd-parsers (a third-party reader of A1111 PNGs) reads it:
-/// `scripts/hires_infotext_check.py` run on a hires PNG printed these values (run by hand; see
-/// docs/testing.md). The test pins the text they came from.
+/// `scripts/hires_infotext_check.py` made this PNG and wrote what sd-parsers 0.6 read from it to
+/// tests/fixtures/refs/hires_sd_parsers.json (run by hand). The test makes it again and checks
+/// that every value sd-parsers read is in the `parameters` text unchanged.
 #[test]
 fn the_infotext_is_what_sd_parsers_read() {
+    let read: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("refs/hires_sd_parsers.json")).unwrap()).unwrap();
+    let args: Vec<&str> = read["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let run = generate(
-        &out,
-        &[
-            "--hires-scale",
-            "2",
-            "--hires-steps",
-            "3",
-            "--hires-upscaler",
-            "latent-bicubic-antialiased",
-        ],
-    );
+    let tiny = tiny();
+    let mut all = vec!["generate", "--model", &tiny, "--out-dir", out.to_str().unwrap()];
+    all.extend(args);
+    let run = sdfix(&all);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let text = parameters(&pngs(&out)[0]);
+    let ours = parse_parameters(&text);
+    let hint = "regenerate with: .venv-oracle/bin/python scripts/hires_infotext_check.py";
+    assert_eq!(ours.prompt, read["prompt"], "{hint}");
+    assert_eq!(ours.negative_prompt, read["negative_prompt"], "{hint}");
+    assert_eq!(ours.fields["Sampler"], read["sampler"], "{hint}");
+    for (key, value) in read["metadata"].as_object().unwrap() {
+        if key == "Version" {
+            continue;
+        }
+        assert_eq!(
+            ours.fields.get(key).map(String::as_str),
+            value.as_str(),
+            "{key}; {hint}"
+        );
+    }
+    for key in [
+        "Size",
+        "Denoising strength",
+        "Hires upscale",
+        "Hires steps",
+        "Hires upscaler",
+    ] {
+        assert!(
+            read["metadata"].get(key).is_some(),
+            "sd-parsers did not read {key}; {hint}"
+        );
+    }
     let last = text.lines().last().unwrap();
     assert!(
         last.contains(
