@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::progress::Verbosity;
 use crate::device::{self, DeviceChoice};
+use crate::engine::hires::{HiresFix, HiresResize, HiresUpscaler};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use crate::engine::micro::{CropCorner, MicroConditioning, PixelSize};
 use crate::engine::preview::{PreviewMethod, PreviewSettings, DEFAULT_PREVIEW_EVERY, DEFAULT_TAESD_PREVIEW_EVERY};
@@ -448,6 +449,56 @@ impl Img2ImgArgs {
         request.paste_back = !self.no_paste_back;
         request.resize = self.resize;
         request.vae_encode = self.vae_encode;
+    }
+}
+
+/// The hires fix (A1111's txt2img "Hires. fix"): a second pass, img2img at a larger size.
+#[derive(Debug, Clone, Args)]
+pub struct HiresArgs {
+    /// Hires fix: make the picture at --width x --height, enlarge it F times (int(w F) x int(h F))
+    /// and sample it again as img2img (A1111's "Upscale by").
+    #[arg(
+        long,
+        value_name = "F",
+        conflicts_with = "hires_size",
+        allow_negative_numbers = true,
+        help_heading = "Hires fix"
+    )]
+    pub hires_scale: Option<f64>,
+
+    /// Hires fix to this size (A1111's "Resize width/height to"): WxH; a 0 side follows the
+    /// aspect ratio (1024x0); with both, the enlarged picture covers WxH and is cropped to it.
+    #[arg(long, value_name = "WxH", help_heading = "Hires fix")]
+    pub hires_size: Option<HiresResize>,
+
+    /// How the first pass is enlarged: latent (bilinear, A1111's default), latent-antialiased,
+    /// latent-bicubic, latent-bicubic-antialiased, latent-nearest, latent-nearest-exact (the
+    /// latents, as torch's F.interpolate), or lanczos (the decoded picture, then encoded again)
+    /// [default: latent].
+    #[arg(long, value_name = "NAME", help_heading = "Hires fix")]
+    pub hires_upscaler: Option<HiresUpscaler>,
+
+    /// Steps of the second pass; 0 takes --steps. A1111's rule: exactly N run, the last N of a
+    /// schedule of int(N / S) steps [default: 0].
+    #[arg(long, value_name = "N", help_heading = "Hires fix")]
+    pub hires_steps: Option<usize>,
+
+    /// The second pass's denoising strength S, 0 < S <= 1 (A1111's "Denoising strength")
+    /// [default: 0.7].
+    #[arg(long, value_name = "S", allow_negative_numbers = true, help_heading = "Hires fix")]
+    pub hires_strength: Option<f64>,
+}
+
+impl HiresArgs {
+    /// The hires fix these flags ask for.
+    pub fn fix(&self) -> HiresFix {
+        HiresFix {
+            scale: self.hires_scale,
+            size: self.hires_size,
+            upscaler: self.hires_upscaler,
+            steps: self.hires_steps,
+            strength: self.hires_strength,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 
 use super::args::{
-    at_least_one, base_request, DeviceArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs, PreviewArgs, PromptArgs,
+    at_least_one, base_request, DeviceArgs, HiresArgs, Img2ImgArgs, Img2ImgInputs, ModelArgs, PreviewArgs, PromptArgs,
     SamplerArgs, ScheduleFlags, SizeArgs, VerbosityArgs,
 };
 use super::progress::{Progress, Verbosity};
@@ -45,7 +45,7 @@ pub struct GenerateArgs {
 
     /// Re-run the exact settings recorded in a PNG made by sdfix (its device and dtype too,
     /// unless --device or --dtype is given).
-    #[arg(long, value_name = "IMAGE.png", conflicts_with_all = ["model", "revision", "latents"])]
+    #[arg(long, value_name = "IMAGE.png", conflicts_with_all = ["model", "revision", "latents", "hires_latents"])]
     pub from_image: Option<PathBuf>,
 
     #[command(flatten)]
@@ -68,6 +68,15 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub img2img: Img2ImgArgs,
+
+    #[command(flatten)]
+    pub hires: HiresArgs,
+
+    /// The hires pass's noise instead of seeded noise (with --prompt and a hires flag): a
+    /// safetensors file with a tensor "latents" at the hires latent size, [C, H, W] or
+    /// [B, C, H, W] (to reproduce another tool's noise).
+    #[arg(long, value_name = "FILE", conflicts_with = "prompts", help_heading = "Hires fix")]
+    pub hires_latents: Option<PathBuf>,
 
     /// Initial latents instead of seeded noise (with --prompt): a safetensors file with a tensor
     /// "latents", [C, H, W] or [B, C, H, W]; with --init-image, the noise added to its latents.
@@ -121,9 +130,9 @@ pub struct GenerateArgs {
     pub verbosity: VerbosityArgs,
 }
 
-/// Reads --latents: [C, H, W] or [B, C, H, W], f32, on the CPU.
-fn read_latents(path: &Path, channels: usize) -> Result<Tensor> {
-    let what = format!("--latents {}", path.display());
+/// Reads --latents (or --hires-latents, `flag`): [C, H, W] or [B, C, H, W], f32, on the CPU.
+fn read_latents(flag: &str, path: &Path, channels: usize) -> Result<Tensor> {
+    let what = format!("{flag} {}", path.display());
     let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| what.clone())?;
     let latents = tensors
         .remove("latents")
@@ -399,6 +408,7 @@ fn entry_request(
         ..base_request(&entry.prompt, &args.prompts, &args.sampler, &args.size)
     };
     args.img2img.apply(pictures, &mut request);
+    request.hires = args.hires.fix();
     if args.baseline {
         request = request.into_baseline();
     }
@@ -561,7 +571,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let initial_latents = args
         .latents
         .as_deref()
-        .map(|p| read_latents(p, engine.configs().vae.latent_channels))
+        .map(|p| read_latents("--latents", p, engine.configs().vae.latent_channels))
+        .transpose()?;
+    let hires_latents = args
+        .hires_latents
+        .as_deref()
+        .map(|p| read_latents("--hires-latents", p, engine.configs().vae.latent_channels))
         .transpose()?;
 
     let base_seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
@@ -606,6 +621,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                     line: entry.line,
                     request: Request {
                         latents: initial_latents.clone(),
+                        hires_latents: hires_latents.clone(),
                         ..request
                     },
                     keys: entry.keys,

@@ -5,11 +5,13 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result};
 
+use super::hires::HiresUpscaler;
 use super::init_image::VaeEncodeMode;
 use super::request::{BatchMode, Job};
 use crate::model::stable_diffusion::{PromptEncoding, PromptOptions, TextEncoder};
 use crate::prompt::unsupported_warning;
 use crate::sampling::{Prediction, Sampler};
+use crate::schedule::Schedule;
 
 /// Runs with at most this many distinct texts (prompts and negative prompts) encode them all
 /// first and free the text encoder before the UNet loads: its weights (1.4 GB in f32 for SD 2.x)
@@ -54,21 +56,42 @@ pub struct BatchKey {
     strength: Option<u64>,
     /// `--vae-tiling`: the batch decodes (and encodes) once, tiled or not.
     vae_tiling: bool,
+    /// The hires pass: its upscaler, sizes, crop and schedule, how a Lanczos picture is encoded
+    /// again, and whether its noise is the request's own.
+    hires: Option<HiresKey>,
+}
+
+/// What a batch's hires pass depends on (the sampler and guidance are the first pass's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct HiresKey {
+    upscaler: HiresUpscaler,
+    upscale_to: (usize, usize),
+    crop: (usize, usize),
+    latent_shape: (usize, usize, usize),
+    steps: Vec<(usize, u64, u64)>,
+    final_alpha_cumprod: u64,
+    vae_encode: VaeEncodeMode,
+    own_latents: bool,
+}
+
+/// Per step of `schedule`: the timestep, alpha_bar and the model's (fractional) timestep.
+fn step_values(schedule: &Schedule) -> Vec<(usize, u64, u64)> {
+    (0..schedule.timesteps.len())
+        .map(|i| {
+            (
+                schedule.timesteps[i],
+                schedule.alpha_cumprod(i).to_bits(),
+                schedule.model_timestep(i).to_bits(),
+            )
+        })
+        .collect()
 }
 
 impl BatchKey {
     pub fn of(job: &Job) -> Self {
         let s = &job.settings;
         let schedule = &s.schedule;
-        let steps = (0..schedule.timesteps.len())
-            .map(|i| {
-                (
-                    schedule.timesteps[i],
-                    schedule.alpha_cumprod(i).to_bits(),
-                    schedule.model_timestep(i).to_bits(),
-                )
-            })
-            .collect();
+        let steps = step_values(schedule);
         Self {
             mode: job.mode,
             sampler: s.sampler,
@@ -85,6 +108,16 @@ impl BatchKey {
             vae_encode: job.init.as_ref().map(|_| job.request.vae_encode),
             strength: job.init.as_ref().map(|init| init.strength.to_bits()),
             vae_tiling: job.request.vae_tiling,
+            hires: job.hires.as_ref().map(|h| HiresKey {
+                upscaler: h.upscaler,
+                upscale_to: (h.target.upscale_to.width, h.target.upscale_to.height),
+                crop: (h.target.truncate_x, h.target.truncate_y),
+                latent_shape: h.latent_shape,
+                steps: step_values(&h.settings.schedule),
+                final_alpha_cumprod: h.settings.schedule.final_alpha_cumprod.to_bits(),
+                vae_encode: job.request.vae_encode,
+                own_latents: job.request.hires_latents.is_some(),
+            }),
         }
     }
 }

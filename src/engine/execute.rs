@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::batch::{Item, PromptEmbeddings, TextKey};
+use super::hires_pass;
 use super::init_image;
 use super::micro::{PixelSize, TimeIds};
 use super::observer::{Event, GeneratedImage, Interrupted, Observer};
@@ -19,7 +20,7 @@ use super::Job;
 use crate::model::stable_diffusion::{PromptEncoding, StableDiffusion};
 use crate::model::unet::{Conditioning, TextTime};
 use crate::model::vae::VaeEncoder;
-use crate::pipeline::{self, BatchInput, Inpainting};
+use crate::pipeline::{self, BatchInput, Inpainting, StepInfo};
 use crate::prompt::pad_to_same_length;
 use crate::sampling::noise::ImageNoise;
 
@@ -175,6 +176,52 @@ fn conditioning(encoding: &PromptEncoding, time_ids: TimeIds) -> Conditioning {
     }
 }
 
+/// The batch's conditioning for pictures of `size` (SDXL's micro-conditioning depends on it):
+/// each image's prompt, and with CFG its negative prompt.
+fn conditionings(
+    jobs: &[Job],
+    batch: &[Item],
+    prompts: &mut PromptEmbeddings,
+    record: &RecordContext,
+    size: PixelSize,
+    warn: &mut dyn FnMut(&str),
+) -> Result<(Vec<Conditioning>, Vec<Conditioning>)> {
+    let settings = &jobs[batch[0].job].settings;
+    let mut cond = Vec::with_capacity(batch.len());
+    let mut uncond = Vec::with_capacity(batch.len());
+    for item in batch {
+        let request = &jobs[item.job].request;
+        let options = request.prompt_options();
+        let mut positive = prompts.get(&TextKey::new(&request.prompt, options), warn)?;
+        let (time_ids, negative_time_ids) = request.micro.time_ids(size);
+        if settings.uses_cfg() {
+            // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
+            // model's config says `force_zeros_for_empty_prompt` (A1111 does for an empty one).
+            let mut negative = if positive.pooled.is_some()
+                && record.configs.force_zeros_for_empty_prompt
+                && request.negative_prompt.is_empty()
+                && !request.encode_empty_negative
+            {
+                positive.zeros_like()?
+            } else {
+                prompts.get(&TextKey::new(&request.negative_prompt, options), warn)?
+            };
+            if request.pad_conds {
+                // A1111's "Pad prompt/negative prompt": the shorter gets empty chunks, so the two
+                // share one UNet pass.
+                let empty = prompts.get(&TextKey::new("", options), warn)?;
+                let (c, u) = pad_to_same_length(&positive.context, &negative.context, &empty.context)?;
+                (positive.context, negative.context) = (c, u);
+            }
+            uncond.push(conditioning(&negative, negative_time_ids));
+            cond.push(conditioning(&positive, time_ids));
+        } else {
+            cond.push(conditioning(&positive, time_ids));
+        }
+    }
+    Ok((cond, uncond))
+}
+
 /// One UNet batch: initial latents, embeddings, the pipeline, then each image to the observer.
 pub(super) fn run_batch(
     modules: &Modules,
@@ -215,42 +262,27 @@ pub(super) fn run_batch(
         width: w * factor,
         height: h * factor,
     };
-    let mut cond = Vec::with_capacity(batch.len());
-    let mut uncond = Vec::with_capacity(batch.len());
-    for item in batch {
-        let request = &jobs[item.job].request;
-        let options = request.prompt_options();
-        let mut positive = prompts.get(&TextKey::new(&request.prompt, options), &mut warn)?;
-        let (time_ids, negative_time_ids) = request.micro.time_ids(size);
-        if settings.uses_cfg() {
-            // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
-            // model's config says `force_zeros_for_empty_prompt` (A1111 does for an empty one).
-            let mut negative = if positive.pooled.is_some()
-                && record.configs.force_zeros_for_empty_prompt
-                && request.negative_prompt.is_empty()
-                && !request.encode_empty_negative
-            {
-                positive.zeros_like()?
-            } else {
-                prompts.get(&TextKey::new(&request.negative_prompt, options), &mut warn)?
-            };
-            if request.pad_conds {
-                // A1111's "Pad prompt/negative prompt": the shorter gets empty chunks, so the two
-                // share one UNet pass.
-                let empty = prompts.get(&TextKey::new("", options), &mut warn)?;
-                let (c, u) = pad_to_same_length(&positive.context, &negative.context, &empty.context)?;
-                (positive.context, negative.context) = (c, u);
-            }
-            uncond.push(conditioning(&negative, negative_time_ids));
-            cond.push(conditioning(&positive, time_ids));
-        } else {
-            cond.push(conditioning(&positive, time_ids));
-        }
-    }
+    let (cond, uncond) = conditionings(jobs, batch, prompts, record, size, &mut warn)?;
+    // The hires pass's, at its size (SDXL's micro-conditioning follows it).
+    let hires_conds = match &first.hires {
+        Some(hires) => Some(conditionings(
+            jobs,
+            batch,
+            prompts,
+            record,
+            hires.target.upscale_to,
+            &mut warn,
+        )?),
+        None => None,
+    };
     let text_seconds = text_started.elapsed().as_secs_f64();
+    // With a hires pass, the steps of both passes count as one run of steps (as A1111's
+    // progress): the second pass's step k is reported as first + k.
+    let first_steps = settings.schedule.timesteps.len();
+    let steps = first_steps + first.hires.as_ref().map_or(0, |h| h.settings.schedule.timesteps.len());
     observer.event(&Event::BatchStarted {
         images: batch.len(),
-        steps: settings.schedule.timesteps.len(),
+        steps,
     });
     let unet_started = Instant::now();
     // The last step's hook marks the end of the denoising loop; the VAE is the rest.
@@ -283,14 +315,49 @@ pub(super) fn run_batch(
         inpainting,
         vae_tiling: first.request.vae_tiling,
     };
-    let (final_latents, images) = pipeline::denoise_and_decode(model, input, &mut noise, &mut |step| {
-        observer.step(step);
+    let mut on_step = |step: &StepInfo, offset: usize| {
+        observer.step(&StepInfo {
+            index: offset + step.index,
+            steps,
+            ..*step
+        });
         loop_done = Instant::now();
         if observer.interrupted() {
             return Err(Interrupted.into());
         }
         Ok(())
-    })?;
+    };
+    let (final_latents, images) = match (&first.hires, hires_conds) {
+        (Some(hires), Some((hires_cond, hires_uncond))) => {
+            let lowres = pipeline::denoise(model, input, &mut noise, &mut |step| on_step(step, 0))?;
+            let own_noise = if first.request.hires_latents.is_some() {
+                let rows = batch
+                    .iter()
+                    .map(|i| jobs[i.job].request.hires_latents.as_ref().map(|l| l.get(i.image)))
+                    .collect::<Option<candle_core::Result<Vec<Tensor>>>>()
+                    .context("internal: a batch mixes seeded hires noise and hires_latents")??;
+                Some(Tensor::stack(&rows, 0)?)
+            } else {
+                None
+            };
+            let pass = hires_pass::SecondPass {
+                hires,
+                lowres,
+                seeds: &seeds,
+                noise: own_noise,
+                cond: &hires_cond,
+                uncond: settings.uses_cfg().then_some(hires_uncond.as_slice()),
+                vae_tiling: first.request.vae_tiling,
+            };
+            let (mode, tiled) = (first.request.vae_encode, first.request.vae_tiling);
+            let mut encode_pictures =
+                |pictures: &Tensor, noise: &mut ImageNoise| encode(modules, pictures, mode, tiled, noise);
+            hires_pass::run(model, pass, &mut encode_pictures, &mut |step| {
+                on_step(step, first_steps)
+            })?
+        }
+        _ => pipeline::denoise_and_decode(model, input, &mut noise, &mut |step| on_step(step, 0))?,
+    };
     let unet_seconds = loop_done.duration_since(unet_started).as_secs_f64();
     let vae_seconds = loop_done.elapsed().as_secs_f64();
     observer.event(&Event::BatchDone {
@@ -300,6 +367,7 @@ pub(super) fn run_batch(
         vae_seconds,
     });
     let seconds_each = batch_started.elapsed().as_secs_f64() / batch.len() as f64;
+    let (_, out_h, out_w) = first.hires.as_ref().map_or(first.latent_shape, |h| h.latent_shape);
     let final_latents = final_latents.to_device(&Device::Cpu)?;
     for (b, (item, mut rgb)) in batch.iter().zip(images).enumerate() {
         let job = &jobs[item.job];
@@ -312,8 +380,8 @@ pub(super) fn run_batch(
         observer.image(GeneratedImage {
             job: item.job,
             index: item.image,
-            width: w * factor,
-            height: h * factor,
+            width: out_w * factor,
+            height: out_h * factor,
             rgb,
             settings: record.image_record(job, item.image),
             latents: final_latents.get(b)?,

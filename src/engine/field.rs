@@ -49,10 +49,16 @@ pub enum Field {
     ClipSkip,
     PadConds,
     VaeTiling,
+    HiresScale,
+    HiresSize,
+    HiresUpscaler,
+    HiresSteps,
+    HiresStrength,
+    HiresLatents,
 }
 
 impl Field {
-    pub const ALL: [Field; 38] = [
+    pub const ALL: [Field; 44] = [
         Self::Prompt,
         Self::NegativePrompt,
         Self::Seed,
@@ -91,6 +97,12 @@ impl Field {
         Self::ClipSkip,
         Self::PadConds,
         Self::VaeTiling,
+        Self::HiresScale,
+        Self::HiresSize,
+        Self::HiresUpscaler,
+        Self::HiresSteps,
+        Self::HiresStrength,
+        Self::HiresLatents,
     ];
 
     /// The key of prompt-file lines, of the overrides and of the image's recorded settings.
@@ -134,6 +146,12 @@ impl Field {
             Self::ClipSkip => "clip_skip",
             Self::PadConds => "pad_conds",
             Self::VaeTiling => "vae_tiling",
+            Self::HiresScale => "hires_scale",
+            Self::HiresSize => "hires_size",
+            Self::HiresUpscaler => "hires_upscaler",
+            Self::HiresSteps => "hires_steps",
+            Self::HiresStrength => "hires_strength",
+            Self::HiresLatents => "hires_latents",
         }
     }
 
@@ -159,6 +177,12 @@ impl Field {
             Self::NumImages => "batch_size",
             // A1111 takes it in `override_settings`, as its option's name.
             Self::ClipSkip => "CLIP_stop_at_last_layers",
+            // The hires fix's, with `enable_hr` (`denoising_strength` is img2img's otherwise).
+            Self::HiresScale => "hr_scale",
+            Self::HiresSize => "hr_resize_x/hr_resize_y",
+            Self::HiresUpscaler => "hr_upscaler",
+            Self::HiresSteps => "hr_second_pass_steps",
+            Self::HiresStrength => "denoising_strength",
             key => key.key(),
         }
     }

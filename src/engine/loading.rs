@@ -161,7 +161,7 @@ impl Engine {
         };
         self.unet_key = unet_key;
         load_seconds += unet_started.elapsed().as_secs_f64();
-        if self.encoder.is_none() && batches.iter().flatten().any(|item| jobs[item.job].init.is_some()) {
+        if self.encoder.is_none() && batches.iter().flatten().any(|item| jobs[item.job].encodes_pictures()) {
             loaded = true;
             let encoder_started = Instant::now();
             self.encoder = Some(load_model_vae_encoder(

@@ -31,6 +31,8 @@
 pub mod batch;
 mod execute;
 pub mod field;
+pub mod hires;
+pub mod hires_pass;
 pub mod init_image;
 mod loading;
 pub mod micro;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer};
 
 use super::field::{Field, RequestError};
+use super::hires::{HiresResize, HiresUpscaler};
 use super::init_image::{InitImage, MaskImage, ResizeMode, VaeEncodeMode};
 use super::micro::{CropCorner, PixelSize};
 use super::record::ImageRecord;
@@ -89,6 +90,13 @@ pub struct Overrides {
     pub pad_conds: Option<bool>,
     /// An sdfix setting: A1111 has no tiled VAE of its own.
     pub vae_tiling: Option<bool>,
+    pub hires_scale: Option<f64>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub hires_size: Option<HiresResize>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub hires_upscaler: Option<HiresUpscaler>,
+    pub hires_steps: Option<usize>,
+    pub hires_strength: Option<f64>,
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
@@ -149,10 +157,10 @@ impl Overrides {
                 },
             )?;
         if known_only && !unknown.is_empty() {
-            // Initial latents are the command line's alone (`--latents`).
+            // Initial latents are the command line's alone (`--latents`, `--hires-latents`).
             let keys: Vec<&str> = Field::ALL
                 .iter()
-                .filter(|&&f| f != Field::Latents)
+                .filter(|&&f| f != Field::Latents && f != Field::HiresLatents)
                 .map(|f| f.key())
                 .collect();
             return Err(format!(
@@ -215,6 +223,14 @@ impl Overrides {
         set(&mut request.clip_skip, &self.clip_skip);
         set(&mut request.pad_conds, &self.pad_conds);
         set(&mut request.vae_tiling, &self.vae_tiling);
+        // A scale or a size replaces the hires size the request had (they exclude each other;
+        // both in one place is refused by the engine).
+        if self.hires_scale.is_some() || self.hires_size.is_some() {
+            (request.hires.scale, request.hires.size) = (self.hires_scale, self.hires_size);
+        }
+        set_some(&mut request.hires.upscaler, &self.hires_upscaler);
+        set_some(&mut request.hires.steps, &self.hires_steps);
+        set_some(&mut request.hires.strength, &self.hires_strength);
         let failed = |field: Field| move |e: anyhow::Error| RequestError::new(field, format!("{e:#}"));
         if let Some(reference) = &self.init_image {
             request.init_image = Some(reader.init_image(reference).map_err(failed(Field::InitImage))?);
@@ -274,6 +290,14 @@ impl Overrides {
             clip_skip: Some(record.clip_skip),
             pad_conds: Some(record.pad_conds),
             vae_tiling: Some(record.vae_tiling),
+            hires_scale: record.hires.as_ref().and_then(|h| h.scale),
+            hires_size: record.hires.as_ref().and_then(|h| h.size),
+            hires_upscaler: record
+                .hires
+                .as_ref()
+                .map_or(Ok(None), |h| parse(Field::HiresUpscaler, &h.upscaler))?,
+            hires_steps: record.hires.as_ref().map(|h| h.steps),
+            hires_strength: record.hires.as_ref().map(|h| h.strength),
         })
     }
 }
@@ -298,7 +322,10 @@ mod tests {
     /// initial latents are the command line's alone (`--latents`, a tensor file for one prompt).
     #[test]
     fn every_field_is_a_key_of_the_overrides() {
-        for field in Field::ALL.into_iter().filter(|&f| f != Field::Latents) {
+        for field in Field::ALL
+            .into_iter()
+            .filter(|&f| f != Field::Latents && f != Field::HiresLatents)
+        {
             let value = json!({ field.key(): null });
             assert!(
                 Overrides::parse_object(value, true).is_ok(),

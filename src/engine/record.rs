@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::hires::HiresResize;
 use super::micro::MicroConditioning;
 use super::request::{Job, ResolvedInit, DEFAULT_CLIP_SKIP, DEFAULT_MASK_BLUR};
 use crate::prompt::Emphasis;
@@ -50,6 +51,23 @@ pub struct Img2ImgRecord {
 
 fn yes() -> bool {
     true
+}
+
+/// The hires fix an image was made with (absent without one, so those images keep their bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiresRecord {
+    /// `--hires-scale` (A1111's `Hires upscale`), or
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// `--hires-size` (A1111's `Hires resize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<HiresResize>,
+    /// `--hires-upscaler`, sdfix's name.
+    pub upscaler: String,
+    /// `--hires-steps` as given: 0 takes the first pass's.
+    pub steps: usize,
+    /// `--hires-strength`.
+    pub strength: f64,
 }
 
 /// What images made before `--sampler` existed (no `sampler` key) were made with.
@@ -174,6 +192,9 @@ pub struct ImageRecord {
     /// `--vae-tiling`; left out when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub vae_tiling: bool,
+    /// The hires fix; `width` and `height` are then the first pass's (A1111's `Size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresRecord>,
 }
 
 fn is_default_emphasis(emphasis: &Emphasis) -> bool {
@@ -269,7 +290,7 @@ impl RecordContext<'_> {
             height: h * factor,
             dtype: self.dtype.to_string(),
             device: self.device.to_string(),
-            from_latents_file: job.request.latents.is_some(),
+            from_latents_file: job.request.latents.is_some() || job.request.hires_latents.is_some(),
             scheduler: SchedulerRecord {
                 beta_schedule,
                 beta_start,
@@ -288,6 +309,13 @@ impl RecordContext<'_> {
             clip_skip: job.request.clip_skip,
             pad_conds: job.request.pad_conds,
             vae_tiling: job.request.vae_tiling,
+            hires: job.hires.as_ref().map(|hires| HiresRecord {
+                scale: job.request.hires.scale,
+                size: job.request.hires.size,
+                upscaler: hires.upscaler.name().to_string(),
+                steps: job.request.hires.steps.unwrap_or(0),
+                strength: hires.strength,
+            }),
         }
     }
 }

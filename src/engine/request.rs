@@ -10,8 +10,9 @@ use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::field::{Field, RequestError, Warning};
+use super::hires::{self, HiresFix, ResolvedHires};
 use super::init_image::{self, InitImage, MaskImage, ResizeMode, VaeEncodeMode};
-use super::micro::MicroConditioning;
+use super::micro::{MicroConditioning, PixelSize};
 use crate::config::scheduler::SchedulerConfig;
 use crate::model::stable_diffusion::PromptOptions;
 use crate::model::vae_tiling::VaeTiling;
@@ -116,6 +117,12 @@ pub struct Request {
     /// `vae.enable_tiling()` ([`crate::model::vae_tiling`]): memory bounded by a tile whatever
     /// the size, at the cost of slight tile-sized changes in the picture.
     pub vae_tiling: bool,
+    /// A second pass at a larger size (A1111's txt2img hires fix); off unless a scale or size is
+    /// set.
+    pub hires: HiresFix,
+    /// The hires pass's noise instead of seeded noise: (B, C, H, W) f32 on the CPU at the hires
+    /// latent size, one row per image (to reproduce another tool's noise exactly).
+    pub hires_latents: Option<Tensor>,
 }
 
 impl Request {
@@ -155,6 +162,8 @@ impl Request {
             clip_skip: DEFAULT_CLIP_SKIP,
             pad_conds: false,
             vae_tiling: false,
+            hires: HiresFix::default(),
+            hires_latents: None,
         }
     }
 
@@ -212,6 +221,8 @@ pub struct Job {
     pub init: Option<Arc<ResolvedInit>>,
     /// How the batch starts and what the UNet takes besides the latents.
     pub mode: BatchMode,
+    /// The hires fix's second pass; `latent_shape` and `settings` are the first pass's.
+    pub hires: Option<Arc<ResolvedHires>>,
 }
 
 /// An init picture (and mask) resolved against the model and the size to make.
@@ -236,6 +247,16 @@ pub struct ResolvedMask {
 }
 
 impl Job {
+    /// Whether its images need the VAE encoder: an init picture, or a hires pass that encodes
+    /// the upscaled picture.
+    pub fn encodes_pictures(&self) -> bool {
+        self.init.is_some()
+            || self
+                .hires
+                .as_ref()
+                .is_some_and(|h| h.upscaler == hires::HiresUpscaler::Lanczos)
+    }
+
     /// Keeps only the images whose index `keep` accepts (e.g. those not yet on disk).
     pub fn keep_images(&mut self, keep: impl Fn(usize) -> bool) {
         self.images.retain(|&k| keep(k));
@@ -443,15 +464,15 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
     })?;
     let spacing = request.spacing;
     let steps_offset = request.steps_offset.unwrap_or(scheduler.steps_offset);
-    let spec = ScheduleSpec {
-        betas,
+    let spec = |steps: usize| ScheduleSpec {
+        betas: betas.clone(),
         zero_terminal_snr: zero_snr,
         spacing,
         steps,
         steps_offset,
         set_alpha_to_one: scheduler.set_alpha_to_one,
     };
-    let schedule = Schedule::new(&spec)
+    let schedule = Schedule::new(&spec(steps))
         .map_err(|e| RequestError::new(Field::Steps, format!("{steps} with {{spacing={spacing}}}: {e:#}")))?;
     // A ramp that starts at t = T needs a finite sigma_max, which zero SNR does not have; one
     // between spaced timesteps below T (`--sigma-range spacing` with leading spacing) does not.
@@ -469,10 +490,26 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         )));
         request.terminal_alpha_bar = RAMP_TERMINAL_ALPHA_BAR;
     }
-    let schedule = schedule
-        .with_terminal_alpha_bar(request.terminal_alpha_bar)
-        .with_sigma_ramp(request.sigmas, request.sigma_range)
-        .map_err(|e| RequestError::new(Field::Sigmas, format!("{}: {e:#}", request.sigmas)))?;
+    let (terminal, sigmas, sigma_range) = (request.terminal_alpha_bar, request.sigmas, request.sigma_range);
+    let ramp = |schedule: Schedule| {
+        schedule
+            .with_terminal_alpha_bar(terminal)
+            .with_sigma_ramp(sigmas, sigma_range)
+            .map_err(|e| RequestError::new(Field::Sigmas, format!("{sigmas}: {e:#}")))
+    };
+    let schedule = ramp(schedule)?;
+    let step = StepParams {
+        prediction,
+        eta: request.eta,
+        clip_sample_range: scheduler.clip_sample.then_some(scheduler.clip_sample_range),
+    };
+    let sampling = |schedule: Schedule| SamplingSettings {
+        schedule,
+        sampler: request.sampler,
+        step,
+        guidance: request.guidance,
+        guidance_rescale: request.guidance_rescale,
+    };
     let mode = check_channels(configs, &request)?;
     let (h, w) = latent_size(configs, &request)?;
     let factor = configs.vae.downscale_factor();
@@ -483,17 +520,22 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
             .map_err(|e| RequestError::new(Field::Strength, format!("{e:#}")))?,
         None => schedule,
     };
-    let settings = SamplingSettings {
-        schedule,
-        sampler: request.sampler,
-        step: StepParams {
-            prediction,
-            eta: request.eta,
-            clip_sample_range: scheduler.clip_sample.then_some(scheduler.clip_sample_range),
+    let settings = sampling(schedule);
+    let hires = hires::resolve(
+        &request.hires,
+        steps,
+        PixelSize {
+            width: w * factor,
+            height: h * factor,
         },
-        guidance: request.guidance,
-        guidance_rescale: request.guidance_rescale,
-    };
+        (configs.vae.latent_channels, factor),
+        request.init_image.is_some(),
+        &|n| {
+            let schedule =
+                Schedule::new(&spec(n)).map_err(|e| RequestError::new(Field::HiresSteps, format!("{e:#}")))?;
+            Ok(sampling(ramp(schedule)?))
+        },
+    )?;
     let in_latents = match &request.latents {
         Some(latents) => Some(
             latents
@@ -513,6 +555,7 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
         (None, n) => n.unwrap_or(1),
     };
     check(num_images > 0, Field::NumImages, || "must be at least 1".to_string())?;
+    check_hires_latents(&request, hires.as_ref(), num_images)?;
     let seeds: Vec<u64> = (0..num_images as u64).map(|k| request.seed.wrapping_add(k)).collect();
     Ok(Job {
         request,
@@ -529,6 +572,25 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
             (Some(_), mode) => mode,
         },
         init: init.map(Arc::new),
+        hires: hires.map(Arc::new),
+    })
+}
+
+/// `hires_latents` needs a hires pass, and holds one row per image at its latent size.
+fn check_hires_latents(request: &Request, hires: Option<&ResolvedHires>, images: usize) -> Result<(), RequestError> {
+    let Some(latents) = &request.hires_latents else {
+        return Ok(());
+    };
+    let Some(hires) = hires else {
+        return Err(RequestError::new(
+            Field::HiresLatents,
+            "needs a second pass to act on: give {hires_scale} or {hires_size}",
+        ));
+    };
+    let (c, h, w) = hires.latent_shape;
+    let dims = latents.dims().to_vec();
+    check(dims == [images, c, h, w], Field::HiresLatents, || {
+        format!("has shape {dims:?}; the hires pass of {images} images takes [{images}, {c}, {h}, {w}]")
     })
 }
 

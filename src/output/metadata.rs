@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::engine::hires::HiresUpscaler;
 use crate::prompt::Emphasis;
 use crate::sampling::Sampler;
 
@@ -95,6 +96,25 @@ impl ImageRecord {
             if let Some(blur) = img2img.mask_blur {
                 fields.push(format!("Mask blur: {}", number(blur)));
             }
+        }
+        if let Some(hires) = &self.hires {
+            // A1111's txt2img: `Denoising strength`, then its `extra_generation_params` in the
+            // order `init` and `calculate_target_resolution` set them: `Hires upscale` or
+            // `Hires resize` (the two sides as asked, 0 for one left to the aspect ratio),
+            // `Hires steps` only when not 0, `Hires upscaler`. `Size` above is the first pass.
+            fields.push(format!("Denoising strength: {}", number(hires.strength)));
+            match (hires.scale, hires.size) {
+                (_, Some(size)) => fields.push(format!("Hires resize: {size}")),
+                (scale, None) => fields.push(format!("Hires upscale: {}", number(scale.unwrap_or(1.0)))),
+            }
+            if hires.steps > 0 {
+                fields.push(format!("Hires steps: {}", hires.steps));
+            }
+            let upscaler = hires
+                .upscaler
+                .parse::<HiresUpscaler>()
+                .map_or(hires.upscaler.as_str(), |u| u.a1111_name());
+            fields.push(format!("Hires upscaler: {upscaler}"));
         }
         // A1111's `create_infotext` writes Clip skip only past 1; `Emphasis` (`sd_hijack_clip`)
         // and `Pad conds` (`sd_samplers_cfg_denoiser`) are extra fields away from their defaults.
@@ -276,6 +296,7 @@ mod tests {
             clip_skip: 1,
             pad_conds: false,
             vae_tiling: false,
+            hires: None,
         }
     }
 

@@ -3,7 +3,7 @@
 //! paper's fixes as request fields.
 //!
 //! Every field is optional and unknown fields are ignored: A1111 clients (`webuiapi` sends about
-//! 45 fields) set many things sdfix has no use for (`restore_faces`, `enable_hr`, `styles`, ...),
+//! 45 fields) set many things sdfix has no use for (`restore_faces`, `styles`, ...),
 //! and a null means "the default". The settings of a request come in as the engine's one
 //! [`Overrides`] (so every sdfix setting is a request field too: `guidance_rescale`, `spacing`,
 //! `zero_snr`, `sigmas`, `terminal_alpha_bar`, ...), with A1111's names as aliases
@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::Limits;
+use crate::engine::hires::{HiresFix, HiresResize, HiresTarget, HiresUpscaler};
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode};
+use crate::engine::micro::PixelSize;
 use crate::engine::overrides::InputReader;
 use crate::engine::{Field, Overrides, Request, RequestError, Words};
 use crate::sampling::Sampler;
@@ -64,6 +66,64 @@ pub struct Txt2Img {
     pub save_images: Option<bool>,
     /// Return the images in the response [default true].
     pub send_images: Option<bool>,
+    /// A1111's hires fix (txt2img only): on with `enable_hr`, then `hr_scale` [default 2] unless
+    /// `hr_resize_x`/`hr_resize_y` (either may be 0), `hr_upscaler` (A1111's names: "Latent",
+    /// "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent
+    /// (nearest)", "Latent (nearest-exact)", "Lanczos"; "None" is Lanczos too, as A1111's
+    /// `resize_image`), `hr_second_pass_steps` [default 0: `steps`] and `denoising_strength`
+    /// [default 0.75, A1111's]. Without `enable_hr` they are ignored, as A1111 does.
+    #[serde(flatten)]
+    pub hires: HiresFields,
+}
+
+/// The hires fix's fields of A1111's txt2img body.
+#[derive(Debug, Default, Deserialize)]
+pub struct HiresFields {
+    pub enable_hr: Option<bool>,
+    pub hr_scale: Option<f64>,
+    pub hr_resize_x: Option<usize>,
+    pub hr_resize_y: Option<usize>,
+    pub hr_upscaler: Option<String>,
+    pub hr_second_pass_steps: Option<usize>,
+}
+
+/// A1111's `denoising_strength` default (its txt2img dataclass's).
+const A1111_HIRES_STRENGTH: f64 = 0.75;
+/// A1111's `hr_scale` default.
+const A1111_HIRES_SCALE: f64 = 2.0;
+
+impl HiresFields {
+    /// The hires fix these fields ask for (none without `enable_hr`); `strength` is the body's
+    /// `denoising_strength`.
+    fn fix(&self, strength: Option<f64>) -> Result<HiresFix, ApiError> {
+        if self.enable_hr != Some(true) {
+            return Ok(HiresFix::default());
+        }
+        let upscaler = match self.hr_upscaler.as_deref() {
+            None => None,
+            Some(name) if name.eq_ignore_ascii_case("none") => Some(HiresUpscaler::Lanczos),
+            Some(name) => Some(name.parse::<HiresUpscaler>().map_err(|_| {
+                let names: Vec<&str> = HiresUpscaler::ALL.iter().map(|u| u.a1111_name()).collect();
+                ApiError::invalid(format!(
+                    "hr_upscaler: {name:?} is not an upscaler sdfix has; expected one of {}",
+                    names.join(", ")
+                ))
+            })?),
+        };
+        let (x, y) = (self.hr_resize_x.unwrap_or(0), self.hr_resize_y.unwrap_or(0));
+        let (scale, size) = if x == 0 && y == 0 {
+            (Some(self.hr_scale.unwrap_or(A1111_HIRES_SCALE)), None)
+        } else {
+            (None, Some(HiresResize { width: x, height: y }))
+        };
+        Ok(HiresFix {
+            scale,
+            size,
+            upscaler,
+            steps: self.hr_second_pass_steps,
+            strength: Some(strength.unwrap_or(A1111_HIRES_STRENGTH)),
+        })
+    }
 }
 
 /// The body of `POST /sdapi/v1/img2img`: txt2img's fields plus the picture, strength and mask
@@ -336,13 +396,29 @@ impl Txt2Img {
         random_seed: u64,
     ) -> Result<Resolved, ApiError> {
         let settings = &mut self.settings;
+        let hires = self.hires.fix(settings.strength)?;
         (
             settings.init_image,
             settings.mask,
             settings.strength,
             settings.mask_blur,
         ) = (None, None, None, None);
-        self.resolve_with(limits, noise_schedule, random_seed, &mut Base64Inputs::default())
+        let mut resolved = self.resolve_with(limits, noise_schedule, random_seed, &mut Base64Inputs::default())?;
+        if hires.is_on() {
+            if let (Some(width), Some(height)) = (resolved.request.width, resolved.request.height) {
+                // The server's pixel bound holds for the hires size too (with A1111's 8 px factor).
+                let to = HiresTarget::new(PixelSize { width, height }, hires.scale, hires.size, 8).upscale_to;
+                if to.width.saturating_mul(to.height) > limits.max_pixels {
+                    return Err(ApiError::invalid(format!(
+                        "enable_hr: the hires size {to} is {} pixels, over the server's --max-pixels {}",
+                        to.width.saturating_mul(to.height),
+                        limits.max_pixels
+                    )));
+                }
+            }
+            resolved.request.hires = hires;
+        }
+        Ok(resolved)
     }
 
     fn resolve_with(
@@ -607,6 +683,36 @@ mod tests {
         assert_eq!(r.request.sigmas, SigmaSchedule::Karras);
         let err = resolve(json!({"sampler": "heun"})).unwrap_err();
         assert!(err.detail.contains("heun"), "{}", err.detail);
+    }
+
+    #[test]
+    fn the_hires_fields_are_a1111s() {
+        // webuiapi sends every hires field; without enable_hr they change nothing.
+        let r = resolve(json!({"enable_hr": false, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7}))
+            .unwrap();
+        assert!(!r.request.hires.is_on());
+        let r = resolve(json!({
+            "enable_hr": true, "hr_scale": 1.5, "hr_resize_x": 0, "hr_resize_y": 0,
+            "hr_upscaler": "Latent (bicubic antialiased)", "hr_second_pass_steps": 12, "denoising_strength": 0.55,
+            "width": 256, "height": 256,
+        }))
+        .unwrap();
+        let hires = r.request.hires;
+        assert_eq!((hires.scale, hires.size), (Some(1.5), None));
+        assert_eq!(hires.upscaler.map(|u| u.name()), Some("latent-bicubic-antialiased"));
+        assert_eq!((hires.steps, hires.strength), (Some(12), Some(0.55)));
+        assert_eq!(r.request.strength, None, "not img2img's");
+        let r = resolve(json!({"enable_hr": true, "hr_resize_x": 512, "width": 256, "height": 256})).unwrap();
+        assert_eq!(r.request.hires.size, Some(HiresResize { width: 512, height: 0 }));
+        assert_eq!(r.request.hires.strength, Some(A1111_HIRES_STRENGTH));
+        let err = resolve(json!({"enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"})).unwrap_err();
+        assert!(
+            err.detail.starts_with("hr_upscaler: \"R-ESRGAN 4x+\""),
+            "{}",
+            err.detail
+        );
+        let err = resolve(json!({"enable_hr": true, "hr_scale": 4, "width": 256, "height": 256})).unwrap_err();
+        assert!(err.detail.contains("over the server's --max-pixels"), "{}", err.detail);
     }
 
     #[test]
