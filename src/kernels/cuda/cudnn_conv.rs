@@ -118,8 +118,9 @@ mod imp {
         bias: TensorDescriptor<T>,
         y: TensorDescriptor<T>,
         algo: sys::cudnnConvolutionFwdAlgo_t,
-        /// Bias fused (`IMPLICIT_PRECOMP_GEMM` with the identity activation) or added after.
-        fused_bias: bool,
+        /// Bias fused (`IMPLICIT_PRECOMP_GEMM` with the identity activation) or added after;
+        /// turned off for good when cuDNN refuses the fused call for this shape.
+        fused_bias: std::cell::Cell<bool>,
         out_hw: (usize, usize),
     }
 
@@ -225,7 +226,7 @@ mod imp {
             bias,
             y,
             algo,
-            fused_bias,
+            fused_bias: std::cell::Cell::new(fused_bias),
             out_hw: (oh, ow),
         })
     }
@@ -281,7 +282,8 @@ mod imp {
             // SAFETY: cuDNN writes every output element (beta / alpha2 are 0).
             let mut y = unsafe { dev.alloc::<T>(n)? };
             let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
-            if plan.fused_bias {
+            let mut fused_done = false;
+            if plan.fused_bias.get() {
                 let stream = dev.cuda_stream();
                 let (y_ptr, guard) = y.device_ptr(&stream);
                 drop(guard);
@@ -306,10 +308,10 @@ mod imp {
                 };
                 // SAFETY: x, w, bias and y match the plan's descriptors (shapes from the key,
                 // contiguous NCHW, dtype T); z aliases y and is not read (alpha2 = 0).
-                unsafe {
+                let launched = unsafe {
                     fused.launch::<CudaSlice<u8>, _, _, _>(
                         plan.algo,
-                        Some(workspace),
+                        Some(&mut *workspace),
                         (one, zero),
                         &x,
                         &w,
@@ -317,16 +319,19 @@ mod imp {
                         &b,
                         &mut y,
                     )
-                }
-                .map_err(err)?;
-            } else {
-                // SAFETY: as above, without the bias.
+                };
+                // A refusal (CUDNN_STATUS_NOT_SUPPORTED) is known before any work is queued.
+                fused_done = launched.is_ok();
+                plan.fused_bias.set(fused_done);
+            }
+            if !fused_done {
+                // SAFETY: as above, without the bias (added by the caller).
                 unsafe {
                     forward.launch::<CudaSlice<u8>, _, _, _>(plan.algo, Some(workspace), (one, zero), &x, &w, &mut y)
                 }
                 .map_err(err)?;
             }
-            Ok((y, (oh, ow), plan.fused_bias))
+            Ok((y, (oh, ow), fused_done))
         })
     }
 

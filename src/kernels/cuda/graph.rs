@@ -51,14 +51,18 @@ impl GraphCache {
         if !super::super::cuda_settings::lever_on(first.device(), |s| s.graphs && s.htod_cache) {
             return body(&owned);
         }
-        #[cfg(feature = "cuda")]
-        {
-            imp::run(self, &owned, &body)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            body(&owned)
-        }
+        self.run_captured(&owned, &body)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_captured(&self, inputs: &[Tensor], body: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+        imp::run(self, inputs, body)
+    }
+
+    /// Without CUDA there is nothing to capture (and the lever is never on).
+    #[cfg(not(feature = "cuda"))]
+    fn run_captured(&self, inputs: &[Tensor], body: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+        body(inputs)
     }
 }
 
