@@ -17,6 +17,9 @@
 #
 #   SDFIX="target-cudnn/release/sdfix target-cuda/release/sdfix" OUT=/some/dir bash scripts/gpu_check.sh
 #
+# To carry both binaries (64 MiB in all): `xz -T0 -6 -k target-*/release/sdfix`, carry the .xz
+# files (and a diffusers wheel); the script unpacks them.
+#
 # The first binary in SDFIX runs the kernel checks, the parity cases and the lever runs (the
 # cudnn build has every lever); every one is benchmarked with the defaults. Needs python3 with
 # torch, diffusers, transformers, safetensors, numpy and pillow (PYTHON to pick another).
@@ -32,6 +35,13 @@ site=$("$PYTHON" -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null 
 export LD_LIBRARY_PATH=$site/nvidia/cu13/lib:$site/nvidia/cudnn/lib:${LD_LIBRARY_PATH:-}
 status=0
 : >"$out/failures.txt"
+# The carry limit is 64 MiB: two binaries fit only compressed (xz -6: ~19 MB each, gzip ~32 MB).
+# A binary given as PATH that exists only as PATH.xz is unpacked here (python's lzma, no xz needed).
+for bin in "${binaries[@]}"; do
+  if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
+    "$PYTHON" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$bin.xz" "$bin" && chmod +x "$bin"
+  fi
+done
 # Records a failed step (name) and keeps going.
 failed() { echo "FAILED: $1" | tee -a "$out/failures.txt" >&2; status=1; }
 

@@ -243,19 +243,13 @@ mod imp {
         let tf32 = crate::kernels::cuda_settings::applied().tf32;
         STATES.with(|states| {
             let mut states = states.borrow_mut();
-            if !states.contains_key(&dev.id()) {
-                let cudnn = Cudnn::new(dev.cuda_stream()).map_err(err)?;
-                states.insert(
-                    dev.id(),
-                    State {
-                        cudnn,
-                        plans: HashMap::new(),
-                        workspace: None,
-                    },
-                );
-            }
-            let Some(state) = states.get_mut(&dev.id()) else {
-                candle_core::bail!("cudnn convolution: no state for the device")
+            let state = match states.entry(dev.id()) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(State {
+                    cudnn: Cudnn::new(dev.cuda_stream()).map_err(err)?,
+                    plans: HashMap::new(),
+                    workspace: None,
+                }),
             };
             if !state.plans.contains_key(&key) {
                 let plan = make_plan::<T>(&state.cudnn, &key, tf32)?;
