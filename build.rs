@@ -7,6 +7,11 @@
 //! The hash covers every file under `models/demo` and `models/demo-flawed` and `demo.rs` itself
 //! (its inline tokenizer files and the list of what it embeds): a superset of the embedded bytes,
 //! so any change to them names new folders, and the old ones are simply no longer used.
+//!
+//! Under the `cuda` feature only, it also compiles our CUDA kernels (`src/kernels/cuda/*.cu`) to
+//! PTX with nvcc (issue 32): for `compute_80`, the PTX embedded in the binary (the driver JITs it
+//! for sm_80 and sm_90 alike), and for `compute_90` as a check that it compiles there too. The CPU
+//! build never runs nvcc. nvcc is `$NVCC` or the one on `PATH` (scripts/build_cuda.sh sets both up).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -39,7 +44,45 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// nvcc's PTX of each `.cu` file in `src/kernels/cuda` into `OUT_DIR/NAME.ptx` (compute_80), and
+/// a compile for compute_90 as a check.
+fn compile_cuda_kernels() {
+    let dir = Path::new("src/kernels/cuda");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut sources = Vec::new();
+    files_under(dir, &mut sources);
+    for source in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
+        println!("cargo:rerun-if-changed={}", source.display());
+        let stem = source
+            .file_stem()
+            .expect("a .cu file name")
+            .to_string_lossy()
+            .into_owned();
+        for (arch, name) in [
+            ("compute_80", format!("{stem}.ptx")),
+            ("compute_90", format!("{stem}.sm90.ptx")),
+        ] {
+            let output = out_dir.join(name);
+            let status = std::process::Command::new(&nvcc)
+                .args(["--ptx", "-O3", "-std=c++17", &format!("-arch={arch}"), "-o"])
+                .arg(&output)
+                .arg(source)
+                .status()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {nvcc} (the cuda feature needs nvcc; see scripts/build_cuda.sh): {e}")
+                });
+            assert!(status.success(), "{nvcc} failed on {} for {arch}", source.display());
+        }
+    }
+}
+
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        compile_cuda_kernels();
+    }
     let inputs = ["models/demo", "models/demo-flawed", "src/weights/demo.rs"];
     let mut files = Vec::new();
     for input in inputs {

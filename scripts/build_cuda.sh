@@ -3,8 +3,12 @@
 # wheels (the issue's tried recipe, candle 0.11.1). Idempotent: reruns reuse the venv and the
 # target folder. Output: target-cuda/release/sdfix (and target-cudnn/ with --cudnn).
 #
-#   bash scripts/build_cuda.sh            # --features cuda
-#   bash scripts/build_cuda.sh --cudnn    # --features cudnn
+#   bash scripts/build_cuda.sh                    # --features cuda
+#   bash scripts/build_cuda.sh --cudnn            # --features cudnn
+#   bash scripts/build_cuda.sh [--cudnn] --clippy # clippy --all-targets -D warnings, same setup
+#
+# The cuda feature also compiles our kernels (src/kernels/cuda/*.cu) to PTX with this nvcc
+# (build.rs, compute_80 embedded and compute_90 checked).
 #
 # Why these pins: CUDA 12 wheels carry no nvcc; 13.0 matches the GPU machines' driver 580 (newer
 # nvcc emits PTX driver 580 may reject, and cudarc refuses nvcc >= 13.5). cudarc links -lcuda at
@@ -12,8 +16,14 @@
 # returning CUDA_ERROR_UNKNOWN, for linking only; at run time the driver's libcuda.so.1 is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-features=cuda; target=target-cuda
-if [ "${1:-}" = "--cudnn" ]; then features=cudnn; target=target-cudnn; fi
+features=cuda; target=target-cuda; clippy=
+for arg in "$@"; do
+  case $arg in
+    --cudnn) features=cudnn; target=target-cudnn ;;
+    --clippy) clippy=1 ;;
+    *) echo "error: unknown argument $arg (expected --cudnn, --clippy)" >&2; exit 2 ;;
+  esac
+done
 venv=${CUDA_VENV:-.venv-cuda}
 [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q \
@@ -56,6 +66,10 @@ if [ "$features" = cudnn ]; then
   export LIBRARY_PATH=$CUDNN_LIB:$LIBRARY_PATH
 fi
 nvcc --version | tail -n 2
+if [ -n "$clippy" ]; then
+  CARGO_TARGET_DIR=$target cargo clippy --release --all-targets --features "$features" -- -D warnings
+  exit
+fi
 CARGO_TARGET_DIR=$target cargo build --release --features "$features"
 ls -la "$target/release/sdfix"
 echo "needs on the GPU machine: libcuda.so.1 (driver), libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10$([ "$features" = cudnn ] && echo ', libcudnn.so.9'), glibc >= 2.34"

@@ -377,7 +377,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let memory_watch = device::MemoryWatch::start(&device);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-    let vae_dtype = Vae::decode_dtype(&vae_config, dtype);
+    let vae_dtype = Vae::decode_dtype_on(&vae_config, dtype, &device);
     // As `generate` does for a short run: encode, free the text encoder, then build the UNet and
     // the VAE, so their weights are never resident beside the text encoder's.
     let started = Instant::now();
@@ -522,6 +522,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "steps": args.steps,
         "batch_size": b,
         "dtype": format!("{dtype:?}").to_lowercase(),
+        "vae_dtype": format!("{vae_dtype:?}").to_lowercase(),
         "device": device::describe(&device),
         "threads": std::env::var("RAYON_NUM_THREADS")
             .ok()

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod finetune;
 pub mod generate;
 pub mod info;
+pub mod kernel_check;
 pub mod luminance;
 pub mod manifest;
 pub mod probe;
@@ -51,6 +52,10 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Show how images were made: their AUTOMATIC1111 `parameters` and sdfix settings.
     Info(info::InfoArgs),
+    /// Our CUDA kernels against candle's composite ops, and the bf16 VAE decode against f32
+    /// (issue 32; run by scripts/gpu_check.sh).
+    #[command(hide = true)]
+    KernelCheck(kernel_check::KernelCheckArgs),
     /// Check a folder of sharded or requeued runs against the prompt file (missing, doubled and
     /// orphan images: what to requeue), or rewrite its manifest with one line per image.
     Manifest(manifest::ManifestArgs),
@@ -81,6 +86,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Info(args) => info::run(&args),
+        Command::KernelCheck(args) => kernel_check::run(&args),
         Command::Manifest(args) => manifest::run(&args),
         Command::Prompt(args) => prompt::run(&args),
         Command::Probe(args) => probe::run(&args),

@@ -46,8 +46,9 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
-    /// Decode in f32 when the model runs in f16 (diffusers' pipelines honour it).
-    pub force_upcast: bool,
+    /// Decode in f32 when the model runs in f16 (diffusers' pipelines honour it); `None` when
+    /// the file does not say (diffusers' default then: true, see [`Self::force_upcast`]).
+    pub force_upcast: Option<bool>,
 }
 
 impl Default for VaeConfig {
@@ -70,12 +71,24 @@ impl Default for VaeConfig {
             use_quant_conv: true,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
-            force_upcast: true,
+            force_upcast: None,
         }
     }
 }
 
 impl VaeConfig {
+    /// diffusers' `force_upcast`: the file's value, true when it does not say.
+    pub fn force_upcast(&self) -> bool {
+        self.force_upcast.unwrap_or(true)
+    }
+
+    /// Whether the file itself says `force_upcast: true`: SDXL's VAE configs do (and our
+    /// single-file reader writes it for SDXL), SD 1.x/2.x's on the hub predate the key. Lever 6
+    /// (`SDFIX_CUDA_VAE_BF16`) keeps such a VAE in f32.
+    pub fn force_upcast_stated(&self) -> bool {
+        self.force_upcast == Some(true)
+    }
+
     /// The factor between image and latent size: 2 per down block but the last (8 for SD).
     pub fn downscale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
@@ -127,5 +140,27 @@ impl VaeConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// diffusers' default applies when the file is silent, but only a file that says
+    /// `force_upcast: true` (SDXL's) counts as stated, for lever 6.
+    #[test]
+    fn force_upcast_default_and_stated() {
+        let silent: VaeConfig = serde_json::from_str("{}").unwrap();
+        assert!(silent.force_upcast() && !silent.force_upcast_stated());
+        let stated: VaeConfig = serde_json::from_str(r#"{"force_upcast": true}"#).unwrap();
+        assert!(stated.force_upcast() && stated.force_upcast_stated());
+        let off: VaeConfig = serde_json::from_str(r#"{"force_upcast": false}"#).unwrap();
+        assert!(!off.force_upcast() && !off.force_upcast_stated());
+        let sdxl: VaeConfig = serde_json::from_str(include_str!("../../models/arch/sdxl/vae/config.json")).unwrap();
+        assert!(sdxl.force_upcast_stated());
+        let sd21: VaeConfig =
+            serde_json::from_str(include_str!("../../models/arch/sd2.1-base/vae/config.json")).unwrap();
+        assert!(sd21.force_upcast() && !sd21.force_upcast_stated());
     }
 }

@@ -22,7 +22,7 @@ use crate::kernels::cpu_op::{apply_weighted, transpose_2d, SharedOut, WeightedKe
 
 /// A convolution with square kernels, equal padding on all sides, dilation 1, one group: what
 /// SD's UNet and VAE use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvSpec {
     pub in_channels: usize,
     pub out_channels: usize,

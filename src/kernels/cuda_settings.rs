@@ -17,6 +17,22 @@
 //!   forward ([`htod_cache_guard`]): the dims/strides every non-contiguous op uploads are the same
 //!   from step to step and are copied device-to-device from a cache instead.
 //!
+//!
+//! The levers of issue 32, each off by default until a GPU run measures it (docs/performance.md,
+//! "GPU levers"); read by the layers through [`applied`]:
+//!
+//! - `SDFIX_CUDA_FUSED_NORM` (lever 4): our fused group norm (+ SiLU) and GEGLU kernels
+//!   ([`super::cuda::fused`]) in place of candle's composite ops.
+//! - `SDFIX_CUDA_VAE_BF16` (lever 6): the VAE decoder in bf16 when the model runs in f16 or bf16,
+//!   unless the VAE's config file says `force_upcast: true` (SDXL's), as ComfyUI does for SD VAEs.
+//! - `SDFIX_CUDA_CUDNN_CONV` (lever 2, `cudnn` builds): our cuDNN convolution
+//!   ([`super::cuda::cudnn_conv`]), plans cached per shape, one workspace, bias fused.
+//! - `SDFIX_CUDA_GRAPHS` (lever 5): the UNet forward captured once per shape as a CUDA graph and
+//!   replayed ([`super::cuda::graph`]).
+//!
+//! Lever 3 (fused flash-style attention) is not written: attention on CUDA is the composite op
+//! (docs/performance.md says why and what it needs).
+//!
 //! All of this module's `unsafe` is here, each block with its `SAFETY:` line.
 
 use std::sync::OnceLock;
@@ -34,6 +50,10 @@ pub struct CudaSettings {
     pub event_tracking: bool,
     pub keep_pool: bool,
     pub htod_cache: bool,
+    pub fused_norm: bool,
+    pub vae_bf16: bool,
+    pub cudnn_conv: bool,
+    pub graphs: bool,
 }
 
 impl Default for CudaSettings {
@@ -43,6 +63,10 @@ impl Default for CudaSettings {
             event_tracking: false,
             keep_pool: true,
             htod_cache: true,
+            fused_norm: false,
+            vae_bf16: false,
+            cudnn_conv: false,
+            graphs: false,
         }
     }
 }
@@ -67,6 +91,10 @@ impl CudaSettings {
             event_tracking: get("SDFIX_CUDA_EVENT_TRACKING", d.event_tracking)?,
             keep_pool: get("SDFIX_CUDA_KEEP_POOL", d.keep_pool)?,
             htod_cache: get("SDFIX_CUDA_HTOD_CACHE", d.htod_cache)?,
+            fused_norm: get("SDFIX_CUDA_FUSED_NORM", d.fused_norm)?,
+            vae_bf16: get("SDFIX_CUDA_VAE_BF16", d.vae_bf16)?,
+            cudnn_conv: get("SDFIX_CUDA_CUDNN_CONV", d.cudnn_conv)?,
+            graphs: get("SDFIX_CUDA_GRAPHS", d.graphs)?,
         })
     }
 
@@ -77,8 +105,15 @@ impl CudaSettings {
     /// One line for `bench`'s report and `-v`: which switches are on.
     pub fn describe(&self) -> String {
         format!(
-            "tf32={} event_tracking={} keep_pool={} htod_cache={}",
-            self.tf32 as u8, self.event_tracking as u8, self.keep_pool as u8, self.htod_cache as u8
+            "tf32={} event_tracking={} keep_pool={} htod_cache={} fused_norm={} vae_bf16={} cudnn_conv={} graphs={}",
+            self.tf32 as u8,
+            self.event_tracking as u8,
+            self.keep_pool as u8,
+            self.htod_cache as u8,
+            self.fused_norm as u8,
+            self.vae_bf16 as u8,
+            self.cudnn_conv as u8,
+            self.graphs as u8
         )
     }
 }
@@ -135,6 +170,12 @@ pub fn applied() -> CudaSettings {
     APPLIED.get().copied().unwrap_or_default()
 }
 
+/// Whether a lever applies to a tensor on `device`: a CUDA device in a CUDA build with the
+/// lever's switch on (always false in builds without CUDA).
+pub fn lever_on(device: &Device, lever: impl Fn(&CudaSettings) -> bool) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && lever(&applied())
+}
+
 /// While alive, small host-to-device uploads on `device` come from candle's content-keyed cache
 /// (`SDFIX_CUDA_HTOD_CACHE`); `None` off CUDA or when switched off.
 #[cfg(feature = "cuda")]
@@ -173,12 +214,39 @@ mod tests {
                 tf32: true,
                 event_tracking: false,
                 keep_pool: false,
-                htod_cache: false
+                htod_cache: false,
+                fused_norm: false,
+                vae_bf16: false,
+                cudnn_conv: false,
+                graphs: false,
             }
         );
         let err = CudaSettings::from_lookup(|_| Some("maybe".into()))
             .unwrap_err()
             .to_string();
         assert!(err.contains("SDFIX_CUDA_") && err.contains("expected 0 or 1"), "{err}");
+    }
+
+    /// Each lever of issue 32 is read from its own variable, off by default.
+    #[test]
+    fn every_lever_has_its_own_switch() {
+        type Field = fn(&CudaSettings) -> bool;
+        let levers: [(&str, Field); 4] = [
+            ("SDFIX_CUDA_FUSED_NORM", |s| s.fused_norm),
+            ("SDFIX_CUDA_VAE_BF16", |s| s.vae_bf16),
+            ("SDFIX_CUDA_CUDNN_CONV", |s| s.cudnn_conv),
+            ("SDFIX_CUDA_GRAPHS", |s| s.graphs),
+        ];
+        let none = CudaSettings::default();
+        for (name, field) in levers {
+            assert!(!field(&none), "{name} must default to off until a GPU run measures it");
+            let on = CudaSettings::from_lookup(|n| (n == name).then(|| "1".to_string())).unwrap();
+            assert!(field(&on), "{name}");
+            let others_on = levers.iter().filter(|(other, _)| *other != name).any(|(_, f)| f(&on));
+            assert!(!others_on, "{name} turned on another lever");
+            assert!(on.describe().contains("=1"), "{}", on.describe());
+        }
+        // Never on off CUDA, whatever the switches say.
+        assert!(!lever_on(&Device::Cpu, |_| true));
     }
 }

@@ -11,8 +11,9 @@
 //! - the CUDA runtime switches ([`cuda_settings`]): cudarc's unsafe event-tracking switch and raw
 //!   calls into the CUDA driver.
 //!
-//! (CUDA kernels of our own would come here too; there are none yet: on a GPU the model runs
-//! candle's ops.)
+//! - the CUDA kernels of issue 32 ([`cuda`]): `.cu` files compiled to PTX by build.rs under the
+//!   `cuda` feature, launched through cudarc; each behind an `SDFIX_CUDA_*` switch, candle's ops
+//!   otherwise.
 //!
 //! The kernels know nothing of layers: they take tensors (and weights already laid out the way
 //! they read them) and return tensors. The thin layers in [`crate::model`] decide when to call
@@ -29,6 +30,8 @@
 //!   passes of our own (candle's were most of a training step), one file per op.
 //! - [`cpu_op`]: their shared plumbing (candle-op wrappers, shared output pointer, transpose).
 //! - [`profile`]: time per kind of op, for `bench --profile`.
+//! - [`cuda`]: CUDA kernels of our own (fused group norm and GEGLU, bf16 VAE choice, cuDNN
+//!   convolution, CUDA graphs) and `sdfix kernel-check`'s parity checks.
 //! - [`cuda_settings`]: process-wide CUDA switches (TF32, event tracking, the memory pool's
 //!   release threshold, the small-upload cache), each behind an environment variable.
 //! - [`host_memory`]: the global allocator (mimalloc for small blocks, our own arena for blocks
@@ -40,6 +43,7 @@ pub mod attention;
 pub mod conv;
 pub mod cpu_math;
 pub mod cpu_op;
+pub mod cuda;
 pub mod cuda_settings;
 pub mod grad;
 pub mod host_memory;

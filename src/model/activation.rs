@@ -1,6 +1,7 @@
 //! The GELU activations of the UNet's feed-forward (GEGLU) and of CLIP: our fused kernels
 //! ([`kernels::activation`]) on the CPU in f32; when the input carries a gradient (see
-//! [`crate::model`], "Training"), [`kernels::grad`]'s, with a backward; candle ops elsewhere.
+//! [`crate::model`], "Training"), [`kernels::grad`]'s, with a backward; on CUDA with
+//! `SDFIX_CUDA_FUSED_NORM=1` our fused GEGLU ([`kernels::cuda::fused`]); candle ops elsewhere.
 
 use candle_core::{Result, Tensor};
 
@@ -37,6 +38,9 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
             kernels::activation::geglu(projected)
         } else if cpu_f32_training(projected) {
             kernels::grad::geglu(projected)
+        } else if !projected.track_op() && kernels::cuda_settings::lever_on(projected.device(), |s| s.fused_norm) {
+            // Lever 4 (SDFIX_CUDA_FUSED_NORM): one launch in place of four.
+            kernels::cuda::fused::geglu(projected)
         } else {
             let chunks = projected.chunk(2, candle_core::D::Minus1)?;
             &chunks[0] * chunks[1].gelu_erf()?

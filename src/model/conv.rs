@@ -1,7 +1,9 @@
 //! The 2-D convolution layer of the UNet and the VAE.
 //!
 //! On the CPU in f32 it runs our kernel ([`kernels::conv`], weights laid out tap-major once at
-//! load); elsewhere (CUDA, Metal, other dtypes) candle's conv2d: cuDNN when built with `cudnn`.
+//! load); on CUDA in `cudnn` builds with `SDFIX_CUDA_CUDNN_CONV=1` ours on cuDNN
+//! ([`kernels::cuda::cudnn_conv`]); elsewhere (CUDA, Metal, other dtypes) candle's conv2d: cuDNN
+//! when built with `cudnn`.
 //! Training (see [`crate::model`], "Training"): a weight that is a `Var` stays as stored, and
 //! a call whose weight or input carries a gradient runs [`kernels::grad::conv2d`] (ours, with a
 //! backward) on the CPU in f32, candle's conv2d elsewhere.
@@ -115,6 +117,16 @@ impl Conv2d {
         if on_cpu_f32(xs) && on_cpu_f32(weight) {
             // The training path: our convolution with a backward.
             return kernels::grad::conv2d(xs, weight, self.bias.as_ref(), self.spec);
+        }
+        if let Some(bias) = &self.bias {
+            if kernels::cuda::cudnn_conv::AVAILABLE
+                && !xs.track_op()
+                && !weight.track_op()
+                && kernels::cuda_settings::lever_on(xs.device(), |s| s.cudnn_conv)
+            {
+                // Lever 2 (SDFIX_CUDA_CUDNN_CONV, cudnn builds): plans cached per shape.
+                return kernels::cuda::cudnn_conv::conv2d(xs, weight, bias, self.spec);
+            }
         }
         let ys = xs.conv2d(weight, self.spec.padding, self.spec.stride, 1, 1)?;
         match &self.bias {

@@ -211,10 +211,25 @@ impl Vae {
     /// The dtype to decode in for a model running in `model_dtype`: f32 under f16 when the config
     /// says `force_upcast` (SD's VAE overflows in f16; diffusers' pipelines upcast the same way).
     pub fn decode_dtype(config: &VaeConfig, model_dtype: DType) -> DType {
-        if config.force_upcast && model_dtype == DType::F16 {
+        if config.force_upcast() && model_dtype == DType::F16 {
             DType::F32
         } else {
             model_dtype
+        }
+    }
+
+    /// The decoder's dtype on `device`: [`Self::decode_dtype`], but bf16 under lever 6
+    /// (`SDFIX_CUDA_VAE_BF16=1`, CUDA only) when the model runs in f16 or bf16 and the config
+    /// file does not say `force_upcast: true` (SDXL's VAE stays in f32). bf16 has f32's exponent
+    /// range, so SD's VAE does not overflow in it as it does in f16; ComfyUI decodes SD VAEs in
+    /// bf16 the same way. `--dtype f32` (the parity mode) is never changed; `scripts/gpu_check.sh`
+    /// compares the bf16 decode's pixels with the f32 decode's (`sdfix kernel-check`).
+    pub fn decode_dtype_on(config: &VaeConfig, model_dtype: DType, device: &candle_core::Device) -> DType {
+        let half = matches!(model_dtype, DType::F16 | DType::BF16);
+        if half && !config.force_upcast_stated() && crate::kernels::cuda_settings::lever_on(device, |s| s.vae_bf16) {
+            DType::BF16
+        } else {
+            Self::decode_dtype(config, model_dtype)
         }
     }
 
@@ -437,5 +452,26 @@ impl VaeEncoder {
             std,
             scaling_factor: self.scaling_factor,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Off CUDA, lever 6 changes nothing: SD's VAE under f16 still decodes in f32
+    /// (force_upcast's default), and f32 stays f32.
+    #[test]
+    fn decode_dtype_on_the_cpu_is_unchanged() {
+        let sd21: VaeConfig =
+            serde_json::from_str(include_str!("../../models/arch/sd2.1-base/vae/config.json")).unwrap();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(
+                Vae::decode_dtype_on(&sd21, dtype, &Device::Cpu),
+                Vae::decode_dtype(&sd21, dtype)
+            );
+        }
+        assert_eq!(Vae::decode_dtype(&sd21, DType::F16), DType::F32);
     }
 }

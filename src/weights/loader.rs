@@ -450,7 +450,8 @@ pub fn load_model_text_encoder(
 }
 
 /// The UNet (with its LoRA updates) and the VAE decoder of a model; the VAE in f32 when its
-/// config says `force_upcast` and the model runs in f16 ([`Vae::decode_dtype`]).
+/// config says `force_upcast` and the model runs in f16, bf16 under `SDFIX_CUDA_VAE_BF16`
+/// ([`Vae::decode_dtype_on`]).
 pub fn load_model_denoiser(
     source: &ModelSource,
     configs: &ModelConfigs,
@@ -459,7 +460,7 @@ pub fn load_model_denoiser(
     loras: &Loras,
 ) -> Result<StableDiffusion> {
     let unet = load_model_unet(source, configs, dtype, device, loras)?;
-    let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
+    let vae_dtype = Vae::decode_dtype_on(&configs.vae, dtype, device);
     let vae = vae_weights(source, configs, vae_dtype, device)?
         .build_part(Vae::UNREAD_PREFIXES, |vb| Ok(Vae::new(vb, &configs.vae)?))?;
     Ok(StableDiffusion::new(unet, vae, dtype, vae_dtype, device))
@@ -497,7 +498,8 @@ pub fn load_model_vae_encoder(
     dtype: DType,
     device: &Device,
 ) -> Result<VaeEncoder> {
-    let vae_dtype = Vae::decode_dtype(&configs.vae, dtype);
+    // The decoder's dtype (bf16 under lever 6 too): img2img hands the encoder pictures in it.
+    let vae_dtype = Vae::decode_dtype_on(&configs.vae, dtype, device);
     let weights = vae_weights(source, configs, vae_dtype, device)?;
     weights
         .build_part(VaeEncoder::UNREAD_PREFIXES, |vb| Ok(VaeEncoder::new(vb, &configs.vae)?))

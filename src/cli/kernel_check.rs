@@ -1,0 +1,102 @@
+//! `sdfix kernel-check` (hidden; issue 32): our CUDA kernels against candle's composite ops on the
+//! GPU, and the bf16 VAE decode (lever 6) against the f32 decode, one JSON line per check, exit
+//! status 1 when any failed. `scripts/gpu_check.sh` runs it first and records its lines; a check
+//! whose kernel errors is reported as failed and the rest still run.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+
+use crate::device::{self, DeviceChoice};
+use crate::kernels::cuda::parity::{self, Check};
+
+#[derive(Debug, Args)]
+pub struct KernelCheckArgs {
+    /// The CUDA device (cuda or cuda:N).
+    #[arg(long, default_value = "cuda")]
+    pub device: DeviceChoice,
+
+    /// A diffusers-layout model folder whose VAE decodes random latents in f32 and in bf16.
+    #[arg(long, default_value = "tests/fixtures/tiny-sd")]
+    pub vae_model: PathBuf,
+
+    /// Latent size (height and width) of the VAE check.
+    #[arg(long, default_value_t = 64)]
+    pub latent_size: usize,
+}
+
+/// Largest 8-bit pixel difference lever 6 may make (issue 32: within 2/255 of the f32 decode).
+const VAE_BF16_PIXEL_TOLERANCE: f64 = 2.0;
+
+/// The VAE's images as 8-bit values (as src/output writes them: (x + 1) / 2, clamped, rounded).
+fn to_pixels(images: &Tensor) -> Result<Tensor> {
+    Ok(((images.to_dtype(DType::F32)? + 1.0)? * 127.5)?
+        .clamp(0f32, 255f32)?
+        .round()?)
+}
+
+/// Lever 6: the same latents decoded in f32 and in bf16 by `folder`'s VAE.
+fn vae_bf16_check(device: &Device, folder: &std::path::Path, size: usize) -> Check {
+    let name = format!("vae decode bf16 vs f32, {} latents {size}x{size}", folder.display());
+    let run = || -> Result<Check> {
+        let config = folder.join("vae/config.json");
+        let weights = folder.join("vae/diffusion_pytorch_model.safetensors");
+        let f32_vae = crate::weights::loader::load_vae(&config, &weights, DType::F32, device)?;
+        let bf16_vae = crate::weights::loader::load_vae(&config, &weights, DType::BF16, device)?;
+        // Sampler-scale latents (the VAE divides by its scaling factor first).
+        let latents = Tensor::randn(0f32, 1.0, (1, 4, size, size), &Device::Cpu)?.to_device(device)?;
+        let reference = to_pixels(&f32_vae.decode(&latents)?)?;
+        let ours = to_pixels(&bf16_vae.decode(&latents.to_dtype(DType::BF16)?)?)?;
+        let diff = (ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        let time = |vae: &crate::model::vae::Vae, dtype: DType| -> Result<f64> {
+            let latents = latents.to_dtype(dtype)?;
+            vae.decode(&latents)?;
+            device.synchronize()?;
+            let started = std::time::Instant::now();
+            vae.decode(&latents)?;
+            device.synchronize()?;
+            Ok(started.elapsed().as_secs_f64() * 1e3)
+        };
+        Ok(Check {
+            lever: "vae_bf16",
+            name: name.clone(),
+            max_rel_diff: Some(diff),
+            tolerance: VAE_BF16_PIXEL_TOLERANCE,
+            ours_ms: Some(time(&bf16_vae, DType::BF16)?),
+            composite_ms: Some(time(&f32_vae, DType::F32)?),
+            ok: diff <= VAE_BF16_PIXEL_TOLERANCE,
+            error: None,
+        })
+    };
+    run().unwrap_or_else(|e| Check {
+        lever: "vae_bf16",
+        name,
+        max_rel_diff: None,
+        tolerance: VAE_BF16_PIXEL_TOLERANCE,
+        ours_ms: None,
+        composite_ms: None,
+        ok: false,
+        error: Some(format!("{e:#}")),
+    })
+}
+
+pub fn run(args: &KernelCheckArgs) -> Result<()> {
+    if !matches!(args.device, DeviceChoice::Cuda(_)) {
+        bail!("kernel-check compares our CUDA kernels with candle's; pass --device cuda (or cuda:N)");
+    }
+    let (device, _) = device::resolve(args.device, Some(DType::F32))?;
+    let mut checks = parity::fused_norm_checks(&device);
+    checks.extend(parity::cudnn_conv_checks(&device));
+    checks.push(vae_bf16_check(&device, &args.vae_model, args.latent_size));
+    let mut failed = 0;
+    for check in &checks {
+        failed += usize::from(!check.ok);
+        println!("{}", serde_json::to_string(check).context("writing a check as JSON")?);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} kernel checks failed", checks.len());
+    }
+    Ok(())
+}

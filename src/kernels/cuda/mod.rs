@@ -1,0 +1,19 @@
+//! Our own CUDA kernels (issue 32's levers), each behind its `SDFIX_CUDA_*` switch
+//! ([`super::cuda_settings`]), off by default until a GPU run measures it; candle's ops otherwise.
+//! The `.cu` files here are compiled to PTX by build.rs under the `cuda` feature only (the CPU
+//! build and CI never need nvcc); the Rust side is compiled in every build so that the layers can
+//! name it, and its CUDA half (`cuda_fwd`) only under the feature.
+//!
+//! - [`fused`] (lever 4): group norm (+ SiLU) and GEGLU, f32/f16/bf16 data, f32 sums.
+//! - [`cudnn_conv`] (lever 2, `cudnn` builds): convolution on cuDNN with cached plans, one
+//!   workspace, tensor-op math and the bias fused.
+//! - [`graph`] (lever 5): the UNet forward captured as a CUDA graph per shape and replayed.
+//! - [`parity`]: each kernel against candle's composite op and their times, for
+//!   `sdfix kernel-check` (run by `scripts/gpu_check.sh`).
+//!
+//! Lever 6 (the VAE in bf16) is a dtype choice, in [`crate::model::vae::Vae::decode_dtype_on`].
+
+pub mod cudnn_conv;
+pub mod fused;
+pub mod graph;
+pub mod parity;
