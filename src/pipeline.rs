@@ -296,7 +296,7 @@ impl UnetPasses {
             };
             outputs.push(
                 model
-                    .unet
+                    .unet()?
                     .forward_cached(&rows, timestep, &pass.context, &mut pass.cache)?,
             );
         }

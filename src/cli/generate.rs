@@ -544,6 +544,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None => args.sampler.clone(),
     };
     let mut engine = Engine::open_with(&model_args.resolve(Some(&sampler_args)), &device, dtype)?;
+    // One run: the last batch decodes with the UNet freed.
+    engine.release_unet_when_done(true);
     if verbosity != Verbosity::Quiet {
         for note in engine.notes() {
             eprintln!("{note}");

@@ -29,6 +29,9 @@ pub(super) struct Modules<'a> {
     pub(super) model: &'a StableDiffusion,
     /// Loaded when a run has an init picture.
     pub(super) encoder: Option<&'a VaeEncoder>,
+    /// This is the run's last batch and the engine frees the UNet once its last denoising step
+    /// is done ([`super::Engine::release_unet_when_done`]).
+    pub(super) release_unet_when_done: bool,
 }
 
 /// What img2img adds to a batch: the start latents and, for inpainting, the mask and latents
@@ -322,6 +325,10 @@ pub(super) fn run_batch(
             ..*step
         });
         loop_done = Instant::now();
+        if modules.release_unet_when_done && offset + step.index + 1 == steps {
+            // The batch's (and the run's) last UNet call is done: the decode runs without its weights.
+            model.release_unet();
+        }
         if observer.interrupted() {
             return Err(Interrupted.into());
         }

@@ -34,6 +34,9 @@ pub(super) struct Segment<'a> {
     pub(super) loras: &'a Loras,
     /// The run's first set (which always reports [`Event::Loaded`]).
     pub(super) first: bool,
+    /// The run's last set: its last batch may free the UNet before decoding
+    /// ([`Engine::release_unet_when_done`]).
+    pub(super) last: bool,
 }
 
 impl Engine {
@@ -135,19 +138,13 @@ impl Engine {
         }
         let unet_key = loras.merge_key(Component::Unet);
         let unet_started = Instant::now();
-        loaded |= self.denoiser.is_none() || self.unet_key != unet_key;
+        let reusable = |model: &StableDiffusion| self.unet_key == unet_key && model.has_unet();
+        loaded |= !self.denoiser.as_ref().is_some_and(reusable);
         self.denoiser = match self.denoiser.take() {
-            Some(model) if self.unet_key == unet_key => Some(model),
+            Some(model) if reusable(&model) => Some(model),
             Some(model) => {
                 // The old UNet is freed before the new one loads: two are never resident.
-                let StableDiffusion {
-                    unet,
-                    vae,
-                    dtype,
-                    vae_dtype,
-                    device,
-                } = model;
-                drop(unet);
+                let (vae, dtype, vae_dtype, device) = model.into_vae();
                 let unet = load_model_unet(&self.source, &self.configs, self.dtype, &self.device, loras)?;
                 Some(StableDiffusion::new(unet, vae, dtype, vae_dtype, &device))
             }
@@ -201,15 +198,16 @@ impl Engine {
             dtype: dtype_name,
             device: &device_name,
         };
-        let modules = Modules {
-            model,
-            encoder: self.encoder.as_ref(),
-        };
         let mut made = 0;
-        for batch in batches {
+        for (n, batch) in batches.iter().enumerate() {
             if observer.interrupted() {
                 return Err(Interrupted.into());
             }
+            let modules = Modules {
+                model,
+                encoder: self.encoder.as_ref(),
+                release_unet_when_done: self.release_unet_when_done && part.last && n + 1 == batches.len(),
+            };
             made += run_batch(&modules, jobs, batch, prompts, &record, observer)?;
         }
         Ok(made)

@@ -4,6 +4,7 @@
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::{Arc, Mutex};
 
 use super::clip::{ClipLayer, ClipOutput, ClipTextTransformer};
 use super::tokenizer::ClipTokenizer;
@@ -250,7 +251,10 @@ pub fn encode_prompts_with(
 
 /// Latents to images: the UNet and the VAE decoder.
 pub struct StableDiffusion {
-    pub unet: UNet2DConditionModel,
+    /// Behind a lock so that a run holding the model shared can free the UNet once its last
+    /// denoising step is done ([`StableDiffusion::release_unet`]); each UNet call holds its own
+    /// `Arc` for the call's length.
+    unet: Mutex<Option<Arc<UNet2DConditionModel>>>,
     pub vae: Vae,
     /// The dtype of the text encoder and UNet.
     pub dtype: DType,
@@ -263,11 +267,40 @@ pub struct StableDiffusion {
 impl StableDiffusion {
     pub fn new(unet: UNet2DConditionModel, vae: Vae, dtype: DType, vae_dtype: DType, device: &Device) -> Self {
         Self {
-            unet,
+            unet: Mutex::new(Some(Arc::new(unet))),
             vae,
             dtype,
             vae_dtype,
             device: device.clone(),
         }
+    }
+
+    /// The UNet, or an error once [`StableDiffusion::release_unet`] freed it.
+    pub fn unet(&self) -> Result<Arc<UNet2DConditionModel>> {
+        self.unet_slot()
+            .clone()
+            .context("internal: the UNet was released before its last use")
+    }
+
+    /// Whether the UNet is still loaded.
+    pub fn has_unet(&self) -> bool {
+        self.unet_slot().is_some()
+    }
+
+    /// Frees the UNet's weights (once no call holds it): a run that will not denoise again then
+    /// decodes without them resident, so the VAE's activations do not add to the UNet's weights
+    /// (SDXL's 10.3 GB in f32). The next [`StableDiffusion::unet`] fails; the engine reloads.
+    pub fn release_unet(&self) {
+        self.unet_slot().take();
+    }
+
+    /// The VAE and the settings, the UNet dropped (to load another UNet beside the same VAE).
+    pub fn into_vae(self) -> (Vae, DType, DType, Device) {
+        (self.vae, self.dtype, self.vae_dtype, self.device)
+    }
+
+    fn unet_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<UNet2DConditionModel>>> {
+        // A panic elsewhere while the lock was held leaves the slot as it was: still valid.
+        self.unet.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
