@@ -6,14 +6,18 @@
     .venv-client/bin/python scripts/webuiapi_check.py [--binary target/release/sdfix]
 
 Starts `sdfix serve --model demo` on a free loopback port (and a second one with --api-auth),
-then uses webuiapi's own calls: get_samplers, get_sd_models, txt2img, util_set_model,
-util_wait_for_ready, get_options, img2img (with and without mask_image). Prints one line per check and what it measured; exits 1 on the
-first failure. Results are recorded in docs/serve.md.
+then uses webuiapi's own calls: get_samplers, get_sd_models, txt2img (also with the hires fix),
+util_set_model, util_wait_for_ready, get_options, img2img (with and without mask_image),
+get_progress (its current_image while a picture is drawn). Prints one line per check and what it
+measured; exits 1 on the first failure. Results are recorded in docs/serve.md.
 """
 
 import argparse
+import base64
+import io
 import subprocess
 import sys
+import threading
 import time
 from importlib.metadata import version
 
@@ -76,6 +80,33 @@ def main():
               and result.info["spacing"] == "trailing", f"seed {result.info['seed']}, zero_snr, trailing")
         parameters = result.image.info.get("parameters", "")
         check("PNG parameters chunk (PIL)", parameters == result.info["infotexts"][0], parameters.splitlines()[-1])
+
+        # The hires fix as webuiapi sends it (its own hr_* defaults included): 32x32 upscaled 1.5x.
+        for upscaler in (webuiapi.HiResUpscaler.LatentBicubic, webuiapi.HiResUpscaler.Lanczos):
+            hires = api.txt2img(prompt="solid black background", width=32, height=32, seed=4, steps=10,
+                                enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler,
+                                hr_second_pass_steps=5, denoising_strength=0.6)
+            infotext = hires.info["infotexts"][0]
+            expected = ["Size: 32x32", "Hires upscale: 1.5", f"Hires upscaler: {upscaler.value}",
+                        "Hires steps: 5", "Denoising strength: 0.6"]
+            check(f"txt2img hires fix ({upscaler.value})", hires.image.size == (48, 48)
+                  and all(item in infotext for item in expected) and luminance(hires.image) <= 0.08,
+                  f"{hires.image.size}, luminance {luminance(hires.image):.4f}, {infotext.splitlines()[-1]}")
+
+        # get_progress while a long run draws: current_image is a PNG (A1111's live preview).
+        previews = []
+        run = threading.Thread(target=lambda: api.txt2img(prompt="solid black background", width=32,
+                                                          height=32, seed=5, steps=150))
+        run.start()
+        while run.is_alive():
+            progress = api.get_progress()
+            if progress.get("current_image"):
+                previews.append(Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))))
+            time.sleep(0.05)
+        run.join()
+        check("get_progress current_image while drawing", len(previews) > 0
+              and all(p.format == "PNG" for p in previews),
+              f"{len(previews)} previews, {previews[0].size if previews else None}")
 
         api.util_set_model("demo-flawed")
         api.util_wait_for_ready(check_interval=0.2)

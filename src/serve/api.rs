@@ -85,6 +85,14 @@ pub struct HiresFields {
     pub hr_resize_y: Option<usize>,
     pub hr_upscaler: Option<String>,
     pub hr_second_pass_steps: Option<usize>,
+    /// A1111's second-pass overrides. sdfix's second pass uses the first pass's prompts, sampler,
+    /// schedule and model: these are accepted when they ask for that (empty, null, A1111's "Use
+    /// same ..." or the first pass's own prompt) and refused otherwise, never ignored.
+    pub hr_prompt: Option<String>,
+    pub hr_negative_prompt: Option<String>,
+    pub hr_sampler_name: Option<String>,
+    pub hr_scheduler: Option<String>,
+    pub hr_checkpoint_name: Option<String>,
 }
 
 /// A1111's `denoising_strength` default (its txt2img dataclass's).
@@ -95,9 +103,30 @@ const A1111_HIRES_SCALE: f64 = 2.0;
 impl HiresFields {
     /// The hires fix these fields ask for (none without `enable_hr`); `strength` is the body's
     /// `denoising_strength`.
-    fn fix(&self, strength: Option<f64>) -> Result<HiresFix, ApiError> {
+    fn fix(&self, strength: Option<f64>, prompt: &str, negative_prompt: &str) -> Result<HiresFix, ApiError> {
         if self.enable_hr != Some(true) {
             return Ok(HiresFix::default());
+        }
+        let same_text = |field: &str, value: &Option<String>, first: &str| match value.as_deref() {
+            None | Some("") => Ok(()),
+            Some(text) if text == first => Ok(()),
+            Some(_) => Err(ApiError::invalid(format!(
+                "{field}: a second-pass prompt of its own is not supported; leave it empty (the hires pass uses \
+                 the first pass's)"
+            ))),
+        };
+        same_text("hr_prompt", &self.hr_prompt, prompt)?;
+        same_text("hr_negative_prompt", &self.hr_negative_prompt, negative_prompt)?;
+        for (field, value) in [
+            ("hr_sampler_name", &self.hr_sampler_name),
+            ("hr_scheduler", &self.hr_scheduler),
+            ("hr_checkpoint_name", &self.hr_checkpoint_name),
+        ] {
+            if let Some(name) = value.as_deref().filter(|n| !n.is_empty() && !n.starts_with("Use same")) {
+                return Err(ApiError::invalid(format!(
+                    "{field}: {name:?}: the hires pass always uses the first pass's; leave it null or \"Use same\""
+                )));
+            }
         }
         let upscaler = match self.hr_upscaler.as_deref() {
             None => None,
@@ -396,7 +425,11 @@ impl Txt2Img {
         random_seed: u64,
     ) -> Result<Resolved, ApiError> {
         let settings = &mut self.settings;
-        let hires = self.hires.fix(settings.strength)?;
+        let hires = self.hires.fix(
+            settings.strength,
+            settings.prompt.as_deref().unwrap_or(""),
+            settings.negative_prompt.as_deref().unwrap_or(""),
+        )?;
         (
             settings.init_image,
             settings.mask,
@@ -705,6 +738,33 @@ mod tests {
         let r = resolve(json!({"enable_hr": true, "hr_resize_x": 512, "width": 256, "height": 256})).unwrap();
         assert_eq!(r.request.hires.size, Some(HiresResize { width: 512, height: 0 }));
         assert_eq!(r.request.hires.strength, Some(A1111_HIRES_STRENGTH));
+        // The second-pass overrides: accepted when they ask for the first pass's, refused otherwise.
+        for same in [
+            json!({"enable_hr": true, "prompt": "a cat", "hr_prompt": "", "hr_sampler_name": null}),
+            json!({"enable_hr": true, "prompt": "a cat", "hr_prompt": "a cat", "hr_negative_prompt": ""}),
+            json!({"enable_hr": true, "hr_sampler_name": "Use same sampler", "hr_checkpoint_name": "Use same checkpoint"}),
+            json!({"enable_hr": false, "hr_prompt": "a dog", "hr_sampler_name": "DDIM"}),
+        ] {
+            assert!(resolve(same.clone()).is_ok(), "{same}");
+        }
+        for (body, field) in [
+            (
+                json!({"enable_hr": true, "prompt": "a cat", "hr_prompt": "a dog"}),
+                "hr_prompt",
+            ),
+            (
+                json!({"enable_hr": true, "hr_negative_prompt": "blurry"}),
+                "hr_negative_prompt",
+            ),
+            (json!({"enable_hr": true, "hr_sampler_name": "DDIM"}), "hr_sampler_name"),
+            (
+                json!({"enable_hr": true, "hr_checkpoint_name": "other.safetensors"}),
+                "hr_checkpoint_name",
+            ),
+        ] {
+            let err = resolve(body).unwrap_err();
+            assert!(err.detail.starts_with(field), "{}", err.detail);
+        }
         let err = resolve(json!({"enable_hr": true, "hr_upscaler": "R-ESRGAN 4x+"})).unwrap_err();
         assert!(
             err.detail.starts_with("hr_upscaler: \"R-ESRGAN 4x+\""),
