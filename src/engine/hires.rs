@@ -27,7 +27,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::field::{Field, RequestError};
-use super::micro::PixelSize;
+use super::micro::{parse_width_x_height, PixelSize};
 use crate::pipeline::SamplingSettings;
 use crate::sampling::upscale::Interpolation;
 
@@ -130,10 +130,7 @@ impl FromStr for HiresResize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let parsed = s
-            .split_once(['x', 'X'])
-            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
-        match parsed {
+        match parse_width_x_height(s) {
             Some((width, height)) if width > 0 || height > 0 => Ok(Self { width, height }),
             _ => Err(format!(
                 "{s:?} is not a hires size: write WIDTHxHEIGHT in pixels, e.g. 1024x1024, or 1024x0 to keep the \

@@ -17,13 +17,17 @@ pub struct PixelSize {
     pub height: usize,
 }
 
+/// `WxH` (or `WXH`, spaces around either number allowed) as two whole numbers, any of them 0;
+/// what a 0 means is the caller's rule ([`PixelSize`], `HiresResize`).
+pub(super) fn parse_width_x_height(s: &str) -> Option<(usize, usize)> {
+    let (width, height) = s.split_once(['x', 'X'])?;
+    Some((width.trim().parse().ok()?, height.trim().parse().ok()?))
+}
+
 impl FromStr for PixelSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let parsed = s
-            .split_once(['x', 'X'])
-            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
-        match parsed {
+        match parse_width_x_height(s) {
             Some((width, height)) if width > 0 && height > 0 => Ok(Self { width, height }),
             _ => Err(format!(
                 "{s:?} is not a size: write WIDTHxHEIGHT in pixels, e.g. 1024x1024"

@@ -36,21 +36,7 @@ pub fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = vb.get_with_hints(
-        (out_channels, in_channels, kernel, kernel),
-        "weight",
-        candle_nn::init::DEFAULT_KAIMING_NORMAL,
-    )?;
-    let bound = 1. / ((in_channels * kernel * kernel) as f64).sqrt();
-    let bias = vb.get_with_hints(out_channels, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
-    let spec = ConvSpec {
-        in_channels,
-        out_channels,
-        kernel,
-        padding,
-        stride,
-    };
-    Conv2d::new(weight, Some(bias), spec)
+    load_conv2d(in_channels, out_channels, kernel, padding, stride, true, vb)
 }
 
 /// [`conv2d`] without a bias (TAESD's inner convolutions).
@@ -62,11 +48,31 @@ pub fn conv2d_no_bias(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
+    load_conv2d(in_channels, out_channels, kernel, padding, stride, false, vb)
+}
+
+/// [`conv2d`] and [`conv2d_no_bias`]: the weight, then (`with_bias`) the bias, in the order
+/// random-weight builders draw them.
+fn load_conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+    with_bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     let weight = vb.get_with_hints(
         (out_channels, in_channels, kernel, kernel),
         "weight",
         candle_nn::init::DEFAULT_KAIMING_NORMAL,
     )?;
+    let bias = if with_bias {
+        let bound = 1. / ((in_channels * kernel * kernel) as f64).sqrt();
+        Some(vb.get_with_hints(out_channels, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?)
+    } else {
+        None
+    };
     let spec = ConvSpec {
         in_channels,
         out_channels,
@@ -74,7 +80,7 @@ pub fn conv2d_no_bias(
         padding,
         stride,
     };
-    Conv2d::new(weight, None, spec)
+    Conv2d::new(weight, bias, spec)
 }
 
 impl Conv2d {
