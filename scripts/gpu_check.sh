@@ -4,7 +4,8 @@
 # is recorded and the rest still run; everything lands in one JSON, $OUT/gpu_check.json.
 # 1. nvidia-smi and the CUDA libraries found;
 # 2. `sdfix kernel-check` per binary: each of our kernels (lever 4's group norm and GEGLU, lever
-#    2's cuDNN convolution) against candle's composite op in f32/f16/bf16 with both times, and
+#    3's flash attention, lever 2's cuDNN convolution) against candle's composite op in
+#    f32/f16/bf16 (attention f16/bf16) with both times, and
 #    lever 6's bf16 VAE decode against the f32 decode (pixels within 2/255);
 # 3. the tiny-model parity cases on CUDA against the committed diffusers (f32) references, in f32
 #    and f16 with the defaults, then f16 with every lever on: final latents within 1e-3 (f32) /
@@ -45,9 +46,8 @@ done
 # Records a failed step (name) and keeps going.
 failed() { echo "FAILED: $1" | tee -a "$out/failures.txt" >&2; status=1; }
 
-# The levers of issue 32 (src/kernels/cuda_settings.rs), each off by default; lever 3
-# (SDFIX_CUDA_FLASH_ATTENTION) has no kernel yet and is not measured.
-levers=(SDFIX_CUDA_FUSED_NORM SDFIX_CUDA_VAE_BF16 SDFIX_CUDA_CUDNN_CONV SDFIX_CUDA_GRAPHS)
+# The levers of issue 32 (src/kernels/cuda_settings.rs), each off by default.
+levers=(SDFIX_CUDA_FLASH_ATTENTION SDFIX_CUDA_FUSED_NORM SDFIX_CUDA_VAE_BF16 SDFIX_CUDA_CUDNN_CONV SDFIX_CUDA_GRAPHS)
 all_on="${levers[*]/%/=1}"
 
 if [ -z "${CPU_ONLY:-}" ]; then

@@ -88,6 +88,7 @@ pub fn run(args: &KernelCheckArgs) -> Result<()> {
     }
     let (device, _) = device::resolve(args.device, Some(DType::F32))?;
     let mut checks = parity::fused_norm_checks(&device);
+    checks.extend(parity::flash_attention_checks(&device));
     checks.extend(parity::cudnn_conv_checks(&device));
     checks.push(vae_bf16_check(&device, &args.vae_model, args.latent_size));
     let mut failed = 0;

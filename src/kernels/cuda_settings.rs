@@ -30,8 +30,8 @@
 //! - `SDFIX_CUDA_GRAPHS` (lever 5): the UNet forward captured once per shape as a CUDA graph and
 //!   replayed ([`super::cuda::graph`]).
 //!
-//! Lever 3 (fused flash-style attention) is not written: attention on CUDA is the composite op
-//! (docs/performance.md says why and what it needs).
+//! - `SDFIX_CUDA_FLASH_ATTENTION` (lever 3): our flash-style attention on tensor cores
+//!   ([`super::cuda::attention`]) for unmasked f16/bf16 attention with head dims 40/64/80/160.
 //!
 //! All of this module's `unsafe` is here, each block with its `SAFETY:` line.
 
@@ -54,6 +54,7 @@ pub struct CudaSettings {
     pub vae_bf16: bool,
     pub cudnn_conv: bool,
     pub graphs: bool,
+    pub flash_attention: bool,
 }
 
 impl Default for CudaSettings {
@@ -67,6 +68,7 @@ impl Default for CudaSettings {
             vae_bf16: false,
             cudnn_conv: false,
             graphs: false,
+            flash_attention: false,
         }
     }
 }
@@ -95,6 +97,7 @@ impl CudaSettings {
             vae_bf16: get("SDFIX_CUDA_VAE_BF16", d.vae_bf16)?,
             cudnn_conv: get("SDFIX_CUDA_CUDNN_CONV", d.cudnn_conv)?,
             graphs: get("SDFIX_CUDA_GRAPHS", d.graphs)?,
+            flash_attention: get("SDFIX_CUDA_FLASH_ATTENTION", d.flash_attention)?,
         })
     }
 
@@ -105,7 +108,7 @@ impl CudaSettings {
     /// One line for `bench`'s report and `-v`: which switches are on.
     pub fn describe(&self) -> String {
         format!(
-            "tf32={} event_tracking={} keep_pool={} htod_cache={} fused_norm={} vae_bf16={} cudnn_conv={} graphs={}",
+            "tf32={} event_tracking={} keep_pool={} htod_cache={} fused_norm={} vae_bf16={} cudnn_conv={} graphs={} flash_attention={}",
             self.tf32 as u8,
             self.event_tracking as u8,
             self.keep_pool as u8,
@@ -113,7 +116,8 @@ impl CudaSettings {
             self.fused_norm as u8,
             self.vae_bf16 as u8,
             self.cudnn_conv as u8,
-            self.graphs as u8
+            self.graphs as u8,
+            self.flash_attention as u8
         )
     }
 }
@@ -219,6 +223,7 @@ mod tests {
                 vae_bf16: false,
                 cudnn_conv: false,
                 graphs: false,
+                flash_attention: false,
             }
         );
         let err = CudaSettings::from_lookup(|_| Some("maybe".into()))
@@ -231,11 +236,12 @@ mod tests {
     #[test]
     fn every_lever_has_its_own_switch() {
         type Field = fn(&CudaSettings) -> bool;
-        let levers: [(&str, Field); 4] = [
+        let levers: [(&str, Field); 5] = [
             ("SDFIX_CUDA_FUSED_NORM", |s| s.fused_norm),
             ("SDFIX_CUDA_VAE_BF16", |s| s.vae_bf16),
             ("SDFIX_CUDA_CUDNN_CONV", |s| s.cudnn_conv),
             ("SDFIX_CUDA_GRAPHS", |s| s.graphs),
+            ("SDFIX_CUDA_FLASH_ATTENTION", |s| s.flash_attention),
         ];
         let none = CudaSettings::default();
         for (name, field) in levers {

@@ -3,8 +3,9 @@
 //!
 //! On the CPU in f32 (with at most a 2-D mask) it runs our flash-style kernel
 //! ([`kernels::attention`]); when an input carries a gradient (see [`crate::model`],
-//! "Training"), [`kernels::grad::attention`] on the CPU in f32; elsewhere the composite path
-//! below, as candle ops. Scores and softmax
+//! "Training"), [`kernels::grad::attention`] on the CPU in f32; on CUDA with
+//! `SDFIX_CUDA_FLASH_ATTENTION=1`, unmasked f16/bf16 with head dim 40/64/80/160,
+//! [`kernels::cuda::attention`]; elsewhere the composite path below, as candle ops. Scores and softmax
 //! are computed in f32 whatever the input dtype (diffusers' `upcast_attention` does this for q·k;
 //! SD 2.1 768-v overflows f16 without it), then cast back for the product with v. Callers pass
 //! (batch, tokens, heads * head_dim) tensors and never see the layout, so another kernel can
@@ -36,14 +37,29 @@ pub fn scaled_dot_product_attention(
         } else if training_kernel {
             // An input carries a gradient: ours, with a backward.
             kernels::grad::attention(query, key, value, heads, mask)
+        } else if mask.is_none() && flash_kernel(query, key, value, heads) {
+            // Lever 3 (SDFIX_CUDA_FLASH_ATTENTION): scores never leave shared memory.
+            kernels::cuda::attention::flash_attention(query, key, value, heads)
         } else {
             composite_attention(query, key, value, heads, mask)
         }
     })
 }
 
+/// Whether lever 3's CUDA kernel takes this attention: switched on, on CUDA, no gradient, f16 or
+/// bf16 alike with a head dim it is built for.
+fn flash_kernel(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize) -> bool {
+    let dtype = query.dtype();
+    let head_dim = query.dim(2).map(|inner| inner / heads.max(1)).unwrap_or(0);
+    !(query.track_op() || key.track_op() || value.track_op())
+        && key.dtype() == dtype
+        && value.dtype() == dtype
+        && kernels::cuda::attention::supports(dtype, head_dim)
+        && kernels::cuda_settings::lever_on(query.device(), |s| s.flash_attention)
+}
+
 /// The same attention as candle ops (GPUs, f16/bf16, f64): whole (b, h, n, m) score tensors.
-fn composite_attention(
+pub fn composite_attention(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,

@@ -12,9 +12,13 @@
 // GEGLU: out[r, j] = x[r, j] * gelu_erf(x[r, hidden + j]), one pass in place of candle's chunk,
 // copy, gelu and product.
 
+#ifdef SDFIX_HOST_EMULATION
+#include "emulation.h"  // tests/cuda_emulation: this file run on the CPU
+#else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#endif
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -69,7 +73,7 @@ __device__ void gn_stats(const T *x, float *partials, int64_t group_len, int64_t
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < blockDim.x / 32; ++w) merge(mean, m2, n, shared[0][w], shared[1][w], shared[2][w]);
+    for (int w = 1; w < (int)(blockDim.x / 32); ++w) merge(mean, m2, n, shared[0][w], shared[1][w], shared[2][w]);
     float *out = partials + 3 * (group_index * chunks + chunk);
     out[0] = mean;
     out[1] = m2;

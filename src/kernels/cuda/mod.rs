@@ -4,6 +4,8 @@
 //! build and CI never need nvcc); the Rust side is compiled in every build so that the layers can
 //! name it, and its CUDA half (`cuda_fwd`) only under the feature.
 //!
+//! - [`attention`] (lever 3): flash-style attention on tensor cores, f16/bf16, head dims
+//!   40/64/80/160, reading and writing the callers' (b, tokens, heads * d) layout.
 //! - [`fused`] (lever 4): group norm (+ SiLU) and GEGLU, f32/f16/bf16 data, f32 sums.
 //! - [`cudnn_conv`] (lever 2, `cudnn` builds): convolution on cuDNN with cached plans, one
 //!   workspace, tensor-op math and the bias fused.
@@ -13,6 +15,7 @@
 //!
 //! Lever 6 (the VAE in bf16) is a dtype choice, in [`crate::model::vae::Vae::decode_dtype_on`].
 
+pub mod attention;
 pub mod cudnn_conv;
 pub mod fused;
 pub mod graph;

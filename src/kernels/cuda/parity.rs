@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::fused;
+use super::{attention, fused};
 
 /// One comparison: which lever, what was run, the worst difference and the tolerance, the times.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -243,6 +243,58 @@ pub fn cudnn_conv_checks(device: &Device) -> Vec<Check> {
                     tolerance: tol,
                     ours_ms: Some(time_ms(device, || cudnn_conv::conv2d(&xs, &weight, &bias, spec))?),
                     composite_ms: Some(time_ms(device, || candle(&xs, &weight, &bias))?),
+                    ok: diff <= tol,
+                    error: None,
+                })
+            }));
+        }
+    }
+    checks
+}
+
+/// Attention shapes at 512 px with CFG (batch 2): (queries, keys, heads, head dim). SD 2.x and
+/// SDXL have 64-wide heads (self-attention at 4096 and 1024 tokens, cross-attention over 77 text
+/// tokens), SD 1.x 8 heads of 40/80/160; the last two are odd sizes (a partial query block and
+/// key tile).
+const ATTENTION_CASES: &[(usize, usize, usize, usize)] = &[
+    (4096, 4096, 5, 64),
+    (4096, 77, 5, 64),
+    (1024, 1024, 10, 64),
+    (4096, 4096, 8, 40),
+    (1024, 1024, 8, 80),
+    (256, 77, 8, 160),
+    (70, 77, 3, 40),
+    (1, 200, 2, 160),
+];
+
+/// Lever 3's checks on `device` (CUDA): ours against the model's composite attention computed
+/// in f32, each case in f16 and bf16; times against the composite in the same dtype.
+pub fn flash_attention_checks(device: &Device) -> Vec<Check> {
+    use crate::model::attention::composite_attention;
+    let mut checks = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        let tol = tolerance(dtype);
+        for &(queries, keys, heads, head_dim) in ATTENTION_CASES {
+            let name = format!(
+                "flash_attention {} batch 2 queries {queries} keys {keys} heads {heads} x {head_dim}",
+                dtype_name(dtype)
+            );
+            checks.push(guarded("flash_attention", name.clone(), tol, || {
+                let inner = heads * head_dim;
+                let q = Tensor::randn(0f32, 1., (2, queries, inner), device)?.to_dtype(dtype)?;
+                let k = Tensor::randn(0f32, 1., (2, keys, inner), device)?.to_dtype(dtype)?;
+                let v = Tensor::randn(0f32, 1., (2, keys, inner), device)?.to_dtype(dtype)?;
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                let reference = composite_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, heads, None)?;
+                let ours = attention::flash_attention(&q, &k, &v, heads)?;
+                let diff = max_rel_diff(&ours, &reference)?;
+                Ok(Check {
+                    lever: "flash_attention",
+                    name,
+                    max_rel_diff: Some(diff),
+                    tolerance: tol,
+                    ours_ms: Some(time_ms(device, || attention::flash_attention(&q, &k, &v, heads))?),
+                    composite_ms: Some(time_ms(device, || composite_attention(&q, &k, &v, heads, None))?),
                     ok: diff <= tol,
                     error: None,
                 })
