@@ -111,6 +111,7 @@ mod imp {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 
+    use super::super::contiguous_view;
     use super::{shared_memory_bytes, ROWS, THREADS};
 
     /// The PTX of `attention.cu` (compute_80), compiled by build.rs.
@@ -124,10 +125,10 @@ mod imp {
     /// A contiguous input's view from its start offset, 16-byte aligned (the kernel loads 8
     /// values at a time).
     fn aligned<'a, T>(slice: &'a CudaSlice<T>, layout: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        if !layout.is_contiguous() || layout.start_offset() % 8 != 0 {
-            candle_core::bail!("flash attention: {what} must be contiguous and start on a 16-byte boundary")
+        if !layout.start_offset().is_multiple_of(8) {
+            candle_core::bail!("flash attention: {what} must start on a 16-byte boundary")
         }
-        Ok(slice.slice(layout.start_offset()..layout.start_offset() + layout.shape().elem_count()))
+        contiguous_view(slice, layout, &format!("flash attention: {what}"))
     }
 
     struct Geometry {

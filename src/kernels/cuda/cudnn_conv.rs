@@ -329,12 +329,8 @@ mod imp {
         })
     }
 
-    /// A contiguous input's view from its start offset.
     fn view<'a, T>(slice: &'a CudaSlice<T>, layout: &Layout) -> Result<CudaView<'a, T>> {
-        if !layout.is_contiguous() {
-            candle_core::bail!("cudnn convolution: expected contiguous inputs")
-        }
-        Ok(slice.slice(layout.start_offset()..layout.start_offset() + layout.shape().elem_count()))
+        super::super::contiguous_view(slice, layout, "cudnn convolution")
     }
 
     pub(super) fn conv2d(

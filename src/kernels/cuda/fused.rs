@@ -95,6 +95,7 @@ mod imp {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 
+    use super::super::contiguous_view;
     use super::CudaGroupNorm;
 
     /// The PTX of `fused.cu` (compute_80), compiled by build.rs.
@@ -105,18 +106,6 @@ mod imp {
     /// (`gn_apply` merges them all in one thread).
     const CHUNK_TARGET: usize = 8192;
     const MAX_CHUNKS: usize = 64;
-
-    /// A contiguous input's view from its start offset, or an error naming the op.
-    fn contiguous<'a, T>(
-        slice: &'a CudaSlice<T>,
-        layout: &Layout,
-        what: &str,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        if !layout.is_contiguous() {
-            candle_core::bail!("{what}: expected a contiguous input")
-        }
-        Ok(slice.slice(layout.start_offset()..layout.start_offset() + layout.shape().elem_count()))
-    }
 
     /// The geometry of one group norm call.
     struct Geometry {
@@ -140,9 +129,9 @@ mod imp {
         eps: f32,
         silu: bool,
     ) -> Result<CudaSlice<T>> {
-        let x = contiguous(x, lx, "group norm")?;
-        let w = contiguous(w, lw, "group norm")?;
-        let b = contiguous(b, lb, "group norm")?;
+        let x = contiguous_view(x, lx, "group norm")?;
+        let w = contiguous_view(w, lw, "group norm")?;
+        let b = contiguous_view(b, lb, "group norm")?;
         let n = g.batch_groups * g.group_len;
         let mut partials = dev.alloc_zeros::<f32>(3 * g.batch_groups * g.chunks)?;
         // SAFETY: every element is written by gn_apply (the chunks cover each group).
@@ -267,7 +256,7 @@ mod imp {
         layout: &Layout,
         hidden: usize,
     ) -> Result<CudaSlice<T>> {
-        let x = contiguous(x, layout, "geglu")?;
+        let x = contiguous_view(x, layout, "geglu")?;
         let n = layout.shape().elem_count() / 2;
         // SAFETY: the grid-stride loop writes all n values.
         let mut y = unsafe { dev.alloc::<T>(n)? };

@@ -20,3 +20,18 @@ pub mod cudnn_conv;
 pub mod fused;
 pub mod graph;
 pub mod parity;
+
+/// A contiguous input's values as a view from its start offset, or an error naming `what` (the
+/// op, and which input): how every kernel here reads its inputs.
+#[cfg(feature = "cuda")]
+fn contiguous_view<'a, T>(
+    slice: &'a candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous input")
+    }
+    let start = layout.start_offset();
+    Ok(slice.slice(start..start + layout.shape().elem_count()))
+}

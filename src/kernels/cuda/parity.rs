@@ -105,6 +105,12 @@ pub fn composite_geglu(projected: &Tensor) -> Result<Tensor> {
     &chunks[0] * chunks[1].gelu_erf()?
 }
 
+/// Whether a case is small enough for `kernel-check --small` (run under compute-sanitizer, which
+/// makes every access tens of times slower): at most a million values (scores for attention).
+fn is_small(values: usize) -> bool {
+    values <= 1 << 20
+}
+
 /// Runs `body`, turning an error into a failed check.
 fn guarded(lever: &'static str, name: String, tolerance: f64, body: impl FnOnce() -> Result<Check>) -> Check {
     body().unwrap_or_else(|e| Check {
@@ -132,12 +138,16 @@ const GROUP_NORM_CASES: &[(&[usize], usize, bool)] = &[
 /// GEGLU inputs of SD 2.1's feed-forwards at 512 px: (batch, tokens, 2 * 4 * channels).
 const GEGLU_CASES: &[&[usize]] = &[&[2, 4096, 2560], &[2, 1024, 5120], &[2, 64, 10240], &[3, 7, 6]];
 
-/// Lever 4's checks on `device` (CUDA): every case in f32, f16 and bf16.
-pub fn fused_norm_checks(device: &Device) -> Vec<Check> {
+/// Lever 4's checks on `device` (CUDA): every case (the small ones with `small`) in f32, f16 and
+/// bf16.
+pub fn fused_norm_checks(device: &Device, small: bool) -> Vec<Check> {
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let tol = tolerance(dtype);
-        for &(dims, groups, silu) in GROUP_NORM_CASES {
+        for &(dims, groups, silu) in GROUP_NORM_CASES
+            .iter()
+            .filter(|c| !small || is_small(c.0.iter().product()))
+        {
             let name = format!("group_norm {} {dims:?} groups {groups} silu {silu}", dtype_name(dtype));
             checks.push(guarded("fused_norm", name.clone(), tol, || {
                 let channels = dims[1];
@@ -165,7 +175,7 @@ pub fn fused_norm_checks(device: &Device) -> Vec<Check> {
                 })
             }));
         }
-        for &dims in GEGLU_CASES {
+        for &dims in GEGLU_CASES.iter().filter(|d| !small || is_small(d.iter().product())) {
             let name = format!("geglu {} {dims:?}", dtype_name(dtype));
             checks.push(guarded("fused_norm", name.clone(), tol, || {
                 let xs = Tensor::randn(0f32, 2., dims, device)?.to_dtype(dtype)?;
@@ -188,7 +198,8 @@ pub fn fused_norm_checks(device: &Device) -> Vec<Check> {
     checks
 }
 
-/// Convolutions of SD 2.1 at 512 px: (batch, c_in, size, c_out, kernel, stride).
+/// Convolutions of SD 2.1 at 512 px, and an odd small one: (batch, c_in, size, c_out, kernel,
+/// stride).
 const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (2, 4, 64, 320, 3, 1),
     (2, 320, 64, 320, 3, 1),
@@ -196,11 +207,12 @@ const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (2, 320, 64, 320, 3, 2),
     (1, 512, 128, 512, 3, 1),
     (1, 256, 512, 128, 3, 1),
+    (1, 8, 13, 16, 3, 2),
 ];
 
 /// Lever 2's checks on `device` (CUDA, `cudnn` builds): ours against candle's conv2d plus the
 /// bias, each case in f32, f16 and bf16; one failed check saying so in other builds.
-pub fn cudnn_conv_checks(device: &Device) -> Vec<Check> {
+pub fn cudnn_conv_checks(device: &Device, small: bool) -> Vec<Check> {
     use super::cudnn_conv;
     use crate::kernels::conv::ConvSpec;
     if !cudnn_conv::AVAILABLE {
@@ -211,7 +223,9 @@ pub fn cudnn_conv_checks(device: &Device) -> Vec<Check> {
     let mut checks = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let tol = tolerance(dtype) * 10.0;
-        for &(batch, c_in, size, c_out, kernel, stride) in CONV_CASES {
+        for &(batch, c_in, size, c_out, kernel, stride) in
+            CONV_CASES.iter().filter(|c| !small || is_small(c.0 * c.1 * c.2 * c.2))
+        {
             let name = format!(
                 "conv2d {} ({batch}, {c_in}, {size}, {size}) -> {c_out} k{kernel} s{stride}",
                 dtype_name(dtype)
@@ -269,12 +283,13 @@ const ATTENTION_CASES: &[(usize, usize, usize, usize)] = &[
 
 /// Lever 3's checks on `device` (CUDA): ours against the model's composite attention computed
 /// in f32, each case in f16 and bf16; times against the composite in the same dtype.
-pub fn flash_attention_checks(device: &Device) -> Vec<Check> {
+pub fn flash_attention_checks(device: &Device, small: bool) -> Vec<Check> {
     use crate::model::attention::composite_attention;
     let mut checks = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         let tol = tolerance(dtype);
-        for &(queries, keys, heads, head_dim) in ATTENTION_CASES {
+        for &(queries, keys, heads, head_dim) in ATTENTION_CASES.iter().filter(|c| !small || is_small(c.0 * c.1 * c.2))
+        {
             let name = format!(
                 "flash_attention {} batch 2 queries {queries} keys {keys} heads {heads} x {head_dim}",
                 dtype_name(dtype)
