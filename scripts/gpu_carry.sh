@@ -71,7 +71,7 @@ case ${1:-} in
     fi
     cat <<EOF
 index trimmed (git status shows the trimmed files as deleted: run 'bash scripts/gpu_carry.sh restore' after the run)
-run with carry [".gpu-carry"], timeout_s 540, command:
+run with carry [".gpu-carry"], timeout_s 510 (the script gates its optional parts on time), command:
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $carry/wheels/*.whl && export PYTHONPATH=/tmp/site || exit; SDFIX="$carry/sdfix-cudnn $carry/sdfix-cuda" bash scripts/gpu_check.sh
 EOF
     ;;
