@@ -83,7 +83,7 @@ impl CustomOp3 for FlashAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
+        super::cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -235,13 +235,7 @@ mod imp {
                 s3.dtype()
             ),
         };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            l1.shape().clone(),
-        ))
+        Ok(super::super::output(slice, dev, l1.shape().clone()))
     }
 }
 

@@ -60,7 +60,7 @@ impl CustomOp3 for CudnnConv {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
+        super::cuda_only(self.name())
     }
 
     #[cfg(feature = "cudnn")]
@@ -382,11 +382,9 @@ mod imp {
             ),
         };
         super::BIAS_FUSED.with(|f| f.set(fused));
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
+        Ok(super::super::output(
+            slice,
+            dev,
             Shape::from((batch, spec.out_channels, oh, ow)),
         ))
     }

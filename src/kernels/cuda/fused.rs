@@ -31,11 +31,6 @@ struct CudaGroupNorm {
     silu: bool,
 }
 
-/// What a CUDA-only op answers on the CPU (the layers never send it there).
-fn cuda_only(name: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{name} runs on CUDA only")
-}
-
 impl CustomOp3 for CudaGroupNorm {
     fn name(&self) -> &'static str {
         "sdfix-cuda-group-norm"
@@ -50,7 +45,7 @@ impl CustomOp3 for CudaGroupNorm {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cuda_only(self.name())
+        super::cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -75,7 +70,7 @@ impl CustomOp1 for CudaGeglu {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cuda_only(self.name())
+        super::cuda_only(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -240,13 +235,7 @@ mod imp {
                 s3.dtype()
             ),
         };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            l1.shape().clone(),
-        ))
+        Ok(super::super::output(slice, dev, l1.shape().clone()))
     }
 
     fn launch_geglu<T: DeviceRepr>(
@@ -295,12 +284,6 @@ mod imp {
             CudaStorageSlice::BF16(x) => CudaStorageSlice::BF16(launch_geglu(dev, "bf16", x, layout, hidden)?),
             _ => candle_core::bail!("geglu: expected f32, f16 or bf16, got {:?}", storage.dtype()),
         };
-        Ok((
-            CudaStorage {
-                slice,
-                device: dev.clone(),
-            },
-            Shape::from(dims),
-        ))
+        Ok(super::super::output(slice, dev, Shape::from(dims)))
     }
 }

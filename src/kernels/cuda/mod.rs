@@ -35,3 +35,22 @@ fn contiguous_view<'a, T>(
     let start = layout.start_offset();
     Ok(slice.slice(start..start + layout.shape().elem_count()))
 }
+
+/// What a CUDA-only op answers on the CPU (the layers never send it there).
+fn cuda_only(name: &str) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    candle_core::bail!("{name} runs on CUDA only")
+}
+
+/// A kernel's output as candle's storage on `device`, with its shape.
+#[cfg(feature = "cuda")]
+fn output(
+    slice: candle_core::cuda_backend::CudaStorageSlice,
+    device: &candle_core::CudaDevice,
+    shape: impl Into<candle_core::Shape>,
+) -> (candle_core::CudaStorage, candle_core::Shape) {
+    let storage = candle_core::CudaStorage {
+        slice,
+        device: device.clone(),
+    };
+    (storage, shape.into())
+}
