@@ -125,6 +125,17 @@ inline float __shfl_down_sync(unsigned, float value, unsigned delta) {
   return emu::shuffle(value, [delta](int lane) { return lane + (int)delta; });
 }
 
+// Whether any lane's `predicate` holds (every lane gets the answer).
+inline int __any_sync(unsigned, int predicate) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  emu::block->exchange[warp][lane] = predicate != 0;
+  __syncwarp();
+  int any = 0;
+  for (uint32_t vote : emu::block->exchange[warp]) any |= (int)vote;
+  __syncwarp();
+  return any;
+}
+
 #define SDFIX_DYNAMIC_SMEM(name) unsigned char *name = emu::block->smem
 inline unsigned dynamic_smem_bytes() { return (unsigned)emu::block->smem_bytes; }
 

@@ -7,8 +7,9 @@
 // runs a softmax over it, casts it and multiplies by v, then transposes back. Here one block owns
 // 64 query rows of one (batch, head) and walks the keys in tiles (Dao's FlashAttention-2 loop):
 //   S = Q K^T (f32 accumulators) -> running row max m and sum l in f32 (online softmax, log2
-//   domain) -> P = exp(S - m) in the data dtype -> O = O * exp(m_old - m_new) + P V (f32),
-// and writes O / l. Scores never reach global memory; q, k, v are read and the output written in
+//   domain) -> P = exp(S - m) in the data dtype -> O = O * exp(m_old - m_new) + P V (f32
+//   accumulators held in registers across tiles; rescaled through shared memory only on a tile
+//   where some row's max moved), and writes O / l. Scores never reach global memory; q, k, v are read and the output written in
 // the callers' (b, tokens, heads * d) layout, so no transposes. Numerically the composite's
 // choices: products of the data dtype summed in f32, scores and softmax in f32, probabilities
 // rounded to the data dtype for the product with v (the difference: P is rounded before the
@@ -16,7 +17,8 @@
 //
 // Block: 4 warps, each owning 16 query rows. Shared memory (dynamic, sized by attention.rs with the
 // same rule as `Tile<D>::bytes`, checked here against %dynamic_smem_size): the Q tile (read once
-// into registers), one K and one V tile, and per warp its S (f32), P (data dtype) and O (f32) rows.
+// into registers), one K and one V tile, and per warp its S (f32), P (data dtype) and O (f32, for
+// rescaling and the final division) rows.
 // Rows are padded (+8 halves, +4 floats) against bank conflicts; head dim 40 is padded to 48 with
 // zeros. Keys past the end are zero rows and masked to -inf; queries past the end are zero rows
 // whose results are not written.
@@ -120,6 +122,9 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
   wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag[DP / 16];
   for (int kk = 0; kk < DP / 16; ++kk) wmma::load_matrix_sync(q_frag[kk], q_tile + warp * 16 * LDH + kk * 16, LDH);
 
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag[DP / 16];
+  for (int j = 0; j < DP / 16; ++j) wmma::fill_fragment(o_frag[j], 0.0f);
+
   // Lanes 2r and 2r+1 own row r of this warp's 16: its running max (log2 units) and sum.
   const int row = lane / 2, half = lane % 2;
   float row_max = -INFINITY, row_sum = 0.0f;
@@ -164,25 +169,33 @@ __device__ void flash_attention(const T *q, const T *k, const T *v, T *out, int 
     tile_sum += __shfl_xor_sync(0xffffffffu, tile_sum, 1);
     row_sum = row_sum * correction + tile_sum;
     row_max = new_max;
-    float *o = o_rows + row * LDO + half;
-    for (int c = 0; c < DP / 2; ++c) o[2 * c] *= correction;
-    __syncwarp();
-
-    // O += P V.
-    for (int j = 0; j < DP / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
-      wmma::load_matrix_sync(o_frag, o_rows + j * 16, LDO, wmma::mem_row_major);
-      for (int kk = 0; kk < BC / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
-        wmma::load_matrix_sync(p_frag, p_rows + kk * 16, LDP);
-        wmma::load_matrix_sync(v_frag, v_tile + kk * 16 * LDH + j * 16, LDH);
-        wmma::mma_sync(o_frag, p_frag, v_frag, o_frag);
-      }
-      wmma::store_matrix_sync(o_rows + j * 16, o_frag, LDO, wmma::mem_row_major);
+    // O's rows are rescaled only when a row's max moved (after the first tiles, rarely; O is zero
+    // before the first): the accumulators go through shared memory for it, since CUDA leaves
+    // their register layout opaque.
+    if (first_key > 0 && __any_sync(0xffffffffu, correction != 1.0f)) {
+      for (int j = 0; j < DP / 16; ++j)
+        wmma::store_matrix_sync(o_rows + j * 16, o_frag[j], LDO, wmma::mem_row_major);
+      __syncwarp();
+      float *o = o_rows + row * LDO + half;
+      for (int c = 0; c < DP / 2; ++c) o[2 * c] *= correction;
+      __syncwarp();
+      for (int j = 0; j < DP / 16; ++j) wmma::load_matrix_sync(o_frag[j], o_rows + j * 16, LDO, wmma::mem_row_major);
     }
-    __syncwarp();
+    __syncwarp();  // this warp's P rows are written
+
+    // O += P V, in the accumulators.
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
+      wmma::load_matrix_sync(p_frag, p_rows + kk * 16, LDP);
+      for (int j = 0; j < DP / 16; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
+        wmma::load_matrix_sync(v_frag, v_tile + kk * 16 * LDH + j * 16, LDH);
+        wmma::mma_sync(o_frag[j], p_frag, v_frag, o_frag[j]);
+      }
+    }
   }
+  for (int j = 0; j < DP / 16; ++j) wmma::store_matrix_sync(o_rows + j * 16, o_frag[j], LDO, wmma::mem_row_major);
+  __syncwarp();
 
   // out = O / l, the whole warp writing one row at a time.
   for (int r = 0; r < 16; ++r) {
