@@ -12,7 +12,8 @@
 #    5e-2 (f16) of max |reference|, pixels within 2/255 (f32) / 8/255 (f16);
 # 4. sdfix bench and scripts/bench_diffusers.py, SD 2.1-base 512x512 f16 20 steps, same card, same
 #    run; peak device memory as each tool reports it and as nvidia-smi sees the process;
-# 5. each lever switch alone, then all on, on the first binary (same bench), then lever 1's;
+# 5. each lever switch alone, then all on, on the first binary (same bench), an op profile of a
+#    step (defaults; every lever but graphs), then lever 1's;
 # 6. SDXL 1024x1024 and bf16 when time allows; with TRAIN=1 one fine-tuning step against PyTorch;
 #    then, when time allows, our kernels' small cases under compute-sanitizer's memcheck;
 # 7. a table, and the JSON.
@@ -181,6 +182,17 @@ if [ -z "${CPU_ONLY:-}" ]; then
     lever "$label" "$switch=1" f16
   done
   lever all-on "$all_on" f16
+  # Where a step's time goes, op by op: `bench --profile` makes each op wait for the device, so
+  # its op times are the kernels' (compare them with each other, not with the runs above). Graphs
+  # cannot wait inside a capture: the levers' profile runs without lever 5.
+  if [ "$SECONDS" -lt "${PROFILE_BEFORE_S:-360}" ]; then
+    echo "== 5b. op profile, f16 512 px (defaults; every lever but graphs)"
+    for spec in "defaults|SDFIX_CUDA_TF32=0" "levers-but-graphs|${all_on//SDFIX_CUDA_GRAPHS=1/}"; do
+      # shellcheck disable=SC2086
+      env ${spec#*|} timeout 90 "${binaries[0]}" bench --json --device cuda --arch sd2.1-base --width 512 --height 512 \
+        --steps 4 --dtype f16 --repeat 2 --profile >"$out/profile-${spec%%|*}.json" || failed "profile ${spec%%|*}"
+    done
+  fi
   if [ "$SECONDS" -lt "${LEVER1_BEFORE_S:-330}" ]; then
     # Lever 1 (src/kernels/cuda_settings.rs): defaults tf32=0 event_tracking=0 keep_pool=1 htod_cache=1.
     lever event-tracking-on "SDFIX_CUDA_EVENT_TRACKING=1" f16
@@ -256,6 +268,7 @@ report = {
     "bench": {},
     "levers": {},
     "train": lines(out / "train.jsonl"),
+    "profiles": {p.stem[len("profile-"):]: load(p) for p in sorted(out.glob("profile-*.json"))},
     "sanitizer": {"checks": lines(out / "sanitizer.jsonl"),
                   "log_tail": (out / "sanitizer.txt").read_text()[-4000:] if (out / "sanitizer.txt").exists() else None},
     "failures": (out / "failures.txt").read_text().splitlines() if (out / "failures.txt").exists() else [],
@@ -299,6 +312,10 @@ failed_checks = [c for rows in report["kernel_checks"].values() for c in rows if
 print(f"\nkernel checks: {sum(len(r) for r in report['kernel_checks'].values())} run, {len(failed_checks)} failed")
 for c in failed_checks:
     print(f"  FAILED {c['lever']}: {c['name']}: {c.get('error') or c.get('max_rel_diff')}")
+for label, r in report["profiles"].items():
+    if r and "op_ms" in r:
+        ops = sorted(r["op_ms"]["unet_step"].items(), key=lambda kv: -kv[1])
+        print(f"\nop profile {label} (UNet step, ms, each op synchronised): " + ", ".join(f"{k} {v:.2f}" for k, v in ops))
 run_cases = [p for p in report["parity"] if "skipped" not in p]
 print(f"parity: {len(run_cases)} cases, {sum(not p['ok'] for p in run_cases)} failed, {len(report['parity']) - len(run_cases)} skipped")
 print(f"failed steps: {len(report['failures'])}")

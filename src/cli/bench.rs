@@ -127,7 +127,9 @@ pub struct BenchArgs {
 
     /// Also report the time per kind of op (conv 3x3, conv 1x1, linear, attention, group norm,
     /// gelu, upsample; "other" is the rest) in each stage, per run, as `op_ms`, and the linear
-    /// layers' time per shape as `linear_ms_by_shape`. CPU only: GPU kernels run asynchronously.
+    /// layers' time per shape as `linear_ms_by_shape`. On a GPU each timed op waits for the
+    /// device before and after it (the waits slow the run down: compare its op times with each
+    /// other, and stage times with an unprofiled run); not with SDFIX_CUDA_GRAPHS=1.
     #[arg(long)]
     pub profile: bool,
 
@@ -370,10 +372,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     // Random weights (candle-nn's initialisers): the shapes are what matter for timing.
     if args.profile {
-        if !device.is_cpu() {
-            bail!("--profile times ops on the CPU only (GPU kernels run asynchronously); drop it or pass --device cpu");
+        if device.is_cpu() {
+            profile::enable();
+        } else if crate::kernels::cuda_settings::lever_on(&device, |s| s.graphs) {
+            bail!("--profile waits for the GPU after each op, which a CUDA graph capture cannot do: unset SDFIX_CUDA_GRAPHS or drop --profile");
+        } else {
+            profile::enable_synchronized(&device);
         }
-        profile::enable();
     }
     let memory_watch = device::MemoryWatch::start(&device);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
@@ -544,6 +549,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     });
     if args.profile {
         report["op_ms"] = json!({"text_encode": text_ops, "unet_step": unet_ops, "vae_decode": vae_ops});
+        report["profile_synchronized"] = json!(!device.is_cpu());
         report["linear_ms_by_shape"] = json!({
             "text_encode": text_linear_shapes,
             "unet_step": unet_linear_shapes,

@@ -5,11 +5,17 @@
 //! GPU, kernels are queued asynchronously and the times mean little. Ops that pass a detail
 //! (the linear layers: their `rows x in x out`) are also totalled per detail, to compare shape by
 //! shape with PyTorch's profiler.
+//!
+//! On a GPU, [`enable_synchronized`] makes each timed op wait for the device before and after it,
+//! so that its time is its kernels' (issue 32: where a UNet step goes on CUDA). The waits cost
+//! time of their own, so a profiled run's stage times are not the unprofiled ones.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::LocalKey;
 use std::time::Instant;
+
+use candle_core::Device;
 
 /// Rows of (key, seconds, calls), in first-seen order.
 type Table<K> = RefCell<Vec<(K, f64, usize)>>;
@@ -21,6 +27,8 @@ thread_local! {
     static TOTALS: Table<&'static str> = const { RefCell::new(Vec::new()) };
     /// ((op, detail), seconds, calls).
     static DETAILS: Table<(&'static str, String)> = const { RefCell::new(Vec::new()) };
+    /// The device this thread's timed ops wait for ([`enable_synchronized`]).
+    static SYNCHRONIZE: RefCell<Option<Device>> = const { RefCell::new(None) };
 }
 
 /// Starts recording.
@@ -28,13 +36,32 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
+/// Starts recording, with every op timed on this thread waiting for `device` before it starts
+/// and after it returns (for GPUs, whose kernels are otherwise queued asynchronously).
+pub fn enable_synchronized(device: &Device) {
+    SYNCHRONIZE.with_borrow_mut(|d| *d = Some(device.clone()));
+    enable();
+}
+
+/// Waits for this thread's [`enable_synchronized`] device, if any. A failed wait is left to the
+/// op's own result (the next use of the device reports it).
+fn wait_for_device() {
+    SYNCHRONIZE.with_borrow(|device| {
+        if let Some(device) = device {
+            let _ = device.synchronize();
+        }
+    });
+}
+
 /// Runs `f`, adding its wall time to `op`'s total when recording.
 pub fn time<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
     if !ENABLED.load(Ordering::Relaxed) {
         return f();
     }
+    wait_for_device();
     let started = Instant::now();
     let out = f();
+    wait_for_device();
     add(&TOTALS, op, started.elapsed().as_secs_f64());
     out
 }
@@ -46,8 +73,10 @@ pub fn time_detailed<T>(op: &'static str, detail: impl FnOnce() -> String, f: im
         return f();
     }
     let detail = detail();
+    wait_for_device();
     let started = Instant::now();
     let out = f();
+    wait_for_device();
     let seconds = started.elapsed().as_secs_f64();
     add(&TOTALS, op, seconds);
     add(&DETAILS, (op, detail), seconds);
