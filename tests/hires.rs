@@ -87,13 +87,7 @@ fn lanczos_matches_pil_exactly() {
         let (eh, ew, _) = expected.dims3().unwrap();
         let ours = lanczos(&picture, ew, eh);
         let expected = expected.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-        let worst = ours
-            .as_raw()
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let worst = common::max_pixel_diff(ours.as_raw(), &expected);
         assert_eq!(worst, 0, "{size}: a pixel differs from PIL by {worst}; {REGENERATE}");
     }
 }

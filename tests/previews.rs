@@ -154,13 +154,7 @@ fn the_preview_file_ends_as_the_last_steps_approx_cheap_picture() {
     let latents = candle_core::safetensors::load(&latents_path, &Device::Cpu).unwrap()["latents"].clone();
     let rgb = SD_FACTORS.apply(&latents.unsqueeze(0).unwrap()).unwrap();
     let expected = to_rgb8_truncated(&rgb.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 64);
-    let worst = picture
-        .as_raw()
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = common::max_pixel_diff(picture.as_raw(), &expected);
     // x0 of the last step equals the final latents up to f32 rounding (one 8-bit level).
     assert!(
         worst <= 1,
@@ -390,13 +384,7 @@ fn an_sdxl_model_previews_with_the_sdxl_factors() {
             .to_vec1::<f32>()
             .unwrap();
         let expected = to_rgb8_truncated(&rgb, h * w);
-        picture
-            .as_raw()
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap()
+        common::max_pixel_diff(picture.as_raw(), &expected)
     };
     assert!(
         level_gap(SDXL_FACTORS) <= 1,

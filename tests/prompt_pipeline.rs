@@ -38,13 +38,7 @@ fn case_diffs(name: &str) -> (f32, u8, candle_core::Tensor) {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let pixel_diff = images[0]
-        .as_raw()
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let pixel_diff = common::max_pixel_diff(images[0].as_raw(), &reference);
     eprintln!("{name}: latents max abs {latent_diff:.3e}, pixels max {pixel_diff}/255");
     (latent_diff, pixel_diff, latents[0].clone())
 }

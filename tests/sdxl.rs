@@ -133,13 +133,7 @@ fn a_separate_vae_decodes_as_in_diffusers() {
     let expected = &common::reference_tensors("sdxl_vae")["vpred_zsnr_ddim.image"];
     let expected = expected.get(0).unwrap().permute((1, 2, 0)).unwrap();
     let expected = expected.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let worst = with_folder
-        .as_raw()
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let worst = common::max_pixel_diff(with_folder.as_raw(), &expected);
     assert!(
         worst <= 2,
         "--vae folder: a pixel differs by {worst}/255 from diffusers"

@@ -18,6 +18,16 @@ pub fn sdfix(args: &[&str]) -> Output {
         .expect("sdfix runs")
 }
 
+/// The largest difference between two 8-bit pixel buffers of the same size.
+pub fn max_pixel_diff(ours: &[u8], expected: &[u8]) -> u8 {
+    assert_eq!(ours.len(), expected.len(), "pixel buffers of different sizes");
+    ours.iter()
+        .zip(expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0)
+}
+
 /// max |a - b| over all elements, as f32.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)
@@ -157,13 +167,7 @@ pub fn assert_matches_reference(
             "{name}: image size"
         );
         let expected = expected.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-        let worst = picture
-            .as_raw()
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let worst = max_pixel_diff(picture.as_raw(), &expected);
         eprintln!("{name} image {k}: latents {diff:e}, pixels {worst}/255");
         assert!(
             worst <= pixel_tolerance,
