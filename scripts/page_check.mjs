@@ -11,7 +11,8 @@
 // - types a long prompt and sees the token counter count past one chunk (N/150);
 // - generates 150 steps and sees the live preview (`current_image` of /sdapi/v1/progress) before
 //   the final picture, the progress bar move, the infotext under the picture; a second picture
-//   goes into the history, and clicking the first loads its settings back;
+//   goes into the history, and clicking the first loads its settings back; the history is still
+//   there in a new tab (IndexedDB), and "clear" empties it for good;
 // - drops a PNG the server made, then two crafted AUTOMATIC1111 PNGs (a `parameters` tEXt chunk,
 //   and a UTF-8 iTXt one with a hires fix), and sees their prompts and fields loaded, and
 //   /sdapi/v1/png-info read the first A1111 one alike;
@@ -184,6 +185,25 @@ try {
   const restored = await page.evaluate(() => ["prompt", "seed", "steps"].map((id) => document.getElementById(id).value));
   check("clicking a history picture loads its settings", restored.join("|") === "solid black background|3|150",
     restored.join(" | "));
+
+  // The history outlives a reload (IndexedDB): a second tab of the page shows both pictures,
+  // newest first, and its first entry loads the settings; "clear" empties it for good.
+  const again = await context.newPage();
+  await again.goto(`${base}/`);
+  await again.waitForFunction(() => document.querySelectorAll("#history img").length === 2, null, { timeout: 10000 })
+    .catch(() => {});
+  const kept = await again.$$eval("#history img", (imgs) => imgs.map((img) => img.title.split("\n")[0]));
+  await again.click("#history img:last-child").catch(() => {});
+  const reloaded = await again.evaluate(() => ["prompt", "seed", "steps"].map((id) => document.getElementById(id).value));
+  check("the history is kept across a reload, and loads its settings",
+    kept.length === 2 && kept[0] === "another prompt" && reloaded.join("|") === "solid black background|3|150",
+    `${kept.length} pictures (${kept.join(" / ")}); loaded ${reloaded.join(" | ")}`);
+  await again.click("#clear-history");
+  await again.reload();
+  await again.waitForTimeout(500);
+  const cleared = await again.$$eval("#history img", (imgs) => imgs.length);
+  check("clear empties the kept history", cleared === 0, `${cleared} pictures after clear and reload`);
+  await again.close();
 
   // PNG info: a PNG the server made, dropped on the page.
   const made = await (await fetch(`${base}/sdapi/v1/txt2img`, {

@@ -824,6 +824,7 @@ fn the_page_is_one_offline_file_with_its_tools() {
         "live-figure",
         "id=\"results\"",
         "id=\"history\"",
+        "id=\"clear-history\"",
         // PNG info: drop or choose a PNG
         "id=\"png-file\"",
         "\"drop\"",
