@@ -9,6 +9,8 @@
 #   bash scripts/gpu_carry.sh prepare   # .gpu-carry/, the index trimmed; prints the run's arguments
 #   ... the device tool's run, with carry [".gpu-carry"] and the printed command ...
 #   bash scripts/gpu_carry.sh restore   # the trimmed files tracked again (do it before any commit)
+#   bash scripts/gpu_carry.sh size      # bytes of the tree that would travel once trimmed (changes
+#                                       # nothing; tests/gpu_carry.rs keeps it under the limit)
 #
 # `prepare` refuses to start with staged changes (so that `restore` puts back exactly HEAD's
 # index) and says what will travel. Without tests/fixtures/tiny-sdxl on the GPU machine,
@@ -35,7 +37,19 @@ travelling_bytes() {
   du -sb "$carry" 2>/dev/null | cut -f1 || echo 0
 }
 
+# Bytes of the tracked files outside the trim list, and of untracked files git does not ignore.
+trimmed_tree_bytes() {
+  { git ls-files -z; git ls-files -z --others --exclude-standard; } |
+    awk -v RS='\0' -v ORS='\0' -v list="${trim[*]}" '
+      BEGIN { n = split(list, paths, " ") }
+      { for (i = 1; i <= n; i++) if ($0 == paths[i] || index($0, paths[i] "/") == 1) next; print }' |
+    xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}'
+}
+
 case ${1:-} in
+  size)
+    echo "tree_bytes $(trimmed_tree_bytes)"
+    ;;
   prepare)
     if ! git diff --cached --quiet; then
       echo "error: staged changes; commit or unstage them first (restore resets the index to HEAD's files)" >&2
@@ -85,7 +99,7 @@ EOF
     echo "restored: the trimmed files are tracked again"
     ;;
   *)
-    echo "usage: bash scripts/gpu_carry.sh prepare|restore" >&2
+    echo "usage: bash scripts/gpu_carry.sh prepare|restore|size" >&2
     exit 2
     ;;
 esac
