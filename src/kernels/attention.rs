@@ -1,7 +1,7 @@
 //! Scaled dot-product attention on the CPU in f32, as a candle custom op that never builds the
 //! whole score matrix (see [`attention`]).
 
-use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::cpu_math;
@@ -179,4 +179,40 @@ impl candle_core::CustomOp3 for CpuAttention {
         unsafe { out.set_len(batch * queries * inner) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
+}
+
+/// The same attention as candle ops, for every device and dtype (GPUs, f16/bf16, f64): whole
+/// (b, h, n, m) score tensors. [`crate::model::attention::scaled_dot_product_attention`]'s
+/// fallback, and the reference of the CUDA kernels' checks ([`super::cuda::parity`]).
+pub fn composite(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (batch, queries, inner) = query.dims3()?;
+    let keys = key.dim(1)?;
+    let head_dim = inner / heads;
+    let dtype = query.dtype();
+    let split = |x: &Tensor, tokens: usize| -> Result<Tensor> {
+        // (b, tokens, h*d) -> (b, h, tokens, d)
+        x.reshape((batch, tokens, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    // f32 scores at least (f64 stays f64: the tests' reference).
+    let score_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+    let q = split(query, queries)?.to_dtype(score_dtype)?;
+    let k = split(key, keys)?.to_dtype(score_dtype)?;
+    let v = split(value, keys)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    // (b, h, n, m)
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(score_dtype)?)?;
+    }
+    // candle-nn's fused softmax has no backward; its composite one (max, exp, sum, div) has.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.to_dtype(dtype)?;
+    // (b, h, n, d) -> (b, n, h*d)
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, queries, inner))
 }

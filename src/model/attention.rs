@@ -5,13 +5,14 @@
 //! ([`kernels::attention`]); when an input carries a gradient (see [`crate::model`],
 //! "Training"), [`kernels::grad::attention`] on the CPU in f32; on CUDA with
 //! `SDFIX_CUDA_FLASH_ATTENTION=1`, unmasked f16/bf16 with head dim 40/64/80/160,
-//! [`kernels::cuda::attention`]; elsewhere the composite path below, as candle ops. Scores and softmax
-//! are computed in f32 whatever the input dtype (diffusers' `upcast_attention` does this for q·k;
+//! [`kernels::cuda::attention`]; elsewhere the composite path, as candle ops
+//! ([`kernels::attention::composite`]). Scores and softmax are computed in f32 whatever the input
+//! dtype (diffusers' `upcast_attention` does this for q·k;
 //! SD 2.1 768-v overflows f16 without it), then cast back for the product with v. Callers pass
 //! (batch, tokens, heads * head_dim) tensors and never see the layout, so another kernel can
 //! replace either path without touching them.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 use crate::kernels;
 use crate::model::on_cpu_f32;
@@ -41,7 +42,7 @@ pub fn scaled_dot_product_attention(
             // Lever 3 (SDFIX_CUDA_FLASH_ATTENTION): scores never leave shared memory.
             kernels::cuda::attention::flash_attention(query, key, value, heads)
         } else {
-            composite_attention(query, key, value, heads, mask)
+            kernels::attention::composite(query, key, value, heads, mask)
         }
     })
 }
@@ -58,46 +59,6 @@ fn flash_kernel(query: &Tensor, key: &Tensor, value: &Tensor, heads: usize) -> b
         && kernels::cuda_settings::lever_on(query.device(), |s| s.flash_attention)
 }
 
-/// The same attention as candle ops (GPUs, f16/bf16, f64): whole (b, h, n, m) score tensors.
-pub fn composite_attention(
-    query: &Tensor,
-    key: &Tensor,
-    value: &Tensor,
-    heads: usize,
-    mask: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (batch, queries, inner) = query.dims3()?;
-    let keys = key.dim(1)?;
-    let head_dim = inner / heads;
-    let dtype = query.dtype();
-    let split = |x: &Tensor, tokens: usize| -> Result<Tensor> {
-        // (b, tokens, h*d) -> (b, h, tokens, d)
-        x.reshape((batch, tokens, heads, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    // f32 scores at least (f64 stays f64: the tests' reference).
-    let score_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
-    let q = split(query, queries)?.to_dtype(score_dtype)?;
-    let k = split(key, keys)?.to_dtype(score_dtype)?;
-    let v = split(value, keys)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    // (b, h, n, m)
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(&mask.to_dtype(score_dtype)?)?;
-    }
-    // candle-nn's fused softmax has no backward; its composite one (max, exp, sum, div) has.
-    let probs = if scores.track_op() {
-        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-    } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
-    };
-    let probs = probs.to_dtype(dtype)?;
-    // (b, h, n, d) -> (b, n, h*d)
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, queries, inner))
-}
-
 /// An additive causal mask (0 on and below the diagonal, -inf above), (tokens, tokens), f32.
 pub fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..tokens)
@@ -110,6 +71,7 @@ pub fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::kernels::cpu_op::max_abs_diff;
+    use candle_core::DType;
 
     #[test]
     fn one_key_returns_its_value() {

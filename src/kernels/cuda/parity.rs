@@ -284,7 +284,7 @@ const ATTENTION_CASES: &[(usize, usize, usize, usize)] = &[
 /// Lever 3's checks on `device` (CUDA): ours against the model's composite attention computed
 /// in f32, each case in f16 and bf16; times against the composite in the same dtype.
 pub fn flash_attention_checks(device: &Device, small: bool) -> Vec<Check> {
-    use crate::model::attention::composite_attention;
+    use crate::kernels::attention::composite as composite_attention;
     let mut checks = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         let tol = tolerance(dtype);
