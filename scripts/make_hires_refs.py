@@ -93,6 +93,13 @@ CASES = {
     "euler_bicubic_aa_x1_5": ("euler", EulerDiscreteScheduler, 10, 0, 0.7, "latent-bicubic-antialiased", 1.5, (16, 16)),
     "ddim_nearest_exact_resize_crop": ("ddim", DDIMScheduler, 10, 4, 0.4, "latent-nearest-exact", (40, 24), (16, 16)),
     "ddim_lanczos_x2": ("ddim", DDIMScheduler, 10, 5, 0.5, "lanczos", 2.0, (24, 16)),
+    # A1111's second-pass overrides (below): its own sampler, prompt and negative prompt.
+    "euler_then_ddim_hires_prompts": ("euler", EulerDiscreteScheduler, 10, 5, 0.5, "latent", 2.0, (16, 16)),
+}
+# name: (sampler, scheduler class, prompt, negative prompt) of the second pass (A1111's
+# `hr_sampler_name`, `hr_prompt`, `hr_negative_prompt`).
+SECOND_PASS = {
+    "euler_then_ddim_hires_prompts": ("ddim", DDIMScheduler, "a green triangle on a white square", "blurry"),
 }
 FACTOR = 2  # tiny-sd's VAE factor
 
@@ -155,6 +162,9 @@ def pipeline_refs(tensors, cases, generator):
         scheduler = scheduler_class.from_config(base_config)
         txt2img.scheduler = scheduler
         img2img.scheduler = scheduler
+        second = SECOND_PASS.get(name)
+        if second:
+            img2img.scheduler = second[1].from_config(base_config)
         w, h = first
         noise = torch.randn((1, 4, h // FACTOR, w // FACTOR), generator=generator)
         prompts = dict(prompt=PROMPT, negative_prompt=NEGATIVE if family == "sdxl" else None, guidance_scale=7.5)
@@ -183,8 +193,9 @@ def pipeline_refs(tensors, cases, generator):
             ran.append(int(t))
             return kwargs
 
+        second_prompts = dict(prompts, prompt=second[2], negative_prompt=second[3]) if second else prompts
         final = img2img(
-            **prompts, image=upscaled, num_inference_steps=n, strength=(s + 0.5) / n,
+            **second_prompts, image=upscaled, num_inference_steps=n, strength=(s + 0.5) / n,
             output_type="latent", callback_on_step_end=count,
         ).images
         assert not NEXT_NOISE, f"{name}: the pipeline did not draw its noise"
@@ -203,6 +214,9 @@ def pipeline_refs(tensors, cases, generator):
             "--hires-strength", f"{d:g}", *sized,
         ] + (["--terminal-alpha-bar", "diffusers"] if sampler != "ddim" else []) + (
             ["--vae-encode", "mean"] if upscaler == "lanczos" else []
+        ) + (
+            ["--hires-sampler", second[0], "--hires-prompt", second[2], "--hires-negative-prompt", second[3]]
+            if second else []
         )
 
 

@@ -93,6 +93,19 @@ def main():
                   and all(item in infotext for item in expected) and luminance(hires.image) <= 0.08,
                   f"{hires.image.size}, luminance {luminance(hires.image):.4f}, {infotext.splitlines()[-1]}")
 
+        # A1111's second-pass overrides through webuiapi's own keywords: another sampler and prompts.
+        hires = api.txt2img(prompt="solid black background", width=32, height=32, seed=4, steps=10,
+                            sampler_name="Euler a", enable_hr=True, hr_scale=1.5, hr_second_pass_steps=5,
+                            denoising_strength=0.6, hr_sampler_name="DDIM",
+                            hr_prompt="solid white background, bright", hr_negative_prompt="dark")
+        infotext = hires.info["infotexts"][0]
+        expected = ["Sampler: Euler a", "Hires sampler: DDIM", 'Hires prompt: "solid white background, bright"',
+                    "Hires negative prompt: dark"]
+        check("txt2img hires fix with hr_sampler_name, hr_prompt, hr_negative_prompt",
+              hires.image.size == (48, 48) and all(item in infotext for item in expected)
+              and luminance(hires.image) >= 0.3,
+              f"luminance {luminance(hires.image):.4f} (the same request without them: about 0.001), {infotext.splitlines()[-1]}")
+
         # get_progress while a long run draws: current_image is a PNG (A1111's live preview).
         previews = []
         run = threading.Thread(target=lambda: api.txt2img(prompt="solid black background", width=32,

@@ -94,6 +94,11 @@ fn lanczos_matches_pil_exactly() {
 
 /// Runs reference case `name` with both noises from the references; returns latents and images.
 fn run_case(name: &str, extra: &[&str]) -> (Vec<Tensor>, Vec<image::RgbImage>) {
+    run_case_without(name, &[], extra)
+}
+
+/// [`run_case`] without the case's flags in `drop` (each with its value).
+fn run_case_without(name: &str, drop: &[&str], extra: &[&str]) -> (Vec<Tensor>, Vec<image::RgbImage>) {
     let refs = reference_tensors("hires");
     let dir = tempfile::tempdir().unwrap();
     let hires_noise = dir.path().join("hires.safetensors");
@@ -103,7 +108,12 @@ fn run_case(name: &str, extra: &[&str]) -> (Vec<Tensor>, Vec<image::RgbImage>) {
     )
     .unwrap();
     let mut args = vec!["--seed".to_string(), "0".to_string()];
-    let case = reference_case_args("hires", name);
+    let mut case = reference_case_args("hires", name);
+    for flag in drop {
+        if let Some(at) = case.iter().position(|a| a == flag) {
+            case.drain(at..at + 2);
+        }
+    }
     if !case.iter().any(|a| a == "--model") {
         args.extend(["--model".into(), tiny()]);
     }
@@ -153,6 +163,96 @@ fn hires_lanczos_matches_diffusers() {
 #[test]
 fn hires_on_sdxl_matches_diffusers() {
     assert_case_matches_diffusers("sdxl_ddim_latent_x1_5");
+}
+
+/// A1111's second-pass overrides: Euler first, then DDIM with a prompt and a negative prompt of
+/// its own (diffusers: txt2img with one scheduler and prompt, img2img with another).
+#[test]
+fn hires_with_its_own_sampler_and_prompts_matches_diffusers() {
+    assert_case_matches_diffusers("euler_then_ddim_hires_prompts");
+    // Each override acts: without it the second pass is another.
+    let refs = reference_tensors("hires");
+    let reference = refs["euler_then_ddim_hires_prompts.final"].get(0).unwrap();
+    for flag in ["--hires-sampler", "--hires-prompt", "--hires-negative-prompt"] {
+        let (latents, _) = run_case_without("euler_then_ddim_hires_prompts", &[flag], &[]);
+        let gap = common::max_abs_diff(&latents[0], &reference);
+        assert!(gap > 1e-3, "without {flag} the final latents should differ, gap {gap}");
+    }
+}
+
+/// `--hires-prompt`, `--hires-negative-prompt` and `--hires-sampler` are written as A1111 writes
+/// them (only where they differ from the first pass's, the prompts quoted when they hold a comma
+/// or a colon), and `--from-image` makes the picture again from them.
+#[test]
+fn the_second_pass_overrides_are_recorded_and_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("overrides");
+    let overrides = [
+        "--hires-scale",
+        "1.5",
+        "--hires-sampler",
+        "euler_a",
+        "--hires-prompt",
+        "a red circle, detailed: sharp",
+        "--hires-negative-prompt",
+        "blurry",
+    ];
+    let run = generate(&out, &overrides);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let png = &pngs(&out)[0];
+    let text = parameters(png);
+    assert!(
+        text.contains(
+            "Hires upscaler: Latent, Hires sampler: Euler a, Hires prompt: \"a red circle, detailed: sharp\", \
+             Hires negative prompt: blurry"
+        ),
+        "{text}"
+    );
+    let params = parse_parameters(&text);
+    assert_eq!(
+        params.fields.get("Hires prompt").map(String::as_str),
+        Some("a red circle, detailed: sharp")
+    );
+
+    let again = dir.path().join("again");
+    let run = sdfix(&[
+        "generate",
+        "--from-image",
+        png.to_str().unwrap(),
+        "--quiet",
+        "--out-dir",
+        again.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(std::fs::read(png).unwrap(), std::fs::read(&pngs(&again)[0]).unwrap());
+
+    // Overrides equal to the first pass's are no overrides: nothing written, the same picture as
+    // without them.
+    let plain = dir.path().join("plain");
+    let run = generate(&plain, &["--hires-scale", "1.5"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let same = dir.path().join("same");
+    let run = generate(
+        &same,
+        &[
+            "--hires-scale",
+            "1.5",
+            "--hires-sampler",
+            "ddim",
+            "--hires-prompt",
+            "a red circle",
+        ],
+    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (plain, same) = (&pngs(&plain)[0], &pngs(&same)[0]);
+    assert!(!parameters(same).contains("Hires sampler") && !parameters(same).contains("Hires prompt"));
+    assert_eq!(std::fs::read(plain).unwrap(), std::fs::read(same).unwrap());
+
+    // Without a second pass they have nothing to act on.
+    let run = generate(&dir.path().join("none"), &["--hires-prompt", "a dog"]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("--hires-prompt") && err.contains("--hires-scale"), "{err}");
 }
 
 /// The PNG's `parameters` text.

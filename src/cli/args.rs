@@ -487,6 +487,20 @@ pub struct HiresArgs {
     /// [default: 0.7].
     #[arg(long, value_name = "S", allow_negative_numbers = true, help_heading = "Hires fix")]
     pub hires_strength: Option<f64>,
+
+    /// The second pass's prompt (A1111's "Hires prompt") [default: --prompt].
+    #[arg(long, value_name = "TEXT", help_heading = "Hires fix")]
+    pub hires_prompt: Option<String>,
+
+    /// The second pass's negative prompt (A1111's "Hires negative prompt") [default:
+    /// --negative-prompt].
+    #[arg(long, value_name = "TEXT", help_heading = "Hires fix")]
+    pub hires_negative_prompt: Option<String>,
+
+    /// The second pass's sampler (A1111's "Hires sampler"), any --sampler name [default:
+    /// --sampler].
+    #[arg(long, value_name = "NAME", help_heading = "Hires fix")]
+    pub hires_sampler: Option<Sampler>,
 }
 
 impl HiresArgs {
@@ -498,6 +512,9 @@ impl HiresArgs {
             upscaler: self.hires_upscaler,
             steps: self.hires_steps,
             strength: self.hires_strength,
+            prompt: self.hires_prompt.clone(),
+            negative_prompt: self.hires_negative_prompt.clone(),
+            sampler: self.hires_sampler,
         }
     }
 }

@@ -61,10 +61,12 @@ pub struct BatchKey {
     hires: Option<HiresKey>,
 }
 
-/// What a batch's hires pass depends on (the sampler and guidance are the first pass's).
+/// What a batch's hires pass depends on (the guidance is the first pass's; its prompts are per
+/// image).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct HiresKey {
     upscaler: HiresUpscaler,
+    sampler: Sampler,
     upscale_to: (usize, usize),
     crop: (usize, usize),
     latent_shape: (usize, usize, usize),
@@ -110,6 +112,7 @@ impl BatchKey {
             vae_tiling: job.request.vae_tiling,
             hires: job.hires.as_ref().map(|h| HiresKey {
                 upscaler: h.upscaler,
+                sampler: h.settings.sampler,
                 upscale_to: (h.target.upscale_to.width, h.target.upscale_to.height),
                 crop: (h.target.truncate_x, h.target.truncate_y),
                 latent_shape: h.latent_shape,
@@ -171,7 +174,8 @@ impl TextKey {
 }
 
 /// The texts a job's images are conditioned on: the prompt, the negative prompt with CFG, and
-/// with `--pad-conds` the empty prompt the shorter of the two is padded with.
+/// with `--pad-conds` the empty prompt the shorter of the two is padded with; then the hires
+/// pass's own prompts, where it has them.
 pub fn job_texts(job: &Job) -> Vec<TextKey> {
     let options = job.request.prompt_options();
     let mut texts = vec![TextKey::new(&job.request.prompt, options)];
@@ -179,6 +183,12 @@ pub fn job_texts(job: &Job) -> Vec<TextKey> {
         texts.push(TextKey::new(&job.request.negative_prompt, options));
         if job.request.pad_conds {
             texts.push(TextKey::new("", options));
+        }
+    }
+    if let Some(hires) = &job.hires {
+        texts.extend(hires.prompt.as_deref().map(|p| TextKey::new(p, options)));
+        if job.settings.uses_cfg() {
+            texts.extend(hires.negative_prompt.as_deref().map(|p| TextKey::new(p, options)));
         }
     }
     texts

@@ -186,28 +186,34 @@ fn conditionings(
     batch: &[Item],
     prompts: &mut PromptEmbeddings,
     record: &RecordContext,
-    size: PixelSize,
+    (size, second_pass): (PixelSize, bool),
     warn: &mut dyn FnMut(&str),
 ) -> Result<(Vec<Conditioning>, Vec<Conditioning>)> {
     let settings = &jobs[batch[0].job].settings;
     let mut cond = Vec::with_capacity(batch.len());
     let mut uncond = Vec::with_capacity(batch.len());
     for item in batch {
-        let request = &jobs[item.job].request;
+        let job = &jobs[item.job];
+        let request = &job.request;
+        // The hires pass's own prompts where it has them (A1111's `hr_prompt`, `hr_negative_prompt`).
+        let (prompt, negative_prompt) = match (&job.hires, second_pass) {
+            (Some(hires), true) => hires.prompts(&request.prompt, &request.negative_prompt),
+            _ => (request.prompt.as_str(), request.negative_prompt.as_str()),
+        };
         let options = request.prompt_options();
-        let mut positive = prompts.get(&TextKey::new(&request.prompt, options), warn)?;
+        let mut positive = prompts.get(&TextKey::new(prompt, options), warn)?;
         let (time_ids, negative_time_ids) = request.micro.time_ids(size);
         if settings.uses_cfg() {
             // SDXL: diffusers zeroes the embeddings of an absent negative prompt when the
             // model's config says `force_zeros_for_empty_prompt` (A1111 does for an empty one).
             let mut negative = if positive.pooled.is_some()
                 && record.configs.force_zeros_for_empty_prompt
-                && request.negative_prompt.is_empty()
+                && negative_prompt.is_empty()
                 && !request.encode_empty_negative
             {
                 positive.zeros_like()?
             } else {
-                prompts.get(&TextKey::new(&request.negative_prompt, options), warn)?
+                prompts.get(&TextKey::new(negative_prompt, options), warn)?
             };
             if request.pad_conds {
                 // A1111's "Pad prompt/negative prompt": the shorter gets empty chunks, so the two
@@ -265,7 +271,7 @@ pub(super) fn run_batch(
         width: w * factor,
         height: h * factor,
     };
-    let (cond, uncond) = conditionings(jobs, batch, prompts, record, size, &mut warn)?;
+    let (cond, uncond) = conditionings(jobs, batch, prompts, record, (size, false), &mut warn)?;
     // The hires pass's, at its size (SDXL's micro-conditioning follows it).
     let hires_conds = match &first.hires {
         Some(hires) => Some(conditionings(
@@ -273,7 +279,7 @@ pub(super) fn run_batch(
             batch,
             prompts,
             record,
-            hires.target.upscale_to,
+            (hires.target.upscale_to, true),
             &mut warn,
         )?),
         None => None,

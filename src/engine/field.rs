@@ -54,11 +54,14 @@ pub enum Field {
     HiresUpscaler,
     HiresSteps,
     HiresStrength,
+    HiresPrompt,
+    HiresNegativePrompt,
+    HiresSampler,
     HiresLatents,
 }
 
 impl Field {
-    pub const ALL: [Field; 44] = [
+    pub const ALL: [Field; 47] = [
         Self::Prompt,
         Self::NegativePrompt,
         Self::Seed,
@@ -102,6 +105,9 @@ impl Field {
         Self::HiresUpscaler,
         Self::HiresSteps,
         Self::HiresStrength,
+        Self::HiresPrompt,
+        Self::HiresNegativePrompt,
+        Self::HiresSampler,
         Self::HiresLatents,
     ];
 
@@ -151,6 +157,9 @@ impl Field {
             Self::HiresUpscaler => "hires_upscaler",
             Self::HiresSteps => "hires_steps",
             Self::HiresStrength => "hires_strength",
+            Self::HiresPrompt => "hires_prompt",
+            Self::HiresNegativePrompt => "hires_negative_prompt",
+            Self::HiresSampler => "hires_sampler",
             Self::HiresLatents => "hires_latents",
         }
     }
@@ -183,6 +192,9 @@ impl Field {
             Self::HiresUpscaler => "hr_upscaler",
             Self::HiresSteps => "hr_second_pass_steps",
             Self::HiresStrength => "denoising_strength",
+            Self::HiresPrompt => "hr_prompt",
+            Self::HiresNegativePrompt => "hr_negative_prompt",
+            Self::HiresSampler => "hr_sampler_name",
             key => key.key(),
         }
     }

@@ -30,6 +30,7 @@ use super::field::{Field, RequestError};
 use super::micro::{parse_width_x_height, PixelSize};
 use crate::pipeline::SamplingSettings;
 use crate::sampling::upscale::Interpolation;
+use crate::sampling::Sampler;
 
 /// The second pass's strength unless told otherwise (what A1111 clients send; A1111's own
 /// dataclass default is 0.75).
@@ -159,7 +160,7 @@ impl<'de> Deserialize<'de> for HiresResize {
 }
 
 /// The hires fix a request asks for; all `None` is none. It runs when `scale` or `size` is set.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HiresFix {
     /// `--hires-scale`: the final size is int(w * scale) x int(h * scale).
     pub scale: Option<f64>,
@@ -172,6 +173,12 @@ pub struct HiresFix {
     /// A1111's `denoising_strength` of the second pass, in (0, 1] [default:
     /// [`DEFAULT_HIRES_STRENGTH`]].
     pub strength: Option<f64>,
+    /// A1111's `hr_prompt`: the second pass's prompt [default: the first pass's].
+    pub prompt: Option<String>,
+    /// A1111's `hr_negative_prompt` [default: the first pass's].
+    pub negative_prompt: Option<String>,
+    /// A1111's `hr_sampler_name`: the second pass's sampler [default: the first pass's].
+    pub sampler: Option<Sampler>,
 }
 
 impl HiresFix {
@@ -186,6 +193,9 @@ impl HiresFix {
             (self.upscaler.is_some(), Field::HiresUpscaler),
             (self.steps.is_some(), Field::HiresSteps),
             (self.strength.is_some(), Field::HiresStrength),
+            (self.prompt.is_some(), Field::HiresPrompt),
+            (self.negative_prompt.is_some(), Field::HiresNegativePrompt),
+            (self.sampler.is_some(), Field::HiresSampler),
         ]
         .into_iter()
         .find_map(|(set, field)| set.then_some(field))
@@ -272,17 +282,34 @@ pub struct ResolvedHires {
     /// S, the steps that run.
     pub steps: usize,
     pub strength: f64,
-    /// The sampler's schedule of N steps cut to its last S, with the first pass's sampler and
-    /// guidance.
+    /// The sampler's schedule of N steps cut to its last S, with the first pass's guidance and
+    /// the second pass's sampler.
     pub settings: SamplingSettings,
+    /// The second pass's own prompt, negative prompt and sampler where they differ from the first
+    /// pass's (A1111's `Hires prompt`, `Hires negative prompt`, `Hires sampler`).
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub sampler: Option<Sampler>,
 }
 
-/// Checks a request's hires settings against the first pass (`first`, px) and the VAE `factor`;
-/// `schedule(n)` builds the request's sampling settings for n steps. `None` without a hires fix.
+impl ResolvedHires {
+    /// The second pass's prompt and negative prompt, given the first pass's.
+    pub fn prompts<'a>(&'a self, prompt: &'a str, negative_prompt: &'a str) -> (&'a str, &'a str) {
+        (
+            self.prompt.as_deref().unwrap_or(prompt),
+            self.negative_prompt.as_deref().unwrap_or(negative_prompt),
+        )
+    }
+}
+
+/// Checks a request's hires settings against the first pass (`first`, px, and its prompt and
+/// negative prompt) and the VAE `factor`; `schedule(n)` builds the request's sampling settings for
+/// n steps. `None` without a hires fix.
 pub(super) fn resolve(
     fix: &HiresFix,
     first_steps: usize,
     first: PixelSize,
+    first_prompts: (&str, &str),
     (channels, factor): (usize, usize),
     is_img2img: bool,
     schedule: &dyn Fn(usize) -> Result<SamplingSettings, RequestError>,
@@ -360,6 +387,14 @@ pub(super) fn resolve(
         .schedule
         .skip_steps(n - steps)
         .map_err(|e| RequestError::new(Field::HiresSteps, format!("{e:#}")))?;
+    // A1111: an empty `hr_prompt` / `hr_negative_prompt` is the first pass's, and so is
+    // `hr_sampler_name` left out; only what differs is the second pass's own (and written).
+    let (first_prompt, first_negative) = first_prompts;
+    let own = |text: &Option<String>, first: &str| text.clone().filter(|t| !t.is_empty() && t != first);
+    let sampler = fix.sampler.filter(|&s| s != settings.sampler);
+    if let Some(sampler) = sampler {
+        settings.sampler = sampler;
+    }
     Ok(Some(ResolvedHires {
         upscaler: fix.upscaler.unwrap_or_default(),
         target,
@@ -367,6 +402,9 @@ pub(super) fn resolve(
         steps,
         strength,
         settings,
+        prompt: own(&fix.prompt, first_prompt),
+        negative_prompt: own(&fix.negative_prompt, first_negative),
+        sampler,
     }))
 }
 

@@ -97,6 +97,10 @@ pub struct Overrides {
     pub hires_upscaler: Option<HiresUpscaler>,
     pub hires_steps: Option<usize>,
     pub hires_strength: Option<f64>,
+    pub hires_prompt: Option<String>,
+    pub hires_negative_prompt: Option<String>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub hires_sampler: Option<Sampler>,
 }
 
 /// A string value parsed by its type's `FromStr` (`"spacing": "leading"`, `"sampler": "euler"`).
@@ -231,6 +235,9 @@ impl Overrides {
         set_some(&mut request.hires.upscaler, &self.hires_upscaler);
         set_some(&mut request.hires.steps, &self.hires_steps);
         set_some(&mut request.hires.strength, &self.hires_strength);
+        set_some(&mut request.hires.prompt, &self.hires_prompt);
+        set_some(&mut request.hires.negative_prompt, &self.hires_negative_prompt);
+        set_some(&mut request.hires.sampler, &self.hires_sampler);
         let failed = |field: Field| move |e: anyhow::Error| RequestError::new(field, format!("{e:#}"));
         if let Some(reference) = &self.init_image {
             request.init_image = Some(reader.init_image(reference).map_err(failed(Field::InitImage))?);
@@ -298,6 +305,12 @@ impl Overrides {
                 .map_or(Ok(None), |h| parse(Field::HiresUpscaler, &h.upscaler))?,
             hires_steps: record.hires.as_ref().map(|h| h.steps),
             hires_strength: record.hires.as_ref().map(|h| h.strength),
+            hires_prompt: record.hires.as_ref().and_then(|h| h.prompt.clone()),
+            hires_negative_prompt: record.hires.as_ref().and_then(|h| h.negative_prompt.clone()),
+            hires_sampler: match record.hires.as_ref().and_then(|h| h.sampler.as_deref()) {
+                Some(name) => parse(Field::HiresSampler, name)?,
+                None => None,
+            },
         })
     }
 }

@@ -68,6 +68,14 @@ pub struct HiresRecord {
     pub steps: usize,
     /// `--hires-strength`.
     pub strength: f64,
+    /// The second pass's own prompt, negative prompt and sampler (sdfix's name), where they
+    /// differ from the first pass's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<String>,
 }
 
 /// What images made before `--sampler` existed (no `sampler` key) were made with.
@@ -315,6 +323,9 @@ impl RecordContext<'_> {
                 upscaler: hires.upscaler.name().to_string(),
                 steps: job.request.hires.steps.unwrap_or(0),
                 strength: hires.strength,
+                prompt: hires.prompt.clone(),
+                negative_prompt: hires.negative_prompt.clone(),
+                sampler: hires.sampler.map(|s| s.name().to_string()),
             }),
         }
     }

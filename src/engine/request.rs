@@ -528,6 +528,7 @@ pub(super) fn resolve(configs: &ModelConfigs, mut request: Request) -> Result<Jo
             width: w * factor,
             height: h * factor,
         },
+        (&request.prompt, &request.negative_prompt),
         (configs.vae.latent_channels, factor),
         request.init_image.is_some(),
         &|n| {

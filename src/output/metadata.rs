@@ -48,6 +48,16 @@ fn number(x: f64) -> String {
     format!("{x}")
 }
 
+/// A value as A1111's `infotext_utils.quote` writes it: as it is, or JSON-quoted when it holds a
+/// comma, a colon or a newline (JSON as Python's `json.dumps(ensure_ascii=False)`).
+fn quote(text: &str) -> String {
+    if text.contains([',', ':', '\n']) {
+        serde_json::to_string(text).unwrap_or_else(|_| text.to_string())
+    } else {
+        text.to_string()
+    }
+}
+
 /// The sampler's name as AUTOMATIC1111 writes it (`Euler a`, `DPM++ 2M`); an unknown name as it is.
 fn a1111_sampler(name: &str) -> &str {
     name.parse::<Sampler>().map_or(name, |s| s.a1111_name())
@@ -115,6 +125,17 @@ impl ImageRecord {
                 .parse::<HiresUpscaler>()
                 .map_or(hires.upscaler.as_str(), |u| u.a1111_name());
             fields.push(format!("Hires upscaler: {upscaler}"));
+            // Then `Hires sampler`, `Hires prompt` and `Hires negative prompt`, each only when it
+            // differs from the first pass's (A1111's `init` and `setup_prompts`).
+            if let Some(sampler) = &hires.sampler {
+                fields.push(format!("Hires sampler: {}", a1111_sampler(sampler)));
+            }
+            if let Some(prompt) = &hires.prompt {
+                fields.push(format!("Hires prompt: {}", quote(prompt)));
+            }
+            if let Some(negative) = &hires.negative_prompt {
+                fields.push(format!("Hires negative prompt: {}", quote(negative)));
+            }
         }
         // A1111's `create_infotext` writes Clip skip only past 1; `Emphasis` (`sd_hijack_clip`)
         // and `Pad conds` (`sd_samplers_cfg_denoiser`) are extra fields away from their defaults.

@@ -19,8 +19,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::hires::HiresFields;
+pub use super::names::{parse_sampler, samplers, schedulers};
+use super::names::{parse_scheduler, scheduler_label, SCHEDULERS};
 use super::Limits;
-use crate::engine::hires::{HiresFix, HiresResize, HiresTarget, HiresUpscaler};
+use crate::engine::hires::HiresTarget;
 use crate::engine::init_image::{InitImage, MaskImage, ResizeMode};
 use crate::engine::micro::PixelSize;
 use crate::engine::overrides::InputReader;
@@ -74,85 +77,6 @@ pub struct Txt2Img {
     /// [default 0.75, A1111's]. Without `enable_hr` they are ignored, as A1111 does.
     #[serde(flatten)]
     pub hires: HiresFields,
-}
-
-/// The hires fix's fields of A1111's txt2img body.
-#[derive(Debug, Default, Deserialize)]
-pub struct HiresFields {
-    pub enable_hr: Option<bool>,
-    pub hr_scale: Option<f64>,
-    pub hr_resize_x: Option<usize>,
-    pub hr_resize_y: Option<usize>,
-    pub hr_upscaler: Option<String>,
-    pub hr_second_pass_steps: Option<usize>,
-    /// A1111's second-pass overrides. sdfix's second pass uses the first pass's prompts, sampler,
-    /// schedule and model: these are accepted when they ask for that (empty, null, A1111's "Use
-    /// same ..." or the first pass's own prompt) and refused otherwise, never ignored.
-    pub hr_prompt: Option<String>,
-    pub hr_negative_prompt: Option<String>,
-    pub hr_sampler_name: Option<String>,
-    pub hr_scheduler: Option<String>,
-    pub hr_checkpoint_name: Option<String>,
-}
-
-/// A1111's `denoising_strength` default (its txt2img dataclass's).
-const A1111_HIRES_STRENGTH: f64 = 0.75;
-/// A1111's `hr_scale` default.
-const A1111_HIRES_SCALE: f64 = 2.0;
-
-impl HiresFields {
-    /// The hires fix these fields ask for (none without `enable_hr`); `strength` is the body's
-    /// `denoising_strength`.
-    fn fix(&self, strength: Option<f64>, prompt: &str, negative_prompt: &str) -> Result<HiresFix, ApiError> {
-        if self.enable_hr != Some(true) {
-            return Ok(HiresFix::default());
-        }
-        let same_text = |field: &str, value: &Option<String>, first: &str| match value.as_deref() {
-            None | Some("") => Ok(()),
-            Some(text) if text == first => Ok(()),
-            Some(_) => Err(ApiError::invalid(format!(
-                "{field}: a second-pass prompt of its own is not supported; leave it empty (the hires pass uses \
-                 the first pass's)"
-            ))),
-        };
-        same_text("hr_prompt", &self.hr_prompt, prompt)?;
-        same_text("hr_negative_prompt", &self.hr_negative_prompt, negative_prompt)?;
-        for (field, value) in [
-            ("hr_sampler_name", &self.hr_sampler_name),
-            ("hr_scheduler", &self.hr_scheduler),
-            ("hr_checkpoint_name", &self.hr_checkpoint_name),
-        ] {
-            if let Some(name) = value.as_deref().filter(|n| !n.is_empty() && !n.starts_with("Use same")) {
-                return Err(ApiError::invalid(format!(
-                    "{field}: {name:?}: the hires pass always uses the first pass's; leave it null or \"Use same\""
-                )));
-            }
-        }
-        let upscaler = match self.hr_upscaler.as_deref() {
-            None => None,
-            Some(name) if name.eq_ignore_ascii_case("none") => Some(HiresUpscaler::Lanczos),
-            Some(name) => Some(name.parse::<HiresUpscaler>().map_err(|_| {
-                let names: Vec<&str> = HiresUpscaler::ALL.iter().map(|u| u.a1111_name()).collect();
-                ApiError::invalid(format!(
-                    "hr_upscaler: {name:?} is not an upscaler sdfix has; expected one of {}",
-                    names.join(", ")
-                ))
-            })?),
-        };
-        let (x, y) = (self.hr_resize_x.unwrap_or(0), self.hr_resize_y.unwrap_or(0));
-        let (scale, size) = if x == 0 && y == 0 {
-            (Some(self.hr_scale.unwrap_or(A1111_HIRES_SCALE)), None)
-        } else {
-            (None, Some(HiresResize { width: x, height: y }))
-        };
-        Ok(HiresFix {
-            scale,
-            size,
-            upscaler,
-            steps: self.hr_second_pass_steps,
-            strength: Some(strength.unwrap_or(A1111_HIRES_STRENGTH)),
-        })
-    }
 }
 
 /// The body of `POST /sdapi/v1/img2img`: txt2img's fields plus the picture, strength and mask
@@ -325,75 +249,6 @@ fn apply_a1111_options(
     Ok(())
 }
 
-/// A1111's sampler names and sdfix's, for `/samplers` and `sampler_name`.
-pub fn samplers() -> Value {
-    Value::Array(
-        Sampler::ALL
-            .iter()
-            .map(|s| json!({"name": s.a1111_name(), "aliases": [s.name()], "options": {}}))
-            .collect(),
-    )
-}
-
-/// A1111's schedule types that sdfix has, by name and label, and what each maps to: `automatic`
-/// and `uniform` are the timesteps of `spacing` at their own noise level.
-const SCHEDULERS: [(&str, &str, SigmaSchedule); 4] = [
-    ("automatic", "Automatic", SigmaSchedule::Schedule),
-    ("uniform", "Uniform", SigmaSchedule::Schedule),
-    ("karras", "Karras", SigmaSchedule::Karras),
-    ("exponential", "Exponential", SigmaSchedule::Exponential),
-];
-
-/// The body of `/schedulers`.
-pub fn schedulers() -> Value {
-    Value::Array(
-        SCHEDULERS
-            .iter()
-            .map(|(name, label, sigmas)| {
-                json!({
-                    "name": name, "label": label, "aliases": null,
-                    "default_rho": if *sigmas == SigmaSchedule::Karras { 7.0 } else { -1.0 },
-                    "need_inner_model": false,
-                })
-            })
-            .collect(),
-    )
-}
-
-/// A sampler by A1111 label (`Euler a`), sdfix name (`euler_a`) or A1111 alias (`k_euler_a`),
-/// any case; a label with a schedule suffix (`DPM++ 2M Karras`, A1111 before 1.9) also gives
-/// the schedule.
-pub fn parse_sampler(name: &str) -> Option<(Sampler, Option<SigmaSchedule>)> {
-    let lower = name.trim().to_lowercase();
-    let find = |n: &str| {
-        let n = n.strip_prefix("k_").unwrap_or(n);
-        Sampler::ALL
-            .into_iter()
-            .find(|s| s.a1111_name().to_lowercase() == n || s.name() == n)
-    };
-    if let Some(sampler) = find(&lower) {
-        return Some((sampler, None));
-    }
-    for (suffix, sigmas) in [
-        (" karras", SigmaSchedule::Karras),
-        (" exponential", SigmaSchedule::Exponential),
-    ] {
-        if let Some(sampler) = lower.strip_suffix(suffix).and_then(find) {
-            return Some((sampler, Some(sigmas)));
-        }
-    }
-    None
-}
-
-/// A schedule type by name or label, any case.
-fn parse_scheduler(name: &str) -> Option<(&'static str, SigmaSchedule)> {
-    let lower = name.trim().to_lowercase();
-    SCHEDULERS
-        .iter()
-        .find(|(n, _, _)| *n == lower)
-        .map(|(_, label, sigmas)| (*label, *sigmas))
-}
-
 /// `sd_noise_schedule` as A1111 spells it, to zero SNR on or off.
 pub fn parse_noise_schedule(value: &Value, field: &str) -> Result<bool, ApiError> {
     match value.as_str() {
@@ -403,14 +258,6 @@ pub fn parse_noise_schedule(value: &Value, field: &str) -> Result<bool, ApiError
             "{field}: expected \"{NOISE_SCHEDULE_ZERO_SNR}\" or \"{NOISE_SCHEDULE_DEFAULT}\", got {value}"
         ))),
     }
-}
-
-/// The label of a sigma schedule, for responses.
-fn scheduler_label(sigmas: SigmaSchedule) -> &'static str {
-    SCHEDULERS
-        .iter()
-        .find(|(_, _, s)| *s == sigmas)
-        .map_or("Automatic", |(_, label, _)| label)
 }
 
 impl Txt2Img {
@@ -425,11 +272,7 @@ impl Txt2Img {
         random_seed: u64,
     ) -> Result<Resolved, ApiError> {
         let settings = &mut self.settings;
-        let hires = self.hires.fix(
-            settings.strength,
-            settings.prompt.as_deref().unwrap_or(""),
-            settings.negative_prompt.as_deref().unwrap_or(""),
-        )?;
+        let (hires, hires_sampler_sigmas) = self.hires.fix(settings.strength)?;
         (
             settings.init_image,
             settings.mask,
@@ -448,6 +291,13 @@ impl Txt2Img {
                         limits.max_pixels
                     )));
                 }
+            }
+            if let Some(sigmas) = hires_sampler_sigmas.filter(|&s| s != resolved.request.sigmas) {
+                return Err(ApiError::invalid(format!(
+                    "hr_sampler_name: names the {sigmas} schedule type, but the hires pass keeps the first pass's \
+                     ({}); give the sampler's name without it",
+                    resolved.request.sigmas
+                )));
             }
             resolved.request.hires = hires;
         }
@@ -582,8 +432,10 @@ pub fn strip_data_url(image: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::hires::HiresResize;
     use crate::engine::request::DEFAULT_GUIDANCE_RESCALE;
     use crate::schedule::TimestepSpacing;
+    use crate::serve::hires::A1111_HIRES_STRENGTH;
 
     fn limits() -> Limits {
         Limits {
@@ -738,25 +590,45 @@ mod tests {
         let r = resolve(json!({"enable_hr": true, "hr_resize_x": 512, "width": 256, "height": 256})).unwrap();
         assert_eq!(r.request.hires.size, Some(HiresResize { width: 512, height: 0 }));
         assert_eq!(r.request.hires.strength, Some(A1111_HIRES_STRENGTH));
-        // The second-pass overrides: accepted when they ask for the first pass's, refused otherwise.
+        // The second-pass overrides: the prompts and the sampler are the second pass's own;
+        // empty or "Use same ..." asks for the first pass's.
         for same in [
             json!({"enable_hr": true, "prompt": "a cat", "hr_prompt": "", "hr_sampler_name": null}),
-            json!({"enable_hr": true, "prompt": "a cat", "hr_prompt": "a cat", "hr_negative_prompt": ""}),
             json!({"enable_hr": true, "hr_sampler_name": "Use same sampler", "hr_checkpoint_name": "Use same checkpoint"}),
-            json!({"enable_hr": false, "hr_prompt": "a dog", "hr_sampler_name": "DDIM"}),
+            json!({"enable_hr": true, "hr_scheduler": "Use same scheduler", "hr_negative_prompt": ""}),
+            json!({"enable_hr": false, "hr_prompt": "a dog", "hr_sampler_name": "LMS"}),
         ] {
-            assert!(resolve(same.clone()).is_ok(), "{same}");
+            let r = resolve(same.clone()).unwrap_or_else(|e| panic!("{same}: {}", e.detail));
+            let h = &r.request.hires;
+            assert_eq!(
+                (&h.prompt, &h.negative_prompt, h.sampler),
+                (&None, &None, None),
+                "{same}"
+            );
         }
+        let r = resolve(json!({
+            "enable_hr": true, "prompt": "a cat", "hr_prompt": "a cat, (detailed:1.2)",
+            "hr_negative_prompt": "blurry", "sampler_name": "DDIM", "hr_sampler_name": "Euler a",
+        }))
+        .unwrap();
+        let h = &r.request.hires;
+        assert_eq!(h.prompt.as_deref(), Some("a cat, (detailed:1.2)"));
+        assert_eq!(h.negative_prompt.as_deref(), Some("blurry"));
+        assert_eq!(h.sampler, Some(Sampler::EulerAncestral));
+        // A schedule suffix is fine when it is the first pass's schedule type.
+        let r =
+            resolve(json!({"enable_hr": true, "scheduler": "Karras", "hr_sampler_name": "DPM++ 2M Karras"})).unwrap();
+        assert_eq!(r.request.hires.sampler, Some(Sampler::DpmPp2m));
         for (body, field) in [
             (
-                json!({"enable_hr": true, "prompt": "a cat", "hr_prompt": "a dog"}),
-                "hr_prompt",
+                json!({"enable_hr": true, "hr_sampler_name": "LMS"}),
+                "hr_sampler_name: unknown",
             ),
             (
-                json!({"enable_hr": true, "hr_negative_prompt": "blurry"}),
-                "hr_negative_prompt",
+                json!({"enable_hr": true, "hr_sampler_name": "DPM++ 2M Karras"}),
+                "hr_sampler_name: names the karras",
             ),
-            (json!({"enable_hr": true, "hr_sampler_name": "DDIM"}), "hr_sampler_name"),
+            (json!({"enable_hr": true, "hr_scheduler": "Karras"}), "hr_scheduler"),
             (
                 json!({"enable_hr": true, "hr_checkpoint_name": "other.safetensors"}),
                 "hr_checkpoint_name",

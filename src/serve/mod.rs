@@ -17,7 +17,9 @@
 
 pub mod api;
 pub mod error;
+pub mod hires;
 pub mod models;
+pub mod names;
 pub mod routes;
 pub mod worker;
 
