@@ -14,9 +14,11 @@
 //   goes into the history, and clicking the first loads its settings back; the history is still
 //   there in a new tab (IndexedDB), and "clear" empties it for good;
 // - drops a PNG the server made, then two crafted AUTOMATIC1111 PNGs (a `parameters` tEXt chunk,
-//   and a UTF-8 iTXt one with a hires fix), and sees their prompts and fields loaded, and
+//   and a UTF-8 iTXt one with a hires fix and its own sampler and prompts), and sees their
+//   prompts and fields loaded, and
 //   /sdapi/v1/png-info read the first A1111 one alike;
-// - turns the hires fix on and generates (a larger picture, or a note if the server has none);
+// - generates with those hires fields: the request carries them, the picture is 1.5x and its
+//   infotext has the second pass's sampler and prompt;
 // - loads a grey picture for img2img, paints the left part of the mask on the canvas, inpaints,
 //   and checks the request (init_images, mask, denoising_strength) and the picture that came
 //   back: repainted on the left, kept on the right;
@@ -199,6 +201,17 @@ try {
     kept.length === 2 && kept[0] === "another prompt" && reloaded.join("|") === "solid black background|3|150",
     `${kept.length} pictures (${kept.join(" / ")}); loaded ${reloaded.join(" | ")}`);
   await again.click("#clear-history");
+  // The clear is an IndexedDB transaction: reload once it has committed (a user's next click
+  // comes later than a script's).
+  await again.waitForFunction(() => new Promise((resolve) => {
+    const open = indexedDB.open("sdfix", 1);
+    open.onsuccess = () => {
+      const count = open.result.transaction("history").objectStore("history").count();
+      count.onsuccess = () => resolve(count.result === 0);
+      count.onerror = () => resolve(false);
+    };
+    open.onerror = () => resolve(false);
+  }), null, { timeout: 5000 }).catch(() => {});
   await again.reload();
   await again.waitForTimeout(500);
   const cleared = await again.$$eval("#history img", (imgs) => imgs.length);
@@ -225,7 +238,8 @@ try {
     const $ = (id) => document.getElementById(id);
     return Object.fromEntries(
     ["prompt", "negative", "steps", "cfg", "seed", "sampler", "scheduler", "width", "height", "hr_scale",
-      "hr_upscaler", "hr_second_pass_steps", "hr_denoising"].map((id) => [id, $(id).value])
+      "hr_upscaler", "hr_second_pass_steps", "hr_denoising", "hr_sampler_name", "hr_prompt",
+      "hr_negative_prompt"].map((id) => [id, $(id).value])
       .concat([["trailing", $("trailing").checked], ["enable_hr", $("enable_hr").checked]]));
   });
   await drop(Buffer.from(made.images[0], "base64"), "sdfix.png");
@@ -263,13 +277,16 @@ try {
   // A UTF-8 prompt (PIL writes iTXt then) with A1111's hires fix fields.
   const hires = "café au lait, ☕ on a table\nSteps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, " +
     "Seed: 5, Size: 32x32, Model: demo, Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 10, " +
-    "Hires upscaler: Latent (nearest), Version: v1.10.1";
+    "Hires upscaler: Latent (nearest), Hires sampler: DDIM, Hires prompt: \"bright, white\", " +
+    "Hires negative prompt: dark, Version: v1.10.1";
   await drop(makePng(8, 8, () => [0, 0, 0], [["iTXt", "parameters", hires]]), "a1111-hires.png");
   f = await form();
   check("an A1111 PNG (UTF-8 iTXt, hires fix) loads its prompt and the hires fields",
     f.prompt === "café au lait, ☕ on a table" && f.negative === "" && f.enable_hr && f.hr_scale === "1.5"
-    && f.hr_second_pass_steps === "10" && f.hr_upscaler === "Latent (nearest)" && f.hr_denoising === "0.55",
-    `${f.prompt} | hires ${f.enable_hr} x${f.hr_scale}, ${f.hr_second_pass_steps} steps, ${f.hr_upscaler}, ${f.hr_denoising}`);
+    && f.hr_second_pass_steps === "10" && f.hr_upscaler === "Latent (nearest)" && f.hr_denoising === "0.55"
+    && f.hr_sampler_name === "DDIM" && f.hr_prompt === "bright, white" && f.hr_negative_prompt === "dark",
+    `${f.prompt} | hires ${f.enable_hr} x${f.hr_scale}, ${f.hr_second_pass_steps} steps, ${f.hr_upscaler}, ` +
+    `${f.hr_denoising}, ${f.hr_sampler_name}, "${f.hr_prompt}" / "${f.hr_negative_prompt}"`);
   await drop(Buffer.from("not a png at all"), "notes.txt");
   const dropError = await page.$eval("#error", (e) => e.textContent);
   check("a file that is not a PNG is an error, not a change", dropError.includes("not a PNG"), dropError);
@@ -285,10 +302,13 @@ try {
   await page.waitForFunction(() => document.querySelector("#results figure img").naturalWidth > 0);
   const hiresWidth = await page.$eval("#results figure img", (i) => i.naturalWidth);
   const hiresNote = await page.$eval("#hires-note", (e) => e.textContent);
+  const hiresCaption = await page.$eval("#results figcaption", (e) => e.textContent);
   check("the hires fix fields are sent and the server takes them",
     hiresBody.enable_hr === true && hiresBody.hr_scale === 1.5 && hiresBody.hr_upscaler === "Latent (nearest)"
-    && hiresBody.denoising_strength === 0.55 && (hiresWidth === 48 || hiresNote.includes("ignored")),
-    hiresWidth === 48 ? "48x48 from 32x32" : `${hiresWidth} px; ${hiresNote}`);
+    && hiresBody.denoising_strength === 0.55 && hiresBody.hr_sampler_name === "DDIM"
+    && hiresBody.hr_prompt === "bright, white" && hiresBody.hr_negative_prompt === "dark"
+    && hiresWidth === 48 && hiresCaption.includes('Hires sampler: DDIM, Hires prompt: "bright, white"'),
+    `${hiresWidth}x${hiresWidth} from 32x32; ${hiresCaption.split("\n").at(-1)}`);
   await page.uncheck("#enable_hr");
   await page.waitForTimeout(300); // the bar's transition back to 0
   await page.screenshot({ path: "docs/serve-page.png" });
