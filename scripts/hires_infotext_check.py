@@ -6,7 +6,10 @@ hires-fix PNG made by sdfix, for tests/hires.rs. Run by hand after `cargo build 
 
 Makes the PNG with the arguments below (the same as the test's), parses it with
 `sd_parsers.ParserManager`, checks that it is read as an AUTOMATIC1111 picture with the hires
-fields, and writes what it read to tests/fixtures/refs/hires_sd_parsers.json. The Rust test makes
+fields, and writes what it read to tests/fixtures/refs/hires_sd_parsers.json. The hires prompt
+holds no comma or colon: sd-parsers 0.6 splits a quoted value at its commas (`Hires prompt:
+"a, b"` reads as `"a` and a stray field), where A1111's own `parse_generation_parameters` keeps it
+whole. The Rust test makes
 the same PNG and checks that every field sd-parsers read is in its `parameters` text unchanged.
 """
 
@@ -23,7 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARGS = [
     "generate", "--model", str(ROOT / "tests/fixtures/tiny-sd"), "--prompt", "a red circle", "--negative-prompt",
     "blurry", "--steps", "6", "--width", "16", "--height", "16", "--seed", "3", "--hires-scale", "2",
-    "--hires-steps", "3", "--hires-upscaler", "latent-bicubic-antialiased", "--quiet",
+    "--hires-steps", "3", "--hires-upscaler", "latent-bicubic-antialiased", "--hires-sampler", "euler",
+    "--hires-prompt", "a red circle in sharp detail", "--hires-negative-prompt", "dark", "--quiet",
 ]
 
 
@@ -45,7 +49,8 @@ def main() -> None:
         "metadata": info.metadata,
     }
     for key, value in {"Size": "16x16", "Denoising strength": "0.7", "Hires upscale": "2", "Hires steps": "3",
-                       "Hires upscaler": "Latent (bicubic antialiased)"}.items():
+                       "Hires upscaler": "Latent (bicubic antialiased)", "Hires sampler": "Euler",
+                       "Hires prompt": "a red circle in sharp detail", "Hires negative prompt": "dark"}.items():
         assert info.metadata.get(key) == value, (key, info.metadata)
     path = ROOT / "tests/fixtures/refs/hires_sd_parsers.json"
     path.write_text(json.dumps(read, indent=1, sort_keys=True) + "\n")
