@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
 use crate::device::{self, DeviceChoice};
-use crate::kernels::cuda::parity::{self, Check};
+use crate::kernels::cuda::parity::{self, Check, Measured};
 
 #[derive(Debug, Args)]
 pub struct KernelCheckArgs {
@@ -36,26 +36,28 @@ pub struct KernelCheckArgs {
 const VAE_BF16_PIXEL_TOLERANCE: f64 = 2.0;
 
 /// The VAE's images as 8-bit values (as src/output writes them: (x + 1) / 2, clamped, rounded).
-fn to_pixels(images: &Tensor) -> Result<Tensor> {
-    Ok(((images.to_dtype(DType::F32)? + 1.0)? * 127.5)?
+fn to_pixels(images: &Tensor) -> candle_core::Result<Tensor> {
+    ((images.to_dtype(DType::F32)? + 1.0)? * 127.5)?
         .clamp(0f32, 255f32)?
-        .round()?)
+        .round()
 }
 
 /// Lever 6: the same latents decoded in f32 and in bf16 by `folder`'s VAE.
 fn vae_bf16_check(device: &Device, folder: &std::path::Path, size: usize) -> Check {
     let name = format!("vae decode bf16 vs f32, {} latents {size}x{size}", folder.display());
-    let run = || -> Result<Check> {
+    parity::guarded("vae_bf16", name, VAE_BF16_PIXEL_TOLERANCE, || {
         let config = folder.join("vae/config.json");
         let weights = folder.join("vae/diffusion_pytorch_model.safetensors");
-        let f32_vae = crate::weights::loader::load_vae(&config, &weights, DType::F32, device)?;
-        let bf16_vae = crate::weights::loader::load_vae(&config, &weights, DType::BF16, device)?;
+        let load = |dtype| {
+            crate::weights::loader::load_vae(&config, &weights, dtype, device).map_err(candle_core::Error::wrap)
+        };
+        let (f32_vae, bf16_vae) = (load(DType::F32)?, load(DType::BF16)?);
         // Sampler-scale latents (the VAE divides by its scaling factor first).
         let latents = Tensor::randn(0f32, 1.0, (1, 4, size, size), &Device::Cpu)?.to_device(device)?;
         let reference = to_pixels(&f32_vae.decode(&latents)?)?;
         let ours = to_pixels(&bf16_vae.decode(&latents.to_dtype(DType::BF16)?)?)?;
         let diff = (ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-        let time = |vae: &crate::model::vae::Vae, dtype: DType| -> Result<f64> {
+        let time = |vae: &crate::model::vae::Vae, dtype: DType| -> candle_core::Result<f64> {
             let latents = latents.to_dtype(dtype)?;
             vae.decode(&latents)?;
             device.synchronize()?;
@@ -64,26 +66,11 @@ fn vae_bf16_check(device: &Device, folder: &std::path::Path, size: usize) -> Che
             device.synchronize()?;
             Ok(started.elapsed().as_secs_f64() * 1e3)
         };
-        Ok(Check {
-            lever: "vae_bf16",
-            name: name.clone(),
-            max_rel_diff: Some(diff),
-            tolerance: VAE_BF16_PIXEL_TOLERANCE,
-            ours_ms: Some(time(&bf16_vae, DType::BF16)?),
-            composite_ms: Some(time(&f32_vae, DType::F32)?),
-            ok: diff <= VAE_BF16_PIXEL_TOLERANCE,
-            error: None,
+        Ok(Measured {
+            diff,
+            ours_ms: time(&bf16_vae, DType::BF16)?,
+            composite_ms: time(&f32_vae, DType::F32)?,
         })
-    };
-    run().unwrap_or_else(|e| Check {
-        lever: "vae_bf16",
-        name,
-        max_rel_diff: None,
-        tolerance: VAE_BF16_PIXEL_TOLERANCE,
-        ours_ms: None,
-        composite_ms: None,
-        ok: false,
-        error: Some(format!("{e:#}")),
     })
 }
 

@@ -76,6 +76,13 @@ impl CustomOp1 for CpuGeglu {
     }
 }
 
+/// diffusers' GEGLU as candle ops, on any device and dtype: [`crate::model::activation::geglu`]'s
+/// fallback, and the reference of the CUDA kernel's checks ([`super::cuda::parity`]).
+pub fn composite_geglu(projected: &Tensor) -> Result<Tensor> {
+    let chunks = projected.chunk(2, candle_core::D::Minus1)?;
+    &chunks[0] * chunks[1].gelu_erf()?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! eight tensor ops (mean, subtract, square, mean, sqrt, divide, scale, shift), each a full pass
 //! with its own allocation, plus one more for the SiLU.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::cpu_math;
@@ -15,6 +15,27 @@ use crate::kernels::cpu_op::contiguous_f32;
 pub fn group_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
     let op = CpuGroupNorm { groups, eps, silu };
     xs.contiguous()?.apply_op3_no_bwd(weight, bias, &op)
+}
+
+/// The same group norm as candle ops, on any device and dtype, statistics in f32 (for f16/bf16
+/// inputs too), the normalised values cast back to the input's dtype before the scale and shift:
+/// [`crate::model::norm::GroupNorm`]'s fallback, and the reference of the CUDA kernel's checks
+/// ([`super::cuda::parity`]).
+pub fn composite(xs: &Tensor, weight: &Tensor, bias: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    let dims = xs.dims();
+    let (batch, channels) = (dims[0], dims[1]);
+    let dtype = xs.dtype();
+    let grouped = xs.reshape((batch, groups, ()))?.to_dtype(DType::F32)?;
+    let mean = grouped.mean_keepdim(2)?;
+    let centred = grouped.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(2)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let mut shape = vec![1, channels];
+    shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+    let normed = normed.reshape(dims)?.to_dtype(dtype)?;
+    normed
+        .broadcast_mul(&weight.reshape(shape.as_slice())?)?
+        .broadcast_add(&bias.reshape(shape.as_slice())?)
 }
 
 pub(crate) struct CpuGroupNorm {

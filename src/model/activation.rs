@@ -42,8 +42,7 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
             // Lever 4 (SDFIX_CUDA_FUSED_NORM): one launch in place of four.
             kernels::cuda::fused::geglu(projected)
         } else {
-            let chunks = projected.chunk(2, candle_core::D::Minus1)?;
-            &chunks[0] * chunks[1].gelu_erf()?
+            kernels::activation::composite_geglu(projected)
         }
     })
 }

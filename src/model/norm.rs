@@ -83,20 +83,7 @@ impl GroupNorm {
 
     /// The same normalisation as candle ops, statistics in f32 (for f16/bf16 inputs too).
     fn composite(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims();
-        let (batch, channels) = (dims[0], dims[1]);
-        let dtype = xs.dtype();
-        let grouped = xs.reshape((batch, self.groups, ()))?.to_dtype(DType::F32)?;
-        let mean = grouped.mean_keepdim(2)?;
-        let centred = grouped.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(2)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let mut shape = vec![1, channels];
-        shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        let normed = normed.reshape(dims)?.to_dtype(dtype)?;
-        normed
-            .broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(shape.as_slice())?)
+        kernels::norm::composite(xs, &self.weight, &self.bias, self.groups, self.eps)
     }
 }
 

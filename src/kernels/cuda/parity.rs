@@ -5,9 +5,10 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::{attention, fused};
+use crate::kernels::activation::composite_geglu;
 
 /// One comparison: which lever, what was run, the worst difference and the tolerance, the times.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,9 +69,8 @@ fn time_ms(device: &Device, f: impl Fn() -> Result<Tensor>) -> Result<f64> {
     Ok(times[RUNS / 2])
 }
 
-/// The model's composite group norm (src/model/norm.rs): statistics in f32, normalised values
-/// cast back to the input's dtype, then scale and shift in that dtype; then SiLU.
-pub fn composite_group_norm(
+/// The model's composite group norm ([`crate::kernels::norm::composite`]), then SiLU.
+fn composite_group_norm(
     xs: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -78,31 +78,12 @@ pub fn composite_group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let dims = xs.dims();
-    let (batch, channels) = (dims[0], dims[1]);
-    let dtype = xs.dtype();
-    let grouped = xs.reshape((batch, groups, ()))?.to_dtype(DType::F32)?;
-    let mean = grouped.mean_keepdim(2)?;
-    let centred = grouped.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(2)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let mut shape = vec![1, channels];
-    shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-    let normed = normed.reshape(dims)?.to_dtype(dtype)?;
-    let ys = normed
-        .broadcast_mul(&weight.reshape(shape.as_slice())?)?
-        .broadcast_add(&bias.reshape(shape.as_slice())?)?;
+    let ys = crate::kernels::norm::composite(xs, weight, bias, groups, eps)?;
     if silu {
         ys.silu()
     } else {
         Ok(ys)
     }
-}
-
-/// candle's GEGLU as the model's composite path runs it.
-pub fn composite_geglu(projected: &Tensor) -> Result<Tensor> {
-    let chunks = projected.chunk(2, D::Minus1)?;
-    &chunks[0] * chunks[1].gelu_erf()?
 }
 
 /// Whether a case is small enough for `kernel-check --small` (run under compute-sanitizer, which
@@ -111,18 +92,51 @@ fn is_small(values: usize) -> bool {
     values <= 1 << 20
 }
 
-/// Runs `body`, turning an error into a failed check.
-fn guarded(lever: &'static str, name: String, tolerance: f64, body: impl FnOnce() -> Result<Check>) -> Check {
-    body().unwrap_or_else(|e| Check {
-        lever,
-        name,
-        max_rel_diff: None,
-        tolerance,
-        ours_ms: None,
-        composite_ms: None,
-        ok: false,
-        error: Some(format!("{e:#}")),
+/// What one comparison measured: the worst difference and both ops' times (ms).
+pub struct Measured {
+    pub diff: f64,
+    pub ours_ms: f64,
+    pub composite_ms: f64,
+}
+
+/// `ours()` against `reference` (computed in f32), then both `ours` and `composite` timed.
+fn compare(
+    device: &Device,
+    reference: &Tensor,
+    ours: impl Fn() -> Result<Tensor>,
+    composite: impl Fn() -> Result<Tensor>,
+) -> Result<Measured> {
+    Ok(Measured {
+        diff: max_rel_diff(&ours()?, reference)?,
+        ours_ms: time_ms(device, &ours)?,
+        composite_ms: time_ms(device, &composite)?,
     })
+}
+
+/// The check `body` measures, ok within `tolerance`; an error is a failed check.
+pub fn guarded(lever: &'static str, name: String, tolerance: f64, body: impl FnOnce() -> Result<Measured>) -> Check {
+    match body() {
+        Ok(m) => Check {
+            lever,
+            name,
+            max_rel_diff: Some(m.diff),
+            tolerance,
+            ours_ms: Some(m.ours_ms),
+            composite_ms: Some(m.composite_ms),
+            ok: m.diff <= tolerance,
+            error: None,
+        },
+        Err(e) => Check {
+            lever,
+            name,
+            max_rel_diff: None,
+            tolerance,
+            ours_ms: None,
+            composite_ms: None,
+            ok: false,
+            error: Some(format!("{e:#}")),
+        },
+    }
 }
 
 /// Group norm shapes of SD 2.1 at 512 px (UNet with CFG, batch 2) and of its VAE decoder.
@@ -149,7 +163,7 @@ pub fn fused_norm_checks(device: &Device, small: bool) -> Vec<Check> {
             .filter(|c| !small || is_small(c.0.iter().product()))
         {
             let name = format!("group_norm {} {dims:?} groups {groups} silu {silu}", dtype_name(dtype));
-            checks.push(guarded("fused_norm", name.clone(), tol, || {
+            checks.push(guarded("fused_norm", name, tol, || {
                 let channels = dims[1];
                 // An offset mean stresses the variance.
                 let xs = (Tensor::randn(0f32, 3., dims, device)? + 20.0)?.to_dtype(dtype)?;
@@ -157,41 +171,20 @@ pub fn fused_norm_checks(device: &Device, small: bool) -> Vec<Check> {
                 let bias = Tensor::randn(0f32, 0.5, channels, device)?.to_dtype(dtype)?;
                 let f32 = |t: &Tensor| t.to_dtype(DType::F32);
                 let reference = composite_group_norm(&f32(&xs)?, &f32(&weight)?, &f32(&bias)?, groups, 1e-5, silu)?;
-                let ours = fused::group_norm(&xs, &weight, &bias, groups, 1e-5, silu)?;
-                let diff = max_rel_diff(&ours, &reference)?;
-                Ok(Check {
-                    lever: "fused_norm",
-                    name,
-                    max_rel_diff: Some(diff),
-                    tolerance: tol,
-                    ours_ms: Some(time_ms(device, || {
-                        fused::group_norm(&xs, &weight, &bias, groups, 1e-5, silu)
-                    })?),
-                    composite_ms: Some(time_ms(device, || {
-                        composite_group_norm(&xs, &weight, &bias, groups, 1e-5, silu)
-                    })?),
-                    ok: diff <= tol,
-                    error: None,
-                })
+                compare(
+                    device,
+                    &reference,
+                    || fused::group_norm(&xs, &weight, &bias, groups, 1e-5, silu),
+                    || composite_group_norm(&xs, &weight, &bias, groups, 1e-5, silu),
+                )
             }));
         }
         for &dims in GEGLU_CASES.iter().filter(|d| !small || is_small(d.iter().product())) {
             let name = format!("geglu {} {dims:?}", dtype_name(dtype));
-            checks.push(guarded("fused_norm", name.clone(), tol, || {
+            checks.push(guarded("fused_norm", name, tol, || {
                 let xs = Tensor::randn(0f32, 2., dims, device)?.to_dtype(dtype)?;
                 let reference = composite_geglu(&xs.to_dtype(DType::F32)?)?;
-                let ours = fused::geglu(&xs)?;
-                let diff = max_rel_diff(&ours, &reference)?;
-                Ok(Check {
-                    lever: "fused_norm",
-                    name,
-                    max_rel_diff: Some(diff),
-                    tolerance: tol,
-                    ours_ms: Some(time_ms(device, || fused::geglu(&xs))?),
-                    composite_ms: Some(time_ms(device, || composite_geglu(&xs))?),
-                    ok: diff <= tol,
-                    error: None,
-                })
+                compare(device, &reference, || fused::geglu(&xs), || composite_geglu(&xs))
             }));
         }
     }
@@ -230,7 +223,7 @@ pub fn cudnn_conv_checks(device: &Device, small: bool) -> Vec<Check> {
                 "conv2d {} ({batch}, {c_in}, {size}, {size}) -> {c_out} k{kernel} s{stride}",
                 dtype_name(dtype)
             );
-            checks.push(guarded("cudnn_conv", name.clone(), tol, || {
+            checks.push(guarded("cudnn_conv", name, tol, || {
                 let spec = ConvSpec {
                     in_channels: c_in,
                     out_channels: c_out,
@@ -248,18 +241,12 @@ pub fn cudnn_conv_checks(device: &Device, small: bool) -> Vec<Check> {
                 };
                 let f32 = |t: &Tensor| t.to_dtype(DType::F32);
                 let reference = candle(&f32(&xs)?, &f32(&weight)?, &f32(&bias)?)?;
-                let ours = cudnn_conv::conv2d(&xs, &weight, &bias, spec)?;
-                let diff = max_rel_diff(&ours, &reference)?;
-                Ok(Check {
-                    lever: "cudnn_conv",
-                    name,
-                    max_rel_diff: Some(diff),
-                    tolerance: tol,
-                    ours_ms: Some(time_ms(device, || cudnn_conv::conv2d(&xs, &weight, &bias, spec))?),
-                    composite_ms: Some(time_ms(device, || candle(&xs, &weight, &bias))?),
-                    ok: diff <= tol,
-                    error: None,
-                })
+                compare(
+                    device,
+                    &reference,
+                    || cudnn_conv::conv2d(&xs, &weight, &bias, spec),
+                    || candle(&xs, &weight, &bias),
+                )
             }));
         }
     }
@@ -294,25 +281,19 @@ pub fn flash_attention_checks(device: &Device, small: bool) -> Vec<Check> {
                 "flash_attention {} batch 2 queries {queries} keys {keys} heads {heads} x {head_dim}",
                 dtype_name(dtype)
             );
-            checks.push(guarded("flash_attention", name.clone(), tol, || {
+            checks.push(guarded("flash_attention", name, tol, || {
                 let inner = heads * head_dim;
                 let q = Tensor::randn(0f32, 1., (2, queries, inner), device)?.to_dtype(dtype)?;
                 let k = Tensor::randn(0f32, 1., (2, keys, inner), device)?.to_dtype(dtype)?;
                 let v = Tensor::randn(0f32, 1., (2, keys, inner), device)?.to_dtype(dtype)?;
                 let f32 = |t: &Tensor| t.to_dtype(DType::F32);
                 let reference = composite_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, heads, None)?;
-                let ours = attention::flash_attention(&q, &k, &v, heads)?;
-                let diff = max_rel_diff(&ours, &reference)?;
-                Ok(Check {
-                    lever: "flash_attention",
-                    name,
-                    max_rel_diff: Some(diff),
-                    tolerance: tol,
-                    ours_ms: Some(time_ms(device, || attention::flash_attention(&q, &k, &v, heads))?),
-                    composite_ms: Some(time_ms(device, || composite_attention(&q, &k, &v, heads, None))?),
-                    ok: diff <= tol,
-                    error: None,
-                })
+                compare(
+                    device,
+                    &reference,
+                    || attention::flash_attention(&q, &k, &v, heads),
+                    || composite_attention(&q, &k, &v, heads, None),
+                )
             }));
         }
     }
